@@ -1,0 +1,114 @@
+"""Deduplication: exact (hash of normalised text) across the whole corpus, then MinHash near-dedup.
+
+Exact dedup keeps the first occurrence in corpus order (source file order, then row order) and
+records which document each removed one duplicated. MinHash uses datatrove's four dedup blocks
+(signature → buckets → cluster → remove lists) with each chunk as a datatrove "rank", so a chunk's
+signatures and remove list are its own files and every block can run as independent Ray tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from datatrove.data import Document
+from datatrove.pipeline.dedup.minhash import (
+    MinhashConfig,
+    MinhashDedupBuckets,
+    MinhashDedupCluster,
+    MinhashDedupSignature,
+)
+from datatrove.utils.hashing import HashConfig
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+from dataprep.config import DataConfig
+
+
+def exact_key(text: str) -> int:
+    """64-bit hash of the text with case and whitespace normalised (so re-wrapped copies match)."""
+    normalised = " ".join(text.lower().split())
+    return int.from_bytes(hashlib.blake2b(normalised.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def find_exact_duplicates(hashes: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """For each chunk's array of doc hashes: a boolean "is a later copy" mask and, for those, the
+    global position (chunk, index-in-chunk) of the first copy."""
+    sizes = np.array([len(h) for h in hashes], dtype=np.int64)
+    flat = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    _, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
+    first_of = first[inverse]
+    is_dup = first_of != np.arange(len(flat))
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    chunk_of = np.searchsorted(offsets, first_of, side="right") - 1
+    masks, origins = [], []
+    for c in range(len(hashes)):
+        sl = slice(offsets[c], offsets[c + 1])
+        masks.append(is_dup[sl])
+        origins.append(np.stack([chunk_of[sl], first_of[sl] - offsets[chunk_of[sl]]], axis=1)[is_dup[sl]])
+    return masks, origins
+
+
+class RegexWordTokenizer(WordTokenizer):
+    """Words for shingling: runs of letters/digits. Language-agnostic and dependency-free
+    (datatrove's default English tokenizer needs spaCy, which this pipeline does not)."""
+
+    _word = re.compile(r"\w+", re.UNICODE)
+    _sentence = re.compile(r"[^.!?]+[.!?]*")
+
+    def __init__(self) -> None:
+        super().__init__("und")
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return self._word.findall(text)
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return [s.strip() for s in self._sentence.findall(text) if s.strip()]
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        return [m.span() for m in self._sentence.finditer(text)]
+
+
+def minhash_config(cfg: DataConfig) -> MinhashConfig:
+    return MinhashConfig(
+        n_grams=cfg.minhash_ngrams,
+        num_buckets=cfg.minhash_buckets,
+        hashes_per_bucket=cfg.minhash_hashes_per_bucket,
+        seed=cfg.minhash_seed,
+        # sha1 keeps results independent of the installed xxhash version
+        hash_config=HashConfig(precision=64, hash_fc="sha1"),
+    )
+
+
+def _quiet_datatrove() -> None:
+    from loguru import logger
+
+    logger.disable("datatrove")
+
+
+def write_signatures(texts: Iterable[str], chunk_index: int, n_chunks: int, sig_dir: Path, cfg: DataConfig) -> None:
+    """Block 1: signatures of one chunk's documents (doc ids = position in ``texts``)."""
+    _quiet_datatrove()
+    step = MinhashDedupSignature(output_folder=str(sig_dir), config=minhash_config(cfg), language=RegexWordTokenizer())
+    step.run((Document(text=t, id=str(i)) for i, t in enumerate(texts)), rank=chunk_index, world_size=n_chunks)
+
+
+def find_bucket_matches(bucket: int, sig_dir: Path, dups_dir: Path, cfg: DataConfig) -> None:
+    """Block 2: candidate duplicate pairs within one LSH bucket."""
+    _quiet_datatrove()
+    step = MinhashDedupBuckets(input_folder=str(sig_dir), output_folder=str(dups_dir), config=minhash_config(cfg))
+    step.run(None, rank=bucket, world_size=cfg.minhash_buckets)
+
+
+def cluster_duplicates(dups_dir: Path, remove_dir: Path, cfg: DataConfig) -> None:
+    """Block 3: union-find over all pairs; one document per cluster survives."""
+    _quiet_datatrove()
+    MinhashDedupCluster(input_folder=str(dups_dir), output_folder=str(remove_dir), config=minhash_config(cfg)).run(None, 0, 1)
+
+
+def near_duplicates_of_chunk(remove_dir: Path, chunk_index: int) -> np.ndarray:
+    """Block 4 (the filter): indices, in the chunk's signature stream, of documents to drop."""
+    path = remove_dir / f"{chunk_index:06d}.remove"
+    return np.fromfile(path, dtype="<u4").astype(np.int64) if path.is_file() else np.zeros(0, np.int64)

@@ -1,0 +1,181 @@
+"""Reading documents out of parquet and jsonl(.gz) files, in fixed row-range chunks.
+
+A chunk — (file, first row, end row) — is the unit of work of every stage. Chunk boundaries
+depend only on the file (parquet row groups, jsonl line counts) and `data.chunk_docs`, never on
+the number of workers, which is what makes the output identical however the work is scheduled.
+
+Row-level problems (empty text, bytes that are not UTF-8) are reported per row as a status and
+counted by the caller; file-level problems (unreadable file, no text column, malformed JSON) raise
+:class:`DataError` naming the file and row.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import IntEnum
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dataprep.errors import DataError
+from dataprep.sources import SourceFile
+
+
+class RowStatus(IntEnum):
+    OK = 0
+    EMPTY = 1  # empty or whitespace-only text (or null)
+    INVALID_UTF8 = 2
+
+
+REASONS = {RowStatus.EMPTY: "empty", RowStatus.INVALID_UTF8: "invalid_utf8"}
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int  # position in the global chunk order
+    source: int  # index into the run's source list
+    row_start: int
+    row_end: int
+    byte_offset: int = 0  # jsonl: offset of the first row's line in the (decompressed) stream
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "source": self.source, "rows": [self.row_start, self.row_end], "offset": self.byte_offset}
+
+
+@dataclass(frozen=True)
+class Row:
+    row: int
+    doc_id: str
+    text: str | None  # None when status is not OK
+    status: RowStatus
+
+
+def _is_parquet(path: str) -> bool:
+    return path.endswith(".parquet")
+
+
+def _open_text(path: str) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def plan_file(source_index: int, src: SourceFile, chunk_docs: int, text_column: str) -> tuple[int, list[tuple[int, int, int]]]:
+    """Count a file's rows and cut it into (row_start, row_end, byte_offset) chunks."""
+    if _is_parquet(src.path):
+        try:
+            pf = pq.ParquetFile(src.path)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{src.name}: unreadable parquet file: {e}") from e
+        names = pf.schema_arrow.names
+        if text_column not in names:
+            raise DataError(f"{src.name}: no '{text_column}' column (columns: {', '.join(names)}); set data.text_column")
+        # Chunks follow row-group boundaries so that no row group is decoded twice.
+        chunks, start, rows = [], 0, 0
+        for g in range(pf.metadata.num_row_groups):
+            rows += pf.metadata.row_group(g).num_rows
+            if rows - start >= chunk_docs:
+                chunks.append((start, rows, 0))
+                start = rows
+        if rows > start:
+            chunks.append((start, rows, 0))
+        return rows, chunks
+    chunks, offset, rows, start, start_offset = [], 0, 0, 0, 0
+    try:
+        with _open_text(src.path) as f:
+            for line in f:
+                rows += 1
+                offset += len(line)
+                if rows - start >= chunk_docs:
+                    chunks.append((start, rows, start_offset))
+                    start, start_offset = rows, offset
+    except (OSError, EOFError) as e:
+        raise DataError(f"{src.name}: unreadable file after row {rows}: {e}") from e
+    if rows > start:
+        chunks.append((start, rows, start_offset))
+    return rows, chunks
+
+
+def _decode(raw: bytes | None) -> tuple[str | None, RowStatus]:
+    if raw is None:
+        return None, RowStatus.EMPTY
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, RowStatus.INVALID_UTF8
+    return (text, RowStatus.OK) if text.strip() else (None, RowStatus.EMPTY)
+
+
+def read_chunk(src: SourceFile, chunk: Chunk, text_column: str, id_column: str) -> Iterator[Row]:
+    """The rows of one chunk, in file order, each with its validation status."""
+    reader = _read_parquet if _is_parquet(src.path) else _read_jsonl
+    yield from reader(src, chunk, text_column, id_column)
+
+
+def _read_parquet(src: SourceFile, chunk: Chunk, text_column: str, id_column: str) -> Iterator[Row]:
+    try:
+        pf = pq.ParquetFile(src.path)
+        groups, first, rows = [], None, 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if rows < chunk.row_end and rows + n > chunk.row_start:
+                groups.append(g)
+                first = rows if first is None else first
+            rows += n
+        columns = [text_column] + ([id_column] if id_column in pf.schema_arrow.names else [])
+        table = pf.read_row_groups(groups, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{src.name}: cannot read rows {chunk.row_start}-{chunk.row_end}: {e}") from e
+    table = table.slice(chunk.row_start - (first or 0), chunk.row_end - chunk.row_start)
+    text_col = table.column(text_column)
+    # Read text as raw bytes: invalid UTF-8 becomes a per-row status instead of an Arrow error.
+    if pa.types.is_large_string(text_col.type) or pa.types.is_large_binary(text_col.type):
+        texts = text_col.cast(pa.large_binary()).to_pylist()
+    elif pa.types.is_string(text_col.type) or pa.types.is_binary(text_col.type):
+        texts = text_col.cast(pa.binary()).to_pylist()
+    else:
+        raise DataError(f"{src.name}: column '{text_column}' has type {text_col.type}, expected string")
+    ids = table.column(id_column).to_pylist() if id_column in table.column_names else [None] * len(texts)
+    for i, (raw, doc_id) in enumerate(zip(texts, ids)):
+        row = chunk.row_start + i
+        text, status = _decode(raw)
+        yield Row(row, str(doc_id) if doc_id is not None else f"{src.name}:{row}", text, status)
+
+
+def _read_jsonl(src: SourceFile, chunk: Chunk, text_column: str, id_column: str) -> Iterator[Row]:
+    with _open_text(src.path) as f:
+        f.seek(chunk.byte_offset)
+        for row in range(chunk.row_start, chunk.row_end):
+            line = f.readline()
+            if not line:
+                raise DataError(f"{src.name}: file ended at row {row}, expected {chunk.row_end} rows (changed while reading?)")
+            if not line.strip():
+                yield Row(row, f"{src.name}:{row}", None, RowStatus.EMPTY)
+                continue
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                yield Row(row, f"{src.name}:{row}", None, RowStatus.INVALID_UTF8)
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{src.name}: row {row} (line {row + 1}) is not valid JSON: {e.msg}") from e
+            if not isinstance(obj, dict) or text_column not in obj:
+                raise DataError(f"{src.name}: row {row} (line {row + 1}) has no '{text_column}' field")
+            value = obj[text_column]
+            doc_id = obj.get(id_column)
+            doc_id = str(doc_id) if doc_id is not None else f"{src.name}:{row}"
+            if value is None:
+                yield Row(row, doc_id, None, RowStatus.EMPTY)
+                continue
+            if not isinstance(value, str):
+                raise DataError(f"{src.name}: row {row} (line {row + 1}): '{text_column}' is {type(value).__name__}, not a string")
+            try:  # JSON escapes can smuggle in lone surrogates, which are not encodable text
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                yield Row(row, doc_id, None, RowStatus.INVALID_UTF8)
+                continue
+            yield Row(row, doc_id, value if value.strip() else None, RowStatus.OK if value.strip() else RowStatus.EMPTY)

@@ -1,0 +1,430 @@
+"""`pretrain data`: the data stage as a sequence of Ray task waves over fixed chunks.
+
+    sources ─► plan (row counts → chunks) ─► scan (validate, exact-dedup keys) ─► exact dedup (driver)
+      ─► MinHash signatures ─► buckets ─► cluster ─► tokenize (filter + GPT-2) ─► pack (driver) ─► shards
+      ─► removed.jsonl ─► manifest.json (commit marker)
+
+Restartability: every task writes its result under `OUTPUT_DIR/.work/` atomically and is skipped
+when that result exists, so a killed run resumes where it was. The work directory is tied to a
+fingerprint of the inputs and config; the manifest, written last, is the only thing that makes a
+shard directory valid. Determinism: work units and their order depend only on the input and the
+config, results are combined in chunk order, and the manifest holds no timestamps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from dataprep import dedup
+from dataprep.config import DataConfig, RayConfig
+from dataprep.documents import REASONS, Chunk, RowStatus, plan_file, read_chunk
+from dataprep.errors import DataError
+from dataprep.packing import ShardPlan, pack_documents
+from dataprep.shards import (
+    HEADER_BYTES,
+    MAGIC,
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    MAX_SHARD_TOKENS,
+    SHARD_VERSION,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_sha256,
+    read_header,
+    write_shard,
+)
+from dataprep.sources import SourceFile, describe_local, download, is_remote, resolve_sources
+from dataprep.tokenize import tokenize_documents
+from dataprep.tokenizer import check_gpt2, get_gpt2
+
+__all__ = ["DataError", "run_data_stage"]
+
+WORK_DIR = ".work"
+# Config keys that change the bytes of the output (and so the fingerprint).
+OUTPUT_KEYS = (
+    "text_column", "id_column", "chunk_docs", "exact_dedup", "minhash_dedup", "minhash_ngrams",
+    "minhash_buckets", "minhash_hashes_per_bucket", "minhash_seed", "tokenizer", "shard_tokens", "val_tokens",
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# task bodies (run inside Ray workers; plain functions so they are easy to test and read)
+
+
+def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def task_fetch(name: str, location: str, remote: bool, cache_dir: str, retries: int) -> SourceFile:
+    if remote:
+        return download(location, name, Path(cache_dir).expanduser(), retries)
+    return describe_local(name, location)
+
+
+def task_plan(index: int, src: SourceFile, chunk_docs: int, text_column: str) -> tuple[int, list[tuple[int, int, int]]]:
+    return plan_file(index, src, chunk_docs, text_column)
+
+
+def task_scan(src: SourceFile, chunk: Chunk, cfg: DataConfig, out: Path) -> int:
+    """Validate every row of a chunk; store its status and the exact-dedup key of valid rows."""
+    if not out.exists():
+        status, keys = [], []
+        for row in read_chunk(src, chunk, cfg.text_column, cfg.id_column):
+            status.append(row.status)
+            keys.append(dedup.exact_key(row.text) if row.status == RowStatus.OK else 0)
+        _atomic_save_npz(out, status=np.array(status, np.uint8), keys=np.array(keys, np.uint64))
+    return chunk.row_end - chunk.row_start
+
+
+def _dedup_stream(src: SourceFile, chunk: Chunk, cfg: DataConfig, exact_dup_rows: np.ndarray):
+    """Rows that reach MinHash: valid and not an exact copy. Signature ids are positions in this stream."""
+    dup = set(exact_dup_rows.tolist())
+    for row in read_chunk(src, chunk, cfg.text_column, cfg.id_column):
+        if row.status == RowStatus.OK and row.row not in dup:
+            yield row
+
+
+def task_signatures(src: SourceFile, chunk: Chunk, n_chunks: int, cfg: DataConfig, exact_dup_rows: np.ndarray, work: Path) -> None:
+    done = work / "minhash" / "sigs.done" / f"{chunk.index:06d}"
+    if done.exists():
+        return
+    texts = (r.text for r in _dedup_stream(src, chunk, cfg, exact_dup_rows))
+    dedup.write_signatures(texts, chunk.index, n_chunks, work / "minhash" / "sigs", cfg)
+    atomic_write_bytes(done, b"")
+
+
+def task_buckets(bucket: int, cfg: DataConfig, work: Path) -> None:
+    done = work / "minhash" / "buckets.done" / f"{bucket:05d}"
+    if done.exists():
+        return
+    dedup.find_bucket_matches(bucket, work / "minhash" / "sigs", work / "minhash" / "dups", cfg)
+    atomic_write_bytes(done, b"")
+
+
+def task_cluster(cfg: DataConfig, work: Path) -> None:
+    done = work / "minhash" / "cluster.done"
+    if done.exists():
+        return
+    remove_dir = work / "minhash" / "remove"
+    shutil.rmtree(remove_dir, ignore_errors=True)  # a killed run may have left part of it
+    dedup.cluster_duplicates(work / "minhash" / "dups", remove_dir, cfg)
+    atomic_write_bytes(done, b"")
+
+
+def task_tokenize(
+    src: SourceFile,
+    chunk: Chunk,
+    cfg: DataConfig,
+    exact_dup_rows: np.ndarray,
+    exact_origins: np.ndarray,
+    work: Path,
+) -> dict[str, int]:
+    """Drop invalid/duplicate rows, tokenize the rest, write the chunk's tokens, lengths and removals."""
+    base = work / "tokens" / f"{chunk.index:06d}"
+    stats_path = base.with_suffix(".stats.json")
+    if stats_path.exists():
+        return json.loads(stats_path.read_text())
+    near = set(dedup.near_duplicates_of_chunk(work / "minhash" / "remove", chunk.index).tolist()) if cfg.minhash_dedup else set()
+    exact = {int(r): (int(c), int(o)) for r, (c, o) in zip(exact_dup_rows, exact_origins)}
+    removed: list[dict[str, Any]] = []
+    stats = {"docs_in": 0, "kept": 0, "tokens": 0, **{k: 0 for k in ("empty", "invalid_utf8", "exact_duplicate", "near_duplicate", "too_long")}}
+    kept_rows, kept_ids, texts = [], [], []
+    stream_pos = 0
+    for row in read_chunk(src, chunk, cfg.text_column, cfg.id_column):
+        stats["docs_in"] += 1
+        record = {"file": src.name, "row": row.row, "id": row.doc_id}
+        if row.status != RowStatus.OK:
+            reason = REASONS[row.status]
+        elif row.row in exact:
+            reason = "exact_duplicate"
+            record["duplicate_of"] = exact[row.row]
+        else:
+            pos, stream_pos = stream_pos, stream_pos + 1
+            if pos in near:
+                reason = "near_duplicate"
+            else:
+                kept_rows.append(row.row)
+                kept_ids.append(row.doc_id)
+                texts.append(row.text)
+                continue
+        stats[reason] += 1
+        removed.append({**record, "reason": reason})
+    enc = get_gpt2(cfg.tokenizer_file)
+    tokens, lengths = tokenize_documents(enc, texts)
+    too_long = lengths > cfg.shard_tokens
+    if too_long.any():
+        keep = ~too_long
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        tokens = np.concatenate([tokens[s : s + n] for s, n, k in zip(starts, lengths, keep) if k]) if keep.any() else tokens[:0]
+        for i in np.flatnonzero(too_long):
+            removed.append({"file": src.name, "row": kept_rows[i], "id": kept_ids[i], "reason": "too_long", "tokens": int(lengths[i])})
+        removed.sort(key=lambda r: r["row"])
+        stats["too_long"] = int(too_long.sum())
+        lengths = lengths[keep]
+    stats["kept"] = int(len(lengths))
+    stats["tokens"] = int(lengths.sum())
+    tokens.astype("<u2").tofile(tmp := base.with_name(f".{base.name}.bin.tmp.{os.getpid()}"))
+    os.replace(tmp, base.with_suffix(".bin"))
+    _atomic_save_npz(base.with_suffix(".lens.npz"), lengths=lengths)
+    atomic_write_bytes(base.with_suffix(".removed.jsonl"), "".join(json.dumps(r, sort_keys=True) + "\n" for r in removed).encode())
+    atomic_write_json(stats_path, stats)  # the task's commit marker
+    return stats
+
+
+def task_write_shard(plan: ShardPlan, output_dir: Path, work: Path) -> dict[str, Any]:
+    record_path = work / "shards" / f"{plan.name}.json"
+    target = output_dir / plan.name
+    if record_path.exists() and target.exists():
+        record = json.loads(record_path.read_text())
+        if read_header(target) == record["tokens"]:
+            return record
+    pieces = []
+    for chunk, lo, hi in plan.pieces:
+        base = work / "tokens" / f"{chunk:06d}"
+        lengths = np.load(base.with_suffix(".lens.npz"))["lengths"]
+        start, end = int(lengths[:lo].sum()), int(lengths[:hi].sum())
+        pieces.append(np.fromfile(base.with_suffix(".bin"), dtype="<u2", count=end - start, offset=2 * start))
+    tokens, digest = write_shard(target, pieces)
+    record = {"path": plan.name, "split": plan.split, "tokens": tokens, "docs": plan.docs, "sha256": digest}
+    atomic_write_json(record_path, record)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+
+class _Waves:
+    """Runs one wave of Ray tasks with a progress bar; turns a task's DataError into ours."""
+
+    def __init__(self) -> None:
+        import ray
+
+        self.ray = ray
+
+    def run(self, desc: str, fn: Callable, calls: list[tuple], unit: str = "task", weights: list[int] | None = None) -> list:
+        ray = self.ray
+        remote = ray.remote(num_cpus=1, max_retries=0)(fn)
+        refs = [remote.remote(*args) for args in calls]
+        index = {ref: i for i, ref in enumerate(refs)}
+        results: list[Any] = [None] * len(refs)
+        weights = weights or [1] * len(refs)
+        pending = list(refs)
+        with tqdm(total=sum(weights), desc=f"data: {desc}", unit=unit, unit_scale=True, file=sys.stderr, mininterval=1.0) as bar:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                i = index[ready[0]]
+                try:
+                    results[i] = ray.get(ready[0])
+                except ray.exceptions.RayTaskError as e:
+                    for ref in pending:
+                        ray.cancel(ref, force=True)
+                    cause = getattr(e, "cause", None)
+                    if isinstance(cause, DataError):
+                        raise DataError(str(cause)) from None
+                    raise
+                bar.update(weights[i])
+        return results
+
+
+def _fingerprint(cfg: DataConfig, sources: list[SourceFile], ranks_sha256: str) -> str:
+    payload = {
+        "config": {k: getattr(cfg, k) for k in OUTPUT_KEYS},
+        "sources": [(s.name, s.bytes, s.sha256) for s in sources],
+        "tokenizer": ranks_sha256,
+        "format": [MANIFEST_FORMAT, MANIFEST_VERSION, SHARD_VERSION],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _prepare_output(output_dir: Path, fingerprint: str) -> tuple[Path, dict | None]:
+    """Return the work dir; or the existing manifest if this exact dataset is already complete.
+
+    A finished dataset built from other inputs is never overwritten. Leftovers of an unfinished run
+    of another fingerprint (uncommitted shards, intermediates) are cleared.
+    """
+    manifest_path = output_dir / MANIFEST_NAME
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("plan_fingerprint") == fingerprint:
+            return output_dir / WORK_DIR, manifest
+        raise DataError(
+            f"{output_dir}: already holds a finished dataset built from other inputs or settings; "
+            "set data.output_dir to a new directory, or delete this one to rebuild it"
+        )
+    work = output_dir / WORK_DIR
+    stamp = work / "fingerprint"
+    if stamp.exists() and stamp.read_text() != fingerprint:
+        shutil.rmtree(work)
+        for stale in output_dir.glob("*_*.bin"):
+            stale.unlink()
+    for sub in ("scan", "tokens", "shards", "minhash/sigs.done", "minhash/buckets.done"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(stamp, fingerprint.encode())
+    return work, None
+
+
+def _init_ray(ray_cfg: RayConfig) -> bool:
+    """Start (or join) Ray; return True if we started it and must shut it down."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "logging_level": "WARNING"}
+    if ray_cfg.address:
+        ray.init(address=ray_cfg.address, **kwargs)
+    else:
+        ray.init(num_cpus=ray_cfg.num_cpus or None, **kwargs)
+    return True
+
+
+def run_data_stage(cfg: DataConfig, ray_cfg: RayConfig) -> dict[str, Any]:
+    """Build (or finish building) the shard directory `cfg.output_dir`; return its manifest."""
+    if not 0 < cfg.shard_tokens <= MAX_SHARD_TOKENS:
+        raise DataError(f"data.shard_tokens must be between 1 and {MAX_SHARD_TOKENS}, got {cfg.shard_tokens}")
+    if cfg.chunk_docs < 1:
+        raise DataError(f"data.chunk_docs must be positive, got {cfg.chunk_docs}")
+    t0 = time.time()
+    enc = get_gpt2(cfg.tokenizer_file)
+    ranks_sha256 = check_gpt2(enc)
+    started = _init_ray(ray_cfg)
+    try:
+        manifest = _build(cfg, ranks_sha256, _Waves())
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    _print_summary(manifest, cfg.output_dir, time.time() - t0)
+    return manifest
+
+
+def _build(cfg: DataConfig, ranks_sha256: str, waves: _Waves) -> dict[str, Any]:
+    output_dir = Path(cfg.output_dir).expanduser()
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    listed = resolve_sources(cfg.source, cfg.source_config, cfg.cache_dir, cfg.max_files, cfg.download_retries)
+    remote = is_remote(cfg.source)
+    sources: list[SourceFile] = waves.run(
+        "download" if remote else "checksum", task_fetch, [(n, loc, remote, cfg.cache_dir, cfg.download_retries) for n, loc in listed], unit="file"
+    )
+    fingerprint = _fingerprint(cfg, sources, ranks_sha256)
+    work, finished = _prepare_output(output_dir, fingerprint)
+    if finished is not None:
+        print(f"pretrain data: {output_dir} is already complete for these inputs; nothing to do", file=sys.stderr)
+        return finished
+
+    planned = waves.run("plan", task_plan, [(i, s, cfg.chunk_docs, cfg.text_column) for i, s in enumerate(sources)], unit="file")
+    rows_per_source = [rows for rows, _ in planned]
+    chunks = [Chunk(0, si, a, b, off) for si, (_, cuts) in enumerate(planned) for a, b, off in cuts]
+    chunks = [Chunk(i, c.source, c.row_start, c.row_end, c.byte_offset) for i, c in enumerate(chunks)]
+    if not chunks:
+        raise DataError(f"data.source: {cfg.source} holds no rows")
+    n_rows = [c.row_end - c.row_start for c in chunks]
+    src_of = [sources[c.source] for c in chunks]
+
+    waves.run("scan", task_scan, [(src_of[c.index], c, cfg, work / "scan" / f"{c.index:06d}.npz") for c in chunks], unit="doc", weights=n_rows)
+
+    # Exact dedup over the whole corpus, in the driver: 8 bytes per document.
+    scans = [np.load(work / "scan" / f"{c.index:06d}.npz") for c in chunks]
+    valid_rows = [np.flatnonzero(s["status"] == RowStatus.OK) for s in scans]
+    keys = [s["keys"][v] for s, v in zip(scans, valid_rows)]
+    if cfg.exact_dedup:
+        dup_masks, origins = dedup.find_exact_duplicates(keys)
+    else:
+        dup_masks = [np.zeros(len(k), bool) for k in keys]
+        origins = [np.zeros((0, 2), np.int64) for _ in keys]
+    # Rows (within each chunk) that are exact copies, and the (file, row) of their first copy.
+    exact_rows = [c.row_start + v[m] for c, v, m in zip(chunks, valid_rows, dup_masks)]
+    exact_origin_rows = [
+        np.array([[chunks[oc].source, chunks[oc].row_start + valid_rows[oc][oi]] for oc, oi in o], np.int64).reshape(-1, 2)
+        for o in origins
+    ]
+
+    if cfg.minhash_dedup:
+        n = len(chunks)
+        waves.run("minhash signatures", task_signatures, [(src_of[c.index], c, n, cfg, exact_rows[c.index], work) for c in chunks], unit="doc", weights=n_rows)
+        waves.run("minhash buckets", task_buckets, [(b, cfg, work) for b in range(cfg.minhash_buckets)], unit="bucket")
+        waves.run("minhash clusters", task_cluster, [(cfg, work)])
+
+    stats = waves.run(
+        "tokenize",
+        task_tokenize,
+        [(src_of[c.index], c, cfg, exact_rows[c.index], exact_origin_rows[c.index], work) for c in chunks],
+        unit="doc",
+        weights=n_rows,
+    )
+    lengths = [np.load(work / "tokens" / f"{c.index:06d}.lens.npz")["lengths"] for c in chunks]
+    plans = pack_documents(lengths, cfg.shard_tokens, cfg.val_tokens)
+    if not any(p.split == "train" for p in plans):
+        total = sum(int(l.sum()) for l in lengths)
+        raise DataError(f"{cfg.source}: only {total} tokens survive cleaning, all taken by validation (data.val_tokens={cfg.val_tokens}); lower data.val_tokens")
+    shards = waves.run("shards", task_write_shard, [(p, output_dir, work) for p in plans], unit="shard")
+
+    removed_count, removed_sha = _write_removed(output_dir, work, chunks, sources)
+    totals = {k: sum(s[k] for s in stats) for k in stats[0]}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "plan_fingerprint": fingerprint,
+        "tokenizer": {"name": cfg.tokenizer, "ranks_sha256": ranks_sha256, "eot_token": 50256, "n_vocab": 50257},
+        "dtype": "uint16",
+        "shard_header": {"magic": MAGIC, "version": SHARD_VERSION, "bytes": HEADER_BYTES},
+        "config": {k: getattr(cfg, k) for k in OUTPUT_KEYS},
+        "sources": [{**{k: v for k, v in asdict(s).items() if k != "path"}, "rows": r} for s, r in zip(sources, rows_per_source)],
+        "stats": {
+            "docs_in": totals["docs_in"],
+            "docs_kept": totals["kept"],
+            "removed": {k: totals[k] for k in ("empty", "invalid_utf8", "exact_duplicate", "near_duplicate", "too_long")},
+            "tokens": {split: sum(s["tokens"] for s in shards if s["split"] == split) for split in ("train", "val")},
+            "shards": {split: sum(1 for s in shards if s["split"] == split) for split in ("train", "val")},
+        },
+        "removed_ids": {"path": "removed.jsonl", "count": removed_count, "sha256": removed_sha},
+        "shards": shards,
+    }
+    atomic_write_json(output_dir / MANIFEST_NAME, manifest)  # commit point
+    if not cfg.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def _write_removed(output_dir: Path, work: Path, chunks: list[Chunk], sources: list[SourceFile]) -> tuple[int, str]:
+    """removed.jsonl: every dropped document with its reason, in corpus order."""
+    lines = []
+    for c in chunks:
+        for line in (work / "tokens" / f"{c.index:06d}.removed.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            if "duplicate_of" in record:
+                src, row = record["duplicate_of"]
+                record["duplicate_of"] = {"file": sources[src].name, "row": row}
+            lines.append(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
+    data = "".join(lines).encode()
+    atomic_write_bytes(output_dir / "removed.jsonl", data)
+    return len(lines), hashlib.sha256(data).hexdigest()
+
+
+def _print_summary(manifest: dict[str, Any], output_dir: str, seconds: float) -> None:
+    st = manifest["stats"]
+    removed = ", ".join(f"{k} {v}" for k, v in st["removed"].items() if v)
+    print(
+        f"pretrain data: {st['docs_in']} docs in, {st['docs_kept']} kept ({removed or 'none removed'}); "
+        f"{st['tokens']['train']} train + {st['tokens']['val']} val tokens in "
+        f"{st['shards']['train']} train + {st['shards']['val']} val shards; {seconds:.1f} s → {output_dir}"
+    )
