@@ -43,6 +43,13 @@ def cmd_tokenizer_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train (or resume) under torchrun; exit 3 means "checkpointed on a stop signal, requeue me"."""
+    from trainer.launch import train_command
+
+    return train_command(args.config, list(args.overrides))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -50,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="download, dedup, tokenize and shard the corpus (Ray)")
     _config_args(p)
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train", help="train or resume GPT-2 with torchrun DDP (exit 3: checkpointed, requeue)")
+    _config_args(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tokenizer", help="tokenizer utilities")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")

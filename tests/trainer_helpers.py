@@ -1,0 +1,119 @@
+"""Shared helpers of the trainer tests: tiny shard directories, run commands, process control."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dataprep.shards import write_shard
+
+EOT = 50256
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_shard_dir(path: Path, seed: int = 0, train_shards: int = 3, shard_tokens: int = 6000, val_tokens: int = 3000) -> Path:
+    """A committed shard dir of learnable token streams: documents made of a few repeated "phrases"."""
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    phrases = [rng.integers(0, 2000, size=rng.integers(3, 9)) for _ in range(40)]
+
+    def stream(n: int) -> tuple[list[np.ndarray], int]:
+        pieces, total, docs = [], 0, 0
+        while total < n:
+            doc = [np.array([EOT])] + [phrases[i] for i in rng.integers(0, len(phrases), size=rng.integers(5, 30))]
+            doc_arr = np.concatenate(doc)[: n - total]
+            pieces.append(doc_arr.astype(np.uint16))
+            total += len(doc_arr)
+            docs += 1
+        return pieces, docs
+
+    shards = []
+    for i in range(train_shards):
+        pieces, docs = stream(shard_tokens + 37 * i)  # unequal sizes: exercise the tail skipping
+        name = f"train_{i:06d}.bin"
+        n, sha = write_shard(path / name, pieces)
+        shards.append({"path": name, "split": "train", "tokens": n, "docs": docs, "sha256": sha})
+    pieces, docs = stream(val_tokens)
+    n, sha = write_shard(path / "val_000000.bin", pieces)
+    shards.append({"path": "val_000000.bin", "split": "val", "tokens": n, "docs": docs, "sha256": sha})
+    manifest = {
+        "format": "pretrain-token-shards",
+        "format_version": 1,
+        "tokenizer": {"name": "gpt2", "eot_token": EOT},
+        "shards": shards,
+        "note": f"synthetic test data, seed {seed}",
+    }
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return path
+
+
+def skip_or_fail(reason: str) -> None:
+    """A component that cannot start locally: skip, except on CI (CI=true) where that is a failure."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"required component unavailable on CI: {reason}")
+    pytest.skip(reason)
+
+
+def pretrain_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-c", "import sys; from pipelines.cli import main; sys.exit(main())", *args]
+
+
+def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start a command in its own session (so the test can signal or kill its whole group)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    f = open(log, "ab")
+    return subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+
+
+def descendants(pid: int) -> list[int]:
+    from trainer.launch import child_pids
+
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = child_pids(p)
+        out.extend(kids)
+        todo.extend(kids)
+    return out
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and everything under it (torchrun starts workers in sessions of their own)."""
+    pids = [proc.pid] + descendants(proc.pid)
+    for pid in pids:
+        for fn in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+            try:
+                fn()
+            except (ProcessLookupError, PermissionError):
+                pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def metric_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if line.endswith("}"))
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while metric_steps(run_dir) < step:
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited ({proc.returncode}) before step {step}")
+        if time.time() > deadline:
+            raise AssertionError(f"step {step} not reached in {timeout}s")
+        time.sleep(0.05)

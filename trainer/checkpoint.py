@@ -1,0 +1,313 @@
+"""Crash-safe checkpoints: write under a temporary name, fsync, rename, then commit.
+
+Layout::
+
+    RUN_DIR/checkpoints/step_00001000/
+        model.pt            model state_dict (unwrapped, uncompiled names = HF GPT-2 names)
+        optimizer.pt        AdamW state_dict
+        trainer_state.pt    step, loader state and RNG state of every rank, MLflow run id, ...
+        meta.json           human-readable: step, model shape, data fingerprint, run id, config
+        COMMITTED.json      written LAST: sha256 of every other file
+
+A checkpoint exists for readers only once ``COMMITTED.json`` is in place: a crash at any moment
+leaves either a ``.tmp-*`` directory or a step directory without the marker, and both are
+ignored (and reported, then removed, by the next training start). Resuming also re-hashes the
+files so that bit rot or a truncated copy is caught and the previous checkpoint used instead.
+
+Everything is loaded with ``torch.load(weights_only=True)``: RNG states and loader positions are
+stored as tensors and plain Python values, so no pickle code runs on load.
+
+Public read API (used by the eval stage): :func:`list_committed`, :func:`latest_committed`,
+:func:`read_meta`, :func:`verify`, :func:`load_model_for_eval`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from trainer.model import GPT, GPTConfig
+
+CKPT_SUBDIR = "checkpoints"
+MARKER = "COMMITTED.json"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.pt"
+OPTIM_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.pt"
+META_FILE = "meta.json"
+# Fault injection for tests of crash safety: "PHASE:STEP" kills this process's group with SIGKILL
+# while checkpoint STEP is at PHASE ("tmp": files written, not renamed; "renamed": not committed).
+FAULT_ENV = "PRETRAIN_FAULT_INJECT"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, partial, corrupt or incompatible with this run."""
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CKPT_SUBDIR
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _step_of(path: Path) -> int | None:
+    name = path.name
+    if name.startswith("step_") and name[5:].isdigit():
+        return int(name[5:])
+    return None
+
+
+def list_committed(run_dir: str | Path) -> list[Path]:
+    """Committed checkpoint directories of ``run_dir``, oldest first (marker present; not re-hashed)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(s, p) for p in root.iterdir() if (s := _step_of(p)) is not None and (p / MARKER).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_committed(run_dir: str | Path) -> Path | None:
+    found = list_committed(run_dir)
+    return found[-1] if found else None
+
+
+def list_partial(run_dir: str | Path) -> list[Path]:
+    """Leftovers of interrupted writes: temporary directories and step directories without a marker."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(".tmp-") or (_step_of(p) is not None and not (p / MARKER).is_file()))
+
+
+def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / MARKER).is_file():
+        raise CheckpointError(f"{ckpt_dir}: not a committed checkpoint (no {MARKER})")
+    return json.loads((ckpt_dir / META_FILE).read_text())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(ckpt_dir: str | Path) -> None:
+    """Raise CheckpointError unless the marker exists and every listed file has its recorded sha256."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        marker = json.loads((ckpt_dir / MARKER).read_text())
+        files = marker["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{ckpt_dir}: missing or unreadable {MARKER}: {e}") from e
+    for name in (MODEL_FILE, OPTIM_FILE, STATE_FILE, META_FILE):
+        if name not in files:
+            raise CheckpointError(f"{ckpt_dir}: {MARKER} does not list {name}")
+    for name, digest in files.items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{ckpt_dir}: {name} is missing")
+        actual = _sha256(path)
+        if actual != digest:
+            raise CheckpointError(f"{ckpt_dir}: {name} is corrupt (sha256 {actual[:12]}…, committed {digest[:12]}…)")
+
+
+def find_resumable(run_dir: str | Path, log: Callable[[str], None] = print) -> Path | None:
+    """The newest committed checkpoint that verifies; corrupt newer ones are reported and skipped."""
+    for ckpt in reversed(list_committed(run_dir)):
+        try:
+            verify(ckpt)
+            return ckpt
+        except CheckpointError as e:
+            log(f"checkpoint: skipping {ckpt.name}: {e}")
+    return None
+
+
+def load_model_for_eval(ckpt_dir: str | Path, device: str | torch.device = "cpu", check: bool = True) -> tuple[GPT, dict[str, Any]]:
+    """Rebuild the model of a committed checkpoint, in eval mode, for evaluation or sampling.
+
+    Returns ``(model, meta)``; ``meta`` holds ``step``, ``model`` (the GPTConfig fields),
+    ``config`` (the whole resolved run config as a dict), ``data_fingerprint``,
+    ``mlflow_run_id`` and ``tokens_seen``. ``check`` re-hashes the files first.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    if check:
+        verify(ckpt_dir)
+    model = GPT(GPTConfig(**meta["model"]))
+    state = torch.load(ckpt_dir / MODEL_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.to(device)
+    model.eval()
+    return model, meta
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_torch(path: Path, obj: Any) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fault(phase: str, step: int) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec == f"{phase}:{step}":
+        print(f"checkpoint: fault injection {spec}: killing process group", flush=True)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def to_cpu(obj: Any) -> Any:
+    """A deep copy with every tensor on the CPU (so a background thread can write it while training goes on)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def _remove_tree(path: Path) -> None:
+    """Un-commit first (marker gone = invisible to readers), then delete."""
+    marker = path / MARKER
+    if marker.exists():
+        marker.unlink()
+        _fsync_dir(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def write_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optim_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+    meta: dict[str, Any],
+) -> Path:
+    """Write one checkpoint atomically (see the module doc). Returns the committed directory."""
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dirname(step)
+    tmp = root / f".tmp-{step_dirname(step)}-{os.getpid()}-{int(time.time() * 1000)}"
+    tmp.mkdir()
+    _write_torch(tmp / MODEL_FILE, model_state)
+    _write_torch(tmp / OPTIM_FILE, optim_state)
+    _write_torch(tmp / STATE_FILE, trainer_state)
+    _write_text(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    _fsync_dir(tmp)
+    _fault("tmp", step)
+    if final.exists():
+        # a partial or corrupt checkpoint of the same step (we resumed from an older one): replace it
+        _remove_tree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    _fault("renamed", step)
+    files = {name: _sha256(final / name) for name in (MODEL_FILE, OPTIM_FILE, STATE_FILE, META_FILE)}
+    marker = {"format_version": FORMAT_VERSION, "step": step, "files": files, "time": time.time()}
+    tmp_marker = final / f".{MARKER}.tmp"
+    _write_text(tmp_marker, json.dumps(marker, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp_marker, final / MARKER)
+    _fsync_dir(final)
+    return final
+
+
+def apply_retention(run_dir: str | Path, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete committed checkpoints other than the newest ``keep_last`` and multiples of ``keep_every``."""
+    committed = list_committed(run_dir)
+    keep = set(committed[-max(1, keep_last) :])
+    if keep_every > 0:
+        keep |= {p for p in committed if (_step_of(p) or 0) % keep_every == 0}
+    removed = [p for p in committed if p not in keep]
+    for p in removed:
+        _remove_tree(p)
+    return removed
+
+
+def remove_partials(run_dir: str | Path, log: Callable[[str], None] = print) -> None:
+    for p in list_partial(run_dir):
+        log(f"checkpoint: removing partial checkpoint {p.name} (interrupted write, never committed)")
+        _remove_tree(p)
+
+
+class CheckpointWriter:
+    """Runs on the rank that writes (rank 0). Synchronous, or in one background thread.
+
+    Async mode is meant for GPUs: the caller hands over a CPU copy of the state (``to_cpu``),
+    which takes well under a step, and the thread does the slow serialisation, hashing and
+    fsyncs. At most one write is in flight; the next save (and exit) waits for it.
+    """
+
+    def __init__(self, run_dir: str | Path, keep_last: int, keep_every: int, asynchronous: bool, log: Callable[[str], None] = print):
+        self.run_dir = Path(run_dir)
+        self.keep_last, self.keep_every = keep_last, keep_every
+        self.asynchronous = asynchronous
+        self.log = log
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_committed: Path | None = None
+
+    def save(self, step: int, model_state, optim_state, trainer_state, meta, on_commit: Callable[[Path], None] | None = None) -> None:
+        self.wait()
+
+        def work() -> None:
+            t0 = time.time()
+            path = write_checkpoint(self.run_dir, step, model_state, optim_state, trainer_state, meta)
+            removed = apply_retention(self.run_dir, self.keep_last, self.keep_every)
+            self.last_committed = path
+            gone = f"; removed {', '.join(p.name for p in removed)}" if removed else ""
+            self.log(f"checkpoint: committed {path} in {time.time() - t0:.2f}s{gone}")
+            if on_commit is not None:
+                on_commit(path)
+
+        if not self.asynchronous:
+            work()
+            return
+
+        def run() -> None:
+            try:
+                work()
+            except BaseException as e:  # noqa: BLE001 - re-raised in wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name=f"ckpt-{step}", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise CheckpointError(f"background checkpoint write failed: {err}") from err

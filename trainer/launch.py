@@ -1,0 +1,101 @@
+"""``pretrain train``: be the torchrun worker, or start torchrun on this machine and supervise it.
+
+When the environment has RANK/WORLD_SIZE/LOCAL_RANK we *are* a worker (e.g. SLURM runs torchrun
+itself) and train in-process. Otherwise we run
+``python -m torch.distributed.run --standalone --nproc_per_node N -m trainer.train CONFIG ...``
+and stay in front of it, for two reasons:
+
+* Signals. torchrun starts each worker in its own session and reacts to SIGTERM by terminating
+  them (SIGKILL after 30 s), and dies on SIGUSR2. So we forward SIGTERM/SIGUSR2/SIGUSR1 straight
+  to the worker processes, which checkpoint and exit cleanly; torchrun is left alone.
+* Exit codes. torchrun reports any worker failure as 1, which would hide "checkpointed, requeue
+  me" (3) and "refused" (2); rank 0 writes its code to a file we name, and we return that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from trainer.dist import under_torchrun
+
+FORWARDED = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1)
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux /proc; empty where unavailable)."""
+    out: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            text = (task / "children").read_text().split()
+            out.extend(int(x) for x in text)
+    except OSError:
+        pass
+    return out
+
+
+def train_command(config: str, overrides: list[str]) -> int:
+    """Entry of ``pretrain train CONFIG [overrides]``; returns the process exit code."""
+    if under_torchrun():
+        from trainer.train import run_worker
+
+        return run_worker(config, overrides)
+    from pipelines.config import load_config
+
+    cfg = load_config(config, overrides)  # fail fast on config errors, before starting torchrun
+    return launch_torchrun(config, overrides, cfg.train.nproc_per_node)
+
+
+def launch_torchrun(config: str, overrides: list[str], nproc: int) -> int:
+    from trainer.train import EXIT_FILE_ENV
+
+    if nproc < 1:
+        print(f"pretrain train: train.nproc_per_node must be >= 1, got {nproc}", file=sys.stderr)
+        return 2
+    fd, exit_file = tempfile.mkstemp(prefix="pretrain-exit-", suffix=".json")
+    os.close(fd)
+    os.unlink(exit_file)
+    env = dict(os.environ)
+    env[EXIT_FILE_ENV] = exit_file
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "trainer.train", config, *overrides,
+    ]
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum: int, frame) -> None:  # noqa: ANN001 - signal API
+        workers = child_pids(proc.pid)
+        for pid in workers:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+        if not workers and signum == signal.SIGTERM:
+            proc.send_signal(signum)  # torchrun will terminate the workers itself
+        print(f"pretrain train: forwarded {signal.Signals(signum).name} to workers {workers}", file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED}
+    try:
+        while True:
+            try:
+                rc = proc.wait()
+                break
+            except KeyboardInterrupt:
+                # the terminal sent SIGINT to torchrun too; it stops the workers, we wait for it
+                print("pretrain train: interrupted; waiting for torchrun to stop the workers", file=sys.stderr, flush=True)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    try:
+        status = json.loads(Path(exit_file).read_text())
+        os.unlink(exit_file)
+        code = int(status["code"])
+    except (OSError, ValueError, KeyError):
+        return rc if rc >= 0 else 128 - rc
+    # rank 0 said "finished" but another rank failed afterwards: trust torchrun
+    return rc if code == 0 and rc != 0 else code

@@ -1,0 +1,67 @@
+"""``RUN_DIR/metrics.jsonl``: one JSON object per optimizer step, written by rank 0.
+
+Each line has ``step, loss, lr, grad_norm, tokens, tokens_per_s, mfu, time, dt`` and, on the
+steps where they ran, ``val_loss`` and ``sample`` (so validation lives in the same file, in the
+line of the step after which it was measured; each step still has exactly one line). Floats are
+written by ``json`` with ``repr``, so ``loss`` read back is bit-identical to the trained value.
+
+On resume from step S, lines of steps > S (written by the interrupted run after its last
+checkpoint) are dropped with an atomic rewrite, so the file again holds every step once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Parse the file, ignoring a torn last line (a crash mid-write)."""
+    out = []
+    path = Path(path)
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            out.append(rec)
+    return out
+
+
+class MetricsLog:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._f = None
+
+    def truncate_after(self, step: int) -> int:
+        """Keep only lines with ``step <= step`` (rewritten atomically); returns how many were dropped."""
+        if not self.path.exists():
+            return 0
+        records = read_metrics(self.path)
+        kept = [r for r in records if int(r["step"]) <= step]
+        raw_lines = len(self.path.read_text(encoding="utf-8").splitlines())
+        tmp = self.path.with_name(f".{self.path.name}.tmp.{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in kept:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        return raw_lines - len(kept)
+
+    def append(self, record: dict[str, Any]) -> None:
+        if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "a", encoding="utf-8")
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
