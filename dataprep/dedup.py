@@ -102,13 +102,34 @@ def find_bucket_matches(bucket: int, sig_dir: Path, dups_dir: Path, cfg: DataCon
     step.run(None, rank=bucket, world_size=cfg.minhash_buckets)
 
 
-def cluster_duplicates(dups_dir: Path, remove_dir: Path, cfg: DataConfig) -> None:
-    """Block 3: union-find over all pairs; one document per cluster survives."""
+def cluster_duplicates(dups_dir: Path, cluster_dir: Path, cfg: DataConfig) -> None:
+    """Block 3: union-find over all candidate pairs, saving every member's cluster id."""
     _quiet_datatrove()
-    MinhashDedupCluster(input_folder=str(dups_dir), output_folder=str(remove_dir), config=minhash_config(cfg)).run(None, 0, 1)
+    step = MinhashDedupCluster(input_folder=str(dups_dir), output_folder=str(cluster_dir), config=minhash_config(cfg), save_cluster_id=True)
+    step.run(None, 0, 1)
 
 
-def near_duplicates_of_chunk(remove_dir: Path, chunk_index: int) -> np.ndarray:
-    """Block 4 (the filter): indices, in the chunk's signature stream, of documents to drop."""
-    path = remove_dir / f"{chunk_index:06d}.remove"
-    return np.fromfile(path, dtype="<u4").astype(np.int64) if path.is_file() else np.zeros(0, np.int64)
+def near_duplicates(cluster_dir: Path, n_chunks: int) -> list[np.ndarray]:
+    """Block 4: per chunk, the positions (in its signature stream) of documents to drop.
+
+    datatrove's own remove lists keep each cluster's union-find root, which can be a *later*
+    document; we keep the earliest member in corpus order instead, as exact dedup does, so the
+    original survives and its copies go.
+    """
+    members = []
+    for chunk in range(n_chunks):
+        path = cluster_dir / f"{chunk:06d}.clusters"
+        if path.is_file():
+            pairs = np.fromfile(path, dtype="<u4").reshape(-1, 2).astype(np.int64)
+            members.append(np.column_stack([np.full(len(pairs), chunk), pairs]))
+    removed = [np.zeros(0, np.int64) for _ in range(n_chunks)]
+    if not members:
+        return removed
+    m = np.concatenate(members)  # rows: chunk, doc, cluster
+    order = np.lexsort((m[:, 1], m[:, 0], m[:, 2]))  # by cluster, then corpus position
+    m = m[order]
+    is_first = np.concatenate([[True], m[1:, 2] != m[:-1, 2]])
+    drop = m[~is_first]
+    for chunk in np.unique(drop[:, 0]):
+        removed[int(chunk)] = np.sort(drop[drop[:, 0] == chunk, 1])
+    return removed

@@ -157,7 +157,12 @@ def _read_jsonl(src: SourceFile, chunk: Chunk, text_column: str, id_column: str)
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError:
-                yield Row(row, f"{src.name}:{row}", None, RowStatus.INVALID_UTF8)
+                # Still name the document by its id when the rest of the line parses.
+                try:
+                    doc_id = json.loads(line.decode("utf-8", errors="replace")).get(id_column)
+                except (json.JSONDecodeError, AttributeError):
+                    doc_id = None
+                yield Row(row, str(doc_id) if doc_id is not None else f"{src.name}:{row}", None, RowStatus.INVALID_UTF8)
                 continue
             try:
                 obj = json.loads(line)

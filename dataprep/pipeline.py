@@ -122,9 +122,9 @@ def task_cluster(cfg: DataConfig, work: Path) -> None:
     done = work / "minhash" / "cluster.done"
     if done.exists():
         return
-    remove_dir = work / "minhash" / "remove"
-    shutil.rmtree(remove_dir, ignore_errors=True)  # a killed run may have left part of it
-    dedup.cluster_duplicates(work / "minhash" / "dups", remove_dir, cfg)
+    cluster_dir = work / "minhash" / "clusters"
+    shutil.rmtree(cluster_dir, ignore_errors=True)  # a killed run may have left part of it
+    dedup.cluster_duplicates(work / "minhash" / "dups", cluster_dir, cfg)
     atomic_write_bytes(done, b"")
 
 
@@ -134,6 +134,7 @@ def task_tokenize(
     cfg: DataConfig,
     exact_dup_rows: np.ndarray,
     exact_origins: np.ndarray,
+    near_dup_positions: np.ndarray,
     work: Path,
 ) -> dict[str, int]:
     """Drop invalid/duplicate rows, tokenize the rest, write the chunk's tokens, lengths and removals."""
@@ -141,7 +142,7 @@ def task_tokenize(
     stats_path = base.with_suffix(".stats.json")
     if stats_path.exists():
         return json.loads(stats_path.read_text())
-    near = set(dedup.near_duplicates_of_chunk(work / "minhash" / "remove", chunk.index).tolist()) if cfg.minhash_dedup else set()
+    near = set(near_dup_positions.tolist())
     exact = {int(r): (int(c), int(o)) for r, (c, o) in zip(exact_dup_rows, exact_origins)}
     removed: list[dict[str, Any]] = []
     stats = {"docs_in": 0, "kept": 0, "tokens": 0, **{k: 0 for k in ("empty", "invalid_utf8", "exact_duplicate", "near_duplicate", "too_long")}}
@@ -218,10 +219,12 @@ class _Waves:
         import ray
 
         self.ray = ray
+        self.seconds: dict[str, float] = {}  # wall time per wave, for the summary and benchmarks
 
     def run(self, desc: str, fn: Callable, calls: list[tuple], unit: str = "task", weights: list[int] | None = None) -> list:
         ray = self.ray
         remote = ray.remote(num_cpus=1, max_retries=0)(fn)
+        t0 = time.perf_counter()
         refs = [remote.remote(*args) for args in calls]
         index = {ref: i for i, ref in enumerate(refs)}
         results: list[Any] = [None] * len(refs)
@@ -241,6 +244,7 @@ class _Waves:
                         raise DataError(str(cause)) from None
                     raise
                 bar.update(weights[i])
+        self.seconds[desc] = time.perf_counter() - t0
         return results
 
 
@@ -363,11 +367,14 @@ def _build(cfg: DataConfig, ranks_sha256: str, waves: _Waves) -> dict[str, Any]:
         waves.run("minhash signatures", task_signatures, [(src_of[c.index], c, n, cfg, exact_rows[c.index], work) for c in chunks], unit="doc", weights=n_rows)
         waves.run("minhash buckets", task_buckets, [(b, cfg, work) for b in range(cfg.minhash_buckets)], unit="bucket")
         waves.run("minhash clusters", task_cluster, [(cfg, work)])
+        near = dedup.near_duplicates(work / "minhash" / "clusters", len(chunks))
+    else:
+        near = [np.zeros(0, np.int64) for _ in chunks]
 
     stats = waves.run(
         "tokenize",
         task_tokenize,
-        [(src_of[c.index], c, cfg, exact_rows[c.index], exact_origin_rows[c.index], work) for c in chunks],
+        [(src_of[c.index], c, cfg, exact_rows[c.index], exact_origin_rows[c.index], near[c.index], work) for c in chunks],
         unit="doc",
         weights=n_rows,
     )

@@ -1,0 +1,333 @@
+"""The data stage, end to end on real Ray: dedup, tokenization, sharding, determinism, restarts, bad input."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from dataprep.config import DataConfig, RayConfig
+from dataprep.errors import DataError
+from dataprep.pipeline import run_data_stage
+from dataprep.shards import HEADER_BYTES, ShardError, TokenDataset
+from dataprep.tokenizer import EOT_TOKEN, GPT2_RANKS_SHA256, get_gpt2
+from tests.corpus import Corpus, make_corpus, write_files
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_cfg(source: Path | str, out: Path, ranks: str, **kw) -> DataConfig:
+    base = dict(source=str(source), output_dir=str(out), tokenizer_file=ranks, cache_dir=str(out.parent / "cache"),
+                chunk_docs=150, shard_tokens=60_000, val_tokens=20_000, minhash_buckets=14, minhash_hashes_per_bucket=8)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def read_all_tokens(out: Path) -> np.ndarray:
+    ds = TokenDataset(out)
+    ds.verify()
+    return np.concatenate([np.asarray(ds.tokens(s)) for s in ds.shards])
+
+
+def tree_digest(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, Corpus]:
+    d = tmp_path_factory.mktemp("corpus")
+    return d, make_corpus(d, n_unique=1500, n_exact=100, n_near=100, n_files=3)
+
+
+@pytest.fixture(scope="module")
+def built(corpus, tmp_path_factory, gpt2_ranks, ray_cluster) -> tuple[Path, dict]:
+    src, _ = corpus
+    out = tmp_path_factory.mktemp("built") / "data"
+    manifest = run_data_stage(data_cfg(src, out, gpt2_ranks), RayConfig())
+    return out, manifest
+
+
+def test_dedup_removes_planted_duplicates_and_keeps_the_rest(corpus, built):
+    _, c = corpus
+    out, manifest = built
+    removed = [json.loads(line) for line in (out / "removed.jsonl").read_text().splitlines()]
+    by_reason: dict[str, set[str]] = {}
+    for r in removed:
+        by_reason.setdefault(r["reason"], set()).add(r["id"])
+    assert by_reason.get("exact_duplicate") == c.exact_ids
+    assert by_reason.get("near_duplicate") == c.near_ids
+    stats = manifest["stats"]
+    assert stats["docs_in"] == len(c.docs)
+    assert stats["docs_kept"] == len(c.docs) - len(c.exact_ids) - len(c.near_ids)
+    assert stats["removed"]["exact_duplicate"] == 100 and stats["removed"]["near_duplicate"] == 100
+    # Every exact copy points at (file, row) of an original that was kept.
+    per_file = -(-len(c.docs) // len(c.files))  # make_corpus splits the corpus evenly, in order
+    first_row = {f.name: i * per_file for i, f in enumerate(c.files)}
+    kept_ids = {d["id"] for d in c.docs} - c.exact_ids - c.near_ids
+    exact = [r for r in removed if r["reason"] == "exact_duplicate"]
+    origins = [c.docs[first_row[r["duplicate_of"]["file"]] + r["duplicate_of"]["row"]] for r in exact]
+    assert all(o["id"] in kept_ids for o in origins)
+    assert all(" ".join(o["text"].lower().split()) == " ".join(c.docs[first_row[r["file"]] + r["row"]]["text"].lower().split())
+               for o, r in zip(origins, exact))
+
+
+def test_shards_decode_to_kept_documents_joined_by_eot(corpus, built, gpt2_ranks):
+    _, c = corpus
+    out, manifest = built
+    tokens = read_all_tokens(out)
+    kept = [d["text"] for d in c.docs if d["id"] not in c.exact_ids | c.near_ids]
+    enc = get_gpt2(gpt2_ranks)
+    assert enc.decode(tokens.tolist()) == "".join("<|endoftext|>" + t for t in kept)
+    # Shard contract: header + uint16, each shard starts a document, sizes within limits.
+    ds = TokenDataset(out)
+    assert [s.split for s in ds.shards][:1] == ["val"] and ds.split("train")
+    for s in ds.shards:
+        toks = ds.tokens(s)
+        assert toks[0] == EOT_TOKEN and len(toks) <= 60_000
+        assert s.path.stat().st_size == HEADER_BYTES + 2 * s.tokens
+        assert int((toks == EOT_TOKEN).sum()) == s.docs
+    assert sum(s.tokens for s in ds.split("val")) >= 20_000
+    assert manifest["tokenizer"]["ranks_sha256"] == GPT2_RANKS_SHA256
+    assert [src["name"] for src in manifest["sources"]] == [f.name for f in c.files]
+    assert all(len(src["sha256"]) == 64 for src in manifest["sources"])
+
+
+def test_rerun_of_a_finished_dataset_does_nothing_and_keeps_it(corpus, built, gpt2_ranks):
+    src, _ = corpus
+    out, _ = built
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    run_data_stage(data_cfg(src, out, gpt2_ranks), RayConfig())
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_finished_dataset_of_other_inputs_is_never_overwritten(corpus, built, gpt2_ranks, tmp_path):
+    src, _ = corpus
+    out, _ = built
+    before = tree_digest(out)
+    with pytest.raises(DataError, match="already holds a finished dataset"):
+        run_data_stage(data_cfg(src, out, gpt2_ranks, shard_tokens=30_000), RayConfig())
+    assert tree_digest(out) == before
+
+
+# --- determinism and restarts (through the CLI, each with its own Ray) ------------------------
+
+
+def write_config(path: Path, source: Path, out: Path, ranks: str, num_cpus: int, **data) -> Path:
+    cfg = {"data": {**dict(source=str(source), output_dir=str(out), tokenizer_file=ranks, chunk_docs=100,
+                            shard_tokens=60_000, val_tokens=20_000, cache_dir=str(path.parent / "cache")), **data},
+           "ray": {"num_cpus": num_cpus}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cli_reference(corpus, tmp_path_factory, gpt2_ranks) -> dict[str, str]:
+    """Digests of an uninterrupted `pretrain data` run with 2 Ray workers."""
+    src, _ = corpus
+    d = tmp_path_factory.mktemp("ref")
+    r = run_cli("data", str(write_config(d / "ref.yaml", src, d / "out", gpt2_ranks, 2)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "docs in" in r.stdout and "shards" in r.stdout
+    return tree_digest(d / "out")
+
+
+def test_same_bytes_with_one_or_two_workers(corpus, tmp_path, gpt2_ranks, cli_reference):
+    src, _ = corpus
+    out = tmp_path / "out1"
+    r = run_cli("data", str(write_config(tmp_path / "w1.yaml", src, out, gpt2_ranks, 1)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert tree_digest(out) == cli_reference
+    assert {"manifest.json", "removed.jsonl", "val_000000.bin", "train_000000.bin"} <= set(cli_reference)
+
+
+@pytest.mark.parametrize("kill_when", ["scan", "tokens"])
+def test_killed_run_resumes_to_identical_bytes(corpus, tmp_path, gpt2_ranks, kill_when, cli_reference):
+    src, _ = corpus
+    out = tmp_path / "killed"
+    cfg = write_config(tmp_path / "k.yaml", src, out, gpt2_ranks, 2)
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "data", str(cfg)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    marker_dir = out / ".work" / ("scan" if kill_when == "scan" else "tokens")
+    deadline = time.time() + 120
+    want = random.Random(kill_when).randint(1, 4)
+    while time.time() < deadline and proc.poll() is None:
+        if marker_dir.is_dir() and len([p for p in marker_dir.iterdir() if not p.name.startswith(".")]) >= want:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    # No partial file under a final name: every shard present is complete.
+    for shard in out.glob("*.bin"):
+        from dataprep.shards import read_header
+        read_header(shard)
+
+    r = run_cli("data", str(cfg))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert tree_digest(out) == cli_reference
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def test_row_level_problems_are_skipped_and_counted(tmp_path, gpt2_ranks, ray_cluster):
+    src = tmp_path / "src"
+    src.mkdir()
+    good = [f"A perfectly ordinary document number {w} about rivers and hills." for w in ("one", "two", "three")]
+    lines = [json.dumps({"id": "g0", "text": good[0]}).encode(),
+             b'{"id": "bad-utf8", "text": "caf\xe9 au lait"}',  # latin-1 byte: not UTF-8
+             json.dumps({"id": "empty", "text": "   \n\t "}).encode(),
+             json.dumps({"id": "null", "text": None}).encode(),
+             json.dumps({"id": "surrogate", "text": "x\ud800y"}).encode(),
+             json.dumps({"id": "g1", "text": good[1]}).encode(),
+             json.dumps({"id": "huge", "text": "lorem ipsum " * 400}).encode(),
+             json.dumps({"id": "g2", "text": good[2]}).encode()]
+    with gzip.open(src / "a.jsonl.gz", "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out"
+    m = run_data_stage(data_cfg(src, out, gpt2_ranks, shard_tokens=300, val_tokens=0, minhash_dedup=False), RayConfig())
+    assert m["stats"]["removed"] == {"empty": 2, "invalid_utf8": 2, "exact_duplicate": 0, "near_duplicate": 0, "too_long": 1}
+    assert m["stats"]["docs_kept"] == 3
+    reasons = {json.loads(l)["id"]: json.loads(l)["reason"] for l in (out / "removed.jsonl").read_text().splitlines()}
+    assert reasons == {"bad-utf8": "invalid_utf8", "empty": "empty", "null": "empty", "surrogate": "invalid_utf8", "huge": "too_long"}
+    assert get_gpt2(gpt2_ranks).decode(read_all_tokens(out).tolist()) == "".join("<|endoftext|>" + g for g in good)
+
+
+def test_invalid_utf8_inside_parquet_is_counted(tmp_path, gpt2_ranks, ray_cluster):
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"text": pa.array([b"good text here", b"\xff\xfe broken", b"more good text"], pa.binary())}), src / "b.parquet")
+    m = run_data_stage(data_cfg(src, tmp_path / "out", gpt2_ranks, val_tokens=0, minhash_dedup=False), RayConfig())
+    assert m["stats"]["removed"]["invalid_utf8"] == 1 and m["stats"]["docs_kept"] == 2
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("corrupt.parquet", b"PAR1 this is not really parquet", r"corrupt\.parquet: unreadable parquet file"),
+        ("notext.parquet", None, r"notext\.parquet: no 'text' column \(columns: body\)"),
+        ("broken.jsonl", b'{"text": "fine"}\n{"text": "unterminated\n', r"broken\.jsonl: row 1 \(line 2\) is not valid JSON"),
+        ("nokey.jsonl", b'{"text": "fine"}\n{"body": "x"}\n', r"nokey\.jsonl: row 1 \(line 2\) has no 'text' field"),
+    ],
+)
+def test_bad_files_fail_clearly_and_keep_finished_work(tmp_path, gpt2_ranks, ray_cluster, name, content, message):
+    src = tmp_path / "src"
+    src.mkdir()
+    make_corpus(src, n_unique=300, n_exact=0, n_near=0, n_files=2, seed=1)
+    if content is None:
+        pq.write_table(pa.table({"body": ["x"]}), src / name)
+    else:
+        (src / name).write_bytes(content)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=message):
+        run_data_stage(data_cfg(src, out, gpt2_ranks), RayConfig())
+    assert not (out / "manifest.json").exists()
+
+
+def test_cli_reports_bad_input_with_nonzero_exit(tmp_path, gpt2_ranks):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x.parquet").write_bytes(b"garbage")
+    r = run_cli("data", str(write_config(tmp_path / "c.yaml", src, tmp_path / "out", gpt2_ranks, 1)))
+    assert r.returncode == 1
+    assert "x.parquet: unreadable parquet file" in r.stderr
+
+
+def test_cli_rejects_unknown_config_key_naming_it(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  shard_tokenz: 5\n")
+    r = run_cli("data", str(cfg))
+    assert r.returncode == 2
+    assert f"{cfg}: unknown key 'data.shard_tokenz'" in r.stderr
+
+
+# --- download stage -------------------------------------------------------------------------
+
+
+def test_download_from_file_url_and_flaky_http_with_retry(tmp_path, gpt2_ranks, ray_cluster):
+    import http.server
+    import threading
+
+    files = tmp_path / "remote"
+    c = Corpus(docs=[{"id": f"d{i}", "text": f"Document {w} talks about the sea and the river." } for i, w in enumerate("abcdefghij")])
+    write_files(files, c, 2)
+    requests: list[str] = []
+    failed: set[str] = set()
+
+    class Flaky(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(files), **kw)
+
+        def do_GET(self):  # noqa: N802
+            requests.append(self.path)
+            if self.path.endswith("part_01.jsonl") and self.path not in failed:
+                failed.add(self.path)  # the first download of this file fails mid-way
+                self.send_response(200)
+                self.send_header("Content-Length", "100000")
+                self.end_headers()
+                self.wfile.write(b'{"text": "trunc')
+                return
+            super().do_GET()
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        cache = tmp_path / "cache"
+        for source, out in ((f"{base}/*.*", tmp_path / "http"), (f"file://{files}", tmp_path / "file")):
+            cfg = data_cfg(source, out, gpt2_ranks, val_tokens=0, cache_dir=str(cache), minhash_dedup=False)
+            m = run_data_stage(cfg, RayConfig())
+            assert m["stats"]["docs_kept"] == 10
+            assert [s["name"] for s in m["sources"]] == ["part_00.parquet", "part_01.jsonl"]
+            for s, f in zip(m["sources"], c.files):
+                assert s["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
+        assert failed, "the flaky file was never requested"
+        # A second run finds complete copies in the cache and downloads nothing.
+        gets = len([r for r in requests if r.endswith((".parquet", ".jsonl"))])
+        run_data_stage(data_cfg(f"{base}/*.*", tmp_path / "http2", gpt2_ranks, val_tokens=0, cache_dir=str(cache),
+                                minhash_dedup=False), RayConfig())
+        assert len([r for r in requests if r.endswith((".parquet", ".jsonl"))]) == gets
+    finally:
+        server.shutdown()
+
+
+# --- shard reader contract ------------------------------------------------------------------
+
+
+def test_truncated_shard_and_unknown_manifest_version_are_detected(built, tmp_path):
+    import shutil
+
+    out, _ = built
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shard = next(copy.glob("train_*.bin"))
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 10)
+    with pytest.raises(ShardError, match=rf"{shard.name}: truncated shard"):
+        TokenDataset(copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="manifest version 99 is not supported"):
+        TokenDataset(copy)
