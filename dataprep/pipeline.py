@@ -169,16 +169,14 @@ def task_tokenize(
         removed.append({**record, "reason": reason})
     enc = get_gpt2(cfg.tokenizer_file)
     tokens, lengths = tokenize_documents(enc, texts)
-    too_long = lengths > cfg.shard_tokens
+    too_long = lengths > cfg.shard_tokens  # could never fit a shard: dropped and reported
     if too_long.any():
-        keep = ~too_long
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        tokens = np.concatenate([tokens[s : s + n] for s, n, k in zip(starts, lengths, keep) if k]) if keep.any() else tokens[:0]
+        tokens = tokens[np.repeat(~too_long, lengths)]
         for i in np.flatnonzero(too_long):
             removed.append({"file": src.name, "row": kept_rows[i], "id": kept_ids[i], "reason": "too_long", "tokens": int(lengths[i])})
         removed.sort(key=lambda r: r["row"])
         stats["too_long"] = int(too_long.sum())
-        lengths = lengths[keep]
+        lengths = lengths[~too_long]
     stats["kept"] = int(len(lengths))
     stats["tokens"] = int(lengths.sum())
     tokens.astype("<u2").tofile(tmp := base.with_name(f".{base.name}.bin.tmp.{os.getpid()}"))
@@ -291,11 +289,12 @@ def _init_ray(ray_cfg: RayConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "logging_level": "WARNING"}
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
     if ray_cfg.address:
         ray.init(address=ray_cfg.address, **kwargs)
     else:
-        ray.init(num_cpus=ray_cfg.num_cpus or None, **kwargs)
+        # Progress is shown once, by the driver; datatrove's own bars inside workers are noise.
+        ray.init(num_cpus=ray_cfg.num_cpus or None, runtime_env={"env_vars": {"TQDM_DISABLE": "1"}}, **kwargs)
     return True
 
 
