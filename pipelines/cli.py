@@ -47,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) under torchrun; exit 3 means "checkpointed on a stop signal, requeue me"."""
     from trainer.launch import train_command
 
-    return train_command(args.config, list(args.overrides))
+    return train_command(args.config, list(args.overrides), args.nnodes, args.rdzv_endpoint, args.rdzv_id)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train or resume GPT-2 with torchrun DDP (exit 3: checkpointed, requeue)")
     _config_args(p)
+    p.add_argument("--nnodes", type=int, default=1, help="nodes in the job (one `pretrain train` per node)")
+    p.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT", help="c10d rendezvous for multi-node runs")
+    p.add_argument("--rdzv-id", default="", help="rendezvous id (e.g. the SLURM job id)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tokenizer", help="tokenizer utilities")

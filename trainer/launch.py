@@ -39,7 +39,16 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
-def train_command(config: str, overrides: list[str]) -> int:
+def rendezvous_args(nnodes: int, endpoint: str, rdzv_id: str) -> list[str]:
+    """torchrun's rendezvous flags: standalone on one node, c10d at ``endpoint`` across nodes."""
+    if nnodes <= 1 and not endpoint:
+        return ["--standalone"]
+    if not endpoint:
+        raise ValueError("a multi-node launch needs a rendezvous endpoint (HOST:PORT)")
+    return [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", f"--rdzv_id={rdzv_id or 'pretrain'}"]
+
+
+def train_command(config: str, overrides: list[str], nnodes: int = 1, rdzv_endpoint: str = "", rdzv_id: str = "") -> int:
     """Entry of ``pretrain train CONFIG [overrides]``; returns the process exit code."""
     if under_torchrun():
         from trainer.train import run_worker
@@ -48,10 +57,18 @@ def train_command(config: str, overrides: list[str]) -> int:
     from pipelines.config import load_config
 
     cfg = load_config(config, overrides)  # fail fast on config errors, before starting torchrun
-    return launch_torchrun(config, overrides, cfg.train.nproc_per_node)
+    return launch_torchrun(config, overrides, cfg.train.nproc_per_node, rendezvous_args(nnodes, rdzv_endpoint, rdzv_id))
 
 
-def launch_torchrun(config: str, overrides: list[str], nproc: int) -> int:
+def _ignore_user_signals() -> None:
+    """In torchrun's process (before exec): SLURM signals every process of a job step, and SIGUSR1/2
+    would kill torchrun outright. Ignored dispositions survive exec; the workers install their own
+    handlers, so they still get the signal and checkpoint."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def launch_torchrun(config: str, overrides: list[str], nproc: int, rdzv: list[str] | None = None) -> int:
     from trainer.train import EXIT_FILE_ENV
 
     if nproc < 1:
@@ -63,10 +80,10 @@ def launch_torchrun(config: str, overrides: list[str], nproc: int) -> int:
     env = dict(os.environ)
     env[EXIT_FILE_ENV] = exit_file
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        sys.executable, "-m", "torch.distributed.run", *(rdzv or ["--standalone"]), f"--nproc_per_node={nproc}",
         "-m", "trainer.train", config, *overrides,
     ]
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_ignore_user_signals)  # noqa: PLW1509
 
     def forward(signum: int, frame) -> None:  # noqa: ANN001 - signal API
         workers = child_pids(proc.pid)

@@ -443,8 +443,10 @@ class Trainer:
 
 
 def _write_exit_status(env: DistEnv, code: int, reason: str) -> None:
+    # Every node's local rank 0 writes it: its launcher must report the code, and ranks agree
+    # on why they stop, so any node's leader knows it.
     path = os.environ.get(EXIT_FILE_ENV)
-    if not path or not env.is_main:
+    if not path or env.local_rank != 0:
         return
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
