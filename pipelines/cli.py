@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from pipelines.config import ConfigError, PipelineConfig, load_config
 
 EXIT_CONFIG_ERROR = 2
@@ -50,6 +51,51 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_command(args.config, list(args.overrides), args.nnodes, args.rdzv_endpoint, args.rdzv_id)
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipelines.launching import submit_training
+    from slurm.resources import SlurmError
+
+    cfg = _load(args)
+    try:
+        job = submit_training(args.config, list(args.overrides), cfg, args.executor)
+    except SlurmError as e:
+        print(f"pretrain submit: error: {e}", file=sys.stderr)
+        return 2
+    print(f"submitted job {job.job_id} ({args.executor})\n  run dir: {cfg.run_dir}\n  stdout:  {job.paths.stdout}\n  stderr:  {job.paths.stderr}")
+    if args.wait:
+        try:
+            job.result()
+        except Exception as e:  # noqa: BLE001 - submitit raises the job's own failure
+            print(f"job {job.job_id} failed: {e}", file=sys.stderr)
+            return 1
+        print(f"job {job.job_id} finished")
+    return 0
+
+
+def cmd_sbatch(args: argparse.Namespace) -> int:
+    from pipelines.launching import sbatch_script
+
+    script = sbatch_script(args.config, list(args.overrides), _load(args))
+    if args.output:
+        Path(args.output).write_text(script)
+        print(f"wrote {args.output}; submit it with: sbatch {args.output}")
+    else:
+        sys.stdout.write(script)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from pipelines.launching import list_jobs
+
+    jobs = list_jobs(args.run_dir)
+    if not jobs:
+        print(f"no jobs recorded for {args.run_dir}")
+    for j in jobs:
+        restarts = "-" if j["restarts"] is None else j["restarts"]
+        print(f"{j['job_id']:>10}  {j['state']:<12} restarts {restarts:<3} {j.get('cluster', '')}\n            stdout {j.get('stdout', '')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -64,6 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT", help="c10d rendezvous for multi-node runs")
     p.add_argument("--rdzv-id", default="", help="rendezvous id (e.g. the SLURM job id)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("submit", help="submit training as a SLURM job (submitit) that requeues itself after preemption")
+    _config_args(p)
+    p.add_argument("--executor", choices=("slurm", "local"), default="slurm", help="local: same code path, no SLURM")
+    p.add_argument("--wait", action="store_true", help="follow the job until it finishes")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("sbatch", help="print (or write with -o) a self-contained sbatch script for training")
+    _config_args(p)
+    p.add_argument("-o", "--output", help="write the script to this file")
+    p.set_defaults(func=cmd_sbatch)
+
+    p = sub.add_parser("jobs", help="the SLURM jobs of a run: state, restarts, logs")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("tokenizer", help="tokenizer utilities")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")

@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from trainer import EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE
 from trainer.dist import under_torchrun
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1)
@@ -41,8 +42,8 @@ def child_pids(pid: int) -> list[int]:
 
 def rendezvous_args(nnodes: int, endpoint: str, rdzv_id: str) -> list[str]:
     """torchrun's rendezvous flags: standalone on one node, c10d at ``endpoint`` across nodes."""
-    if nnodes <= 1 and not endpoint:
-        return ["--standalone"]
+    if nnodes <= 1:
+        return ["--standalone"]  # picks a free port itself
     if not endpoint:
         raise ValueError("a multi-node launch needs a rendezvous endpoint (HOST:PORT)")
     return [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", f"--rdzv_id={rdzv_id or 'pretrain'}"]
@@ -73,7 +74,7 @@ def launch_torchrun(config: str, overrides: list[str], nproc: int, rdzv: list[st
 
     if nproc < 1:
         print(f"pretrain train: train.nproc_per_node must be >= 1, got {nproc}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     fd, exit_file = tempfile.mkstemp(prefix="pretrain-exit-", suffix=".json")
     os.close(fd)
     os.unlink(exit_file)
@@ -108,6 +109,19 @@ def launch_torchrun(config: str, overrides: list[str], nproc: int, rdzv: list[st
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+    code = _exit_code(exit_file, rc)
+    explain = {
+        EXIT_OK: "finished",
+        EXIT_REFUSED: "refused to start (see the error above); nothing was trained",
+        EXIT_REQUEUE: "checkpoint committed on a stop signal; requeue / rerun the same command to continue",
+    }.get(code, "failed; rerun the same command to resume from the last committed checkpoint")
+    # torchrun reports any non-zero worker exit as a failure with a traceback; this is the real outcome
+    print(f"pretrain train: exit {code}: {explain}", file=sys.stderr, flush=True)
+    return code
+
+
+def _exit_code(exit_file: str, rc: int) -> int:
+    """Rank 0's own exit code when it wrote one, else torchrun's (negative = killed by a signal)."""
     try:
         status = json.loads(Path(exit_file).read_text())
         os.unlink(exit_file)

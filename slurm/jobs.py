@@ -1,0 +1,46 @@
+"""State of recorded jobs: `squeue`/`scontrol` for live ones, `sacct` for finished ones."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass
+class JobState:
+    job_id: str
+    state: str
+    restarts: int | None
+    elapsed: str
+
+
+def _scontrol(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        return {}
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+
+
+def _sacct(job_id: str) -> tuple[str, str] | None:
+    if shutil.which("sacct") is None:
+        return None
+    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,Elapsed"], capture_output=True, text=True, timeout=30)
+    lines = [l for l in out.stdout.splitlines() if l.strip()]
+    if out.returncode != 0 or not lines:
+        return None
+    state, elapsed = lines[-1].split("|")[:2]
+    return state.split()[0], elapsed
+
+
+def job_state(job_id: str) -> JobState:
+    if shutil.which("scontrol") is None:
+        return JobState(job_id, "UNKNOWN (no SLURM here)", None, "")
+    info = _scontrol(job_id)
+    if info:
+        return JobState(job_id, info.get("JobState", "UNKNOWN"), int(info.get("Restarts", "0")), info.get("RunTime", ""))
+    acct = _sacct(job_id)
+    if acct:
+        return JobState(job_id, acct[0], None, acct[1])
+    return JobState(job_id, "UNKNOWN", None, "")

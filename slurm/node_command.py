@@ -1,0 +1,100 @@
+"""The callable every SLURM task runs (one task per node): a command with rendezvous filled in.
+
+It is generic: `argv` may contain the exact arguments ``{nnodes}``, ``{rdzv_endpoint}`` and
+``{job_id}``, which become the allocation's node count, ``first-node:port`` (port derived from the
+job id, so concurrent jobs don't collide) and the job id. The command itself (e.g. ``pretrain
+train``) does the real work; this wrapper only turns its exit code into SLURM actions:
+
+* SIGUSR2 before the time limit / on preemption: submitit calls :meth:`checkpoint`; the command
+  (which got the signal too) saves and exits with ``requeue_exit_code``; we requeue the job.
+* SIGTERM alone (clusters without a user signal, ``scontrol requeue``): submitit ignores it, the
+  command saves and exits with ``requeue_exit_code``, and we requeue the job ourselves.
+* ``max_requeues``: after that many restarts the job fails instead of coming back forever.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import submitit
+from submitit.core.utils import UncompletedJobError
+
+PLACEHOLDERS = ("{nnodes}", "{rdzv_endpoint}", "{job_id}")
+
+
+def rendezvous_port(job_id: str) -> int:
+    digits = "".join(c for c in str(job_id) if c.isdigit()) or "0"
+    return 20000 + int(digits) % 20000
+
+
+class NodeCommand(submitit.helpers.Checkpointable):
+    def __init__(self, argv: list[str], requeue_exit_code: int, max_requeues: int, grace_s: float = 60.0) -> None:
+        self.argv = list(argv)
+        self.requeue_exit_code = requeue_exit_code
+        self.max_requeues = max_requeues
+        self.grace_s = grace_s
+        self._proc: subprocess.Popen | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_proc"] = None  # a running process is not part of what is requeued
+        return state
+
+    def filled_argv(self, job: submitit.JobEnvironment) -> list[str]:
+        hosts = job.hostnames if job.num_nodes > 1 else ["127.0.0.1"]
+        values = {"{nnodes}": str(job.num_nodes), "{rdzv_endpoint}": f"{hosts[0]}:{rendezvous_port(job.job_id)}", "{job_id}": str(job.job_id)}
+        return [values.get(a, a) for a in self.argv]
+
+    def __call__(self) -> int:
+        job = submitit.JobEnvironment()
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        argv = self.filled_argv(job)
+        print(f"[node_command] job {job.job_id} node {job.node}/{job.num_nodes} restart {restarts}: {' '.join(argv)}", flush=True)
+        self._proc = subprocess.Popen(argv)
+        rc = self._wait(None)
+        if rc == 0:
+            return 0
+        if rc == self.requeue_exit_code:
+            self._requeue_self(job, restarts)
+        raise RuntimeError(f"{argv[0]} exited with code {rc}")
+
+    def _wait(self, timeout: float | None) -> int | None:
+        # Poll, never block in Popen.wait(): a signal handler (submitit's) may need to wait too,
+        # and Popen.wait holds a lock while it blocks.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        assert self._proc is not None
+        while (rc := self._proc.poll()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                return None
+            time.sleep(0.2)
+        return rc
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
+        """Called by submitit on the requeue signal: let the command save, then come back as we are."""
+        if self._proc is not None and self._proc.poll() is None:
+            try:
+                self._proc.send_signal(signal.SIGUSR2)  # in case the signal reached only us
+            except ProcessLookupError:
+                pass
+            rc = self._wait(self.grace_s)
+            print(f"[node_command] command exited with {rc} after the requeue signal", flush=True)
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        if restarts >= self.max_requeues:
+            print(f"[node_command] not requeued: {restarts} restarts reached slurm.max_requeues", flush=True)
+            return None
+        return submitit.helpers.DelayedSubmission(self)
+
+    def _requeue_self(self, job: submitit.JobEnvironment, restarts: int) -> None:
+        if "SLURM_JOB_ID" not in os.environ:
+            raise UncompletedJobError("the command checkpointed on a stop signal; run it again to resume")
+        if job.global_rank != 0:
+            sys.exit(-1)  # the first task requeues the whole job
+        if restarts >= self.max_requeues:
+            raise UncompletedJobError(f"checkpointed, but not requeued: {restarts} restarts reached slurm.max_requeues")
+        subprocess.run(["scontrol", "requeue", str(job.job_id)], check=False, timeout=60)
+        print(f"[node_command] checkpointed; requeued job {job.job_id} (restart {restarts + 1})", flush=True)
+        sys.exit(-1)  # no result file: the job is coming back

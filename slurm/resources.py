@@ -1,0 +1,110 @@
+"""Checking a job's resources against the cluster before submitting, so mistakes fail at once
+with a readable message instead of sitting in the queue as "PD (ReqNodeNotAvail)" forever."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from slurm.config import SlurmConfig
+
+
+class SlurmError(RuntimeError):
+    """A SLURM problem the user must fix (unknown partition, request that cannot fit, no sbatch)."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    name: str
+    nodes: int
+    cpus_per_node: int
+    gpus_per_node: int
+    default: bool
+
+
+def parse_time_minutes(value: str) -> int:
+    """SLURM time formats ("MM", "MM:SS", "HH:MM:SS", "D-HH[:MM[:SS]]") → whole minutes (rounded up)."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
+    if not m:
+        raise SlurmError(f"slurm.time: '{value}' is not a SLURM time (e.g. 24:00:00, 2-00:00:00, 90)")
+    days, a, b, c = (int(x) if x else 0 for x in m.groups())
+    if m.group(1):  # D-HH[:MM[:SS]]
+        seconds = days * 86400 + a * 3600 + b * 60 + c
+    elif m.group(4):  # HH:MM:SS
+        seconds = a * 3600 + b * 60 + c
+    elif m.group(3):  # MM:SS
+        seconds = a * 60 + b
+    else:  # MM
+        seconds = a * 60
+    return max(1, -(-seconds // 60))
+
+
+def _gpus(gres: str) -> int:
+    total = 0
+    for item in gres.split(","):
+        m = re.match(r"gpu(?::[^:(]+)?:(\d+)", item)
+        if m:
+            total += int(m.group(1))
+    return total
+
+
+def partitions() -> list[Partition]:
+    if shutil.which("sinfo") is None:
+        raise SlurmError("SLURM is not available here (no `sinfo` on PATH); use --executor local")
+    out = subprocess.run(["sinfo", "-h", "-o", "%P|%D|%c|%G"], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise SlurmError(f"sinfo failed: {out.stderr.strip()}")
+    found: dict[str, Partition] = {}
+    for line in out.stdout.splitlines():
+        name, nodes, cpus, gres = line.split("|")
+        default = name.endswith("*")
+        name = name.rstrip("*")
+        prev = found.get(name)
+        p = Partition(name, int(nodes), int(cpus.rstrip("+")), _gpus(gres), default)
+        if prev:  # several node groups in one partition
+            p = Partition(name, prev.nodes + p.nodes, max(prev.cpus_per_node, p.cpus_per_node), max(prev.gpus_per_node, p.gpus_per_node), default)
+        found[name] = p
+    return list(found.values())
+
+
+def check_fits(cfg: SlurmConfig, gpus_per_node: int) -> Partition:
+    """The partition the job goes to, after checking that the request can ever run there."""
+    parts = partitions()
+    if cfg.partition:
+        match = [p for p in parts if p.name == cfg.partition]
+        if not match:
+            raise SlurmError(f"slurm.partition: unknown partition '{cfg.partition}' (this cluster has: {', '.join(p.name for p in parts)})")
+        part = match[0]
+    else:
+        defaults = [p for p in parts if p.default]
+        if not defaults:
+            raise SlurmError("slurm.partition is empty and the cluster has no default partition")
+        part = defaults[0]
+    if cfg.nodes > part.nodes:
+        raise SlurmError(f"slurm.nodes={cfg.nodes} does not fit partition '{part.name}', which has {part.nodes} node(s)")
+    if gpus_per_node > part.gpus_per_node:
+        raise SlurmError(
+            f"slurm.gpus_per_node={gpus_per_node} does not fit partition '{part.name}', "
+            f"whose nodes have {part.gpus_per_node} GPU(s)"
+        )
+    if cfg.cpus_per_task > part.cpus_per_node:
+        raise SlurmError(
+            f"slurm.cpus_per_task={cfg.cpus_per_task} does not fit partition '{part.name}', "
+            f"whose nodes have {part.cpus_per_node} CPUs"
+        )
+    parse_time_minutes(cfg.time)
+    return part
+
+
+def extra_parameters(lines: list[str]) -> dict[str, str | bool]:
+    """slurm.extra raw lines ("#SBATCH --exclusive", "--reservation=x") → submitit's additional parameters."""
+    params: dict[str, str | bool] = {}
+    for raw in lines:
+        line = raw.strip().removeprefix("#SBATCH").strip()
+        if not line.startswith("--"):
+            raise SlurmError(f"slurm.extra: '{raw}' is not a long sbatch option (--name[=value])")
+        key, sep, value = line[2:].partition("=")
+        params[key.replace("-", "_")] = value if sep else True
+    return params

@@ -1,0 +1,75 @@
+"""Submitting a command to SLURM (or to submitit's local executor, for laptops and CI) and
+keeping a record of the jobs of a run, so `pretrain jobs` can show them later."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import submitit
+
+from slurm.config import SlurmConfig
+from slurm.node_command import NodeCommand
+from slurm.resources import check_fits, extra_parameters, parse_time_minutes
+
+JOBS_FILE = "jobs.jsonl"
+
+
+def make_executor(folder: Path, cfg: SlurmConfig, cluster: str, name: str, gpus_per_node: int) -> submitit.Executor:
+    """A submitit executor for `cluster` ("slurm" or "local") with one task per node."""
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster, slurm_max_num_timeout=cfg.max_requeues)
+    params: dict = {"name": name, "timeout_min": parse_time_minutes(cfg.time), "tasks_per_node": 1, "nodes": cfg.nodes}
+    if cluster == "slurm":
+        params.update(
+            cpus_per_task=cfg.cpus_per_task,
+            slurm_signal_delay_s=cfg.signal_delay_s,
+            slurm_additional_parameters=extra_parameters(cfg.extra),
+        )
+        if gpus_per_node:
+            params["gpus_per_node"] = gpus_per_node
+        if cfg.mem_gb:
+            params["mem_gb"] = cfg.mem_gb
+        for key in ("partition", "account", "qos", "constraint"):
+            if getattr(cfg, key):
+                params[f"slurm_{key}"] = getattr(cfg, key)
+    executor.update_parameters(**params)
+    return executor
+
+
+def submit_command(
+    argv: list[str],
+    cfg: SlurmConfig,
+    log_dir: Path,
+    cluster: str,
+    name: str,
+    requeue_exit_code: int,
+    gpus_per_node: int = 0,
+    record_in: Path | None = None,
+) -> submitit.Job:
+    """Submit `argv` (with rendezvous placeholders, see NodeCommand) as one job; return at once."""
+    if cluster == "slurm":
+        check_fits(cfg, gpus_per_node)
+    executor = make_executor(log_dir, cfg, cluster, name, gpus_per_node)
+    grace = max(5.0, cfg.signal_delay_s - 5.0)
+    job = executor.submit(NodeCommand(argv, requeue_exit_code, cfg.max_requeues, grace_s=grace))
+    if record_in is not None:
+        record_job(record_in, {"job_id": str(job.job_id), "name": name, "cluster": cluster, "log_dir": str(log_dir),
+                               "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr), "submitted": time.time()})
+    return job
+
+
+def record_job(directory: Path, record: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / JOBS_FILE, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def recorded_jobs(directory: Path) -> list[dict]:
+    path = directory / JOBS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,270 @@
+"""Launching on a real, throw-away SLURM cluster started by the tests (slurmctld, two slurmd
+"nodes" in their own UTS namespaces, munge, slurmdbd + MariaDB on 127.0.0.1). No mocks: jobs run
+`pretrain train` with torchrun (gloo, CPU), get preempted, requeued and resumed for real."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import skip_or_fail
+from tests.trainer_helpers import make_shard_dir, metric_steps
+from trainer.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent / "slurm"
+MAX_STEPS = 24
+CONFIG = """\
+run_dir: {run_dir}
+data:
+  output_dir: {data_dir}
+model:
+  name: micro
+train:
+  nproc_per_node: 2
+  device: cpu
+  micro_batch_size: 4
+  seq_len: 32
+  batch_tokens: 256
+  max_steps: {max_steps}
+  warmup_steps: 3
+  lr: 3.0e-3
+  min_lr: 3.0e-4
+  val_every: 10
+  val_batches: 2
+  sample_every: 0
+  ckpt_every: 3
+  keep_last: 3
+tracking:
+  uri: none
+slurm:
+  nodes: 1
+  gpus_per_node: 0
+  cpus_per_task: 2
+  time: "10:00"
+  signal_delay_s: 15
+  max_requeues: 3
+"""
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A 2-node SLURM cluster with accounting, for this module; every daemon is stopped at the end."""
+    if os.geteuid() != 0:
+        skip_or_fail("a throw-away SLURM cluster needs root (munge, slurmd)")
+    install = subprocess.run(["bash", str(SCRIPTS / "install.sh")], capture_output=True, text=True)
+    if install.returncode != 0:
+        skip_or_fail(f"cannot install SLURM: {install.stderr.strip()[-500:]}")
+    base = tmp_path_factory.mktemp("slurm-cluster")
+    env = {**os.environ, "BASE": str(base)}
+    start = subprocess.run(["bash", str(SCRIPTS / "start.sh"), "--nodes", "2", "--dbd"], capture_output=True, text=True, env=env, timeout=240)
+    if start.returncode != 0:
+        subprocess.run(["bash", str(SCRIPTS / "stop.sh")], env=env, capture_output=True)
+        skip_or_fail(f"cannot start the SLURM cluster: {start.stdout[-800:]} {start.stderr[-800:]}")
+    os.environ["SLURM_CONF"] = str(base / "etc" / "slurm.conf")
+    yield base
+    subprocess.run(["bash", str(SCRIPTS / "stop.sh")], env=env, capture_output=True, timeout=120)
+    os.environ.pop("SLURM_CONF", None)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("slurm-runs")
+    make_shard_dir(d / "data", seed=3)
+    return d
+
+
+def write_config(work: Path, name: str, max_steps: int = MAX_STEPS) -> tuple[Path, Path]:
+    run_dir = work / name
+    cfg = work / f"{name}.yaml"
+    cfg.write_text(CONFIG.format(run_dir=run_dir, data_dir=work / "data", max_steps=max_steps))
+    return cfg, run_dir
+
+
+def pretrain(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    recs = read_metrics(run_dir / "metrics.jsonl")
+    steps = [r["step"] for r in recs]
+    assert steps == sorted(set(steps)), f"each step once, in order: {steps}"
+    return {r["step"]: r["loss"] for r in recs}
+
+
+@pytest.fixture(scope="module")
+def local_losses(work) -> dict[int, float]:
+    """The same training run locally, uninterrupted: what every SLURM run must reproduce bit for bit."""
+    cfg, run_dir = write_config(work, "local")
+    r = pretrain("train", str(cfg))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return losses(run_dir)
+
+
+def job_id_of(stdout: str) -> str:
+    for line in stdout.splitlines():
+        if line.startswith("submitted job "):
+            return line.split()[2]
+    raise AssertionError(f"no job id in: {stdout}")
+
+
+def sacct_state(job_id: str) -> str:
+    from slurm.jobs import job_state
+
+    return job_state(job_id).state
+
+
+def wait_final(job_id: str, timeout: float = 300) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = sacct_state(job_id)
+        if state in FINAL:
+            return state
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} not finished after {timeout}s (state {sacct_state(job_id)})")
+
+
+def wait_steps(run_dir: Path, step: int, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while metric_steps(run_dir) < step:
+        assert time.time() < deadline, f"step {step} not reached in {timeout}s"
+        time.sleep(0.2)
+
+
+def logs(run_dir: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted((run_dir / "slurm").rglob("*")) if p.is_file() and p.suffix in (".out", ".err"))
+
+
+def scontrol_restarts(job_id: str) -> int:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    return int(out.split("Restarts=")[1].split()[0])
+
+
+def test_submit_one_node_two_ranks_matches_local_run(cluster, work, local_losses):
+    cfg, run_dir = write_config(work, "one-node")
+    r = pretrain("submit", str(cfg))
+    assert r.returncode == 0, r.stderr
+    job = job_id_of(r.stdout)
+    assert str(run_dir) in r.stdout and "stdout:" in r.stdout
+    assert wait_final(job) == "COMPLETED", logs(run_dir)
+    assert losses(run_dir) == local_losses
+    listing = pretrain("jobs", str(run_dir))
+    assert listing.returncode == 0 and job in listing.stdout and "COMPLETED" in listing.stdout
+
+
+def test_two_nodes_rendezvous_and_train(cluster, work, local_losses):
+    cfg, run_dir = write_config(work, "two-nodes")
+    r = pretrain("submit", str(cfg), "slurm.nodes=2", "train.nproc_per_node=1")
+    assert r.returncode == 0, r.stderr
+    job = job_id_of(r.stdout)
+    assert wait_final(job) == "COMPLETED", logs(run_dir)
+    out = logs(run_dir)
+    assert "node 0/2" in out and "node 1/2" in out
+    # 2 ranks on 2 nodes see the same data and reduce the same gradients as 2 ranks on one node.
+    assert losses(run_dir) == local_losses
+
+
+@pytest.mark.parametrize("how", ["submitit-preempt", "scontrol-requeue"])
+def test_preempted_job_requeues_and_resumes_exactly(cluster, work, local_losses, how):
+    cfg, run_dir = write_config(work, f"preempt-{how}")
+    r = pretrain("submit", str(cfg))
+    assert r.returncode == 0, r.stderr
+    job = job_id_of(r.stdout)
+    wait_steps(run_dir, 7)
+    if how == "submitit-preempt":
+        # what submitit's job._interrupt() does: SIGTERM, then the requeue signal (USR2)
+        subprocess.run(["scancel", job, "--signal", "SIGTERM"], check=True)
+        subprocess.run(["scancel", job, "--signal", "USR2"], check=True)
+    else:
+        subprocess.run(["scontrol", "requeue", job], check=True)
+    assert wait_final(job, timeout=400) == "COMPLETED", logs(run_dir)
+    assert scontrol_restarts(job) >= 1
+    assert "restart 1" in logs(run_dir)
+    assert losses(run_dir) == local_losses
+
+
+def test_time_limit_signal_requeues_until_done(cluster, work):
+    """slurm.time=1 min with signal_delay_s=15: USR2 arrives ~45-75 s in, the job checkpoints,
+    is requeued, and finishes on a later run with the losses of an uninterrupted one."""
+    steps = 400
+    cfg_local, run_local = write_config(work, "timeout-local", max_steps=steps)
+    t0 = time.time()
+    r = pretrain("train", str(cfg_local), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    if time.time() - t0 < 60:
+        pytest.fail(f"{steps} steps took {time.time() - t0:.0f}s: too fast to reach a 1-minute limit; raise steps")
+    cfg, run_dir = write_config(work, "timeout", max_steps=steps)
+    r = pretrain("submit", str(cfg), "slurm.time=1", "slurm.max_requeues=5")
+    assert r.returncode == 0, r.stderr
+    job = job_id_of(r.stdout)
+    assert wait_final(job, timeout=600) == "COMPLETED", logs(run_dir)
+    assert scontrol_restarts(job) >= 1
+    assert losses(run_dir) == losses(run_local)
+
+
+def test_sbatch_script_runs_and_requeues(cluster, work, local_losses, tmp_path):
+    cfg, run_dir = write_config(work, "sbatch")
+    script = tmp_path / "train.sbatch"
+    r = pretrain("sbatch", str(cfg), "-o", str(script))
+    assert r.returncode == 0, r.stderr
+    sub = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, cwd=REPO)
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    wait_steps(run_dir, 7)
+    # As at a time limit with --signal=B:USR2@N: only the batch shell gets the signal.
+    subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=True)
+    assert wait_final(job, timeout=400) == "COMPLETED", logs(run_dir)
+    out = logs(run_dir)
+    assert "USR2 received" in out and "requeueing job" in out and "restart 1" in out
+    assert losses(run_dir) == local_losses
+    listing = pretrain("jobs", str(run_dir))
+    assert job in listing.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["slurm.partition=gpu-h100"], "unknown partition 'gpu-h100' (this cluster has: debug)"),
+        (["slurm.nodes=3"], "slurm.nodes=3 does not fit partition 'debug', which has 2 node(s)"),
+        (["slurm.gpus_per_node=8", "train.device=cuda"], "slurm.gpus_per_node=8 does not fit partition 'debug', whose nodes have 0 GPU(s)"),
+        (["slurm.cpus_per_task=64"], "slurm.cpus_per_task=64 does not fit"),
+    ],
+)
+def test_requests_that_cannot_run_fail_before_submitting(cluster, work, overrides, message):
+    cfg, run_dir = write_config(work, "bad")
+    r = pretrain("submit", str(cfg), *overrides)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not (run_dir / "slurm" / "jobs.jsonl").exists()
+
+
+def test_bad_run_dir_and_missing_data_are_clear_errors(work, tmp_path):
+    r = pretrain("jobs", str(tmp_path / "no-such-run"))
+    assert r.returncode == 2 and "no such run directory" in r.stderr
+    cfg, _ = write_config(work, "nodata")
+    r = pretrain("submit", str(cfg), f"data.output_dir={tmp_path / 'missing'}", "--executor", "local")
+    assert r.returncode == 2 and "no manifest.json" in r.stderr
+
+
+def test_local_executor_runs_the_same_code_path(work, local_losses):
+    cfg, run_dir = write_config(work, "local-executor")
+    r = pretrain("submit", str(cfg), "--executor", "local", "--wait", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:] + logs(run_dir)
+    assert losses(run_dir) == local_losses
+
+
+def test_sbatch_script_quotes_every_value(work):
+    cfg, _ = write_config(work, "quoting")
+    r = pretrain("sbatch", str(cfg), "train.sample_prompt=it's $(touch /tmp/pwned) `id`", "slurm.partition=a b")
+    assert r.returncode == 0, r.stderr
+    assert "'train.sample_prompt=it'\"'\"'s $(touch /tmp/pwned) `id`'" in r.stdout
+    assert "#SBATCH --partition='a b'" in r.stdout
+    check = subprocess.run(["bash", "-n"], input=r.stdout, text=True, capture_output=True)
+    assert check.returncode == 0, check.stderr
