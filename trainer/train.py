@@ -380,6 +380,15 @@ class Trainer:
             log0(env, f"already at step {self.step} >= train.max_steps {tc.max_steps}: nothing to do")
             self.tracker.finish("FINISHED")
             return EXIT_OK
+        try:
+            return self._loop()
+        except BaseException:
+            if self.env.is_main:
+                self.tracker.finish("FAILED")
+            raise
+
+    def _loop(self) -> int:
+        env, tc = self.env, self.cfg.train
         saved_at = -1
         while self.step < tc.max_steps:
             t0 = time.time()
