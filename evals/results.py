@@ -1,0 +1,130 @@
+"""Eval results on disk and in the training's MLflow run.
+
+Layout (one JSON per task; ``<task>`` is ``hellaswag`` for our evaluator, ``lm_eval/<name>``
+for harness tasks)::
+
+    RUN_DIR/checkpoints/step_00001000/evals/<task>.json   next to the weights it scores
+    RUN_DIR/evals/step_00001000/<task>.json               same content; survives keep-last-K
+    RUN_DIR/evals/watch.json                              the watcher's state
+
+Writing into a committed checkpoint is safe: ``COMMITTED.json`` lists the files it hashes and
+``verify()`` checks only those, so an ``evals/`` subdirectory never makes a checkpoint "corrupt"
+(a test pins this). Retention deletes the whole step directory, results included, hence the copy
+under ``RUN_DIR/evals``. Each result records the checkpoint's identity (the committed sha256 of
+``model.pt``): a step directory re-written after a resume is a new checkpoint, never "already
+evaluated" by an older file.
+
+A result is complete when its file exists for this checkpoint identity AND its metrics reached
+MLflow (``logged`` true, or tracking disabled for the run). Files are written atomically
+(temporary file, fsync, rename, fsync of the directory): a reader sees the old or the new file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from trainer.checkpoint import MARKER, MODEL_FILE, step_dirname
+
+RESULTS_SUBDIR = "evals"
+
+
+def write_json_atomic(path: Path, obj: Any, create_parents: bool = True) -> None:
+    """Write JSON so that a crash leaves either the old or the new file, never a torn one."""
+    if create_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_id(ckpt_dir: Path) -> str:
+    """The committed sha256 of the weights: what a result is a result *of*."""
+    return json.loads((Path(ckpt_dir) / MARKER).read_text())["files"][MODEL_FILE]
+
+
+def run_dir_of(ckpt_dir: Path) -> Path:
+    return Path(ckpt_dir).resolve().parent.parent  # RUN_DIR/checkpoints/step_X
+
+
+def result_path(ckpt_dir: Path, task: str) -> Path:
+    return Path(ckpt_dir) / RESULTS_SUBDIR / f"{task}.json"
+
+
+def archive_path(run_dir: Path, step: int, task: str) -> Path:
+    return Path(run_dir) / RESULTS_SUBDIR / step_dirname(step) / f"{task}.json"
+
+
+def read_result(ckpt_dir: Path, task: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(result_path(ckpt_dir, task).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(ckpt_dir: Path, task: str, ckpt_id: str) -> bool:
+    res = read_result(ckpt_dir, task)
+    return bool(res) and res.get("checkpoint_id") == ckpt_id and res.get("logged") in (True, "disabled")
+
+
+def save_result(ckpt_dir: Path, result: dict[str, Any], log: Callable[[str], None] = print) -> None:
+    """Write the result into the checkpoint (if it still exists) and into the run's archive."""
+    task, step = result["task"], result["step"]
+    archive = archive_path(run_dir_of(ckpt_dir), step, task)
+    write_json_atomic(archive, result)
+    target = result_path(ckpt_dir, task)
+    try:
+        # never re-create a deleted checkpoint dir (it would look like a partial checkpoint)
+        (Path(ckpt_dir) / RESULTS_SUBDIR).mkdir(exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(target, result, create_parents=False)
+    except FileNotFoundError:
+        log(f"eval: {ckpt_dir} was deleted meanwhile (retention); result kept in {archive}")
+
+
+# ------------------------------------------------------------------ MLflow
+
+
+def tracking_target(meta: dict[str, Any], ckpt_dir: Path) -> tuple[str | None, str | None]:
+    """(tracking uri, run id) of the training that wrote the checkpoint; (None, None) if untracked.
+
+    The uri follows trainer.tracking's rule, applied to the run dir the checkpoint lives in (the
+    config's ``run_dir`` may be relative to wherever training was launched).
+    """
+    from trainer.tracking import resolve_uri
+
+    run_id = meta.get("mlflow_run_id")
+    cfg_uri = (meta.get("config") or {}).get("tracking", {}).get("uri", "")
+    uri = resolve_uri(cfg_uri, run_dir_of(ckpt_dir))
+    if uri is None or not run_id:
+        return None, None
+    return uri, run_id
+
+
+def metric_names(task: str, metrics: dict[str, float], stderr: dict[str, float]) -> dict[str, float]:
+    """MLflow keys: ``eval/hellaswag/acc_norm``, ``eval/lm_eval/arc_easy/acc_stderr``, ..."""
+    out = {f"eval/{task}/{k}": v for k, v in metrics.items()}
+    out.update({f"eval/{task}/{k}_stderr": v for k, v in stderr.items() if v == v})  # drop NaN
+    return out
+
+
+def log_to_mlflow(uri: str, run_id: str, step: int, values: dict[str, float]) -> None:
+    """Log into the (possibly finished) training run at the checkpoint's step; raises on failure."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    ts = int(time.time() * 1000)
+    client = MlflowClient(tracking_uri=uri)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in values.items()])

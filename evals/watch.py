@@ -1,0 +1,265 @@
+"""`pretrain evals watch`: one eval job per committed checkpoint, until training is over.
+
+Each scan lists committed checkpoints (marker present; never a partial one), skips those whose
+results are complete (file + MLflow, see :mod:`evals.results`), and submits one job per remaining
+checkpoint through submitit (``local`` subprocesses or ``slurm`` jobs with ``eval.slurm.*``),
+``eval.order`` newest or oldest first, at most ``eval.max_parallel`` in flight.
+
+* Idempotent: the results files are the truth, so rerunning the watcher (or running
+  ``pretrain eval`` by hand) never evaluates a checkpoint twice.
+* Retries: a job that fails is resubmitted up to ``eval.max_retries`` times, then reported as
+  failed (exit status 1); its error is kept in the state file.
+* Retention: a checkpoint deleted by keep-last-K before its job ran is skipped with a message
+  (the job itself also checks, and the watcher never re-creates the directory).
+* End of training: ``RUN_DIR/TRAINING_DONE`` exists, or a committed checkpoint has reached its own
+  config's ``train.max_steps`` (the trainer always commits a final checkpoint at max_steps).
+  Without ``--once`` the watcher polls every ``eval.poll_s`` until then and every checkpoint is
+  resolved. ``--once`` does one listing, runs (and retries) the jobs for it, and waits for them:
+  local jobs die with the process that started them.
+* State: ``RUN_DIR/evals/watch.json`` (written atomically); a lock file keeps a second watcher
+  of the same run out. Job logs: ``RUN_DIR/evals/jobs/``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from evals.config import EvalConfig
+from evals.job import planned_tasks, run_job
+from evals.results import RESULTS_SUBDIR, checkpoint_id, is_complete, write_json_atomic
+from trainer.checkpoint import list_committed, read_meta
+
+DONE_MARKER = "TRAINING_DONE"
+STATE_FILE = "watch.json"
+
+
+class WatchError(RuntimeError):
+    pass
+
+
+def training_finished(run_dir: Path) -> bool:
+    if (run_dir / DONE_MARKER).exists():
+        return True
+    for ckpt in reversed(list_committed(run_dir)):
+        try:
+            meta = read_meta(ckpt)
+        except (OSError, ValueError):
+            continue
+        max_steps = ((meta.get("config") or {}).get("train") or {}).get("max_steps")
+        return max_steps is not None and int(meta["step"]) >= int(max_steps)
+    return False
+
+
+def _minutes(hms: str) -> int:
+    """SLURM time "HH:MM:SS" / "D-HH:MM:SS" / "MM" -> minutes (submitit's timeout_min)."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", hms.strip())
+    if not m:
+        raise WatchError(f"eval.slurm.time {hms!r} is not D-HH:MM:SS")
+    d, a, b, c = (int(x) if x else 0 for x in m.groups())
+    if m.group(3) is None:  # plain minutes
+        return d * 1440 + a
+    if m.group(4) is None:  # MM:SS
+        return d * 1440 + a + (1 if b else 0)
+    return d * 1440 + a * 60 + b + (1 if c else 0)
+
+
+def make_executor(kind: str, folder: Path, cfg: EvalConfig):
+    """A submitit executor: ``local`` (subprocesses) or ``slurm`` (``eval.slurm.*`` resources)."""
+    import submitit
+
+    if kind not in ("local", "slurm"):
+        raise WatchError(f"--executor must be local or slurm, got {kind!r}")
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=kind)
+    s = cfg.slurm
+    params: dict[str, Any] = {"timeout_min": _minutes(s.time), "name": "pretrain-eval"}
+    if kind == "slurm":
+        params.update(nodes=1, tasks_per_node=1, gpus_per_node=s.gpus, cpus_per_task=s.cpus, mem_gb=s.mem_gb)
+        extra = {"slurm_partition": s.partition, "slurm_account": s.account, "slurm_qos": s.qos}
+        params.update({k: v for k, v in extra.items() if v})
+    ex.update_parameters(**params)
+    return ex
+
+
+@dataclass
+class Entry:
+    """What the watcher knows about one checkpoint (keyed by its step directory name)."""
+
+    step: int
+    ckpt_id: str
+    status: str = "new"  # new | running | done | failed | skipped
+    attempts: int = 0
+    job_id: str | None = None
+    errors: list[str] = field(default_factory=list)
+    updated: float = 0.0
+
+
+class Watcher:
+    def __init__(self, run_dir: str | Path, cfg: EvalConfig, executor: str = "local", log: Callable[[str], None] = print):
+        self.run_dir = Path(run_dir).resolve()
+        self.cfg = cfg
+        self.kind = executor
+        self.log = log
+        self.dir = self.run_dir / RESULTS_SUBDIR
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.tasks = planned_tasks(cfg)
+        if not self.tasks:
+            raise WatchError("nothing to evaluate: eval.hellaswag is false and eval.harness_tasks is empty")
+        self.executor = make_executor(executor, self.dir / "jobs", cfg)
+        self.entries: dict[str, Entry] = self._load_state()
+        self.jobs: dict[str, Any] = {}  # step dir name -> submitit Job (in flight, this process)
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------------ state
+
+    def _load_state(self) -> dict[str, Entry]:
+        path = self.dir / STATE_FILE
+        if not path.is_file():
+            return {}
+        raw = json.loads(path.read_text())
+        return {k: Entry(**v) for k, v in raw.get("checkpoints", {}).items()}
+
+    def save_state(self) -> None:
+        state = {
+            "run_dir": str(self.run_dir),
+            "tasks": self.tasks,
+            "executor": self.kind,
+            "updated": time.time(),
+            "checkpoints": {k: vars(e) for k, e in sorted(self.entries.items())},
+        }
+        write_json_atomic(self.dir / STATE_FILE, state)
+
+    def lock(self) -> None:
+        fd = open(self.dir / "watch.lock", "w")  # noqa: SIM115 - held for the watcher's lifetime
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise WatchError(f"another watcher is running on {self.run_dir}") from e
+        self._lock_fd = fd  # type: ignore[assignment]
+
+    # ------------------------------------------------------------------ one scan
+
+    def _complete(self, ckpt: Path, ckpt_id: str) -> bool:
+        return all(is_complete(ckpt, t, ckpt_id) for t in self.tasks)
+
+    def _collect(self) -> None:
+        """Resolve finished jobs: done (results complete), skipped, or a failed attempt."""
+        for name, job in list(self.jobs.items()):
+            if not job.done():
+                continue
+            del self.jobs[name]
+            e = self.entries[name]
+            e.updated = time.time()
+            ckpt = self.run_dir / "checkpoints" / name
+            try:
+                out = job.result()
+                error = None
+            except Exception as ex:  # noqa: BLE001 - submitit wraps the job's exception
+                out, error = None, str(ex).strip().splitlines()[-1] if str(ex).strip() else type(ex).__name__
+            if (out is not None and out.get("status") == "skipped") or not ckpt.is_dir():
+                e.status = "skipped"
+                self.log(f"watch: {name} was deleted before it could be evaluated: skipped")
+            elif error is None and ckpt.is_dir() and self._complete(ckpt, e.ckpt_id):
+                e.status = "done"
+                self.log(f"watch: {name} evaluated (job {e.job_id})")
+            else:
+                e.errors.append(error or "job finished without complete results")
+                retry = e.attempts <= self.cfg.max_retries
+                e.status = "new" if retry else "failed"
+                self.log(
+                    f"watch: {name} eval failed (attempt {e.attempts}/{self.cfg.max_retries + 1}): {e.errors[-1]}"
+                    + ("; will retry" if retry else f"; giving up, see {self.dir / 'jobs'}")
+                )
+
+    def scan(self, only: set[str] | None = None) -> list[Path]:
+        """Update entries from disk and jobs; submit what needs evaluating. Returns the checkpoints seen."""
+        self._collect()
+        committed = list_committed(self.run_dir)
+        names = {c.name for c in committed}
+        for name, e in self.entries.items():
+            if name not in names and e.status in ("new",) and name not in self.jobs:
+                e.status, e.updated = "skipped", time.time()
+                self.log(f"watch: {name} was deleted (retention) before it was evaluated: skipped")
+            if e.status == "running" and name not in self.jobs:
+                # a job of a previous watcher process: local ones died with it; slurm ones may still run,
+                # but the results files decide; an unfinished one is simply submitted again
+                e.status = "new"
+        todo: list[Path] = []
+        for ckpt in committed:
+            if only is not None and ckpt.name not in only:
+                continue
+            try:
+                cid = checkpoint_id(ckpt)
+                step = int(read_meta(ckpt)["step"])
+            except (OSError, ValueError, KeyError):
+                continue  # deleted between listing and reading
+            e = self.entries.get(ckpt.name)
+            if e is None or e.ckpt_id != cid:  # new, or the step was re-written after a resume
+                e = self.entries[ckpt.name] = Entry(step=step, ckpt_id=cid, updated=time.time())
+            if ckpt.name in self.jobs:
+                continue
+            if self._complete(ckpt, cid):
+                if e.status != "done":
+                    e.status, e.updated = "done", time.time()
+                continue
+            if e.status in ("failed", "skipped"):
+                continue
+            todo.append(ckpt)
+        todo.sort(key=lambda p: p.name, reverse=self.cfg.order == "newest")
+        if self.cfg.order not in ("newest", "oldest"):
+            raise WatchError(f"eval.order must be newest or oldest, got {self.cfg.order!r}")
+        for ckpt in todo:
+            if len(self.jobs) >= max(1, self.cfg.max_parallel):
+                break
+            e = self.entries[ckpt.name]
+            e.attempts += 1
+            job = self.executor.submit(run_job, str(ckpt), self.cfg)
+            self.jobs[ckpt.name] = job
+            e.status, e.job_id, e.updated = "running", str(job.job_id), time.time()
+            self.log(f"watch: submitted {ckpt.name} (job {job.job_id}, attempt {e.attempts}/{self.cfg.max_retries + 1})")
+        self.save_state()
+        return committed
+
+    def pending(self, only: set[str] | None = None) -> bool:
+        """Jobs in flight, or checkpoints still to evaluate (not done, failed or skipped)."""
+        if self.jobs:
+            return True
+        return any(
+            e.status == "new" and (only is None or name in only) and (self.run_dir / "checkpoints" / name).is_dir()
+            for name, e in self.entries.items()
+        )
+
+    # ------------------------------------------------------------------ loops
+
+    def run(self, once: bool = False, tick_s: float = 1.0) -> int:
+        """Scan until done; returns 0, or 1 if some checkpoint's eval failed for good."""
+        self.lock()
+        only = {c.name for c in list_committed(self.run_dir)} if once else None
+        if once:
+            self.log(f"watch: one pass over {len(only or ())} committed checkpoints of {self.run_dir}")
+        last_scan = 0.0
+        try:
+            while True:
+                now = time.time()
+                if once or self.jobs or now - last_scan >= self.cfg.poll_s:
+                    self.scan(only)
+                    last_scan = now
+                if not self.pending(only):
+                    if once or training_finished(self.run_dir):
+                        break
+                time.sleep(tick_s if (self.jobs or once) else self.cfg.poll_s)
+        except KeyboardInterrupt:
+            for job in self.jobs.values():
+                job.cancel(check=False)
+            raise
+        finally:
+            self.save_state()
+        failed = sorted(n for n, e in self.entries.items() if e.status == "failed")
+        done = sorted(n for n, e in self.entries.items() if e.status == "done")
+        self.log(f"watch: finished: {len(done)} evaluated" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+        return 1 if failed else 0
