@@ -159,6 +159,14 @@ def test_checkpoint_commit_verify_corruption_and_retention(tmp_path):
     assert find_resumable(tmp_path, log=messages.append).name == "step_00000040"
     assert "skipping step_00000050" in messages[0]
 
+    # every checkpoint corrupt: refuse rather than restart from scratch over them
+    other = tmp_path / "allbad"
+    _save(other, 5, model)
+    (list_committed(other)[0] / MODEL_FILE).write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match="none of the 1 committed checkpoints verifies"):
+        find_resumable(other, log=messages.append)
+    assert find_resumable(tmp_path / "empty") is None
+
     # a directory without the marker is invisible to readers
     (newest / MARKER).unlink()
     assert list_committed(tmp_path)[-1].name == "step_00000040"

@@ -1,5 +1,25 @@
 """Training stage: GPT-2 with torchrun DDP and exact checkpoint/resume.
 
+Entry points:
+
+* ``pretrain train CONFIG [section.key=value ...]``: starts ``torchrun --standalone`` with
+  ``train.nproc_per_node`` workers (or, already under torchrun, is the worker). Rerunning the
+  same command resumes from the newest committed checkpoint of ``run_dir``.
+* ``python -m trainer.train CONFIG [overrides]``: one worker (what torchrun runs; a plain
+  ``python -m`` runs a single process without a process group).
+* ``python bench/train_step.py CONFIG [overrides] --steps N --warmup W``: step time / MFU.
+
+What a run directory holds: ``metrics.jsonl`` (one line per step, see ``trainer.metrics``),
+``checkpoints/step_XXXXXXXX/`` (see ``trainer.checkpoint``), ``mlflow_run.json`` (the MLflow
+run this training logs to, see ``trainer.tracking``).
+
+For the eval stage (read-only, sees committed checkpoints only)::
+
+    from trainer.checkpoint import list_committed, load_model_for_eval
+    for ckpt in list_committed(run_dir):            # oldest first
+        model, meta = load_model_for_eval(ckpt, device="cuda")   # GPT in eval mode
+        meta["step"], meta["mlflow_run_id"], meta["config"]     # what to log against
+
 Exit codes of ``pretrain train`` / ``python -m trainer.train`` (also what the launcher returns):
 
 * ``EXIT_OK`` (0): reached ``train.max_steps``; a final checkpoint is committed.

@@ -126,13 +126,23 @@ def verify(ckpt_dir: str | Path) -> None:
 
 
 def find_resumable(run_dir: str | Path, log: Callable[[str], None] = print) -> Path | None:
-    """The newest committed checkpoint that verifies; corrupt newer ones are reported and skipped."""
-    for ckpt in reversed(list_committed(run_dir)):
+    """The newest committed checkpoint that verifies; corrupt newer ones are reported and skipped.
+
+    None when there is no committed checkpoint (a new run). When checkpoints exist but none
+    verifies, raise rather than silently start from scratch over them.
+    """
+    committed = list_committed(run_dir)
+    for ckpt in reversed(committed):
         try:
             verify(ckpt)
             return ckpt
         except CheckpointError as e:
             log(f"checkpoint: skipping {ckpt.name}: {e}")
+    if committed:
+        raise CheckpointError(
+            f"{checkpoint_root(run_dir)}: none of the {len(committed)} committed checkpoints verifies; "
+            "refusing to start from scratch over them (move them away to really start anew)"
+        )
     return None
 
 

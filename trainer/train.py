@@ -36,6 +36,7 @@ from trainer.checkpoint import (
     MODEL_FILE,
     OPTIM_FILE,
     STATE_FILE,
+    CheckpointError,
     CheckpointWriter,
     find_resumable,
     read_meta,
@@ -175,7 +176,10 @@ class Trainer:
         decision: dict[str, Any] = {"path": None, "error": None}
         if env.is_main:
             remove_partials(self.run_dir, log=lambda m: log0(env, m))
-            ckpt = find_resumable(self.run_dir, log=lambda m: log0(env, m))
+            try:
+                ckpt = find_resumable(self.run_dir, log=lambda m: log0(env, m))
+            except CheckpointError as e:
+                ckpt, decision["error"] = None, str(e)
             if ckpt is not None:
                 meta = read_meta(ckpt)
                 problems = []
