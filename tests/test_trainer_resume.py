@@ -195,6 +195,39 @@ def test_sigkill_one_rank_at_random_step_then_resume_is_exact(workdir, data_dir,
     assert_same_run(run_dir, baseline)
 
 
+def test_workers_do_not_outlive_a_killed_launcher(workdir, data_dir):
+    run_dir, config, log = fresh(workdir, data_dir, "orphans")
+    proc = start(pretrain_cmd("train", str(config)), log)
+    workers: list[int] = []
+    try:
+        wait_for_step(proc, run_dir, 2)
+        workers = list(_rank_pids(proc).values())
+        assert len(workers) == 2
+        os.killpg(proc.pid, signal.SIGKILL)  # launcher and torchrun; the workers live in their own sessions
+        deadline = time.time() + 30
+        while any(Path(f"/proc/{pid}").exists() and b"zombie" not in _status(pid) for pid in workers):
+            assert time.time() < deadline, "orphaned workers kept training after torchrun died"
+            time.sleep(0.2)
+    finally:
+        kill_tree(proc)
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    steps = len(losses(run_dir))
+    time.sleep(1)
+    assert len(losses(run_dir)) == steps
+    assert "torchrun" in log.read_text() and "is gone" in log.read_text()
+
+
+def _status(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/status").read_bytes()
+    except OSError:
+        return b"zombie"
+
+
 @pytest.mark.parametrize("phase", ["tmp", "renamed"])
 def test_crash_during_checkpoint_write_then_resume_is_exact(workdir, data_dir, baseline, phase):
     run_dir, config, log = fresh(workdir, data_dir, f"ckptcrash-{phase}")

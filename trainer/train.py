@@ -167,6 +167,9 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token(tc.seq_len)
         self._tokenizer = None
         self._tokenizer_failed = False
+        # torchrun starts workers in sessions of their own, so if torchrun is SIGKILLed its
+        # workers would train on, orphaned, next to a restarted run. Notice and leave.
+        self._parent = os.getppid() if env.distributed else None
 
     # ------------------------------------------------------------------ setup
 
@@ -428,6 +431,9 @@ class Trainer:
             if (tc.ckpt_every > 0 and self.step % tc.ckpt_every == 0) or last:
                 self.save_checkpoint()
                 saved_at = self.step
+            if self._parent is not None and os.getppid() != self._parent:
+                print(f"rank {env.rank}: torchrun (pid {self._parent}) is gone; exiting without a checkpoint", file=sys.stderr, flush=True)
+                os._exit(EXIT_FAILURE)
             if any_rank(env, self.stop.is_set):
                 if saved_at != self.step:
                     self.save_checkpoint()
