@@ -142,7 +142,7 @@ class PretrainGPTLM(TemplateLM):
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until")
         for idxs in buckets.values():
             kwargs = dict(requests[idxs[0]].args[1])
-            until = lm_utils.handle_stop_sequences(kwargs.pop("until", None), eos=self.tok_decode([self.eot_token_id]))
+            until = _stop_sequences(kwargs.pop("until", None), self.tok_decode([self.eot_token_id]))
             max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
             max_new = max(1, min(max_new, self.max_length - 1))
             temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
@@ -204,6 +204,14 @@ class PretrainGPTLM(TemplateLM):
                 valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=dev)], dim=1)
                 hidden, past = masked_forward(model, nxt[:, None], (lengths + t)[:, None], valid[:, None, :], past)
         return [_cut(self.tok_decode(g), until) for g in generated]
+
+
+def _stop_sequences(until: str | list[str] | None, eos: str) -> list[str]:
+    """The task's stop strings plus ``<|endoftext|>`` (as the harness's HF backend does)."""
+    out = [until] if isinstance(until, str) else list(until or [])
+    if eos not in out:
+        out.append(eos)
+    return out
 
 
 def _cut(text: str, until: list[str]) -> str:
