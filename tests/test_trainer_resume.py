@@ -7,7 +7,6 @@ final weights must be identical, whatever happened in between.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -20,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dataprep.shards import TokenDataset
+
 from tests.trainer_helpers import (
     descendants,
     kill_tree,
@@ -30,7 +31,7 @@ from tests.trainer_helpers import (
     wait_for_step,
 )
 from trainer import EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE
-from trainer.checkpoint import MODEL_FILE, list_committed, list_partial, load_model_for_eval, read_meta, verify
+from trainer.checkpoint import MODEL_FILE, OPTIM_FILE, STATE_FILE, list_committed, list_partial, load_model_for_eval, read_meta, verify
 from trainer.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -150,6 +151,16 @@ def test_uninterrupted_run(baseline):
     model, meta = load_model_for_eval(list_committed(baseline)[-1])
     assert meta["step"] == MAX_STEPS and meta["model"]["n_layer"] == 2 and not model.training
     assert len(meta["loader_states"]) == 2
+    state = torch.load(list_committed(baseline)[-1] / STATE_FILE, weights_only=True)
+    assert state["step"] == MAX_STEPS and state["world_size"] == 2
+    assert len(state["loader_states"]) == 2 and state["loader_states"][0] == state["loader_states"][1]
+    rngs = state["rng_states"]
+    assert len(rngs) == 2 and {"python", "numpy", "torch"} <= set(rngs[0])
+    assert not torch.equal(rngs[0]["torch"], rngs[1]["torch"]), "each rank has its own RNG stream"
+    assert state["model_shape"] == {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "vocab_size": 50304, "bias": True}
+    assert state["data_fingerprint"] == TokenDataset(baseline.parent / "data").fingerprint
+    assert state["config"]["train"]["max_steps"] == MAX_STEPS and state["mlflow_run_id"] is None
+    assert torch.load(list_committed(baseline)[-1] / OPTIM_FILE, weights_only=True)["state"]
     try:
         from dataprep.tokenizer import get_gpt2
 

@@ -34,3 +34,14 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_REFUSED = 2
 EXIT_REQUEUE = 3
+
+# Where the launcher (trainer.launch) wants each node's local rank 0 to report the exit code:
+# torchrun itself only exits 0/1, which would hide "requeue me" (3) and "refused" (2).
+EXIT_FILE_ENV = "PRETRAIN_EXIT_FILE"
+
+
+def under_torchrun() -> bool:
+    """True in a process started by torchrun (or any launcher that sets the same variables)."""
+    import os
+
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))

@@ -15,9 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
-def under_torchrun() -> bool:
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+from trainer import under_torchrun
 
 
 @dataclass

@@ -22,8 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from trainer import EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE
-from trainer.dist import under_torchrun
+from trainer import EXIT_FILE_ENV, EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE, under_torchrun
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1)
 
@@ -70,8 +69,6 @@ def _ignore_user_signals() -> None:
 
 
 def launch_torchrun(config: str, overrides: list[str], nproc: int, rdzv: list[str] | None = None) -> int:
-    from trainer.train import EXIT_FILE_ENV
-
     if nproc < 1:
         print(f"pretrain train: train.nproc_per_node must be >= 1, got {nproc}", file=sys.stderr)
         return EXIT_REFUSED

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dataprep.shards import ShardError, TokenDataset
 from pipelines.config import ConfigError, PipelineConfig, dump_yaml, flatten, load_config, to_dict
-from trainer import EXIT_FAILURE, EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE
+from trainer import EXIT_FAILURE, EXIT_FILE_ENV, EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE
 from trainer.checkpoint import (
     MODEL_FILE,
     OPTIM_FILE,
@@ -61,9 +61,6 @@ from trainer.rng import capture_rng, restore_rng, seed_all
 from trainer.signals import StopFlag
 from trainer.tracking import NullTracker, TrackingError, start_tracking
 
-# Where the launcher (trainer.launch) wants rank 0 to report the exit code: torchrun itself
-# only exits 0/1, which would hide "requeue me" (3) and "refused" (2).
-EXIT_FILE_ENV = "PRETRAIN_EXIT_FILE"
 STATE_FORMAT = 1
 
 # Dense peak FLOP/s per GPU: (bf16, tf32). Used for MFU when train.peak_flops is 0.
@@ -354,6 +351,9 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "world_size": env.world_size,
+            # the schedule is a pure function of the step (trainer.optim.lr_at); recorded for inspection
+            "schedule": {"next_step": self.step, "next_lr": lr_at(self.step, self.cfg.train.lr, self.cfg.train.min_lr,
+                                                                   self.cfg.train.warmup_steps, self.cfg.train.max_steps)},
             "loader_states": loader_states,
             "rng_states": rng_states,
             "mlflow_run_id": self.run_id,
