@@ -5,9 +5,10 @@ itself) and train in-process. Otherwise we run
 ``python -m torch.distributed.run --standalone --nproc_per_node N -m trainer.train CONFIG ...``
 and stay in front of it, for two reasons:
 
-* Signals. torchrun starts each worker in its own session and reacts to SIGTERM by terminating
-  them (SIGKILL after 30 s), and dies on SIGUSR2. So we forward SIGTERM/SIGUSR2/SIGUSR1 straight
-  to the worker processes, which checkpoint and exit cleanly; torchrun is left alone.
+* Signals. torchrun starts each worker in its own session, reacts to SIGTERM by terminating
+  them (SIGKILL after 30 s) and would die of SIGUSR1/2 (so it is started with those ignored).
+  We forward SIGTERM/SIGUSR2/SIGUSR1 straight to the worker processes, which agree on a step,
+  checkpoint and exit with 3; torchrun is left alone and simply sees its workers finish.
 * Exit codes. torchrun reports any worker failure as 1, which would hide "checkpointed, requeue
   me" (3) and "refused" (2); rank 0 writes its code to a file we name, and we return that.
 """
