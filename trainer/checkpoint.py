@@ -288,7 +288,8 @@ class CheckpointWriter:
         self._error: BaseException | None = None
         self.last_committed: Path | None = None
 
-    def save(self, step: int, model_state, optim_state, trainer_state, meta, on_commit: Callable[[Path], None] | None = None) -> None:
+    def save(self, step: int, model_state, optim_state, trainer_state, meta) -> None:
+        """Write checkpoint ``step`` (after the previous write, if any, has finished), then apply retention."""
         self.wait()
 
         def work() -> None:
@@ -298,8 +299,6 @@ class CheckpointWriter:
             self.last_committed = path
             gone = f"; removed {', '.join(p.name for p in removed)}" if removed else ""
             self.log(f"checkpoint: committed {path} in {time.time() - t0:.2f}s{gone}")
-            if on_commit is not None:
-                on_commit(path)
 
         if not self.asynchronous:
             work()
