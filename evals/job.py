@@ -138,6 +138,7 @@ def evaluate_checkpoint(
             log(f"eval: {ckpt} no longer exists (deleted by retention?): skipped")
             return {"status": "skipped", "step": None, "tasks": {}}
         raise CheckpointError(f"{ckpt}: not a committed checkpoint (no {MARKER}); refusing to evaluate it")
+    verify(ckpt)  # re-hash every file before reading weights or writing anything: refuse corrupt ones
     meta = read_meta(ckpt)
     ckpt_id = checkpoint_id(ckpt)
     step = int(meta["step"])
@@ -148,7 +149,6 @@ def evaluate_checkpoint(
         log(f"eval: {ckpt.name}: all of {tasks} already evaluated and logged")
         return summary
 
-    verify(ckpt)  # re-hash every file before reading weights or writing anything: refuse corrupt ones
     # results computed earlier whose MLflow logging failed: log them, do not recompute
     pending: dict[str, dict[str, Any]] = {}
     for t in todo:

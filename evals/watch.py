@@ -86,6 +86,15 @@ def make_executor(kind: str, folder: Path, cfg: EvalConfig):
     return ex
 
 
+def _error_line(ex: BaseException) -> str:
+    """The job's own exception line out of submitit's FailedJobError text (traceback + log paths)."""
+    lines = [ln.strip() for ln in str(ex).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", ln):
+            return ln
+    return lines[0] if lines else type(ex).__name__
+
+
 @dataclass
 class Entry:
     """What the watcher knows about one checkpoint (keyed by its step directory name)."""
@@ -160,7 +169,7 @@ class Watcher:
                 out = job.result()
                 error = None
             except Exception as ex:  # noqa: BLE001 - submitit wraps the job's exception
-                out, error = None, str(ex).strip().splitlines()[-1] if str(ex).strip() else type(ex).__name__
+                out, error = None, _error_line(ex)
             if (out is not None and out.get("status") == "skipped") or not ckpt.is_dir():
                 e.status = "skipped"
                 self.log(f"watch: {name} was deleted before it could be evaluated: skipped")
@@ -207,6 +216,8 @@ class Watcher:
                 if e.status != "done":
                     e.status, e.updated = "done", time.time()
                 continue
+            if e.status == "done":  # its results were removed: a fresh start, with fresh retries
+                e.status, e.attempts, e.errors = "new", 0, []
             if e.status in ("failed", "skipped"):
                 continue
             todo.append(ckpt)

@@ -1,0 +1,123 @@
+"""Benchmark the batched HellaSwag scorer against build-nanogpt's one-example-per-forward loop.
+
+    python bench/hellaswag.py                            # gpt2 (124M) shape, random init, CPU/GPU auto
+    python bench/hellaswag.py --rows 2000 --device cuda  # a GPU wants many rows to fill batches
+    python bench/hellaswag.py --model tiny --rows 24     # seconds on a laptop
+
+Both paths score the same rows with the same model on the same device, in this one process:
+
+* baseline: one example per forward (4 endings as 4 padded rows, logits at every position,
+  full log-softmax), exactly build-nanogpt's ``hellaswag.py`` loop;
+* batched: :func:`evals.scoring.score_groups` (one packed row per example with a block mask, the
+  context encoded once, the LM head only where a scored token is predicted, ``--batch-size``
+  examples per forward).
+
+Rows: real HellaSwag when a GPT-2 tokenizer and data are available (``--data PATH`` or the
+eval stage's sources), else synthetic token rows with HellaSwag's length profile (context ~51,
+endings ~31 GPT-2 tokens), so a bare GPU machine with torch (+numpy) is enough. Both paths must
+pick the same endings; the script says so and exits 1 otherwise. Prints one ``RESULT`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from evals.hellaswag import predictions, score_example_unbatched  # noqa: E402
+from evals.scoring import Group, Score, autocast_for, resolve_device, score_groups  # noqa: E402
+from trainer.model import GPT, PRESETS, GPTConfig  # noqa: E402
+
+
+def synthetic_groups(n: int, seed: int = 0) -> list[Group]:
+    """HellaSwag-shaped token rows: context 51 +- 25 tokens, four endings 31 +- 12 tokens."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        ctx = tuple(rng.randrange(50257) for _ in range(max(5, int(rng.gauss(51, 25)))))
+        ends = tuple(tuple(rng.randrange(50257) for _ in range(max(2, int(rng.gauss(31, 12))))) for _ in range(4))
+        out.append(Group(ctx, ends))
+    return out
+
+
+def real_groups(n: int, path: str) -> tuple[list[Group], str]:
+    from dataprep.tokenizer import get_gpt2
+    from evals.data import load_hellaswag
+    from evals.hellaswag import tokenize
+
+    enc = get_gpt2()
+    rows, source = load_hellaswag(path, limit=n)
+    return [tokenize(enc, r) for r in rows], source
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="gpt2", choices=sorted(PRESETS), help="model shape preset (random init)")
+    ap.add_argument("--rows", type=int, default=48)
+    ap.add_argument("--batch-size", type=int, default=32, help="examples per forward of the batched scorer")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16")
+    ap.add_argument("--data", default="auto", help="auto | synthetic | a HellaSwag .jsonl / arrow path")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    args = ap.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if args.data == "synthetic":
+        groups, source = synthetic_groups(args.rows), "synthetic tokens"
+    else:
+        try:
+            groups, source = real_groups(args.rows, "" if args.data == "auto" else args.data)
+        except Exception as e:  # noqa: BLE001 - no tokenizer/data here: the length profile is what matters
+            if args.data != "auto":
+                raise
+            groups, source = synthetic_groups(args.rows), f"synthetic tokens (real rows unavailable: {type(e).__name__})"
+    torch.manual_seed(0)
+    n_layer, n_head, n_embd, block = PRESETS[args.model]
+    model = GPT(GPTConfig(n_layer, n_head, n_embd, block)).to(device).eval()
+    print(f"{model.summary()}\ndevice {device}, dtype {args.dtype}, {len(groups)} rows from {source}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads", flush=True)
+
+    # warm-up both paths (allocator, kernels, autotuning)
+    score_groups(model, groups[:4], batch_size=4, device=device, dtype=args.dtype)
+    with torch.inference_mode(), autocast_for(device, args.dtype):
+        score_example_unbatched(model, groups[0], device)
+    sync(device)
+
+    t0 = time.perf_counter()
+    base: list[list[Score]] = []
+    with torch.inference_mode(), autocast_for(device, args.dtype):
+        for g in groups:
+            base.append([Score(lp, n, False) for lp, n in score_example_unbatched(model, g, device)])
+    sync(device)
+    t_base = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    batched = score_groups(model, groups, batch_size=args.batch_size, device=device, dtype=args.dtype)
+    sync(device)
+    t_batched = time.perf_counter() - t0
+
+    same = predictions(base) == predictions(batched)
+    diff = max(abs(a.logprob - b.logprob) for ra, rb in zip(base, batched) for a, b in zip(ra, rb))
+    r_base, r_batched = len(groups) / t_base, len(groups) / t_batched
+    print(f"one example per forward: {r_base:8.2f} examples/s ({t_base:.2f} s)")
+    print(f"batched (packed, bs {args.batch_size}): {r_batched:8.2f} examples/s ({t_batched:.2f} s)")
+    print(f"RESULT model={args.model} device={device} rows={len(groups)} baseline={r_base:.2f}/s "
+          f"batched={r_batched:.2f}/s speedup={r_batched / r_base:.2f}x same_predictions={same} max_logprob_diff={diff:.2e}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""End to end: a real tiny training logging to a real MLflow server, then eval jobs per checkpoint.
+
+The watcher runs as a user runs it (`pretrain evals watch RUN_DIR --once`, submitit local
+executor); results must land next to each checkpoint and in the training's MLflow run at the
+checkpoint's step, exactly once, and broken checkpoints must fail without touching anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from evals.config import EvalConfig
+from evals.results import archive_path, read_result, result_path
+from evals.watch import Watcher, training_finished
+from tests.evals_helpers import hellaswag_rows, mlflow_server, run_cli, train_tiny_run, write_jsonl
+from trainer.checkpoint import MARKER, MODEL_FILE, list_committed, read_meta, verify
+
+pytestmark = pytest.mark.slow
+
+STEPS = ["step_00000002", "step_00000004"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, server, gpt2_ranks):
+    work = tmp_path_factory.mktemp("evals")
+    hs = write_jsonl(work / "hellaswag_val.jsonl", hellaswag_rows(24, seed=11))
+    run_dir, config = train_tiny_run(work, hs, server)
+    assert [c.name for c in list_committed(run_dir)] == STEPS
+    return run_dir
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.json")) if "evals" in p.parts and p.name != "watch.json"}
+
+
+def _copy_run(run_dir: Path, dest: Path) -> Path:
+    shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("jobs", "watch.lock"))
+    return dest
+
+
+def test_watcher_evaluates_each_checkpoint_exactly_once_into_the_training_mlflow_run(run, server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    assert training_finished(run)  # final checkpoint at train.max_steps
+    log = tmp_path / "watch.log"
+    rc, out = run_cli("evals", "watch", str(run), "--once", log=log)
+    assert rc == 0, out
+    assert out.index("submitted step_00000004") < out.index("submitted step_00000002"), "eval.order newest first"
+    first = _snapshot(run)
+
+    rc, out = run_cli("evals", "watch", str(run), "--once", log=log)
+    assert rc == 0, out
+    assert "submitted" not in out, f"second watcher run re-evaluated something:\n{out}"
+    assert _snapshot(run) == first, "results files must not be rewritten"
+    assert len(list((run / "evals" / "jobs").glob("*_submitted.pkl"))) == 2
+
+    state = json.loads((run / "evals" / "watch.json").read_text())["checkpoints"]
+    assert {k: (v["status"], v["attempts"]) for k, v in state.items()} == {s: ("done", 1) for s in STEPS}
+
+    run_id = read_meta(list_committed(run)[-1])["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=server)
+    for name in STEPS:
+        ckpt = run / "checkpoints" / name
+        verify(ckpt)  # an evals/ subdirectory does not break the commit marker
+        res = read_result(ckpt, "hellaswag")
+        assert res["logged"] is True and res["n"] == 24 and res["mlflow"]["run_id"] == run_id
+        assert res["source"].startswith("file:") and res["elapsed_s"] > 0
+        assert json.loads(archive_path(run, res["step"], "hellaswag").read_text()) == res
+    for metric in ("acc", "acc_norm", "acc_stderr"):
+        history = client.get_metric_history(run_id, f"eval/hellaswag/{metric}")
+        assert sorted(m.step for m in history) == [2, 4], f"{metric}: each checkpoint's step exactly once"
+        if metric != "acc_stderr":
+            for m in history:
+                res = read_result(run / "checkpoints" / f"step_{m.step:08d}", "hellaswag")
+                assert m.value == pytest.approx(res["metrics"][metric])
+    assert {m.step for m in client.get_metric_history(run_id, "loss")} == {1, 2, 3, 4}, "same run as the loss curve"
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_corrupt_or_uncommitted_checkpoint_fails_cleanly(run, tmp_path):
+    copy = _copy_run(run, tmp_path / "run")
+    good, bad = copy / "checkpoints" / STEPS[0], copy / "checkpoints" / STEPS[1]
+    shutil.rmtree(bad / "evals", ignore_errors=True)
+    blob = bytearray((bad / MODEL_FILE).read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (bad / MODEL_FILE).write_bytes(bytes(blob))
+    before = _snapshot(copy)
+    log = tmp_path / "eval.log"
+
+    rc, out = run_cli("eval", str(bad), "--limit", "5", log=log)
+    assert rc == 1 and "model.pt is corrupt" in out, out
+    assert not (bad / "evals").exists() and _snapshot(copy) == before
+
+    # the watcher retries a failing checkpoint max_retries times, then reports it and exits 1
+    rc, out = run_cli("evals", "watch", "--once", str(copy), "eval.max_retries=1", log=log)
+    assert rc == 1, out
+    assert out.count("submitted step_00000004") == 2 and "submitted step_00000002" not in out
+    assert "FAILED: step_00000004" in out
+    entry = json.loads((copy / "evals" / "watch.json").read_text())["checkpoints"][STEPS[1]]
+    assert entry["status"] == "failed" and entry["attempts"] == 2 and "corrupt" in entry["errors"][-1]
+    assert not (bad / "evals").exists() and _snapshot(copy) == before
+
+    (good / MARKER).unlink()  # an uncommitted checkpoint: refused before anything is read
+    rc, out = run_cli("eval", str(good), log=log)
+    assert rc == 1 and "not a committed checkpoint" in out, out
+    assert _snapshot(copy) == before
+
+
+def test_checkpoint_deleted_while_queued_is_skipped(run, tmp_path):
+    copy = _copy_run(run, tmp_path / "run")
+    for name in STEPS:
+        shutil.rmtree(copy / "checkpoints" / name / "evals")
+    shutil.rmtree(copy / "evals")
+    # a job that fails fast and logs nothing (missing data file), one at a time, oldest first
+    cfg = EvalConfig(hellaswag_path=str(tmp_path / "missing.jsonl"), device="cpu", order="oldest", max_parallel=1, max_retries=0)
+    messages: list[str] = []
+    w = Watcher(copy, cfg, executor="local", log=messages.append)
+    w.scan()
+    assert list(w.jobs) == [STEPS[0]] and w.entries[STEPS[1]].status == "new"  # queued behind step 2
+    ckpt = copy / "checkpoints" / STEPS[1]
+    (ckpt / MARKER).unlink()  # what retention does: un-commit, then delete
+    shutil.rmtree(ckpt)
+    while w.pending():
+        w.jobs[STEPS[0]].wait() if STEPS[0] in w.jobs else None
+        w.scan()
+    assert w.entries[STEPS[1]].status == "skipped"
+    assert any("step_00000004 was deleted" in m for m in messages), messages
+    assert w.entries[STEPS[0]].status == "failed" and "missing.jsonl" in w.entries[STEPS[0]].errors[-1]
+    assert not ckpt.exists(), "the watcher must never re-create a deleted checkpoint"
+    assert not result_path(copy / "checkpoints" / STEPS[0], "hellaswag").exists()
