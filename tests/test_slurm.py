@@ -194,19 +194,17 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, work, local_losses,
 def test_time_limit_signal_requeues_until_done(cluster, work):
     """slurm.time=1 min with signal_delay_s=15: USR2 arrives ~45-75 s in, the job checkpoints,
     is requeued, and finishes on a later run with the losses of an uninterrupted one."""
-    steps = 400
+    steps = 300
     cfg_local, run_local = write_config(work, "timeout-local", max_steps=steps)
-    t0 = time.time()
     r = pretrain("train", str(cfg_local), timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    if time.time() - t0 < 60:
-        pytest.fail(f"{steps} steps took {time.time() - t0:.0f}s: too fast to reach a 1-minute limit; raise steps")
     cfg, run_dir = write_config(work, "timeout", max_steps=steps)
-    r = pretrain("submit", str(cfg), "slurm.time=1", "slurm.max_requeues=5")
+    r = pretrain("submit", str(cfg), "slurm.time=1", "slurm.max_requeues=20")
     assert r.returncode == 0, r.stderr
     job = job_id_of(r.stdout)
-    assert wait_final(job, timeout=600) == "COMPLETED", logs(run_dir)
-    assert scontrol_restarts(job) >= 1
+    assert wait_final(job, timeout=900) == "COMPLETED", logs(run_dir)
+    assert scontrol_restarts(job) >= 1, "finished inside one minute: raise `steps` so the time limit is reached"
+    assert "this job is timed-out" in logs(run_dir)
     assert losses(run_dir) == losses(run_local)
 
 
