@@ -143,7 +143,7 @@ def evaluate_checkpoint(
     ckpt_id = checkpoint_id(ckpt)
     step = int(meta["step"])
     uri, run_id = tracking_target(meta, ckpt)
-    todo = [t for t in tasks if not is_complete(ckpt, t, ckpt_id)]
+    todo = [t for t in tasks if not is_complete(ckpt, t, ckpt_id, limit)]
     summary: dict[str, Any] = {"status": "done", "step": step, "tasks": {t: "already done" for t in tasks if t not in todo}}
     if not todo:
         log(f"eval: {ckpt.name}: all of {tasks} already evaluated and logged")
@@ -153,7 +153,7 @@ def evaluate_checkpoint(
     pending: dict[str, dict[str, Any]] = {}
     for t in todo:
         res = read_result(ckpt, t)
-        if res and res.get("checkpoint_id") == ckpt_id and res.get("logged") is False and (limit or 0) == (res.get("limit") or 0):
+        if res and res.get("checkpoint_id") == ckpt_id and res.get("logged") is False and int(res.get("limit") or 0) == (limit or 0):
             pending[t] = res
     compute = [t for t in todo if t not in pending]
     failures: dict[str, str] = {}

@@ -14,8 +14,9 @@ under ``RUN_DIR/evals``. Each result records the checkpoint's identity (the comm
 ``model.pt``): a step directory re-written after a resume is a new checkpoint, never "already
 evaluated" by an older file.
 
-A result is complete when its file exists for this checkpoint identity AND its metrics reached
-MLflow (``logged`` true, or tracking disabled for the run). Files are written atomically
+A result is complete when its file exists for this checkpoint identity and the same row limit
+(``eval.limit``; a quick ``--limit`` check is not a full eval, and the next full eval replaces
+it) AND its metrics reached MLflow (``logged`` true, or tracking disabled for the run). Files are written atomically
 (temporary file, fsync, rename, fsync of the directory): a reader sees the old or the new file.
 """
 
@@ -74,9 +75,15 @@ def read_result(ckpt_dir: Path, task: str) -> dict[str, Any] | None:
         return None
 
 
-def is_complete(ckpt_dir: Path, task: str, ckpt_id: str) -> bool:
+def is_complete(ckpt_dir: Path, task: str, ckpt_id: str, limit: int = 0) -> bool:
+    """Result file of this checkpoint, for the same row limit (0 = all rows), and logged."""
     res = read_result(ckpt_dir, task)
-    return bool(res) and res.get("checkpoint_id") == ckpt_id and res.get("logged") in (True, "disabled")
+    return (
+        bool(res)
+        and res.get("checkpoint_id") == ckpt_id
+        and int(res.get("limit") or 0) == int(limit or 0)
+        and res.get("logged") in (True, "disabled")
+    )
 
 
 def save_result(ckpt_dir: Path, result: dict[str, Any], log: Callable[[str], None] = print) -> None:

@@ -22,9 +22,12 @@ checkpoint through submitit (``local`` subprocesses or ``slurm`` jobs with ``eva
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import os
 import re
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +98,35 @@ def _error_line(ex: BaseException) -> str:
     return lines[0] if lines else type(ex).__name__
 
 
+class _ForeignLocalJob:
+    """A local job (a process; its id is the pid) started by an earlier watcher process.
+
+    submitit's LocalJob needs the Popen handle to know whether the job runs; without it the pid
+    and the result pickle tell the same.
+    """
+
+    def __init__(self, folder: Path, job_id: str):
+        from submitit.local.local import LocalJob
+
+        self.job_id = job_id
+        self._job = LocalJob(folder=folder, job_id=job_id)
+
+    def done(self) -> bool:
+        if self._job.paths.result_pickle.exists():
+            return True
+        try:  # alive, and still a submitit job (not a recycled pid)?
+            return b"submitit" not in Path(f"/proc/{int(self.job_id)}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return True
+
+    def result(self) -> Any:
+        return self._job.result()
+
+    def cancel(self, check: bool = False) -> None:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(self.job_id), signal.SIGINT)
+
+
 @dataclass
 class Entry:
     """What the watcher knows about one checkpoint (keyed by its step directory name)."""
@@ -153,8 +185,19 @@ class Watcher:
 
     # ------------------------------------------------------------------ one scan
 
+    def _reattach(self, job_id: str | None):
+        """A handle on a job of an earlier watcher, or None if it cannot still be running/finished."""
+        import submitit
+
+        if not job_id:
+            return None
+        folder = self.dir / "jobs"
+        if self.kind == "slurm":
+            return submitit.SlurmJob(folder=folder, job_id=job_id)
+        return _ForeignLocalJob(folder, job_id)
+
     def _complete(self, ckpt: Path, ckpt_id: str) -> bool:
-        return all(is_complete(ckpt, t, ckpt_id) for t in self.tasks)
+        return all(is_complete(ckpt, t, ckpt_id, self.cfg.limit) for t in self.tasks)
 
     def _collect(self) -> None:
         """Resolve finished jobs: done (results complete), skipped, or a failed attempt."""
@@ -195,9 +238,13 @@ class Watcher:
                 e.status, e.updated = "skipped", time.time()
                 self.log(f"watch: {name} was deleted (retention) before it was evaluated: skipped")
             if e.status == "running" and name not in self.jobs:
-                # a job of a previous watcher process: local ones died with it; slurm ones may still run,
-                # but the results files decide; an unfinished one is simply submitted again
-                e.status = "new"
+                # a job submitted by an earlier watcher process: follow it rather than submit a twin
+                job = self._reattach(e.job_id)
+                if job is not None:
+                    self.jobs[name] = job
+                    self.log(f"watch: following {name}'s job {e.job_id} of an earlier watcher")
+                else:
+                    e.status = "new"
         todo: list[Path] = []
         for ckpt in committed:
             if only is not None and ckpt.name not in only:
@@ -229,6 +276,7 @@ class Watcher:
                 break
             e = self.entries[ckpt.name]
             e.attempts += 1
+            self.executor.update_parameters(name=f"eval-{ckpt.name}")
             job = self.executor.submit(run_job, str(ckpt), self.cfg)
             self.jobs[ckpt.name] = job
             e.status, e.job_id, e.updated = "running", str(job.job_id), time.time()

@@ -81,12 +81,12 @@ def test_hellaswag_batched_and_one_at_a_time_agree(model, gpt2_ranks):
     from dataprep.tokenizer import get_gpt2
 
     enc = get_gpt2(gpt2_ranks)
-    rows = hellaswag_rows(30, seed=3)
+    rows = hellaswag_rows(20, seed=3)
     for style in hellaswag.STYLES:
         batched = hellaswag.evaluate(model, enc, rows, batch_size=16, style=style)
         one = hellaswag.evaluate(model, enc, rows, batch_size=1, style=style)
         assert batched["predictions"] == one["predictions"]
-        assert batched["metrics"] == one["metrics"] and batched["n"] == 30
+        assert batched["metrics"] == one["metrics"] and batched["n"] == 20
         # and both agree with build-nanogpt's one-example-per-forward loop
         with torch.no_grad():
             ref = [hellaswag.score_example_unbatched(model, hellaswag.tokenize(enc, r, style), "cpu") for r in rows]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,15 @@ def test_watcher_evaluates_each_checkpoint_exactly_once_into_the_training_mlflow
     assert {m.step for m in client.get_metric_history(run_id, "loss")} == {1, 2, 3, 4}, "same run as the loss curve"
     assert client.get_run(run_id).info.status == "FINISHED"
 
+    # by hand: an lm-eval task on the newest checkpoint (offline: the run's local HellaSwag rows)
+    rc, out = run_cli("eval", "--tasks", "hellaswag,lm_eval/hellaswag", str(run / "checkpoints" / STEPS[1]), log=log)
+    assert rc == 0, out
+    assert "already evaluated" not in out and "hellaswag: acc" in out
+    res = read_result(run / "checkpoints" / STEPS[1], "lm_eval/hellaswag")
+    assert res["n"] == 24 and res["logged"] is True and res["source"].startswith("file:")
+    assert {m.step for m in client.get_metric_history(run_id, "eval/lm_eval/hellaswag/acc")} == {4}
+    assert len(client.get_metric_history(run_id, "eval/hellaswag/acc")) == 2, "ours was complete: not re-run"
+
 
 def test_corrupt_or_uncommitted_checkpoint_fails_cleanly(run, tmp_path):
     copy = _copy_run(run, tmp_path / "run")
@@ -124,15 +134,21 @@ def test_checkpoint_deleted_while_queued_is_skipped(run, tmp_path):
     # a job that fails fast and logs nothing (missing data file), one at a time, oldest first
     cfg = EvalConfig(hellaswag_path=str(tmp_path / "missing.jsonl"), device="cpu", order="oldest", max_parallel=1, max_retries=0)
     messages: list[str] = []
+    first = Watcher(copy, cfg, executor="local", log=messages.append)
+    first.scan()
+    assert list(first.jobs) == [STEPS[0]] and first.entries[STEPS[1]].status == "new"  # queued behind step 2
+    # a restarted watcher follows the running job instead of submitting a twin
     w = Watcher(copy, cfg, executor="local", log=messages.append)
     w.scan()
-    assert list(w.jobs) == [STEPS[0]] and w.entries[STEPS[1]].status == "new"  # queued behind step 2
+    assert list(w.jobs) == [STEPS[0]] and any("following step_00000002" in m for m in messages), messages
     ckpt = copy / "checkpoints" / STEPS[1]
     (ckpt / MARKER).unlink()  # what retention does: un-commit, then delete
     shutil.rmtree(ckpt)
-    while w.pending():
-        w.jobs[STEPS[0]].wait() if STEPS[0] in w.jobs else None
+    deadline = time.time() + 120
+    while w.pending() and time.time() < deadline:
+        time.sleep(0.5)
         w.scan()
+    assert len(list((copy / "evals" / "jobs").glob("*_submitted.pkl"))) == 1
     assert w.entries[STEPS[1]].status == "skipped"
     assert any("step_00000004 was deleted" in m for m in messages), messages
     assert w.entries[STEPS[0]].status == "failed" and "missing.jsonl" in w.entries[STEPS[0]].errors[-1]
