@@ -35,6 +35,9 @@ class EvalConfig:
     limit: int = 0  # rows per task (0 = all)
     harness_tasks: list[str] = field(default_factory=list)
     harness_num_fewshot: int = 0
+    # Empty: log into the training's MLflow run (uri from the checkpoint's config); "none": no logging
+    # (e.g. checkpoints copied where that server is unreachable); else another tracking uri.
+    tracking_uri: str = ""
     batch_size: int = 32  # examples (hellaswag) / requests (harness) per forward pass
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16

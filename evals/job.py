@@ -16,6 +16,7 @@ refused before anything is read or written (:class:`trainer.checkpoint.Checkpoin
 
 from __future__ import annotations
 
+import shutil
 import socket
 import sys
 import tempfile
@@ -100,7 +101,11 @@ def _harness(model, enc, cfg: EvalConfig, tasks: list[str], limit: int, device) 
     names = [t[len(HARNESS_PREFIX) :] for t in tasks]
     include, sources = harness_include_dir(names, cfg.data_source, cfg.hellaswag_path)
     lm = PretrainGPTLM(model=model, tokenizer=enc, device=str(device), batch_size=cfg.batch_size, dtype=cfg.dtype)
-    res = run_harness(lm, names, limit=limit, num_fewshot=cfg.harness_num_fewshot, include_path=include)
+    try:
+        res = run_harness(lm, names, limit=limit, num_fewshot=cfg.harness_num_fewshot, include_path=include)
+    finally:
+        if include is not None:
+            shutil.rmtree(include, ignore_errors=True)
     out = {}
     for name, task in zip(names, tasks):
         metrics, stderr, n = task_metrics(res, name)
@@ -142,7 +147,7 @@ def evaluate_checkpoint(
     meta = read_meta(ckpt)
     ckpt_id = checkpoint_id(ckpt)
     step = int(meta["step"])
-    uri, run_id = tracking_target(meta, ckpt)
+    uri, run_id = tracking_target(meta, ckpt, cfg.tracking_uri)
     todo = [t for t in tasks if not is_complete(ckpt, t, ckpt_id, limit)]
     summary: dict[str, Any] = {"status": "done", "step": step, "tasks": {t: "already done" for t in tasks if t not in todo}}
     if not todo:

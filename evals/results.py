@@ -104,16 +104,17 @@ def save_result(ckpt_dir: Path, result: dict[str, Any], log: Callable[[str], Non
 # ------------------------------------------------------------------ MLflow
 
 
-def tracking_target(meta: dict[str, Any], ckpt_dir: Path) -> tuple[str | None, str | None]:
+def tracking_target(meta: dict[str, Any], ckpt_dir: Path, override: str = "") -> tuple[str | None, str | None]:
     """(tracking uri, run id) of the training that wrote the checkpoint; (None, None) if untracked.
 
     The uri follows trainer.tracking's rule, applied to the run dir the checkpoint lives in (the
-    config's ``run_dir`` may be relative to wherever training was launched).
+    config's ``run_dir`` may be relative to wherever training was launched). ``override``
+    (``eval.tracking_uri``) replaces the uri; "none" disables logging.
     """
     from trainer.tracking import resolve_uri
 
     run_id = meta.get("mlflow_run_id")
-    cfg_uri = (meta.get("config") or {}).get("tracking", {}).get("uri", "")
+    cfg_uri = override or (meta.get("config") or {}).get("tracking", {}).get("uri", "")
     uri = resolve_uri(cfg_uri, run_dir_of(ckpt_dir))
     if uri is None or not run_id:
         return None, None

@@ -154,3 +154,36 @@ def test_checkpoint_deleted_while_queued_is_skipped(run, tmp_path):
     assert w.entries[STEPS[0]].status == "failed" and "missing.jsonl" in w.entries[STEPS[0]].errors[-1]
     assert not ckpt.exists(), "the watcher must never re-create a deleted checkpoint"
     assert not result_path(copy / "checkpoints" / STEPS[0], "hellaswag").exists()
+
+
+def test_polling_watcher_follows_training_until_the_final_checkpoint(run, tmp_path):
+    """Without --once: evaluate checkpoints as they are committed, exit once training is over."""
+    import threading
+
+    copy = _copy_run(run, tmp_path / "run")
+    for name in STEPS:
+        shutil.rmtree(copy / "checkpoints" / name / "evals")
+    shutil.rmtree(copy / "evals")
+    final = copy / "checkpoints" / STEPS[1]
+    aside = tmp_path / STEPS[1]
+    final.rename(aside)  # training has committed step 2 only
+    hs = read_meta(copy / "checkpoints" / STEPS[0])["config"]["eval"]["hellaswag_path"]
+    cfg = EvalConfig(hellaswag_path=hs, device="cpu", poll_s=0.5, tracking_uri="none", max_parallel=1)
+    messages: list[str] = []
+    w = Watcher(copy, cfg, executor="local", log=messages.append)
+    assert not training_finished(copy)
+    outcome: dict[str, int] = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("rc", w.run()), daemon=True)
+    thread.start()
+    first = result_path(copy / "checkpoints" / STEPS[0], "hellaswag")
+    deadline = time.time() + 90
+    while not (first.exists() and read_result(first.parent.parent, "hellaswag")["logged"] == "disabled"):
+        assert time.time() < deadline, messages
+        time.sleep(0.3)
+    time.sleep(1.5)  # a few polls with nothing to do: still watching, training is not over
+    assert thread.is_alive() and "rc" not in outcome, messages
+    aside.rename(final)  # the trainer commits its final checkpoint (step == train.max_steps)
+    thread.join(timeout=90)
+    assert outcome.get("rc") == 0, messages
+    assert read_result(final, "hellaswag")["logged"] == "disabled"
+    assert {k: e.status for k, e in w.entries.items()} == {s: "done" for s in STEPS}
