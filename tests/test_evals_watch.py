@@ -187,3 +187,27 @@ def test_polling_watcher_follows_training_until_the_final_checkpoint(run, tmp_pa
     assert outcome.get("rc") == 0, messages
     assert read_result(final, "hellaswag")["logged"] == "disabled"
     assert {k: e.status for k, e in w.entries.items()} == {s: "done" for s in STEPS}
+
+
+def test_unreachable_tracking_keeps_the_result_and_a_retry_only_logs_it(run, tmp_path, monkeypatch):
+    from evals.job import EvalJobError, config_from_checkpoint, evaluate_checkpoint
+    from tests.evals_helpers import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    copy = _copy_run(run, tmp_path / "run")
+    ckpt = copy / "checkpoints" / STEPS[0]
+    shutil.rmtree(ckpt / "evals")
+    cfg = config_from_checkpoint(read_meta(ckpt), [f"eval.tracking_uri=http://127.0.0.1:{free_port()}"])
+    messages: list[str] = []
+    with pytest.raises(EvalJobError, match="MLflow logging to http://127.0.0.1"):
+        evaluate_checkpoint(ckpt, cfg, log=messages.append)
+    res = read_result(ckpt, "hellaswag")
+    assert res["logged"] is False and res["n"] == 24 and set(res["metrics"]) == {"acc", "acc_norm"}
+
+    messages.clear()
+    cfg.tracking_uri = "none"
+    evaluate_checkpoint(ckpt, cfg, log=messages.append)
+    assert not any("computed in" in m for m in messages), f"a logging retry must not recompute: {messages}"
+    again = read_result(ckpt, "hellaswag")
+    assert again["logged"] == "disabled" and again["metrics"] == res["metrics"] and again["time"] == res["time"]
