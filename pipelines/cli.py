@@ -131,9 +131,63 @@ def cmd_evals_watch(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.workflow import run_workflow
+    from slurm.resources import SlurmError
+
+    try:
+        return run_workflow(args.config, list(args.overrides), args.executor, args.restart_from)
+    except SlurmError as e:
+        print(f"pretrain run: error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipelines.status import status_text
+
+    if not Path(args.run_dir).is_dir():
+        raise ConfigError(f"{args.run_dir}: no such run directory")
+    print(status_text(args.run_dir))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from pipelines.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"{args.run_dir}: no such run directory")
+    cfg = None
+    if args.config:
+        cfg = load_config(args.config, args.overrides)
+    elif (run_dir / "workflow.json").is_file():
+        wf = json.loads((run_dir / "workflow.json").read_text())
+        cfg = load_config(wf["config_path"], wf.get("overrides", []))
+    write_report(run_dir, cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="the whole workflow: data → train → eval of each checkpoint → report (resumable)")
+    _config_args(p)
+    p.add_argument("--executor", choices=("local", "slurm"), default="local", help="slurm: chained jobs, returns at once")
+    p.add_argument("--restart-from", choices=("data", "train", "eval", "report"), help="redo this stage and the ones after it")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="stages, jobs, last step/loss, checkpoints and their evals, MLflow link")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("report", help="PNG + CSV of loss and eval curves (also logged to MLflow)")
+    p.add_argument("run_dir")
+    p.add_argument("--config", help="the run's config (default: the one recorded in RUN_DIR/workflow.json)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("data", help="download, dedup, tokenize and shard the corpus (Ray)")
     _config_args(p)

@@ -4,13 +4,16 @@ job is `pretrain train` and that its exit code 3 means "checkpointed, requeue me
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from pathlib import Path
 
 from dataprep.shards import ShardError, TokenDataset
 from pipelines.config import ConfigError, PipelineConfig
+from slurm.config import SlurmConfig
 from slurm.jobs import job_state
+from slurm.resources import check_fits
 from slurm.sbatch import render_sbatch
 from slurm.submit import recorded_jobs, submit_command
 from trainer import EXIT_REQUEUE
@@ -41,7 +44,7 @@ def submit_training(config_path: str, overrides: list[str], cfg: PipelineConfig,
     check_ready_to_train(cfg)
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    gpus = cfg.slurm.gpus_per_node if cfg.train.device != "cpu" else 0
+    gpus = _gpus(cfg)
     return submit_command(
         train_argv(config_path, overrides, cfg),
         cfg.slurm,
@@ -54,10 +57,54 @@ def submit_training(config_path: str, overrides: list[str], cfg: PipelineConfig,
     )
 
 
+def _gpus(cfg: PipelineConfig) -> int:
+    return cfg.slurm.gpus_per_node if cfg.train.device != "cpu" else 0
+
+
+def stage_resources(stage: str, cfg: PipelineConfig) -> tuple[SlurmConfig, int]:
+    """(SLURM request, GPUs per node) of a workflow stage's job: only training gets the big allocation."""
+    s = cfg.slurm
+    if stage == "train":
+        return s, _gpus(cfg)
+    if stage == "data":  # Ray on one node, all its CPUs
+        return dataclasses.replace(s, nodes=1), 0
+    # the eval watcher (it submits the eval jobs, with eval.slurm.*) and the report are small
+    return dataclasses.replace(s, nodes=1, cpus_per_task=1, mem_gb=0, time=s.time if stage == "eval" else "00:30:00"), 0
+
+
+def check_slurm_request(cfg: PipelineConfig) -> None:
+    """Every stage's request must fit the cluster before the first job is queued."""
+    for stage in ("data", "train", "eval", "report"):
+        check_fits(*stage_resources(stage, cfg))
+
+
+def stage_argv(stage: str, config_path: str, overrides: list[str], run_dir: Path, cfg: PipelineConfig) -> list[str]:
+    py = [sys.executable, "-m", "pipelines.cli"]
+    config = str(Path(config_path).resolve())
+    if stage == "data":
+        return [*py, "data", config, *overrides]
+    if stage == "train":
+        return train_argv(config, overrides, cfg)
+    if stage == "eval":
+        return [*py, "evals", "watch", str(run_dir), *overrides, "--executor", "slurm", "--config", config]
+    if stage == "report":
+        return [*py, "report", str(run_dir)]
+    raise ValueError(stage)
+
+
+def submit_stage(stage: str, argv: list[str], cfg: PipelineConfig, dependency: str):
+    run_dir = Path(cfg.run_dir).resolve()
+    resources, gpus = stage_resources(stage, cfg)
+    return submit_command(
+        argv, resources, slurm_dir(run_dir) / "logs" / "%j", cluster="slurm", name=f"pretrain-{stage}-{run_dir.name}",
+        requeue_exit_code=EXIT_REQUEUE, gpus_per_node=gpus, record_in=slurm_dir(run_dir), dependency=dependency,
+    )  # fmt: skip
+
+
 def sbatch_script(config_path: str, overrides: list[str], cfg: PipelineConfig) -> str:
     run_dir = Path(cfg.run_dir).resolve()
     (slurm_dir(run_dir) / "logs").mkdir(parents=True, exist_ok=True)  # SLURM does not create it
-    gpus = cfg.slurm.gpus_per_node if cfg.train.device != "cpu" else 0
+    gpus = _gpus(cfg)
     return render_sbatch(
         train_argv(config_path, overrides, cfg),
         cfg.slurm,

@@ -47,11 +47,16 @@ def submit_command(
     requeue_exit_code: int,
     gpus_per_node: int = 0,
     record_in: Path | None = None,
+    dependency: str = "",
 ) -> submitit.Job:
-    """Submit `argv` (with rendezvous placeholders, see NodeCommand) as one job; return at once."""
+    """Submit `argv` (with rendezvous placeholders, see NodeCommand) as one job; return at once.
+
+    `dependency` is SLURM's (e.g. "afterok:123"), for chaining jobs."""
     if cluster == "slurm":
         check_fits(cfg, gpus_per_node)
     executor = make_executor(log_dir, cfg, cluster, name, gpus_per_node)
+    if dependency and cluster == "slurm":
+        executor.update_parameters(slurm_additional_parameters={**extra_parameters(cfg.extra), "dependency": dependency})
     grace = max(5.0, cfg.signal_delay_s - 5.0)
     job = executor.submit(NodeCommand(argv, requeue_exit_code, cfg.max_requeues, grace_s=grace))
     if record_in is not None:

@@ -102,8 +102,10 @@ def launch_torchrun(config: str, overrides: list[str], nproc: int, rdzv: list[st
                 rc = proc.wait()
                 break
             except KeyboardInterrupt:
-                # the terminal sent SIGINT to torchrun too; it stops the workers, we wait for it
-                print("pretrain train: interrupted; waiting for torchrun to stop the workers", file=sys.stderr, flush=True)
+                # Ctrl-C: ask the workers to checkpoint and stop (SIGTERM), whether or not the
+                # terminal also signalled torchrun, then wait for them.
+                forward(signal.SIGTERM, None)
+                print("pretrain train: interrupted; the workers checkpoint and stop", file=sys.stderr, flush=True)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

@@ -1,0 +1,144 @@
+"""`pretrain report RUN_DIR`: loss and eval curves against steps and tokens, as a PNG and a CSV.
+
+Reads only the run's files (metrics.jsonl, RUN_DIR/evals/step_*/*.json), so it works on a
+finished run, a half-finished one, or a copy of a run dir on a laptop. For the GPT-2 124M
+FineWeb-Edu config it draws the reference lines people compare against (build-nanogpt's numbers:
+OpenAI GPT-2 124M reaches val loss 3.2924 on the FineWeb-Edu 10B val split and 0.2955
+completion-style HellaSwag acc_norm; GPT-3 Small reports 0.337).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from pipelines.config import PipelineConfig
+
+REFERENCES = {
+    "val_loss": [("OpenAI GPT-2 124M", 3.2924)],
+    "eval/hellaswag/acc_norm": [("OpenAI GPT-2 124M", 0.2955), ("GPT-3 Small (124M)", 0.337)],
+}
+
+
+def report_paths(run_dir: Path) -> tuple[Path, Path]:
+    return run_dir / "report.png", run_dir / "report.csv"
+
+
+def collect(run_dir: Path) -> list[dict[str, Any]]:
+    """One row per step that has anything: train loss, val loss, eval metrics (by `eval/<task>/<metric>`)."""
+    from trainer.metrics import read_metrics
+
+    rows: dict[int, dict[str, Any]] = {}
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.is_file():
+        for r in read_metrics(metrics_path):
+            row = rows.setdefault(int(r["step"]), {"step": int(r["step"])})
+            row["tokens"] = r.get("tokens")
+            row["train_loss"] = r.get("loss")
+            if r.get("val_loss") is not None:
+                row["val_loss"] = r["val_loss"]
+    for path in sorted((run_dir / "evals").glob("step_*/**/*.json")):
+        try:
+            res = json.loads(path.read_text())
+            step = int(res["step"])
+        except (OSError, ValueError, KeyError):
+            continue
+        row = rows.setdefault(step, {"step": step})
+        for name, value in (res.get("metrics") or {}).items():
+            row[f"eval/{res.get('task', path.stem)}/{name}"] = value
+    tokens_per_step = next((r["tokens"] / r["step"] for r in rows.values() if r.get("tokens")), None)
+    for r in rows.values():
+        if r.get("tokens") is None and tokens_per_step:
+            r["tokens"] = int(r["step"] * tokens_per_step)
+    return [rows[s] for s in sorted(rows)]
+
+
+def is_reference_setup(cfg: PipelineConfig | None) -> bool:
+    return cfg is not None and cfg.model.name == "gpt2" and "fineweb-edu" in cfg.data.source.lower()
+
+
+def write_report(run_dir: str | Path, cfg: PipelineConfig | None = None, log: Callable[[str], None] = print) -> tuple[Path, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rows = collect(run_dir)
+    png, csv_path = report_paths(run_dir)
+    columns = ["step", "tokens", "train_loss", "val_loss"] + sorted({k for r in rows for k in r if k.startswith("eval/")})
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, csv_path)
+
+    eval_cols = [c for c in columns if c.startswith("eval/") and not c.endswith("_stderr")]
+    tokens_per_step = next((r["tokens"] / r["step"] for r in rows if r.get("tokens") and r.get("train_loss") is not None), None)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    ax = axes[0]
+    for col, style in (("train_loss", "-"), ("val_loss", "o-")):
+        pts = [(r["tokens"] or 0, r[col]) for r in rows if r.get(col) is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, label=col.replace("_", " "), markersize=3, linewidth=1)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{run_dir.name}: loss")
+    ax2 = axes[1]
+    for col in eval_cols:
+        pts = [(r["tokens"] or 0, r[col]) for r in rows if r.get(col) is not None]
+        if pts:
+            ax2.plot(*zip(*pts), "o-", label=col.removeprefix("eval/"), markersize=4)
+    ax2.set_xlabel("tokens")
+    ax2.set_ylabel("metric")
+    ax2.set_title("evals of saved checkpoints")
+    if is_reference_setup(cfg):
+        for (target, col) in ((ax, "val_loss"), (ax2, "eval/hellaswag/acc_norm")):
+            for name, value in REFERENCES[col]:
+                target.axhline(value, linestyle="--", linewidth=0.8, color="gray")
+                target.annotate(f"{name} {value}", (0.01, value), xycoords=("axes fraction", "data"), fontsize=7, color="gray")
+    if tokens_per_step:  # steps on the top axis, tokens on the bottom one
+        for a in axes:
+            top = a.secondary_xaxis("top", functions=(lambda t: t / tokens_per_step, lambda s: s * tokens_per_step))
+            top.set_xlabel("step", fontsize=8)
+    for a in axes:
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=8)
+    if not eval_cols:
+        ax2.text(0.5, 0.5, "no eval results yet", ha="center", va="center", transform=ax2.transAxes)
+    fig.tight_layout()
+    tmp_png = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp_png, dpi=110)
+    plt.close(fig)
+    os.replace(tmp_png, png)
+    log(f"report: {png} and {csv_path} ({len(rows)} steps, {len(eval_cols)} eval series)")
+    _log_artifacts(run_dir, cfg, [png, csv_path], log)
+    return png, csv_path
+
+
+def _log_artifacts(run_dir: Path, cfg: PipelineConfig | None, paths: list[Path], log: Callable[[str], None]) -> None:
+    """Attach the report to the training's MLflow run, when it has one."""
+    from trainer.tracking import RUN_FILE, resolve_uri
+
+    run_file = run_dir / RUN_FILE
+    if not run_file.is_file():
+        return
+    recorded = json.loads(run_file.read_text())
+    uri = recorded.get("uri") or resolve_uri(cfg.tracking.uri if cfg else "", run_dir)
+    if uri is None:
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        run_id = recorded["run_id"]
+        client = MlflowClient(tracking_uri=uri)
+        for p in paths:
+            client.log_artifact(run_id, str(p), artifact_path="report")
+        log(f"report: logged to MLflow run {run_id} ({uri})")
+    except Exception as e:  # noqa: BLE001 - the files are the report; MLflow is a copy
+        log(f"report: could not log to MLflow ({type(e).__name__}: {e}); the files are written")
