@@ -222,6 +222,13 @@ def evaluate_checkpoint(
     return summary
 
 
-def run_job(ckpt_dir: str, cfg: EvalConfig) -> dict[str, Any]:
-    """Entry point of a submitted job (pickled by submitit; runs in a fresh process)."""
+def run_job(ckpt_dir: str, cfg: EvalConfig, cpu_threads: int = 0) -> dict[str, Any]:
+    """Entry point of a submitted job (pickled by submitit; runs in a fresh process).
+
+    ``cpu_threads``: local jobs sharing one machine split its cores instead of oversubscribing them.
+    """
+    if cpu_threads > 0:
+        import torch
+
+        torch.set_num_threads(cpu_threads)
     return evaluate_checkpoint(ckpt_dir, cfg, log=lambda m: print(m, flush=True, file=sys.stdout))

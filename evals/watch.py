@@ -185,6 +185,12 @@ class Watcher:
 
     # ------------------------------------------------------------------ one scan
 
+    def _cpu_threads(self) -> int:
+        """Local jobs share this machine's cores; SLURM jobs get their own (0 = torch's default)."""
+        if self.kind != "local":
+            return 0
+        return max(1, (os.cpu_count() or 1) // max(1, self.cfg.max_parallel))
+
     def _reattach(self, job_id: str | None):
         """A handle on a job of an earlier watcher, or None if it cannot still be running/finished."""
         import submitit
@@ -277,7 +283,7 @@ class Watcher:
             e = self.entries[ckpt.name]
             e.attempts += 1
             self.executor.update_parameters(name=f"eval-{ckpt.name}")
-            job = self.executor.submit(run_job, str(ckpt), self.cfg)
+            job = self.executor.submit(run_job, str(ckpt), self.cfg, self._cpu_threads())
             self.jobs[ckpt.name] = job
             e.status, e.job_id, e.updated = "running", str(job.job_id), time.time()
             self.log(f"watch: submitted {ckpt.name} (job {job.job_id}, attempt {e.attempts}/{self.cfg.max_retries + 1})")
