@@ -271,8 +271,10 @@ class Watcher:
                 continue
             if e.status == "done":  # its results were removed: a fresh start, with fresh retries
                 e.status, e.attempts, e.errors = "new", 0, []
-            if e.status in ("failed", "skipped"):
+            if e.status == "failed":
                 continue
+            if e.status == "skipped":  # committed again (e.g. restored): evaluate it after all
+                e.status, e.attempts, e.errors = "new", 0, []
             todo.append(ckpt)
         todo.sort(key=lambda p: p.name, reverse=self.cfg.order == "newest")
         if self.cfg.order not in ("newest", "oldest"):
