@@ -235,6 +235,15 @@ def score_groups(
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
+    was_training = model.training
+    model.eval()  # no dropout while scoring, whatever state the caller left the model in
+    try:
+        return _score_groups(model, groups, max(1, batch_size), device, dtype, max_tokens)
+    finally:
+        model.train(was_training)
+
+
+def _score_groups(model: GPT, groups: Sequence[Group], batch_size: int, device: torch.device, dtype: str, max_tokens: int) -> list[list[Score]]:
     block = model.config.block_size
     # split groups that do not fit the window; remember where each piece's scores go
     pieces: list[Group] = []
@@ -248,7 +257,7 @@ def score_groups(
     packed = [_pack(p) for p in pieces]
     order = sorted(range(len(packed)), key=lambda i: -len(packed[i].tokens))
     out: list[list[Score | None]] = [[None] * len(g.continuations) for g in groups]
-    for batch in _batches(order, packed, max(1, batch_size), max_tokens or max(1, batch_size) * block):
+    for batch in _batches(order, packed, batch_size, max_tokens or batch_size * block):
         items = [packed[i] for i in batch]
         idx, pos, mask = _batch_tensors(items, device)
         with autocast_for(device, dtype):
