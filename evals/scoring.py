@@ -37,6 +37,8 @@ from trainer.model import GPT, GPT2_VOCAB
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 # LM-head rows computed at once: bounds the (rows x 50k) float32 logits to ~200 MB.
 HEAD_CHUNK = 1024
+# Default cap on rows x padded length per forward on CPU (see score_groups).
+CPU_BATCH_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -228,9 +230,9 @@ def score_groups(
 ) -> list[list[Score]]:
     """Score every continuation of every group; returns scores in the input order.
 
-    ``batch_size`` packed rows go through each forward pass (longest rows first, so an
-    out-of-memory error shows in the first batch); ``max_tokens`` (default ``batch_size *
-    block_size``) bounds rows x padded length.
+    Up to ``batch_size`` packed rows go through each forward pass (longest rows first, so an
+    out-of-memory error shows in the first batch); ``max_tokens`` bounds rows x padded length
+    (default ``batch_size * block_size``, on CPU at most ``CPU_BATCH_TOKENS``).
     """
     if device is None:
         device = next(model.parameters()).device
@@ -257,7 +259,11 @@ def _score_groups(model: GPT, groups: Sequence[Group], batch_size: int, device: 
     packed = [_pack(p) for p in pieces]
     order = sorted(range(len(packed)), key=lambda i: -len(packed[i].tokens))
     out: list[list[Score | None]] = [[None] * len(g.continuations) for g in groups]
-    for batch in _batches(order, packed, batch_size, max_tokens or batch_size * block):
+    if not max_tokens:
+        # CPU matmuls are as efficient at ~2k tokens as at 30k, while attention scores grow with B*T^2:
+        # cache-sized batches are faster there. GPUs want big batches.
+        max_tokens = batch_size * block if device.type != "cpu" else min(batch_size * block, CPU_BATCH_TOKENS)
+    for batch in _batches(order, packed, batch_size, max_tokens):
         items = [packed[i] for i in batch]
         idx, pos, mask = _batch_tensors(items, device)
         with autocast_for(device, dtype):
