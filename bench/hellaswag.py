@@ -70,6 +70,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16")
     ap.add_argument("--data", default="auto", help="auto | synthetic | a HellaSwag .jsonl / arrow path")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternate baseline/batched over this many chunks of rows")
     args = ap.parse_args()
 
     if args.threads:
@@ -96,18 +97,25 @@ def main() -> int:
         score_example_unbatched(model, groups[0], device)
     sync(device)
 
-    t0 = time.perf_counter()
+    # Interleaved rounds (baseline on a chunk of rows, then batched on the same chunk): on a shared
+    # machine, load that drifts during the run hits both paths alike.
     base: list[list[Score]] = []
-    with torch.inference_mode(), autocast_for(device, args.dtype):
-        for g in groups:
-            base.append([Score(lp, n, False) for lp, n in score_example_unbatched(model, g, device)])
-    sync(device)
-    t_base = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    batched = score_groups(model, groups, batch_size=args.batch_size, device=device, dtype=args.dtype)
-    sync(device)
-    t_batched = time.perf_counter() - t0
+    batched: list[list[Score]] = []
+    t_base = t_batched = 0.0
+    rounds = max(1, min(args.rounds, len(groups)))
+    bounds = [round(i * len(groups) / rounds) for i in range(rounds + 1)]
+    for lo, hi in zip(bounds, bounds[1:]):
+        chunk = groups[lo:hi]
+        t0 = time.perf_counter()
+        with torch.inference_mode(), autocast_for(device, args.dtype):
+            for g in chunk:
+                base.append([Score(lp, n, False) for lp, n in score_example_unbatched(model, g, device)])
+        sync(device)
+        t_base += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        batched.extend(score_groups(model, chunk, batch_size=args.batch_size, device=device, dtype=args.dtype))
+        sync(device)
+        t_batched += time.perf_counter() - t0
 
     same = predictions(base) == predictions(batched)
     diff = max(abs(a.logprob - b.logprob) for ra, rb in zip(base, batched) for a, b in zip(ra, rb))
