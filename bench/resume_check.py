@@ -52,8 +52,13 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def main() -> int:
-    overrides = sys.argv[1:]
-    steps = 40
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("overrides", nargs="*", help="section.key=value for the run config")
+    args = ap.parse_args()
+    overrides, steps = args.overrides, args.steps
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "data").mkdir()

@@ -210,6 +210,15 @@ class Workflow:
                 raise WorkflowError(f"stage '{name}' failed: {e}\nfix the cause and run the same command again to resume") from e
             self._end(name, "done")
         self.log(f"workflow: all stages done for {self.run_dir}")
+        self.log(f"  overview:  pretrain status {self.run_dir}")
+        self.log(f"  curves:    {self.run_dir / 'report.png'} (data: report.csv)")
+        run_file = self.run_dir / "mlflow_run.json"
+        if run_file.is_file():
+            uri = json.loads(run_file.read_text()).get("uri", "")
+            if uri.startswith("sqlite:"):
+                self.log(f"  MLflow UI: mlflow ui --backend-store-uri {uri}")
+            elif uri:
+                self.log(f"  MLflow:    {uri}")
         return 0
 
     def _begin(self, name: str) -> None:

@@ -1,0 +1,53 @@
+"""The README's commands, run as a newcomer would: the smoke workflow, the tokenizer fetch and
+the benchmark scripts (at toy sizes: the figures themselves belong to the benchmarks, not here)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_readme_and_ci_run_the_same_test_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    test_cmd = next(line for line in ci.splitlines() if "pytest" in line)
+    assert test_cmd in readme
+
+
+def test_tokenizer_fetch_command(gpt2_ranks):
+    r = run("-m", "pipelines.cli", "tokenizer", "fetch")
+    assert r.returncode == 0 and "sha256 306cd27f" in r.stdout, r.stderr
+
+
+@pytest.mark.slow
+def test_smoke_workflow_runs_end_to_end(tmp_path, gpt2_ranks):
+    """The README's main job: `pretrain run configs/smoke.yaml`, in a scratch run dir."""
+    r = run("-m", "pipelines.cli", "run", "configs/smoke.yaml", f"run_dir={tmp_path}/smoke", f"data.output_dir={tmp_path}/data",
+            f"data.cache_dir={tmp_path}/cache", timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "workflow: all stages done" in r.stdout and "mlflow ui --backend-store-uri sqlite:///" in r.stdout
+    status = run("-m", "pipelines.cli", "status", f"{tmp_path}/smoke").stdout
+    assert len(re.findall(r"step_000000[0-9]{2} \(step \d+\)  hellaswag: acc", status)) == 3, status
+    assert (tmp_path / "smoke" / "report.png").exists()
+
+
+@pytest.mark.slow
+def test_benchmark_scripts_run(gpt2_ranks):
+    r = run("bench/dataprep.py", "--mb", "0.5", "--workers", "1", "--tokenizer-file", gpt2_ranks)
+    assert r.returncode == 0 and "ratio stage/raw" in r.stdout, r.stderr[-2000:]
+    r = run("bench/train_step.py", "configs/smoke.yaml", "--steps", "1", "--warmup", "0")
+    assert r.returncode == 0 and r.stdout.count("RESULT") == 1, r.stderr[-2000:]
+    r = run("bench/hellaswag.py", "--model", "micro", "--rows", "8", "--device", "cpu", "--data", "synthetic")
+    assert r.returncode == 0 and "same_predictions=True" in r.stdout, r.stdout + r.stderr[-2000:]
+    r = run("bench/resume_check.py", "--steps", "10", "train.device=cpu", "model.name=micro", "train.seq_len=32")
+    assert r.returncode == 0 and "bitwise-different losses: 0" in r.stdout, r.stdout + r.stderr[-2000:]

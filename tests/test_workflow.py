@@ -1,0 +1,157 @@
+"""`pretrain run` end to end on CPU with real Ray, torchrun, the eval watcher and MLflow (sqlite):
+completes, resumes after being killed in any stage to the same final metrics, refuses config
+changes that would invalidate finished stages, and `status`/`report` work at any point."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.trainer_helpers import kill_tree, metric_steps
+from tests.workflow_helpers import final_metrics, stage_status, write_config
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pretrain(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("workflow")
+
+
+@pytest.fixture(scope="module")
+def reference(work, gpt2_ranks) -> Path:
+    cfg, run_dir = write_config(work, "reference", gpt2_ranks)
+    r = pretrain("run", str(cfg))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return run_dir
+
+
+def test_workflow_completes_with_all_outputs(reference):
+    assert stage_status(reference) == {"data": "done", "train": "done", "eval": "done", "report": "done"}
+    m = final_metrics(reference)
+    assert sorted(m["losses"]) == list(range(1, 13))
+    assert sorted(m["evals"]) == ["step_00000006/hellaswag", "step_00000012/hellaswag"]
+    assert all(0 <= v["acc_norm"] <= 1 for v in m["evals"].values())
+    assert (reference / "report.png").stat().st_size > 10_000
+    header = (reference / "report.csv").read_text().splitlines()[0]
+    assert header == "step,tokens,train_loss,val_loss,eval/hellaswag/acc,eval/hellaswag/acc_norm"
+
+
+def test_rerun_of_finished_workflow_verifies_and_skips(reference, work, gpt2_ranks):
+    cfg, _ = write_config(work, "reference", gpt2_ranks)
+    t0 = time.time()
+    r = pretrain("run", str(cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    for stage in ("data", "train", "eval", "report"):
+        assert f"workflow: {stage}: done (outputs verified), skipping" in r.stdout
+    assert time.time() - t0 < 60
+
+
+def test_status_of_finished_run(reference):
+    r = pretrain("status", str(reference))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for stage in ("data", "train", "eval", "report"):
+        assert f"  {stage:<7} done" in out
+    assert "training  step 12, loss" in out and "tokens/s" in out
+    assert "step_00000006 (step 6)  hellaswag: acc" in out and "step_00000012 (step 12)  hellaswag: acc" in out
+    assert "mlflow    run " in out and "mlflow ui --backend-store-uri sqlite:///" in out
+
+
+def test_eval_metrics_reach_the_training_mlflow_run(reference):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    rec = json.loads((reference / "mlflow_run.json").read_text())
+    client = MlflowClient(tracking_uri=rec["uri"])
+    history = client.get_metric_history(rec["run_id"], "eval/hellaswag/acc_norm")
+    assert sorted(h.step for h in history) == [6, 12]
+    assert "report" in {a.path for a in client.list_artifacts(rec["run_id"])}
+
+
+def _wait(pred, timeout: float, what: str, proc: subprocess.Popen) -> None:
+    deadline = time.time() + timeout
+    while not pred():
+        assert proc.poll() is None, f"run exited ({proc.returncode}) before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("stage", ["data", "train", "eval"])
+def test_killed_in_each_stage_resumes_to_the_same_final_metrics(reference, work, gpt2_ranks, stage):
+    cfg, run_dir = write_config(work, f"killed-{stage}", gpt2_ranks)
+    data_dir = work / "data" / f"killed-{stage}"
+    log = open(work / f"killed-{stage}.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(cfg)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        if stage == "data":
+            _wait(lambda: (data_dir / ".work" / "scan").is_dir() and any((data_dir / ".work" / "scan").iterdir()), 120, "the first scan result", proc)
+        elif stage == "train":
+            _wait(lambda: metric_steps(run_dir) >= 4, 180, "training step 4", proc)
+        else:
+            _wait(lambda: stage_status(run_dir).get("eval") == "running", 240, "the eval stage", proc)
+            time.sleep(1.0)
+    finally:
+        kill_tree(proc)
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert stage_status(run_dir).get(stage) == "running"  # a hard kill leaves no chance to say more
+    if stage == "train":  # status and report work on a half-finished run
+        r = pretrain("status", str(run_dir))
+        assert r.returncode == 0 and "  train   running" in r.stdout and "training  step " in r.stdout, r.stdout + r.stderr
+        r = pretrain("report", str(run_dir))
+        assert r.returncode == 0 and (run_dir / "report.png").exists(), r.stderr
+    r = pretrain("run", str(cfg))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"workflow: {stage}: resuming an interrupted run" in r.stdout
+    assert stage_status(run_dir) == {"data": "done", "train": "done", "eval": "done", "report": "done"}
+    assert final_metrics(run_dir) == final_metrics(reference)
+
+
+def test_config_change_is_refused_unless_restarting(reference, work, gpt2_ranks, tmp_path):
+    cfg, run_dir = write_config(work, "reference", gpt2_ranks)
+    before = (run_dir / "workflow.json").read_text()
+    r = pretrain("run", str(cfg), "train.lr=0.01")
+    assert r.returncode == 2
+    assert "the config changed since stage 'train' ran (train.lr)" in r.stderr and "--restart-from train" in r.stderr
+    assert (run_dir / "workflow.json").read_text() == before
+    # A run-time knob (cadence, device, ranks) never invalidates a finished stage.
+    r = pretrain("run", str(cfg), "train.ckpt_every=3", "eval.batch_size=4")
+    assert r.returncode == 0 and "workflow: train: done (outputs verified), skipping" in r.stdout, r.stderr[-2000:]
+    # Restarting from the report redoes only the report.
+    r = pretrain("run", str(cfg), "--restart-from", "report")
+    assert r.returncode == 0 and "workflow: eval: done (outputs verified), skipping" in r.stdout
+    assert stage_status(run_dir)["report"] == "done"
+
+
+def test_restart_from_train_archives_the_old_run(work, gpt2_ranks):
+    cfg, run_dir = write_config(work, "restart", gpt2_ranks, data_name="reference")
+    assert pretrain("run", str(cfg)).returncode == 0
+    old = final_metrics(run_dir)
+    r = pretrain("run", str(cfg), "train.lr=0.01", "--restart-from", "train")
+    assert r.returncode == 0, r.stderr[-2000:]
+    archives = list((run_dir / "archive").iterdir())
+    assert len(archives) == 1 and (archives[0] / "checkpoints").is_dir() and (archives[0] / "metrics.jsonl").is_file()
+    new = final_metrics(run_dir)
+    assert sorted(new["losses"]) == list(range(1, 13)) and new["losses"] != old["losses"]
+
+
+def test_bad_configs_fail_before_anything_runs(work, gpt2_ranks, tmp_path):
+    cfg, run_dir = write_config(work, "bad", gpt2_ranks)
+    r = pretrain("run", str(cfg), "train.max_stepz=3")
+    assert r.returncode == 2 and "unknown key 'train.max_stepz'" in r.stderr
+    r = pretrain("run", str(cfg), "--restart-from", "nothing")
+    assert r.returncode == 2
+    assert not run_dir.exists()
