@@ -136,7 +136,12 @@ def score_example_unbatched(model: GPT, group: Group, device: str | torch.device
         tokens[i, : len(r)] = torch.tensor(r)
         mask[i, : len(m)] = torch.tensor(m)
     tokens, mask = tokens.to(device), mask.to(device)
-    logits, _ = model(tokens[:, :-1])
-    logp = F.log_softmax(logits[..., :GPT2_VOCAB].float(), dim=-1)
-    lp = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1) * mask[:, 1:]
-    return [(float(lp[i].sum()), int(mask[i, 1:].sum())) for i in range(len(rows))]
+    # build-nanogpt's evaluation, verbatim but for the padded-vocabulary slice (those ids are no tokens)
+    # (a row of block_size + 1 tokens cannot be fed whole; its last position is never needed)
+    logits, _ = model(tokens if T <= block else tokens[:, :-1])
+    shift_logits = logits[..., : T - 1, :GPT2_VOCAB].contiguous()
+    shift_tokens = tokens[..., 1:].contiguous()
+    losses = F.cross_entropy(shift_logits.view(-1, shift_logits.size(-1)).float(), shift_tokens.view(-1), reduction="none")
+    shift_mask = mask[..., 1:].contiguous()
+    lp = -losses.view(tokens.size(0), -1) * shift_mask
+    return [(float(lp[i].sum()), int(shift_mask[i].sum())) for i in range(len(rows))]
