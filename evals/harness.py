@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -184,7 +185,7 @@ class PretrainGPTLM(TemplateLM):
         with autocast_for(dev, self.dtype):
             hidden, past = masked_forward(model, idx, pos, mask)
             for t in range(max_new):
-                logits = model.lm_head(hidden[:, -1]).float()[:, :vocab]
+                logits = F.linear(hidden[:, -1], model.lm_head.weight[:vocab]).float()  # real tokens only
                 if temperature > 0:
                     nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
                 else:

@@ -194,9 +194,11 @@ def _head_scores(model: GPT, hidden: torch.Tensor, rows: torch.Tensor, tokens: t
     lp = torch.empty(len(rows), dtype=torch.float32, device=hidden.device)
     greedy = torch.empty(len(rows), dtype=torch.bool, device=hidden.device)
     vocab = min(GPT2_VOCAB, model.config.vocab_size)
+    # the padded vocabulary entries are not tokens: leave them out of the distribution (and the
+    # matmul), and keep the logits contiguous (reductions over a strided slice are much slower)
+    weight = model.lm_head.weight[:vocab]
     for s in range(0, len(uniq), HEAD_CHUNK):
-        # the padded vocabulary entries are not tokens: exclude them from the distribution
-        logits = model.lm_head(h[s : s + HEAD_CHUNK]).float()[:, :vocab]
+        logits = F.linear(h[s : s + HEAD_CHUNK], weight).float()
         lse = torch.logsumexp(logits, dim=-1)
         best = logits.argmax(dim=-1)
         sel = (inverse >= s) & (inverse < s + HEAD_CHUNK)
