@@ -14,7 +14,7 @@ class EvalSlurmConfig:
     qos: str = ""
     gpus: int = 1
     cpus: int = 8
-    mem_gb: int = 32
+    mem_gb: int = 0  # 0 = the partition's default
     time: str = "01:00:00"
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from evals.config import EvalConfig
+from slurm.resources import SlurmError, parse_time_minutes
 from evals.job import planned_tasks, run_job
 from evals.results import RESULTS_SUBDIR, checkpoint_id, is_complete, write_json_atomic
 from trainer.checkpoint import list_committed, read_meta
@@ -59,19 +60,6 @@ def training_finished(run_dir: Path) -> bool:
     return False
 
 
-def _minutes(hms: str) -> int:
-    """SLURM time "HH:MM:SS" / "D-HH:MM:SS" / "MM" -> minutes (submitit's timeout_min)."""
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", hms.strip())
-    if not m:
-        raise WatchError(f"eval.slurm.time {hms!r} is not D-HH:MM:SS")
-    d, a, b, c = (int(x) if x else 0 for x in m.groups())
-    if m.group(3) is None:  # plain minutes
-        return d * 1440 + a
-    if m.group(4) is None:  # MM:SS
-        return d * 1440 + a + (1 if b else 0)
-    return d * 1440 + a * 60 + b + (1 if c else 0)
-
-
 def make_executor(kind: str, folder: Path, cfg: EvalConfig):
     """A submitit executor: ``local`` (subprocesses) or ``slurm`` (``eval.slurm.*`` resources)."""
     import submitit
@@ -80,9 +68,15 @@ def make_executor(kind: str, folder: Path, cfg: EvalConfig):
         raise WatchError(f"--executor must be local or slurm, got {kind!r}")
     ex = submitit.AutoExecutor(folder=str(folder), cluster=kind)
     s = cfg.slurm
-    params: dict[str, Any] = {"timeout_min": _minutes(s.time), "name": "pretrain-eval"}
+    try:
+        minutes = parse_time_minutes(s.time)
+    except SlurmError as e:
+        raise WatchError(f"eval.slurm.time: {e}") from e
+    params: dict[str, Any] = {"timeout_min": minutes, "name": "pretrain-eval"}
     if kind == "slurm":
-        params.update(nodes=1, tasks_per_node=1, gpus_per_node=s.gpus, cpus_per_task=s.cpus, mem_gb=s.mem_gb)
+        params.update(nodes=1, tasks_per_node=1, gpus_per_node=s.gpus, cpus_per_task=s.cpus)
+        if s.mem_gb:
+            params["mem_gb"] = s.mem_gb
         extra = {"slurm_partition": s.partition, "slurm_account": s.account, "slurm_qos": s.qos}
         params.update({k: v for k, v in extra.items() if v})
     ex.update_parameters(**params)
@@ -285,7 +279,13 @@ class Watcher:
             e = self.entries[ckpt.name]
             e.attempts += 1
             self.executor.update_parameters(name=f"eval-{ckpt.name}")
-            job = self.executor.submit(run_job, str(ckpt), self.cfg, self._cpu_threads())
+            try:
+                job = self.executor.submit(run_job, str(ckpt), self.cfg, self._cpu_threads())
+            except Exception as ex:  # noqa: BLE001 - e.g. sbatch refusing the request: report, don't crash
+                e.errors.append(f"submission failed: {_error_line(ex)}")
+                e.status, e.updated = ("failed" if e.attempts > self.cfg.max_retries else "new"), time.time()
+                self.log(f"watch: could not submit {ckpt.name} (attempt {e.attempts}): {_error_line(ex)}")
+                continue
             self.jobs[ckpt.name] = job
             e.status, e.job_id, e.updated = "running", str(job.job_id), time.time()
             self.log(f"watch: submitted {ckpt.name} (job {job.job_id}, attempt {e.attempts}/{self.cfg.max_retries + 1})")

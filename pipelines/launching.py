@@ -73,9 +73,13 @@ def stage_resources(stage: str, cfg: PipelineConfig) -> tuple[SlurmConfig, int]:
 
 
 def check_slurm_request(cfg: PipelineConfig) -> None:
-    """Every stage's request must fit the cluster before the first job is queued."""
+    """Every stage's request, and each eval job's, must fit the cluster before the first job is queued."""
     for stage in ("data", "train", "eval", "report"):
         check_fits(*stage_resources(stage, cfg))
+    e = cfg.eval.slurm
+    eval_job = SlurmConfig(nodes=1, gpus_per_node=e.gpus, cpus_per_task=e.cpus, mem_gb=e.mem_gb, partition=e.partition,
+                           account=e.account, qos=e.qos, time=e.time)
+    check_fits(eval_job, e.gpus)
 
 
 def stage_argv(stage: str, config_path: str, overrides: list[str], run_dir: Path, cfg: PipelineConfig) -> list[str]:

@@ -38,7 +38,7 @@ RUNTIME_KEYS = {
     "data": {"cache_dir", "download_retries", "keep_work"},
     "train": {"nproc_per_node", "device", "compile", "async_ckpt", "peak_flops", "ckpt_every", "keep_last",
               "keep_every", "sample_every", "sample_tokens", "sample_prompt", "val_every", "val_batches"},
-    "eval": {"slurm", "poll_s", "max_retries", "device", "batch_size", "max_parallel", "order"},
+    "eval": {"slurm", "poll_s", "max_retries", "device", "batch_size", "max_parallel", "order", "tracking_uri"},
 }  # fmt: skip
 
 

@@ -22,6 +22,7 @@ class Partition:
     cpus_per_node: int
     gpus_per_node: int
     default: bool
+    mem_mb: int = 0
 
 
 def parse_time_minutes(value: str) -> int:
@@ -53,18 +54,19 @@ def _gpus(gres: str) -> int:
 def partitions() -> list[Partition]:
     if shutil.which("sinfo") is None:
         raise SlurmError("SLURM is not available here (no `sinfo` on PATH); use --executor local")
-    out = subprocess.run(["sinfo", "-h", "-o", "%P|%D|%c|%G"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(["sinfo", "-h", "-o", "%P|%D|%c|%G|%m"], capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
         raise SlurmError(f"sinfo failed: {out.stderr.strip()}")
     found: dict[str, Partition] = {}
     for line in out.stdout.splitlines():
-        name, nodes, cpus, gres = line.split("|")
+        name, nodes, cpus, gres, mem = line.split("|")
         default = name.endswith("*")
         name = name.rstrip("*")
         prev = found.get(name)
-        p = Partition(name, int(nodes), int(cpus.rstrip("+")), _gpus(gres), default)
+        p = Partition(name, int(nodes), int(cpus.rstrip("+")), _gpus(gres), default, int(mem.rstrip("+")))
         if prev:  # several node groups in one partition
-            p = Partition(name, prev.nodes + p.nodes, max(prev.cpus_per_node, p.cpus_per_node), max(prev.gpus_per_node, p.gpus_per_node), default)
+            p = Partition(name, prev.nodes + p.nodes, max(prev.cpus_per_node, p.cpus_per_node), max(prev.gpus_per_node, p.gpus_per_node),
+                          default, max(prev.mem_mb, p.mem_mb))
         found[name] = p
     return list(found.values())
 
@@ -94,6 +96,8 @@ def check_fits(cfg: SlurmConfig, gpus_per_node: int) -> Partition:
             f"slurm.cpus_per_task={cfg.cpus_per_task} does not fit partition '{part.name}', "
             f"whose nodes have {part.cpus_per_node} CPUs"
         )
+    if cfg.mem_gb and part.mem_mb and cfg.mem_gb * 1024 > part.mem_mb:
+        raise SlurmError(f"mem_gb={cfg.mem_gb} does not fit partition '{part.name}', whose nodes have {part.mem_mb} MB")
     parse_time_minutes(cfg.time)
     return part
 

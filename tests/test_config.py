@@ -81,3 +81,19 @@ def test_round_trip_through_yaml(tmp_path):
     again = load_config(path)
     assert to_dict(again) == to_dict(cfg)
     assert flatten(to_dict(cfg))["train.lr"] == 1e-3
+
+
+def test_cli_takes_overrides_before_and_after_options(tmp_path):
+    from pipelines.cli import build_parser, main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  shard_tokens: 5\n")
+    # `pretrain sbatch CONFIG -o FILE key=value`: the override after the option still applies
+    out = tmp_path / "job.sbatch"
+    assert main(["sbatch", str(cfg), "train.max_steps=7", "-o", str(out), "slurm.partition=gpu-a"]) == 0
+    text = out.read_text()
+    assert "train.max_steps=7 slurm.partition=gpu-a" in text and "#SBATCH --partition=gpu-a" in text
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sbatch", str(cfg), "--bogus"])
+    with pytest.raises(SystemExit):
+        main(["sbatch", str(cfg), "-o", str(out), "--bogus"])

@@ -234,6 +234,7 @@ def test_sbatch_script_runs_and_requeues(cluster, work, local_losses, tmp_path):
         (["slurm.nodes=3"], "slurm.nodes=3 does not fit partition 'debug', which has 2 node(s)"),
         (["slurm.gpus_per_node=8", "train.device=cuda"], "slurm.gpus_per_node=8 does not fit partition 'debug', whose nodes have 0 GPU(s)"),
         (["slurm.cpus_per_task=64"], "slurm.cpus_per_task=64 does not fit"),
+        (["slurm.mem_gb=4096"], "mem_gb=4096 does not fit partition 'debug'"),
     ],
 )
 def test_requests_that_cannot_run_fail_before_submitting(cluster, work, overrides, message):
@@ -266,3 +267,46 @@ def test_sbatch_script_quotes_every_value(work):
     assert "#SBATCH --partition='a b'" in r.stdout
     check = subprocess.run(["bash", "-n"], input=r.stdout, text=True, capture_output=True)
     assert check.returncode == 0, check.stderr
+
+
+def test_workflow_on_slurm_runs_as_chained_jobs(cluster, tmp_path_factory, gpt2_ranks):
+    """`pretrain run --executor slurm`: data → train → eval watcher (its eval jobs on SLURM too) →
+    report, as jobs chained with --dependency; the command returns at once."""
+    import json
+
+    from tests.workflow_helpers import final_metrics, stage_status
+    from tests.workflow_helpers import write_config as write_workflow_config
+
+    work = tmp_path_factory.mktemp("slurm-workflow")
+    cfg, run_dir = write_workflow_config(work, "chained", gpt2_ranks)
+    t0 = time.time()
+    r = pretrain("run", str(cfg), "--executor", "slurm")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert time.time() - t0 < 60, "submitting must not wait for the jobs"
+    wf = json.loads((run_dir / "workflow.json").read_text())
+    jobs = {name: st["job_ids"][-1] for name, st in wf["stages"].items()}
+    assert set(jobs) == {"data", "train", "eval", "report"}
+    assert f"afterok:{jobs['data']}" in r.stdout and f"after:{jobs['train']}" in r.stdout and f"afterok:{jobs['eval']}" in r.stdout
+    assert wait_final(jobs["report"], timeout=900) == "COMPLETED", logs(run_dir)
+    for name in ("data", "train", "eval"):
+        assert sacct_state(jobs[name]) == "COMPLETED"
+    status = pretrain("status", str(run_dir))
+    assert status.returncode == 0 and "slurm executor" in status.stdout, status.stderr
+    assert stage_status(run_dir) == {"data": "done", "train": "done", "eval": "done", "report": "done"}
+    m = final_metrics(run_dir)
+    assert sorted(m["losses"]) == list(range(1, 13)) and len(m["evals"]) == 2
+    # Running it again finds everything done and submits nothing.
+    r = pretrain("run", str(cfg), "--executor", "slurm")
+    assert r.returncode == 0 and "submitted job" not in r.stdout and r.stdout.count("skipping") == 4, r.stdout
+
+
+def test_workflow_refuses_unfit_request_before_submitting_anything(cluster, tmp_path_factory, gpt2_ranks):
+    from tests.workflow_helpers import write_config as write_workflow_config
+
+    work = tmp_path_factory.mktemp("slurm-workflow-bad")
+    cfg, run_dir = write_workflow_config(work, "bad", gpt2_ranks)
+    for override, message in (("slurm.partition=nope", "unknown partition 'nope'"), ("eval.slurm.mem_gb=4096", "mem_gb=4096 does not fit"),
+                              ("eval.slurm.gpus=1", "slurm.gpus_per_node=1 does not fit")):
+        r = pretrain("run", str(cfg), "--executor", "slurm", override)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+        assert not (run_dir / "slurm" / "jobs.jsonl").exists()
