@@ -62,6 +62,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"pretrain submit: error: {e}", file=sys.stderr)
         return 2
     print(f"submitted job {job.job_id} ({args.executor})\n  run dir: {cfg.run_dir}\n  stdout:  {job.paths.stdout}\n  stderr:  {job.paths.stderr}")
+    if args.with_evals:
+        from pipelines.launching import submit_eval_watcher
+
+        watcher = submit_eval_watcher(args.config, list(args.overrides), cfg, args.executor, str(job.job_id))
+        print(f"submitted eval watcher job {watcher.job_id} (one eval job per checkpoint; stdout {watcher.paths.stdout})")
     if args.wait:
         try:
             job.result()
@@ -204,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--executor", choices=("slurm", "local"), default="slurm", help="local: same code path, no SLURM")
     p.add_argument("--wait", action="store_true", help="follow the job until it finishes")
+    p.add_argument("--with-evals", action="store_true", help="also start the eval watcher as its own small job")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("sbatch", help="print (or write with -o) a self-contained sbatch script for training")

@@ -40,6 +40,17 @@ def check_ready_to_train(cfg: PipelineConfig) -> None:
         raise ConfigError(f"data.output_dir: {e}") from e
 
 
+def submit_eval_watcher(config_path: str, overrides: list[str], cfg: PipelineConfig, executor: str, train_job_id: str):
+    """The eval watcher as its own small job, started with training, so every checkpoint gets
+    evaluated with no one at the keyboard (its eval jobs use `eval.slurm.*`)."""
+    run_dir = Path(cfg.run_dir).resolve()
+    argv = [*stage_argv("eval", config_path, overrides, run_dir, cfg)]
+    argv[argv.index("--executor") + 1] = executor
+    if executor == "slurm":
+        check_fits(*eval_job_request(cfg))
+    return submit_stage("eval", argv, cfg, f"after:{train_job_id}" if executor == "slurm" else "", cluster=executor)
+
+
 def submit_training(config_path: str, overrides: list[str], cfg: PipelineConfig, executor: str):
     check_ready_to_train(cfg)
     run_dir = Path(cfg.run_dir).resolve()
@@ -76,10 +87,15 @@ def check_slurm_request(cfg: PipelineConfig) -> None:
     """Every stage's request, and each eval job's, must fit the cluster before the first job is queued."""
     for stage in ("data", "train", "eval", "report"):
         check_fits(*stage_resources(stage, cfg))
+    check_fits(*eval_job_request(cfg))
+
+
+def eval_job_request(cfg: PipelineConfig) -> tuple[SlurmConfig, int]:
+    """One eval job's request (`eval.slurm.*`) in the shape check_fits takes."""
     e = cfg.eval.slurm
-    eval_job = SlurmConfig(nodes=1, gpus_per_node=e.gpus, cpus_per_task=e.cpus, mem_gb=e.mem_gb, partition=e.partition,
-                           account=e.account, qos=e.qos, time=e.time)
-    check_fits(eval_job, e.gpus)
+    job = SlurmConfig(nodes=1, gpus_per_node=e.gpus, cpus_per_task=e.cpus, mem_gb=e.mem_gb, partition=e.partition,
+                      account=e.account, qos=e.qos, time=e.time)
+    return job, e.gpus
 
 
 def stage_argv(stage: str, config_path: str, overrides: list[str], run_dir: Path, cfg: PipelineConfig) -> list[str]:
@@ -96,11 +112,11 @@ def stage_argv(stage: str, config_path: str, overrides: list[str], run_dir: Path
     raise ValueError(stage)
 
 
-def submit_stage(stage: str, argv: list[str], cfg: PipelineConfig, dependency: str):
+def submit_stage(stage: str, argv: list[str], cfg: PipelineConfig, dependency: str, cluster: str = "slurm"):
     run_dir = Path(cfg.run_dir).resolve()
     resources, gpus = stage_resources(stage, cfg)
     return submit_command(
-        argv, resources, slurm_dir(run_dir) / "logs" / "%j", cluster="slurm", name=f"pretrain-{stage}-{run_dir.name}",
+        argv, resources, slurm_dir(run_dir) / "logs" / "%j", cluster=cluster, name=f"pretrain-{stage}-{run_dir.name}",
         requeue_exit_code=EXIT_REQUEUE, gpus_per_node=gpus, record_in=slurm_dir(run_dir), dependency=dependency,
     )  # fmt: skip
 

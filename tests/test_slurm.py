@@ -55,6 +55,36 @@ slurm:
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
+def stop_stale_test_daemons() -> None:
+    """SLURM daemons left by an earlier test run that was killed before its teardown (their config
+    lives in a pytest temp dir): they hold the ports, so a new cluster could not start."""
+    import signal
+    import tempfile
+
+    tmp_root = Path(tempfile.gettempdir()).resolve()
+    stale = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            comm = (proc / "comm").read_text().strip()
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if comm not in ("slurmctld", "slurmd", "slurmdbd", "slurmstepd"):
+            continue
+        conf = next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"SLURM_CONF=")), "")
+        if conf.startswith(str(tmp_root / "pytest-of-")):
+            stale.append(int(proc.name))
+    for pid in stale:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if stale:
+        time.sleep(1)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A 2-node SLURM cluster with accounting, for this module; every daemon is stopped at the end."""
@@ -63,6 +93,7 @@ def cluster(tmp_path_factory):
     install = subprocess.run(["bash", str(SCRIPTS / "install.sh")], capture_output=True, text=True)
     if install.returncode != 0:
         skip_or_fail(f"cannot install SLURM: {install.stderr.strip()[-500:]}")
+    stop_stale_test_daemons()
     base = tmp_path_factory.mktemp("slurm-cluster")
     env = {**os.environ, "BASE": str(base)}
     start = subprocess.run(["bash", str(SCRIPTS / "start.sh"), "--nodes", "2", "--dbd"], capture_output=True, text=True, env=env, timeout=240)
@@ -310,3 +341,23 @@ def test_workflow_refuses_unfit_request_before_submitting_anything(cluster, tmp_
         r = pretrain("run", str(cfg), "--executor", "slurm", override)
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert not (run_dir / "slurm" / "jobs.jsonl").exists()
+
+
+def test_submit_with_evals_starts_the_watcher_job(cluster, work, local_losses):
+    cfg, run_dir = write_config(work, "with-evals")
+    hs = work / "hellaswag.jsonl"
+    from tests.evals_helpers import hellaswag_rows, write_jsonl
+
+    write_jsonl(hs, hellaswag_rows(8, seed=1))
+    evals = [f"eval.hellaswag_path={hs}", "eval.data_source=local", "eval.device=cpu", "eval.slurm.gpus=0", "eval.slurm.cpus=1",
+             "eval.slurm.time=10:00", "eval.poll_s=1"]
+    r = pretrain("submit", str(cfg), *evals, "--with-evals")
+    assert r.returncode == 0, r.stderr
+    train_job = job_id_of(r.stdout)
+    watcher = r.stdout.split("submitted eval watcher job ")[1].split()[0]
+    assert wait_final(train_job) == "COMPLETED" and wait_final(watcher) == "COMPLETED", logs(run_dir)
+    assert losses(run_dir) == local_losses
+    evaluated = sorted(p.parent.name for p in (run_dir / "evals").glob("step_*/hellaswag.json"))
+    from trainer.checkpoint import list_committed
+
+    assert evaluated == [c.name for c in list_committed(run_dir)] and evaluated

@@ -157,6 +157,9 @@ fi
 # ---------------------------------------------------------------- slurmctld + slurmd(s)
 slurmctld
 waitfor 30 scontrol ping
+# a controller that answers is not necessarily ours (a stale one holding the port): check our pid file
+waitfor 10 test -s "$RUN/slurmctld.pid"
+kill -0 "$(cat "$RUN/slurmctld.pid")" 2>/dev/null || { echo "slurmctld did not stay up (port 6817 in use?): see $LOG/slurmctld.log" >&2; exit 1; }
 say "slurmctld started (pid $(cat "$RUN/slurmctld.pid"))"
 if [ "$NODES" -le 1 ]; then
   mkdir -p "$STATE/slurmd-$HOST"
