@@ -42,7 +42,6 @@ from dataprep.shards import (
     SHARD_VERSION,
     atomic_write_bytes,
     atomic_write_json,
-    file_sha256,
     read_header,
     write_shard,
 )

@@ -23,11 +23,11 @@ it) AND its metrics reached MLflow (``logged`` true, or tracking disabled for th
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from dataprep.shards import atomic_write_json
 from trainer.checkpoint import MARKER, MODEL_FILE, step_dirname
 
 RESULTS_SUBDIR = "evals"
@@ -37,18 +37,7 @@ def write_json_atomic(path: Path, obj: Any, create_parents: bool = True) -> None
     """Write JSON so that a crash leaves either the old or the new file, never a torn one."""
     if create_parents:
         path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write_json(path, obj)
 
 
 def checkpoint_id(ckpt_dir: Path) -> str:

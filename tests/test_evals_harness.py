@@ -10,7 +10,7 @@ import torch
 from evals import data, hellaswag
 from evals.harness import PretrainGPTLM, run_harness, task_metrics
 from tests.evals_helpers import hellaswag_rows, write_jsonl
-from tests.trainer_helpers import skip_or_fail
+from tests.conftest import skip_or_fail
 from trainer.model import GPT, GPTConfig
 
 

@@ -11,7 +11,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,12 +20,13 @@ import torch
 
 from dataprep.shards import TokenDataset
 
+from tests.services import free_port
+from tests.services import mlflow_server as start_mlflow_server
 from tests.trainer_helpers import (
     descendants,
     kill_tree,
     make_shard_dir,
     pretrain_cmd,
-    skip_or_fail,
     start,
     wait_for_step,
 )
@@ -317,47 +317,10 @@ def test_bad_batch_geometry_is_a_clear_error(workdir, data_dir):
 # ------------------------------------------------------------------ MLflow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    exe = shutil.which("mlflow") or str(Path(os.sys.executable).with_name("mlflow"))
-    if not Path(exe).exists():
-        skip_or_fail("the mlflow CLI is not installed")
-    port = _free_port()
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    log = open(tmp_path / "mlflow-server.log", "wb")
-    proc = subprocess.Popen(
-        [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination", str(tmp_path / "artifacts")],
-        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        import urllib.request
-
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                skip_or_fail(f"mlflow server did not start: {(tmp_path / 'mlflow-server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    with start_mlflow_server(tmp_path) as uri:
         yield uri
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_resume_continues_the_same_mlflow_run(workdir, data_dir, mlflow_server):
@@ -399,7 +362,7 @@ def test_resume_continues_the_same_mlflow_run(workdir, data_dir, mlflow_server):
 def test_unreachable_tracking_server_fails_at_start(workdir, data_dir):
     run_dir, config, log = fresh(workdir, data_dir, "mlflow-down")
     env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    rc = train(config, log, f"tracking.uri=http://127.0.0.1:{_free_port()}", env=env)
+    rc = train(config, log, f"tracking.uri=http://127.0.0.1:{free_port()}", env=env)
     assert rc not in (EXIT_OK, EXIT_REQUEUE)
     assert "MLflow tracking at http://127.0.0.1" in log.read_text()
     assert not (run_dir / "metrics.jsonl").exists() or losses(run_dir) == {}

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from dataprep.shards import write_shard
 
@@ -53,13 +52,6 @@ def make_shard_dir(path: Path, seed: int = 0, train_shards: int = 3, shard_token
     }
     (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return path
-
-
-def skip_or_fail(reason: str) -> None:
-    """A component that cannot start locally: skip, except on CI (CI=true) where that is a failure."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"required component unavailable on CI: {reason}")
-    pytest.skip(reason)
 
 
 def pretrain_cmd(*args: str) -> list[str]:

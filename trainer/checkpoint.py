@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import torch
 
+from dataprep.shards import fsync_dir
 from trainer.model import GPT, GPTConfig
 
 CKPT_SUBDIR = "checkpoints"
@@ -169,14 +170,6 @@ def load_model_for_eval(ckpt_dir: str | Path, device: str | torch.device = "cpu"
 # writing
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_torch(path: Path, obj: Any) -> None:
     with open(path, "wb") as f:
         torch.save(obj, f)
@@ -214,7 +207,7 @@ def _remove_tree(path: Path) -> None:
     marker = path / MARKER
     if marker.exists():
         marker.unlink()
-        _fsync_dir(path)
+        fsync_dir(path)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -236,20 +229,20 @@ def write_checkpoint(
     _write_torch(tmp / OPTIM_FILE, optim_state)
     _write_torch(tmp / STATE_FILE, trainer_state)
     _write_text(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     _fault("tmp", step)
     if final.exists():
         # a partial or corrupt checkpoint of the same step (we resumed from an older one): replace it
         _remove_tree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     _fault("renamed", step)
     files = {name: _sha256(final / name) for name in (MODEL_FILE, OPTIM_FILE, STATE_FILE, META_FILE)}
     marker = {"format_version": FORMAT_VERSION, "step": step, "files": files, "time": time.time()}
     tmp_marker = final / f".{MARKER}.tmp"
     _write_text(tmp_marker, json.dumps(marker, indent=2, sort_keys=True) + "\n")
     os.replace(tmp_marker, final / MARKER)
-    _fsync_dir(final)
+    fsync_dir(final)
     return final
 
 
