@@ -331,3 +331,42 @@ def test_truncated_shard_and_unknown_manifest_version_are_detected(built, tmp_pa
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match="manifest version 99 is not supported"):
         TokenDataset(copy)
+
+
+def test_joins_an_existing_ray_cluster(corpus, tmp_path, gpt2_ranks, cli_reference):
+    """`ray.address`: the stage runs on a cluster someone else started (here `ray start --head`)."""
+    import shutil
+    import socket
+    import tempfile
+
+    from tests.conftest import skip_or_fail
+
+    ray_exe = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix socket paths have a length limit
+    head_log = tmp_path / "head.log"
+    head = subprocess.Popen([ray_exe, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=false", "--block", f"--temp-dir={temp}"],
+                            stdout=open(head_log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})  # a cluster with token auth needs RAY_AUTH_MODE=token in clients
+    try:
+        deadline = time.time() + 90
+        while "Ray runtime started" not in head_log.read_text(errors="replace"):
+            if head.poll() is not None or time.time() > deadline:
+                skip_or_fail(f"cannot start a Ray head node: {head_log.read_text()[-1500:]}")
+            time.sleep(0.5)
+        src, _ = corpus
+        out = tmp_path / "out"
+        cfg = write_config(tmp_path / "c.yaml", src, out, gpt2_ranks, 0)
+        r = run_cli("data", str(cfg), f"ray.address=127.0.0.1:{port}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert tree_digest(out) == cli_reference
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)

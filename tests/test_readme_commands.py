@@ -51,3 +51,14 @@ def test_benchmark_scripts_run(gpt2_ranks):
     assert r.returncode == 0 and "same_predictions=True" in r.stdout, r.stdout + r.stderr[-2000:]
     r = run("bench/resume_check.py", "--steps", "10", "train.device=cpu", "model.name=micro", "train.seq_len=32")
     assert r.returncode == 0 and "bitwise-different losses: 0" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+def test_readme_sbatch_route_for_gpt2_124m(tmp_path):
+    script = tmp_path / "train.sbatch"
+    r = run("-m", "pipelines.cli", "sbatch", "configs/gpt2-124m.yaml", "slurm.partition=gpu", "-o", str(script),
+            f"run_dir={tmp_path}/gpt2-124m")
+    assert r.returncode == 0, r.stderr
+    text = script.read_text()
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=8", "#SBATCH --requeue", "#SBATCH --signal=B:USR2@120"):
+        assert line in text
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0

@@ -155,3 +155,22 @@ def test_bad_configs_fail_before_anything_runs(work, gpt2_ranks, tmp_path):
     r = pretrain("run", str(cfg), "--restart-from", "nothing")
     assert r.returncode == 2
     assert not run_dir.exists()
+
+
+def test_ctrl_c_during_training_then_rerun_resumes(reference, work, gpt2_ranks):
+    """Ctrl-C as a terminal sends it: SIGINT to the whole foreground process group."""
+    cfg, run_dir = write_config(work, "ctrl-c", gpt2_ranks, data_name="reference")
+    log = open(work / "ctrl-c.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(cfg)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        _wait(lambda: metric_steps(run_dir) >= 3, 180, "training step 3", proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        kill_tree(proc)
+    assert stage_status(run_dir)["train"] == "interrupted"
+    assert "run the same command again to resume" in (work / "ctrl-c.log").read_text()
+    r = pretrain("run", str(cfg))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert final_metrics(run_dir) == final_metrics(reference)
