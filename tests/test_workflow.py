@@ -173,4 +173,7 @@ def test_ctrl_c_during_training_then_rerun_resumes(reference, work, gpt2_ranks):
     assert "run the same command again to resume" in (work / "ctrl-c.log").read_text()
     r = pretrain("run", str(cfg))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert final_metrics(run_dir) == final_metrics(reference)
+    got, want = final_metrics(run_dir), final_metrics(reference)
+    assert got["losses"] == want["losses"]
+    # the stop added a checkpoint at the step it stopped at (evaluated too); the rest are identical
+    assert {k: v for k, v in got["evals"].items() if k in want["evals"]} == want["evals"]

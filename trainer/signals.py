@@ -17,7 +17,8 @@ class StopFlag:
         self.signum: int | None = None
 
     def install(self, include_usr1: bool) -> None:
-        sigs = [signal.SIGTERM, signal.SIGUSR2]
+        # SIGINT too: Ctrl-C in a terminal reaches every rank, and should save, not crash mid-step.
+        sigs = [signal.SIGTERM, signal.SIGUSR2, signal.SIGINT]
         if include_usr1:
             # NCCL builds use SIGUSR1 for their own purposes (e.g. flight-recorder dumps); on CPU it is ours.
             sigs.append(signal.SIGUSR1)
