@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
 from pipelines.config import ConfigError, PipelineConfig, load_config
 
 EXIT_CONFIG_ERROR = 2
