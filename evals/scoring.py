@@ -13,10 +13,9 @@ Why not just call ``model(idx)`` on a padded batch (build-nanogpt's HellaSwag lo
   tokens are predicted from the last context position).
 * Many packed rows go through one forward pass, right-padded; padding is masked and never scored.
 
-The model class has no attention-mask argument, so :func:`masked_forward` runs the model's own
-modules (same weights, same ops) with a mask and explicit positions; a unit test pins it to
-``GPT.forward``. The same function with a KV cache drives batched, left-padded generation in
-:mod:`evals.harness`.
+:func:`masked_forward` is ``GPT.hidden_states`` with that mask and those positions (a unit test
+pins it to ``GPT.forward`` on unpacked rows). With a KV cache it drives batched, left-padded
+generation in :mod:`evals.harness`.
 
 Contexts plus continuation longer than ``block_size`` are truncated from the left, as the
 harness does for Hugging Face models: the continuation keeps all its tokens (if it alone exceeds
@@ -82,39 +81,16 @@ def autocast_for(device: torch.device, dtype: str = "auto") -> contextlib.Abstra
 # ------------------------------------------------------------------ forward with a mask
 
 
-def _attend(attn, x: torch.Tensor, mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None):
-    B, T, C = x.shape
-    hs = C // attn.n_head
-    q, k, v = attn.c_attn(x).split(attn.n_embd, dim=2)
-    q = q.view(B, T, attn.n_head, hs).transpose(1, 2)
-    k = k.view(B, T, attn.n_head, hs).transpose(1, 2)
-    v = v.view(B, T, attn.n_head, hs).transpose(1, 2)
-    if past is not None:
-        k = torch.cat([past[0], k], dim=2)
-        v = torch.cat([past[1], v], dim=2)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
-    y = y.transpose(1, 2).contiguous().view(B, T, C)
-    return attn.c_proj(y), (k, v)
-
-
 def masked_forward(
     model: GPT, idx: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, past: KV | None = None
 ) -> tuple[torch.Tensor, KV]:
     """Final hidden states (B, T, C) of ``idx`` at positions ``pos`` (B, T) under ``mask``.
 
     ``mask`` (B, T, past_len + T) is True where a query may attend to a key. Every query row must
-    allow at least one key (e.g. padding attends to itself), else softmax yields NaN. Dropout is
-    not applied: the model is expected in eval mode.
+    allow at least one key (e.g. padding attends to itself), else softmax yields NaN. The model is
+    expected in eval mode (no dropout).
     """
-    tr = model.transformer
-    x = tr.wte(idx) + tr.wpe(pos)
-    presents: KV = []
-    for i, block in enumerate(tr.h):
-        a, present = _attend(block.attn, block.ln_1(x), mask, past[i] if past else None)
-        x = x + a
-        x = x + block.mlp(block.ln_2(x))
-        presents.append(present)
-    return tr.ln_f(x), presents
+    return model.hidden_states(idx, pos=pos, mask=mask, past=past)
 
 
 # ------------------------------------------------------------------ packing

@@ -102,8 +102,13 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        x: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``mask`` (B, T, past_len + T), True where a query may attend a key, replaces the causal
+        mask: packed evaluation rows (one context, several continuations) need it."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         hs = C // self.n_head
@@ -113,7 +118,9 @@ class CausalSelfAttention(nn.Module):
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
-        if past is None:
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        elif past is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
             )
@@ -150,8 +157,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, past=None):
-        a, present = self.attn(self.ln_1(x), past)
+    def forward(self, x: torch.Tensor, past=None, mask: torch.Tensor | None = None):
+        a, present = self.attn(self.ln_1(x), past, mask)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, present
@@ -222,18 +229,34 @@ class GPT(nn.Module):
         logits, loss, _ = self._forward(idx, targets, past)
         return logits, loss
 
-    def _forward(self, idx, targets=None, past=None):
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        past: KVCache | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """Final-LayerNorm hidden states (B, T, C) and the new KV cache.
+
+        By default positions follow the cache and attention is causal. Evaluation passes explicit
+        ``pos`` (B, T) and ``mask`` (B, T, past_len + T) to score several continuations of one
+        context in a single packed row (see ``evals.scoring``).
+        """
         B, T = idx.shape
         start = past[0][0].shape[2] if past else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        if pos is None:
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         presents: KVCache = []
         for i, block in enumerate(self.transformer.h):
-            x, present = block(x, past[i] if past else None)
+            x, present = block(x, past[i] if past else None, mask)
             presents.append(present)
-        x = self.transformer.ln_f(x)
+        return self.transformer.ln_f(x), presents
+
+    def _forward(self, idx, targets=None, past=None):
+        x, presents = self.hidden_states(idx, past=past)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
