@@ -42,8 +42,6 @@ class Chunk:
     row_end: int
     byte_offset: int = 0  # jsonl: offset of the first row's line in the (decompressed) stream
 
-    def to_json(self) -> dict:
-        return {"index": self.index, "source": self.source, "rows": [self.row_start, self.row_end], "offset": self.byte_offset}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import json
 import os
 import sysconfig
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from dataprep.errors import DataError
@@ -36,8 +36,6 @@ class SourceFile:
     bytes: int
     sha256: str
 
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def is_remote(source: str) -> bool:
