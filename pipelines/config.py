@@ -78,7 +78,45 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"command line: override '{item}' is not of the form section.key=value")
         _set_dotted(cfg, key.strip(), value, where=f"command line override '{item}'")
     cfg.source = where
+    validate(cfg, where if not overrides else f"{where} with overrides {list(overrides)}")
     return cfg
+
+
+# Characters that may appear in a string value: control characters end a line of a generated
+# script (a newline in an ``#SBATCH`` comment runs the rest as a command) or corrupt logs.
+_MULTILINE_OK = {"train.sample_prompt"}
+
+
+def validate(cfg: PipelineConfig, where: str) -> None:
+    """Checks that need no hardware, run on every load so that `sbatch`, `submit` and `run` refuse a
+    bad config before anything is written or queued.
+
+    Two kinds: no control characters in any string value (anywhere), and each section's own rules,
+    from its ``validate()`` method: a section raises ``ValueError("lr must be > 0, got -1")``, the
+    message starting with its key relative to the section; this prefixes the section and the
+    config's origin ("smoke.yaml: train.lr must be > 0, got -1").
+    """
+    for dotted, value in flatten(to_dict(cfg)).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                allowed = "\n\t" if dotted in _MULTILINE_OK else ""
+                bad = [c for c in text if (ord(c) < 32 or ord(c) == 127) and c not in allowed]
+                if bad:
+                    raise ConfigError(f"{where}: '{dotted}' contains a control character ({bad[0]!r}); not allowed in config values")
+    _validate_sections(cfg, "", where)
+
+
+def _validate_sections(obj: Any, prefix: str, where: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate_sections(value, f"{prefix}{f.name}.", where)
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(f"{where}: {prefix}{e}") from e
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
