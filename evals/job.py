@@ -16,6 +16,7 @@ refused before anything is read or written (:class:`trainer.checkpoint.Checkpoin
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import sys
@@ -34,12 +35,17 @@ from evals.results import (
     log_to_mlflow,
     metric_names,
     read_result,
+    run_dir_of,
     save_result,
     tracking_target,
 )
 from trainer.checkpoint import MARKER, CheckpointError, read_meta, verify
+from trainer.runlock import RunLock
 
 HARNESS_PREFIX = "lm_eval/"
+# How long a second eval of one checkpoint waits for the first (an eval job's own time limit is
+# the real bound; this only stops a wedged holder from blocking a hand-run eval forever).
+EVAL_LOCK_WAIT_S = 6 * 3600.0
 
 
 class EvalJobError(RuntimeError):
@@ -130,11 +136,6 @@ def evaluate_checkpoint(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Evaluate one committed checkpoint; returns ``{"status": "done"|"skipped", "step", "tasks": {...}}``."""
-    import torch
-
-    from evals.scoring import resolve_device
-    from trainer.checkpoint import load_model_for_eval
-
     ckpt = Path(ckpt_dir).resolve()
     tasks = list(tasks) if tasks is not None else planned_tasks(cfg)
     limit = cfg.limit if limit is None else limit
@@ -145,6 +146,26 @@ def evaluate_checkpoint(
         raise CheckpointError(f"{ckpt}: not a committed checkpoint (no {MARKER}); refusing to evaluate it")
     verify(ckpt)  # re-hash every file before reading weights or writing anything: refuse corrupt ones
     meta = read_meta(ckpt)
+    ckpt_id = checkpoint_id(ckpt)
+    step = int(meta["step"])
+    if all(is_complete(ckpt, t, ckpt_id, limit) for t in tasks):
+        log(f"eval: {ckpt.name}: all of {tasks} already evaluated and logged")
+        return {"status": "done", "step": step, "tasks": {t: "already done" for t in tasks}}
+    # One job per checkpoint at a time (a hand-run `pretrain eval` next to the watcher's job): the
+    # second waits, then finds the first one's results complete and logs nothing twice.
+    with RunLock(run_dir_of(ckpt), f"eval-{ckpt.name}", wait_s=EVAL_LOCK_WAIT_S, log=log):
+        return _evaluate_locked(ckpt, cfg, tasks, limit, meta, log)
+
+
+def _evaluate_locked(
+    ckpt: Path, cfg: EvalConfig, tasks: list[str], limit: int, meta: dict[str, Any], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """The body of :func:`evaluate_checkpoint`, run while holding the checkpoint's eval lock."""
+    import torch
+
+    from evals.scoring import resolve_device
+    from trainer.checkpoint import load_model_for_eval
+
     ckpt_id = checkpoint_id(ckpt)
     step = int(meta["step"])
     uri, run_id = tracking_target(meta, ckpt, cfg.tracking_uri)
@@ -222,13 +243,29 @@ def evaluate_checkpoint(
     return summary
 
 
-def run_job(ckpt_dir: str, cfg: EvalConfig, cpu_threads: int = 0) -> dict[str, Any]:
+def run_job(ckpt_dir: str, cfg: EvalConfig, cpu_threads: int = 0, status_path: str = "") -> dict[str, Any]:
     """Entry point of a submitted job (pickled by submitit; runs in a fresh process).
 
     ``cpu_threads``: local jobs sharing one machine split its cores instead of oversubscribing them.
+    ``status_path``: where to write ``{"status", "error"}`` as JSON when the job ends. The watcher
+    reads that (and the results files), never submitit's result pickle, which sits in the run dir
+    where anyone able to write there could plant one that runs code when loaded.
     """
     if cpu_threads > 0:
         import torch
 
         torch.set_num_threads(cpu_threads)
-    return evaluate_checkpoint(ckpt_dir, cfg, log=lambda m: print(m, flush=True, file=sys.stdout))
+    try:
+        summary = evaluate_checkpoint(ckpt_dir, cfg, log=lambda m: print(m, flush=True, file=sys.stdout))
+    except BaseException as e:
+        _write_status(status_path, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+        raise
+    _write_status(status_path, {"status": summary["status"], "step": summary["step"]})
+    return summary
+
+
+def _write_status(path: str, status: dict[str, Any]) -> None:
+    if path:
+        from evals.results import write_json_atomic
+
+        write_json_atomic(Path(path), {**status, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})

@@ -16,20 +16,25 @@ checkpoint through submitit (``local`` subprocesses or ``slurm`` jobs with ``eva
   Without ``--once`` the watcher polls every ``eval.poll_s`` until then and every checkpoint is
   resolved. ``--once`` does one listing, runs (and retries) the jobs for it, and waits for them:
   local jobs die with the process that started them.
-* State: ``RUN_DIR/evals/watch.json`` (written atomically); a lock file keeps a second watcher
-  of the same run out. Job logs: ``RUN_DIR/evals/jobs/``.
+* State: ``RUN_DIR/evals/watch.json`` (written atomically); ``RunLock(run_dir, "evals-watch")``
+  keeps a second watcher of the same run out (refused, naming the holder). Job logs:
+  ``RUN_DIR/evals/jobs/``.
+* No pickle is read: submitit's ``<job>_0_result.pkl`` lives in the run dir, which anyone who can
+  write there could replace with one that runs code when unpickled. A job's outcome comes from
+  what it wrote as JSON instead: the results files (the truth) and a per-attempt status file
+  (``RUN_DIR/evals/jobs/<step>.attempt<N>.status.json``) that only supplies the error message.
+  Job ids read back from ``watch.json`` are checked to be plain numbers before they are used.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,9 +43,13 @@ from slurm.resources import SlurmError, parse_time_minutes
 from evals.job import planned_tasks, run_job
 from evals.results import RESULTS_SUBDIR, checkpoint_id, is_complete, write_json_atomic
 from trainer.checkpoint import list_committed, read_meta
+from trainer.runlock import RunLock
 
 DONE_MARKER = "TRAINING_DONE"
 STATE_FILE = "watch.json"
+LOCK_ROLE = "evals-watch"
+# submitit job ids: a local job's pid, a SLURM job id (array jobs: 123_4)
+JOB_ID_RE = re.compile(r"^[0-9]{1,12}(_[0-9]{1,9})?$")
 
 
 class WatchError(RuntimeError):
@@ -96,7 +105,7 @@ class _ForeignLocalJob:
     """A local job (a process; its id is the pid) started by an earlier watcher process.
 
     submitit's LocalJob needs the Popen handle to know whether the job runs; without it the pid
-    and the result pickle tell the same.
+    and the presence of the result pickle tell the same (the pickle is never opened).
     """
 
     def __init__(self, folder: Path, job_id: str):
@@ -112,9 +121,6 @@ class _ForeignLocalJob:
             return b"submitit" not in Path(f"/proc/{int(self.job_id)}/cmdline").read_bytes()
         except (OSError, ValueError):
             return True
-
-    def result(self) -> Any:
-        return self._job.result()
 
     def cancel(self, check: bool = False) -> None:
         with contextlib.suppress(ProcessLookupError, ValueError):
@@ -132,6 +138,7 @@ class Entry:
     job_id: str | None = None
     errors: list[str] = field(default_factory=list)
     updated: float = 0.0
+    status_file: str | None = None  # the running attempt's status JSON (name under RUN_DIR/evals/jobs)
 
 
 class Watcher:
@@ -148,7 +155,7 @@ class Watcher:
         self.executor = make_executor(executor, self.dir / "jobs", cfg)
         self.entries: dict[str, Entry] = self._load_state()
         self.jobs: dict[str, Any] = {}  # step dir name -> submitit Job (in flight, this process)
-        self._lock_fd: int | None = None
+        self._lock = RunLock(self.run_dir, LOCK_ROLE, log=log)
 
     # ------------------------------------------------------------------ state
 
@@ -156,8 +163,23 @@ class Watcher:
         path = self.dir / STATE_FILE
         if not path.is_file():
             return {}
-        raw = json.loads(path.read_text())
-        return {k: Entry(**v) for k, v in raw.get("checkpoints", {}).items()}
+        try:
+            raw = json.loads(path.read_text())
+            items = raw.get("checkpoints", {}).items()
+        except (ValueError, AttributeError) as e:
+            raise WatchError(f"{path}: unreadable watcher state ({e}); move it aside to start afresh") from e
+        known = {f.name for f in fields(Entry)}
+        entries = {}
+        for name, v in items:
+            if not isinstance(v, dict) or not re.fullmatch(r"step_[0-9]{8}", str(name)):
+                continue  # not something this watcher wrote
+            e = Entry(**{k: x for k, x in v.items() if k in known})
+            if e.job_id is not None and not JOB_ID_RE.match(str(e.job_id)):
+                e.job_id = None  # used as a pid / sacct argument: only plain ids
+            if e.status_file is not None and not re.fullmatch(r"[\w.-]+\.status\.json", str(e.status_file)):
+                e.status_file = None
+            entries[name] = e
+        return entries
 
     def save_state(self) -> None:
         state = {
@@ -170,12 +192,12 @@ class Watcher:
         write_json_atomic(self.dir / STATE_FILE, state)
 
     def lock(self) -> None:
-        fd = open(self.dir / "watch.lock", "w")  # noqa: SIM115 - held for the watcher's lifetime
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            raise WatchError(f"another watcher is running on {self.run_dir}") from e
-        self._lock_fd = fd  # type: ignore[assignment]
+        """One watcher per run dir; raises :class:`trainer.runlock.RunLockHeld` naming the holder."""
+        if not self._lock.held:
+            self._lock.acquire()
+
+    def unlock(self) -> None:
+        self._lock.release()
 
     # ------------------------------------------------------------------ one scan
 
@@ -199,8 +221,23 @@ class Watcher:
     def _complete(self, ckpt: Path, ckpt_id: str) -> bool:
         return all(is_complete(ckpt, t, ckpt_id, self.cfg.limit) for t in self.tasks)
 
+    def _job_error(self, e: Entry, job: Any) -> str:
+        """Why an attempt ended without complete results: its status JSON, else where its log is."""
+        if e.status_file:
+            try:
+                status = json.loads((self.dir / "jobs" / e.status_file).read_text())
+                if isinstance(status, dict) and status.get("error"):
+                    return str(status["error"])[:2000]
+            except (OSError, ValueError):
+                pass
+        state = "finished" if isinstance(job, _ForeignLocalJob) else getattr(job, "state", "unknown")
+        return f"job {e.job_id} ended ({state}) without complete results; see its logs in {self.dir / 'jobs'}"
+
     def _collect(self) -> None:
-        """Resolve finished jobs: done (results complete), skipped, or a failed attempt."""
+        """Resolve finished jobs: done (results complete), skipped (checkpoint gone), or a failed attempt.
+
+        The job's own return value (submitit's result pickle) is never read; see the module docstring.
+        """
         for name, job in list(self.jobs.items()):
             if not job.done():
                 continue
@@ -208,19 +245,14 @@ class Watcher:
             e = self.entries[name]
             e.updated = time.time()
             ckpt = self.run_dir / "checkpoints" / name
-            try:
-                out = job.result()
-                error = None
-            except Exception as ex:  # noqa: BLE001 - submitit wraps the job's exception
-                out, error = None, _error_line(ex)
-            if (out is not None and out.get("status") == "skipped") or not ckpt.is_dir():
+            if not ckpt.is_dir():
                 e.status = "skipped"
                 self.log(f"watch: {name} was deleted before it could be evaluated: skipped")
-            elif error is None and ckpt.is_dir() and self._complete(ckpt, e.ckpt_id):
+            elif self._complete(ckpt, e.ckpt_id):
                 e.status = "done"
                 self.log(f"watch: {name} evaluated (job {e.job_id})")
             else:
-                e.errors.append(error or "job finished without complete results")
+                e.errors.append(self._job_error(e, job))
                 retry = e.attempts <= self.cfg.max_retries
                 e.status = "new" if retry else "failed"
                 self.log(
@@ -278,9 +310,13 @@ class Watcher:
                 break
             e = self.entries[ckpt.name]
             e.attempts += 1
+            e.status_file = f"{ckpt.name}.attempt{e.attempts}.status.json"
+            status_path = self.dir / "jobs" / e.status_file
+            status_path.parent.mkdir(parents=True, exist_ok=True)
+            status_path.unlink(missing_ok=True)  # never read an earlier job's words as this one's
             self.executor.update_parameters(name=f"eval-{ckpt.name}")
             try:
-                job = self.executor.submit(run_job, str(ckpt), self.cfg, self._cpu_threads())
+                job = self.executor.submit(run_job, str(ckpt), self.cfg, self._cpu_threads(), str(status_path))
             except Exception as ex:  # noqa: BLE001 - e.g. sbatch refusing the request: report, don't crash
                 e.errors.append(f"submission failed: {_error_line(ex)}")
                 e.status, e.updated = ("failed" if e.attempts > self.cfg.max_retries else "new"), time.time()
@@ -304,8 +340,12 @@ class Watcher:
     # ------------------------------------------------------------------ loops
 
     def run(self, once: bool = False, tick_s: float = 1.0) -> int:
-        """Scan until done; returns 0, or 1 if some checkpoint's eval failed for good."""
+        """Scan until done; returns 0, or 1 if some checkpoint's eval failed for good.
+
+        Raises :class:`trainer.runlock.RunLockHeld` when another watcher holds this run dir.
+        """
         self.lock()
+        self.entries = self._load_state()  # as the previous holder left it (we may have waited for it)
         only = {c.name for c in list_committed(self.run_dir)} if once else None
         if once:
             self.log(f"watch: one pass over {len(only or ())} committed checkpoints of {self.run_dir}")
@@ -326,6 +366,7 @@ class Watcher:
             raise
         finally:
             self.save_state()
+            self.unlock()
         failed = sorted(n for n, e in self.entries.items() if e.status == "failed")
         done = sorted(n for n, e in self.entries.items() if e.status == "done")
         self.log(f"watch: finished: {len(done)} evaluated" + (f"; FAILED: {', '.join(failed)}" if failed else ""))

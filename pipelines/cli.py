@@ -58,7 +58,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     try:
-        job = submit_training(args.config, list(args.overrides), cfg, args.executor)
+        job = submit_training(args.config, list(args.overrides), cfg, args.executor, allow_changes=args.allow_changes)
     except SlurmError as e:
         print(f"pretrain submit: error: {e}", file=sys.stderr)
         return 2
@@ -79,11 +79,26 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_sbatch(args: argparse.Namespace) -> int:
-    from pipelines.launching import sbatch_script
+    """Write the training job as an sbatch script; exit 2 (nothing written) if a value cannot go
+    into one safely."""
+    import os
 
-    script = sbatch_script(args.config, list(args.overrides), _load(args))
+    from pipelines.launching import sbatch_script
+    from slurm.resources import SlurmError
+
+    try:
+        script = sbatch_script(args.config, list(args.overrides), _load(args), allow_changes=args.allow_changes)
+    except SlurmError as e:
+        print(f"pretrain sbatch: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     if args.output:
-        Path(args.output).write_text(script)
+        out = Path(args.output)
+        tmp = out.with_name(f".{out.name}.tmp")
+        with open(tmp, "w") as f:
+            f.write(script)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(out)  # never a half-written script under the final name
         print(f"wrote {args.output}; submit it with: sbatch {args.output}")
     else:
         sys.stdout.write(script)
@@ -103,38 +118,53 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Evaluate one committed checkpoint (exit 1 if it is uncommitted/corrupt or a task failed)."""
-    from pathlib import Path
+    """Evaluate one committed checkpoint.
 
+    Exit 2 when a rerun cannot help (uncommitted or corrupt checkpoint, another eval of it holds the
+    lock for too long), 1 when it may (a task failed, MLflow unreachable: the rerun only redoes that).
+    A second eval of the same checkpoint waits for the first, then finds its results and logs nothing.
+    """
     from evals.job import EvalJobError, eval_config, evaluate_checkpoint, normalise_tasks
     from trainer.checkpoint import MARKER, CheckpointError
+    from trainer.runlock import RunLockHeld
 
     ckpt = Path(args.checkpoint)
     if not (ckpt / MARKER).is_file():
         print(f"pretrain eval: error: {ckpt} is not a committed checkpoint (no {MARKER}); refusing to evaluate it", file=sys.stderr)
-        return 1
+        return EXIT_CONFIG_ERROR
+    if args.limit is not None and args.limit < 0:
+        print(f"pretrain eval: error: --limit must be >= 0 (0 = all rows), got {args.limit}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     try:
         cfg = eval_config(args.config, list(args.overrides), ckpt)
         tasks = normalise_tasks(args.tasks.split(",")) if args.tasks else None
         evaluate_checkpoint(ckpt, cfg, tasks=tasks, limit=args.limit)
-    except (CheckpointError, EvalJobError) as e:
+    except (CheckpointError, RunLockHeld) as e:
+        print(f"pretrain eval: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except EvalJobError as e:
         print(f"pretrain eval: error: {e}", file=sys.stderr)
         return 1
     return 0
 
 
 def cmd_evals_watch(args: argparse.Namespace) -> int:
-    """Submit one eval job per committed checkpoint lacking results, until training is done."""
+    """Submit one eval job per committed checkpoint lacking results, until training is done.
+
+    Exit 2 if another watcher holds the run dir (named) or the setup is unusable; 1 if some
+    checkpoint's eval failed for good.
+    """
     from evals.job import eval_config
     from evals.watch import WatchError, Watcher
     from trainer.checkpoint import latest_committed
+    from trainer.runlock import RunLockHeld
 
     try:
         cfg = eval_config(args.config, list(args.overrides), latest_committed(args.run_dir))
         return Watcher(args.run_dir, cfg, executor=args.executor).run(once=args.once)
-    except WatchError as e:
+    except (WatchError, RunLockHeld) as e:
         print(f"pretrain evals watch: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_CONFIG_ERROR
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -211,11 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=("slurm", "local"), default="slurm", help="local: same code path, no SLURM")
     p.add_argument("--wait", action="store_true", help="follow the job until it finishes")
     p.add_argument("--with-evals", action="store_true", help="also start the eval watcher as its own small job")
+    p.add_argument("--allow-changes", action="store_true", help="resume even though hyper-parameters changed (pretrain train --allow-changes)")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("sbatch", help="print (or write with -o) a self-contained sbatch script for training")
     _config_args(p)
     p.add_argument("-o", "--output", help="write the script to this file")
+    p.add_argument("--allow-changes", action="store_true", help="resume even though hyper-parameters changed (pretrain train --allow-changes)")
     p.set_defaults(func=cmd_sbatch)
 
     p = sub.add_parser("jobs", help="the SLURM jobs of a run: state, restarts, logs")

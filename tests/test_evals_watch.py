@@ -41,11 +41,16 @@ def run(tmp_path_factory, server, gpt2_ranks):
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.json")) if "evals" in p.parts and p.name != "watch.json"}
+    """Every eval result file (not the watcher's state, nor its job logs and status files)."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*.json"))
+        if "evals" in p.parts and "jobs" not in p.parts and p.name != "watch.json"
+    }
 
 
 def _copy_run(run_dir: Path, dest: Path) -> Path:
-    shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("jobs", "watch.lock"))
+    shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("jobs", ".locks"))
     return dest
 
 
@@ -108,7 +113,7 @@ def test_corrupt_or_uncommitted_checkpoint_fails_cleanly(run, tmp_path):
     log = tmp_path / "eval.log"
 
     rc, out = run_cli("eval", str(bad), "--limit", "5", log=log)
-    assert rc == 1 and "model.pt is corrupt" in out, out
+    assert rc == 2 and "model.pt is corrupt" in out, out  # refused: a rerun cannot fix it
     assert not (bad / "evals").exists() and _snapshot(copy) == before
 
     # the watcher retries a failing checkpoint max_retries times, then reports it and exits 1
@@ -122,7 +127,7 @@ def test_corrupt_or_uncommitted_checkpoint_fails_cleanly(run, tmp_path):
 
     (good / MARKER).unlink()  # an uncommitted checkpoint: refused before anything is read
     rc, out = run_cli("eval", str(good), log=log)
-    assert rc == 1 and "not a committed checkpoint" in out, out
+    assert rc == 2 and "not a committed checkpoint" in out, out
     assert _snapshot(copy) == before
 
 
@@ -211,3 +216,90 @@ def test_unreachable_tracking_keeps_the_result_and_a_retry_only_logs_it(run, tmp
     assert not any("computed in" in m for m in messages), f"a logging retry must not recompute: {messages}"
     again = read_result(ckpt, "hellaswag")
     assert again["logged"] == "disabled" and again["metrics"] == res["metrics"] and again["time"] == res["time"]
+
+
+def test_watcher_never_unpickles_a_planted_result_and_one_watcher_per_run_dir(run, tmp_path):
+    """A run dir is writable by others: a result pickle planted where submitit keeps its results,
+    with watch.json pointing at it, must not run (the watcher reads only JSON); and a second
+    watcher of the same run dir is refused with exit 2, naming the holder."""
+    import os
+    import pickle
+
+    from trainer.runlock import RunLock
+
+    copy = _copy_run(run, tmp_path / "run")
+    for name in STEPS:
+        shutil.rmtree(copy / "checkpoints" / name / "evals")
+    shutil.rmtree(copy / "evals")
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    jobs = copy / "evals" / "jobs"
+    jobs.mkdir(parents=True)
+    planted_id = "999999"  # no such process: the job looks finished, its "result" is the planted file
+    (jobs / f"{planted_id}_0_result.pkl").write_bytes(pickle.dumps(("success", Payload())))
+    cid = json.loads((copy / "checkpoints" / STEPS[0] / MARKER).read_text())["files"][MODEL_FILE]
+    state = {"checkpoints": {STEPS[0]: {"step": 2, "ckpt_id": cid, "status": "running", "attempts": 1, "job_id": planted_id}}}
+    (copy / "evals" / "watch.json").write_text(json.dumps(state))
+    log = tmp_path / "watch.log"
+    overrides = ["eval.tracking_uri=none", "eval.max_parallel=1"]
+
+    with RunLock(copy, "evals-watch"):  # a watcher that is running already (this test process)
+        rc, out = run_cli("evals", "watch", str(copy), "--once", *overrides, log=log)
+    assert rc == 2, out
+    assert f"pid {os.getpid()}" in out and "in use (evals-watch)" in out, out
+    assert json.loads((copy / "evals" / "watch.json").read_text()) == state, "a refused watcher changes nothing"
+
+    rc, out = run_cli("evals", "watch", str(copy), "--once", *overrides, log=log)
+    assert not marker.exists(), "the watcher unpickled a file from the run dir"
+    assert rc == 0, out
+    assert f"following {STEPS[0]}'s job {planted_id}" in out and "without complete results" in out, out
+    entries = json.loads((copy / "evals" / "watch.json").read_text())["checkpoints"]
+    assert {k: v["status"] for k, v in entries.items()} == {s: "done" for s in STEPS}
+    for name in STEPS:
+        assert read_result(copy / "checkpoints" / name, "hellaswag")["logged"] == "disabled"
+
+
+def test_two_evals_of_one_checkpoint_log_once(run, server, tmp_path):
+    """`pretrain eval` twice at once on one checkpoint: the second waits for the first, then finds
+    its results complete and logs nothing: every MLflow point exactly once. (Last in this file: it
+    adds a step-2 point to the shared run that the first test counts.)"""
+    from mlflow.tracking import MlflowClient
+
+    from tests.trainer_helpers import kill_tree, pretrain_cmd, start
+    from trainer.runlock import RunLock
+
+    copy = _copy_run(run, tmp_path / "run")
+    ckpt = copy / "checkpoints" / STEPS[0]
+    shutil.rmtree(ckpt / "evals")
+    shutil.rmtree(copy / "evals")
+    run_id = read_meta(ckpt)["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=server)
+    before = [m.step for m in client.get_metric_history(run_id, "eval/hellaswag/acc")]
+
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    holder = RunLock(copy, f"eval-{STEPS[0]}").acquire()  # line both up behind a lock we hold
+    procs = [start(pretrain_cmd("eval", str(ckpt)), log) for log in logs]
+    try:
+        deadline = time.time() + 120
+        while True:
+            texts = [log.read_text(errors="replace") if log.exists() else "" for log in logs]
+            if all("held by" in t for t in texts):
+                break  # both wait for the lock
+            assert time.time() < deadline and all(p.poll() is None for p in procs), texts
+            time.sleep(0.3)
+        holder.release()
+        rcs = [p.wait(timeout=240) for p in procs]
+    finally:
+        holder.release()
+        for p in procs:
+            kill_tree(p)
+    outs = [log.read_text(errors="replace") for log in logs]
+    assert rcs == [0, 0], outs
+    assert sum("computed in" in o for o in outs) == 1, outs
+    assert sum("already evaluated and logged" in o for o in outs) == 1, outs
+    after = [m.step for m in client.get_metric_history(run_id, "eval/hellaswag/acc")]
+    assert sorted(after) == sorted(before + [2]), f"step 2 logged {after.count(2) - before.count(2)} times"
