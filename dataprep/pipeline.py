@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -289,11 +290,16 @@ def _init_ray(ray_cfg: RayConfig) -> bool:
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
+    # Ray's core worker installs a C++ failure handler for SIGTERM in the driver that aborts the
+    # process (exit -6, a stack dump) instead of letting the caller stop cleanly; keep ours.
+    sigterm = signal.getsignal(signal.SIGTERM)
     if ray_cfg.address:
         ray.init(address=ray_cfg.address, **kwargs)
     else:
         # Progress is shown once, by the driver; datatrove's own bars inside workers are noise.
         ray.init(num_cpus=ray_cfg.num_cpus or None, runtime_env={"env_vars": {"TQDM_DISABLE": "1"}}, **kwargs)
+    if sigterm is not None:
+        signal.signal(signal.SIGTERM, sigterm)
     return True
 
 
