@@ -49,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) under torchrun; exit 3 means "checkpointed on a stop signal, requeue me"."""
     from trainer.launch import train_command
 
-    return train_command(args.config, list(args.overrides), args.nnodes, args.rdzv_endpoint, args.rdzv_id)
+    return train_command(args.config, list(args.overrides), args.nnodes, args.rdzv_endpoint, args.rdzv_id, allow_changes=args.allow_changes)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nnodes", type=int, default=1, help="nodes in the job (one `pretrain train` per node)")
     p.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT", help="c10d rendezvous for multi-node runs")
     p.add_argument("--rdzv-id", default="", help="rendezvous id (e.g. the SLURM job id)")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="resume although hyper-parameters (lr, max_steps, ...) differ from the checkpoint's; the changes are logged")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("submit", help="submit training as a SLURM job (submitit) that requeues itself after preemption")

@@ -12,7 +12,20 @@ Layout::
 A checkpoint exists for readers only once ``COMMITTED.json`` is in place: a crash at any moment
 leaves either a ``.tmp-*`` directory or a step directory without the marker, and both are
 ignored (and reported, then removed, by the next training start). Resuming also re-hashes the
-files so that bit rot or a truncated copy is caught and the previous checkpoint used instead.
+files so that bit rot or a truncated copy is caught and the previous checkpoint used instead; a
+checkpoint that verifies but still cannot be loaded (its marker rewritten over bad files, keys of
+another code version) is skipped the same way by the trainer. Once an older one has loaded, the
+unusable newer ones are moved aside to ``checkpoints/unusable-step_XXXXXXXX-<ms>/`` (kept for
+inspection, invisible to readers and to retention, which would otherwise count a broken "newest"
+checkpoint and delete good ones). A non-directory entry named like a checkpoint (a stray file or
+a dangling link) is moved aside to ``checkpoints/stray-<name>-<ms>`` rather than left to break
+the next write of that step.
+
+Disk full (ENOSPC/EDQUOT) while writing raises :class:`DiskFullError` after deleting the partial
+write: a rerun cannot fix it until space is freed, so the trainer exits 2, and no committed
+checkpoint is touched. Retention frees what it may *before* a write as well as after it: the
+checkpoints it would delete once the new one is committed, except the newest committed one, which
+stays until its successor is committed (so a rerun after a disk-full stop can succeed).
 
 Everything is loaded with ``torch.load(weights_only=True)``: RNG states and loader positions are
 stored as tensors and plain Python values, so no pickle code runs on load.
@@ -23,6 +36,7 @@ Public read API (used by the eval stage): :func:`list_committed`, :func:`latest_
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -52,6 +66,21 @@ FAULT_ENV = "PRETRAIN_FAULT_INJECT"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, partial, corrupt or incompatible with this run."""
+
+
+class DiskFullError(CheckpointError):
+    """No space (or quota) left while writing a checkpoint; the partial write has been deleted."""
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """True if ``exc`` or an exception it wraps is ENOSPC/EDQUOT (torch.save wraps the OSError)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -202,8 +231,24 @@ def to_cpu(obj: Any) -> Any:
     return obj
 
 
+def _real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def set_aside(path: Path, prefix: str) -> Path:
+    """Rename ``path`` (a checkpoint dir, a file or a link) to ``<prefix>-<name>-<ms>`` next to it:
+    out of the readers' and the writer's way, nothing deleted."""
+    target = path.with_name(f"{prefix}-{path.name}-{int(time.time() * 1000)}")
+    os.rename(path, target)
+    fsync_dir(path.parent)
+    return target
+
+
 def _remove_tree(path: Path) -> None:
     """Un-commit first (marker gone = invisible to readers), then delete."""
+    if not _real_dir(path):
+        path.unlink()  # a link to a checkpoint elsewhere: drop the link, never its target
+        return
     marker = path / MARKER
     if marker.exists():
         marker.unlink()
@@ -224,6 +269,24 @@ def write_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dirname(step)
     tmp = root / f".tmp-{step_dirname(step)}-{os.getpid()}-{int(time.time() * 1000)}"
+    try:
+        return _write_and_commit(root, final, tmp, step, model_state, optim_state, trainer_state, meta)
+    except BaseException as e:
+        # never leave a half-written step behind (it holds the space a rerun needs); committed ones are untouched
+        for leftover in (tmp, final):
+            if leftover.exists() and not (leftover / MARKER).is_file() and _real_dir(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
+        if is_disk_full(e):
+            usage = shutil.disk_usage(root)
+            raise DiskFullError(
+                f"{root}: disk full while writing checkpoint step {step} ({e}); {usage.free / 2**20:.0f} MiB free. "
+                f"The partial write was deleted and every committed checkpoint is intact: free space (or lower "
+                f"train.keep_last / train.keep_every), then rerun the same command to resume"
+            ) from e
+        raise
+
+
+def _write_and_commit(root: Path, final: Path, tmp: Path, step: int, model_state, optim_state, trainer_state, meta) -> Path:
     tmp.mkdir()
     _write_torch(tmp / MODEL_FILE, model_state)
     _write_torch(tmp / OPTIM_FILE, optim_state)
@@ -231,9 +294,12 @@ def write_checkpoint(
     _write_text(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     fsync_dir(tmp)
     _fault("tmp", step)
-    if final.exists():
-        # a partial or corrupt checkpoint of the same step (we resumed from an older one): replace it
-        _remove_tree(final)
+    if os.path.lexists(final):
+        if _real_dir(final):
+            # a partial or corrupt checkpoint of the same step (we resumed from an older one): replace it
+            _remove_tree(final)
+        else:
+            set_aside(final, "stray")  # a file or link in the way: keep it, out of the way
     os.rename(tmp, final)
     fsync_dir(root)
     _fault("renamed", step)
@@ -246,22 +312,41 @@ def write_checkpoint(
     return final
 
 
-def apply_retention(run_dir: str | Path, keep_last: int, keep_every: int) -> list[Path]:
-    """Delete committed checkpoints other than the newest ``keep_last`` and multiples of ``keep_every``."""
-    committed = list_committed(run_dir)
-    keep = set(committed[-max(1, keep_last) :])
+def _kept_steps(steps: list[int], keep_last: int, keep_every: int) -> set[int]:
+    ordered = sorted(steps)
+    keep = set(ordered[-max(1, keep_last) :])
     if keep_every > 0:
-        keep |= {p for p in committed if (_step_of(p) or 0) % keep_every == 0}
-    removed = [p for p in committed if p not in keep]
+        keep |= {s for s in ordered if s % keep_every == 0}
+    return keep
+
+
+def apply_retention(run_dir: str | Path, keep_last: int, keep_every: int, upcoming: int | None = None) -> list[Path]:
+    """Delete committed checkpoints other than the newest ``keep_last`` and multiples of ``keep_every``.
+
+    With ``upcoming`` (a step about to be written), delete now what that commit would make
+    redundant, but never the newest committed checkpoint: until ``upcoming`` is committed it is
+    the only way back.
+    """
+    committed = [p for p in list_committed(run_dir) if _step_of(p) != upcoming]
+    steps = [_step_of(p) or 0 for p in committed]
+    keep = _kept_steps(steps + ([upcoming] if upcoming is not None else []), keep_last, keep_every)
+    if upcoming is not None and committed:
+        keep.add(max(steps))
+    removed = [p for p, s in zip(committed, steps) if s not in keep]
     for p in removed:
         _remove_tree(p)
     return removed
 
 
 def remove_partials(run_dir: str | Path, log: Callable[[str], None] = print) -> None:
+    """Delete interrupted writes; move aside (not delete) anything in their place that is not a directory."""
     for p in list_partial(run_dir):
-        log(f"checkpoint: removing partial checkpoint {p.name} (interrupted write, never committed)")
-        _remove_tree(p)
+        if _real_dir(p):
+            log(f"checkpoint: removing partial checkpoint {p.name} (interrupted write, never committed)")
+            _remove_tree(p)
+        else:
+            moved = set_aside(p, "stray")
+            log(f"checkpoint: {p.name} is not a checkpoint directory; moved it aside to {moved.name}")
 
 
 class CheckpointWriter:
@@ -287,6 +372,9 @@ class CheckpointWriter:
 
         def work() -> None:
             t0 = time.time()
+            early = apply_retention(self.run_dir, self.keep_last, self.keep_every, upcoming=step)
+            if early:
+                self.log(f"checkpoint: removed {', '.join(p.name for p in early)} before writing step {step} (retention)")
             path = write_checkpoint(self.run_dir, step, model_state, optim_state, trainer_state, meta)
             removed = apply_retention(self.run_dir, self.keep_last, self.keep_every)
             self.last_committed = path
@@ -312,4 +400,5 @@ class CheckpointWriter:
             self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
-            raise CheckpointError(f"background checkpoint write failed: {err}") from err
+            kind = DiskFullError if isinstance(err, DiskFullError) else CheckpointError
+            raise kind(f"background checkpoint write failed: {err}") from err

@@ -2,11 +2,53 @@
 
 Model shape, optimisation and run-time (device, compile, checkpoint cadence) are separate so that
 an eval job can rebuild the model from `model` alone.
+
+Each section checks itself when the config loads (``validate``, called by
+``pipelines.config.load_config``), so that a value no rerun can fix (``train.lr=-1``,
+``train.device=gpu``, ``train.max_steps=0``) is refused with exit 2 before a job is queued or a
+process group formed, never turned into a crash that a scheduler would retry.
+
+Which keys a resume may change (see :data:`RESUME_RUNTIME_KEYS`)
+----------------------------------------------------------------
+A resumed run continues the *same* optimisation, so the checkpoint's stored config is compared
+with the current one and a change of any key that enters the math is refused (naming the keys)
+unless ``pretrain train --allow-changes``. The model's resolved shape is checked separately and
+can never change (the weights would not load); the data is identified by its manifest's sha256
+(``data.*`` keys are not compared: the fingerprint covers what matters).
+
+* Hyper-parameters (compared): every ``model.*`` key, and every ``train.*`` key not listed
+  below — seed, micro_batch_size, seq_len, batch_tokens, max_steps, warmup_steps, lr, min_lr,
+  weight_decay, beta1, beta2, eps, grad_clip, dtype. ``micro_batch_size`` belongs here although
+  the mean gradient is the same in exact arithmetic: it changes the loader's windows and the
+  accumulation order, so the run would not be the one that was stopped. ``max_steps`` shapes
+  the cosine schedule, so extending a run is a change that needs ``--allow-changes``.
+* Run-time knobs (free): how the same math is executed or observed — ``nproc_per_node``
+  (a world-size change is supported: the data position is kept, per-rank RNG streams are
+  reseeded, and the resume is then no longer bitwise), ``device``, ``compile``, ``async_ckpt``,
+  checkpoint cadence and retention, validation / sample cadence, ``peak_flops`` and
+  ``max_skipped_steps`` (it only decides when to give up).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+# must match trainer.model.PRESETS (kept here so that loading a config does not import torch)
+MODEL_PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny", "micro")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "bfloat16", "float32")
+
+# train.* keys a resume may change freely (module doc); every other model.*/train.* key is compared
+RESUME_RUNTIME_KEYS = frozenset({
+    "nproc_per_node", "device", "compile", "async_ckpt", "peak_flops", "ckpt_every", "keep_last", "keep_every",
+    "sample_every", "sample_tokens", "sample_prompt", "val_every", "val_batches", "max_skipped_steps",
+})  # fmt: skip
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
 
 
 @dataclass
@@ -21,6 +63,16 @@ class ModelConfig:
     vocab_size: int = 50304  # 50257 padded to a multiple of 128 for fast matmuls
     dropout: float = 0.0
     bias: bool = True
+
+    def validate(self) -> None:
+        """Shape fields are >= 0 (0 = from the preset); a non-preset name needs every one of them."""
+        for key in ("n_layer", "n_head", "n_embd", "block_size"):
+            value = getattr(self, key)
+            _check(value >= 0, f"{key} must be >= 0 (0 = take it from the preset), got {value}")
+            _check(value > 0 or self.name in MODEL_PRESETS,
+                   f"{key} is not set and name '{self.name}' is not a preset ({', '.join(MODEL_PRESETS)})")
+        _check(self.vocab_size >= 50257, f"vocab_size must be >= 50257 (the GPT-2 vocabulary), got {self.vocab_size}")
+        _check(math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -54,3 +106,42 @@ class TrainConfig:
     keep_every: int = 0  # also keep every k-th step's checkpoint (0 = none)
     async_ckpt: bool = True  # on CUDA, write checkpoints in the background
     peak_flops: float = 0.0  # device peak for MFU; 0 = look it up (H100 bf16 dense: 989e12)
+    # A step whose loss or gradient norm is NaN/inf on any rank is skipped on every rank (no
+    # update); after this many in a row the run checkpoints and stops with exit 2.
+    max_skipped_steps: int = 5
+
+    def validate(self) -> None:
+        """Hardware-free checks; the batch geometry (needs the world size) is checked at start."""
+        _check(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got '{self.device}'")
+        _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+        for key in ("nproc_per_node", "micro_batch_size", "seq_len", "batch_tokens", "max_steps", "keep_last", "max_skipped_steps"):
+            _check(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("seed", "warmup_steps", "val_every", "val_batches", "sample_every", "sample_tokens", "ckpt_every", "keep_every"):
+            _check(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "peak_flops"):
+            _check(math.isfinite(getattr(self, key)), f"{key} must be a finite number, got {getattr(self, key)}")
+        _check(self.seed < 2**63, f"seed must be < 2**63, got {self.seed}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        for key in ("beta1", "beta2"):
+            _check(0 <= getattr(self, key) < 1, f"{key} must be in [0, 1), got {getattr(self, key)}")
+        _check(self.eps > 0, f"eps must be > 0, got {self.eps}")
+        _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}")
+        _check(self.peak_flops >= 0, f"peak_flops must be >= 0 (0 = look it up), got {self.peak_flops}")
+        _check(self.val_every == 0 or self.val_batches >= 1, f"val_batches must be >= 1 when val_every > 0, got {self.val_batches}")
+
+
+def changed_hyperparameters(saved: dict, current: dict) -> list[str]:
+    """``"train.lr: 0.003 -> 0.001"`` for each hyper-parameter that differs between two configs
+    (``pipelines.config.to_dict`` form, e.g. a checkpoint's stored config and this run's).
+
+    Keys missing on either side (a checkpoint of an older version) are not compared.
+    """
+    out = []
+    for section, free in (("model", frozenset()), ("train", RESUME_RUNTIME_KEYS)):
+        old, new = saved.get(section) or {}, current.get(section) or {}
+        for key in sorted(set(old) & set(new) - free):
+            if old[key] != new[key]:
+                out.append(f"{section}.{key}: {old[key]!r} -> {new[key]!r}")
+    return out

@@ -11,6 +11,11 @@ and stay in front of it, for two reasons:
   checkpoint and exit with 3; torchrun is left alone and simply sees its workers finish.
 * Exit codes. torchrun reports any worker failure as 1, which would hide "checkpointed, requeue
   me" (3) and "refused" (2); rank 0 writes its code to a file we name, and we return that.
+
+On one node nothing listens beyond loopback: torchrun runs as ``trainer.torchrun_local``
+(its stores bound to 127.0.0.1), with ``--local-addr=127.0.0.1`` (the workers' MASTER_ADDR) and
+gloo/NCCL sockets on ``lo`` unless the user chose an interface. Multi-node runs use the c10d
+endpoint SLURM's first node provides, on the interface it resolves to.
 """
 
 from __future__ import annotations
@@ -40,25 +45,38 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
+LOCAL_RDZV = ["--standalone", "--local-addr=127.0.0.1"]  # a free port on loopback (see trainer.torchrun_local)
+
+
+def loopback_env(env: dict[str, str]) -> dict[str, str]:
+    """Keep a single-node run's collective sockets on loopback (unless an interface was chosen)."""
+    out = dict(env)
+    out.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    out.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    return out
+
+
 def rendezvous_args(nnodes: int, endpoint: str, rdzv_id: str) -> list[str]:
-    """torchrun's rendezvous flags: standalone on one node, c10d at ``endpoint`` across nodes."""
+    """torchrun's rendezvous flags: standalone on loopback on one node, c10d at ``endpoint`` across nodes."""
     if nnodes <= 1:
-        return ["--standalone"]  # picks a free port itself
+        return list(LOCAL_RDZV)
     if not endpoint:
         raise ValueError("a multi-node launch needs a rendezvous endpoint (HOST:PORT)")
     return [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", f"--rdzv_id={rdzv_id or 'pretrain'}"]
 
 
-def train_command(config: str, overrides: list[str], nnodes: int = 1, rdzv_endpoint: str = "", rdzv_id: str = "") -> int:
-    """Entry of ``pretrain train CONFIG [overrides]``; returns the process exit code."""
+def train_command(config: str, overrides: list[str], nnodes: int = 1, rdzv_endpoint: str = "", rdzv_id: str = "",
+                  allow_changes: bool = False) -> int:
+    """Entry of ``pretrain train CONFIG [overrides] [--allow-changes]``; returns the process exit code."""
     if under_torchrun():
         from trainer.train import run_worker
 
-        return run_worker(config, overrides)
+        return run_worker(config, overrides, allow_changes=allow_changes)
     from pipelines.config import load_config
 
     cfg = load_config(config, overrides)  # fail fast on config errors, before starting torchrun
-    return launch_torchrun(config, overrides, cfg.train.nproc_per_node, rendezvous_args(nnodes, rdzv_endpoint, rdzv_id))
+    return launch_torchrun(config, overrides, cfg.train.nproc_per_node, rendezvous_args(nnodes, rdzv_endpoint, rdzv_id),
+                           allow_changes=allow_changes)
 
 
 def _ignore_user_signals() -> None:
@@ -69,18 +87,20 @@ def _ignore_user_signals() -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-def launch_torchrun(config: str, overrides: list[str], nproc: int, rdzv: list[str] | None = None) -> int:
-    if nproc < 1:
+def launch_torchrun(config: str, overrides: list[str], nproc: int, rdzv: list[str] | None = None, allow_changes: bool = False) -> int:
+    if nproc < 1:  # load_config refuses it already; kept for direct callers
         print(f"pretrain train: train.nproc_per_node must be >= 1, got {nproc}", file=sys.stderr)
         return EXIT_REFUSED
     fd, exit_file = tempfile.mkstemp(prefix="pretrain-exit-", suffix=".json")
     os.close(fd)
     os.unlink(exit_file)
-    env = dict(os.environ)
+    rdzv = list(LOCAL_RDZV) if rdzv is None else rdzv
+    local = "--standalone" in rdzv
+    env = loopback_env(dict(os.environ)) if local else dict(os.environ)
     env[EXIT_FILE_ENV] = exit_file
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", *(rdzv or ["--standalone"]), f"--nproc_per_node={nproc}",
-        "-m", "trainer.train", config, *overrides,
+        sys.executable, "-m", "trainer.torchrun_local" if local else "torch.distributed.run", *rdzv, f"--nproc_per_node={nproc}",
+        "-m", "trainer.train", *(["--allow-changes"] if allow_changes else []), config, *overrides,
     ]
     proc = subprocess.Popen(cmd, env=env, preexec_fn=_ignore_user_signals)  # noqa: PLW1509
 
@@ -109,10 +129,10 @@ def launch_torchrun(config: str, overrides: list[str], nproc: int, rdzv: list[st
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    code = _exit_code(exit_file, rc)
+    code, reason = _exit_code(exit_file, rc)
     explain = {
         EXIT_OK: "finished",
-        EXIT_REFUSED: "refused to start (see the error above); nothing was trained",
+        EXIT_REFUSED: f"refused: {reason or 'see the error above'}. A rerun alone will not help; committed checkpoints are kept",
         EXIT_REQUEUE: "checkpoint committed on a stop signal; requeue / rerun the same command to continue",
     }.get(code, "failed; rerun the same command to resume from the last committed checkpoint")
     # torchrun reports any non-zero worker exit as a failure with a traceback; this is the real outcome
@@ -120,13 +140,13 @@ def launch_torchrun(config: str, overrides: list[str], nproc: int, rdzv: list[st
     return code
 
 
-def _exit_code(exit_file: str, rc: int) -> int:
-    """Rank 0's own exit code when it wrote one, else torchrun's (negative = killed by a signal)."""
+def _exit_code(exit_file: str, rc: int) -> tuple[int, str]:
+    """(code, reason): rank 0's own when it wrote them, else torchrun's code (negative = killed by a signal)."""
     try:
         status = json.loads(Path(exit_file).read_text())
         os.unlink(exit_file)
-        code = int(status["code"])
+        code, reason = int(status["code"]), str(status.get("reason", ""))
     except (OSError, ValueError, KeyError):
-        return rc if rc >= 0 else 128 - rc
+        return (rc if rc >= 0 else 128 - rc), ""
     # rank 0 said "finished" but another rank failed afterwards: trust torchrun
-    return rc if code == 0 and rc != 0 else code
+    return (rc, "") if code == 0 and rc != 0 else (code, reason)

@@ -7,6 +7,19 @@ accumulated gradient is the mean over the whole batch, as with one big batch.
 
 After step ``s`` (1-based) the worker, in this order: writes the metrics line of ``s`` (with the
 val loss / sample when due), checkpoints when due, then checks (collectively) for a stop signal.
+
+A step whose loss or gradient norm is not finite on *any* rank is skipped on *every* rank: the
+ranks all-reduce a flag with the loss (the same single collective as before), and nobody calls
+``optimizer.step()``, so weights and AdamW moments stay those of the last good step while the
+step counter, schedule and data position move on (the metrics line says ``"skipped": true``).
+After ``train.max_skipped_steps`` such steps in a row the run commits a checkpoint (its weights
+are the last good ones) and stops with exit 2: lower the learning rate or fix the data, then
+resume with ``--allow-changes``. The streak length is checkpointed, so resume stays exact.
+
+One writer per run dir: global rank 0 holds ``RunLock(run_dir, "train")`` (``trainer.runlock``)
+from before it touches the run dir until the process ends; a second training on the same run dir
+is refused with exit 2 naming the holder. Resuming with changed hyper-parameters is refused too
+(naming the keys; see ``trainer.config`` for which keys count) unless ``--allow-changes``.
 Because checkpoints capture everything that influences the future (weights, AdamW moments,
 step, every rank's loader position and RNG state), a resumed run reproduces the uninterrupted
 one bit for bit on the same hardware and world size.
@@ -38,11 +51,15 @@ from trainer.checkpoint import (
     STATE_FILE,
     CheckpointError,
     CheckpointWriter,
-    find_resumable,
+    DiskFullError,
+    list_committed,
     read_meta,
     remove_partials,
+    set_aside,
     to_cpu,
+    verify,
 )
+from trainer.config import changed_hyperparameters
 from trainer.data import LoaderState, TrainLoader, ValBatches
 from trainer.dist import (
     DistEnv,
@@ -58,6 +75,7 @@ from trainer.metrics import MetricsLog
 from trainer.model import GPT, GPTConfig, resolve_config
 from trainer.optim import build_optimizer, lr_at, set_lr
 from trainer.rng import capture_rng, restore_rng, seed_all
+from trainer.runlock import RunLock, RunLockHeld
 from trainer.signals import StopFlag
 from trainer.tracking import NullTracker, TrackingError, start_tracking
 
@@ -67,8 +85,25 @@ STATE_FORMAT = 1
 PEAK_FLOPS = {"H100": (989.4e12, 494.7e12), "H200": (989.4e12, 494.7e12), "A100": (312e12, 156e12), "L4": (121e12, 60e12)}
 
 
+# Test-only fault injection (never set it in a real run): "RANK:STEP[-LAST][,...]" makes that rank's
+# loss of those 1-based steps NaN after the backward pass, so only that rank sees it.
+FAULT_NAN_ENV = "PRETRAIN_FAULT_NAN"
+
+
 class RefusedError(RuntimeError):
     """The run cannot start as configured (bad geometry, foreign checkpoint, unreadable data)."""
+
+
+def nan_fault_steps(rank: int, spec: str | None = None) -> set[int]:
+    """The steps at which ``PRETRAIN_FAULT_NAN`` poisons this rank's loss (test-only)."""
+    spec = os.environ.get(FAULT_NAN_ENV, "") if spec is None else spec
+    steps: set[int] = set()
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        r, _, span = item.partition(":")
+        first, _, last = span.partition("-")
+        if int(r) == rank:
+            steps.update(range(int(first), int(last or first) + 1))
+    return steps
 
 
 def log0(env: DistEnv, msg: str) -> None:
@@ -103,8 +138,10 @@ def _shape_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
 
 
 class Trainer:
-    def __init__(self, cfg: PipelineConfig, env: DistEnv, stop: StopFlag):
+    def __init__(self, cfg: PipelineConfig, env: DistEnv, stop: StopFlag, allow_changes: bool = False):
         self.cfg, self.env, self.stop = cfg, env, stop
+        self.allow_changes = allow_changes
+        self.stop_reason = ""  # why fit() returned EXIT_REFUSED (a run that kept producing NaN)
         tc = cfg.train
         self.run_dir = Path(cfg.run_dir)
         try:
@@ -137,6 +174,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, dev.type)
         self.step = 0
         self.tokens_seen = 0
+        self.skipped_in_row = 0  # consecutive non-finite steps (checkpointed: resume stays exact)
+        self._nan_steps = nan_fault_steps(env.rank)
         self.run_id: str | None = None
         loader_state = LoaderState()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
@@ -171,66 +210,119 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _resume(self) -> LoaderState | None:
-        """Pick the newest verified checkpoint (rank 0), check it belongs to this run, load it everywhere."""
+        """Resume from the newest usable checkpoint, or start a new run.
+
+        Rank 0 picks the newest committed checkpoint that verifies and belongs to this run (same
+        model shape and data, same hyper-parameters unless ``allow_changes``); every rank loads it
+        and the ranks agree on success. One that verifies yet fails to load on any rank is skipped
+        with a warning and the next older one tried; once one loads, the unusable newer ones are
+        moved aside (``trainer.checkpoint``). None usable while some exist: refused, nothing moved.
+        """
         env = self.env
-        decision: dict[str, Any] = {"path": None, "error": None}
         if env.is_main:
             remove_partials(self.run_dir, log=lambda m: log0(env, m))
+        unusable: list[Path] = []  # rank 0: newer checkpoints that failed to verify or load
+        while True:
+            decision = self._pick_checkpoint(unusable) if env.is_main else None
+            decision = broadcast_object(env, decision)
+            if decision["error"]:
+                raise RefusedError(decision["error"])
+            if decision["path"] is None:
+                break
+            ckpt = Path(decision["path"])
+            error = None
             try:
-                ckpt = find_resumable(self.run_dir, log=lambda m: log0(env, m))
-            except CheckpointError as e:
-                ckpt, decision["error"] = None, str(e)
-            if ckpt is not None:
-                meta = read_meta(ckpt)
-                problems = []
-                diff = _shape_mismatch(meta["model_shape"], self.gpt_cfg.shape())
-                if diff:
-                    problems.append("model shape differs (" + "; ".join(diff) + ")")
-                if meta["data_fingerprint"] != self.dataset.fingerprint:
-                    problems.append(
-                        f"data manifest differs (checkpoint trained on {meta.get('data_dir')} with manifest sha256 "
-                        f"{meta['data_fingerprint'][:16]}…, data.output_dir {self.dataset.directory} has {self.dataset.fingerprint[:16]}…)"
-                    )
-                if problems:
-                    decision["error"] = (
-                        f"refusing to resume {ckpt}: " + "; ".join(problems) + ". Use a new run_dir or the original config/data."
-                    )
-                else:
-                    decision["path"] = str(ckpt)
-        decision = broadcast_object(env, decision)
-        if decision["error"]:
-            raise RefusedError(decision["error"])
-        if decision["path"] is None:
-            log0(env, f"starting a new run in {self.run_dir}")
+                loader_state = self._load_checkpoint(ckpt)
+            except Exception as e:  # noqa: BLE001 - any failure to load = unusable checkpoint
+                error = f"{type(e).__name__}: {e}"
+                print(f"rank {env.rank}: cannot load {ckpt}: {error}", file=sys.stderr, flush=True)
+            if not any_rank(env, error is not None):
+                if env.is_main:
+                    for bad in unusable:
+                        moved = set_aside(bad, "unusable")
+                        log0(env, f"checkpoint: moved unusable {bad.name} aside to {moved.name} (kept for inspection)")
+                    dropped = self.metrics.truncate_after(self.step)
+                    if dropped:
+                        log0(env, f"metrics: dropped {dropped} lines past step {self.step} (steps re-run after the resume)")
+                log0(env, f"resumed from {ckpt} at step {self.step} ({self.tokens_seen:,} tokens seen), data position {loader_state}")
+                return loader_state
             if env.is_main:
-                dropped = self.metrics.truncate_after(0)
-                if dropped:
-                    log0(env, f"metrics: dropped {dropped} lines of an earlier attempt that never checkpointed")
-            return None
+                warnings.warn(f"checkpoint {ckpt.name} verifies but does not load ({error or 'failed on another rank'}); "
+                              "falling back to the previous committed checkpoint", stacklevel=1)
+                log0(env, f"checkpoint: skipping {ckpt.name}: committed but unloadable; trying the previous one")
+                unusable.append(ckpt)
+        log0(env, f"starting a new run in {self.run_dir}")
+        self.step, self.tokens_seen, self.skipped_in_row, self.run_id = 0, 0, 0, None
+        if env.is_main:
+            dropped = self.metrics.truncate_after(0)
+            if dropped:
+                log0(env, f"metrics: dropped {dropped} lines of an earlier attempt that never checkpointed")
+        return None
 
-        ckpt = Path(decision["path"])
+    def _pick_checkpoint(self, unusable: list[Path]) -> dict[str, Any]:
+        """Rank 0: ``{"path": newest usable candidate or None, "error": refusal or None}``."""
+        env = self.env
+        committed = [p for p in list_committed(self.run_dir) if p not in unusable]
+        for ckpt in reversed(committed):
+            try:
+                verify(ckpt)
+            except CheckpointError as e:
+                log0(env, f"checkpoint: skipping {ckpt.name}: {e}")
+                unusable.append(ckpt)
+                continue
+            problems = self._foreign(ckpt, read_meta(ckpt))
+            if problems:
+                return {"path": None, "error": f"refusing to resume {ckpt}: " + "; ".join(problems)}
+            return {"path": str(ckpt), "error": None}
+        if unusable:
+            return {"path": None, "error": (
+                f"{self.run_dir / 'checkpoints'}: none of the {len(unusable)} committed checkpoints verifies and loads; "
+                "refusing to start from scratch over them (move them away to really start anew)")}
+        return {"path": None, "error": None}
+
+    def _foreign(self, ckpt: Path, meta: dict[str, Any]) -> list[str]:
+        """Why ``ckpt`` cannot continue this run (other shape or data; changed hyper-parameters)."""
+        problems = []
+        diff = _shape_mismatch(meta["model_shape"], self.gpt_cfg.shape())
+        if diff:
+            problems.append("model shape differs (" + "; ".join(diff) + "). Use a new run_dir or the original config")
+        if meta["data_fingerprint"] != self.dataset.fingerprint:
+            problems.append(
+                f"data manifest differs (checkpoint trained on {meta.get('data_dir')} with manifest sha256 "
+                f"{meta['data_fingerprint'][:16]}…, data.output_dir {self.dataset.directory} has {self.dataset.fingerprint[:16]}…). "
+                "Use a new run_dir or the original data"
+            )
+        if problems:
+            return problems
+        changed = changed_hyperparameters(meta.get("config") or {}, to_dict(self.cfg))
+        if changed and not self.allow_changes:
+            return [f"hyper-parameters changed since {ckpt.name} ({'; '.join(changed)}); a resume continues the same run. "
+                    "Restore them, use a new run_dir, or pass --allow-changes to continue with the new values"]
+        if changed:
+            log0(self.env, f"resume: continuing with changed hyper-parameters (--allow-changes): {'; '.join(changed)}")
+        return []
+
+    def _load_checkpoint(self, ckpt: Path) -> LoaderState:
+        """Load weights, optimizer, step, RNG and data position of ``ckpt`` into this rank."""
+        env = self.env
         state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
         self.model.load_state_dict(torch.load(ckpt / MODEL_FILE, map_location=env.device, weights_only=True))
         self.optimizer.load_state_dict(torch.load(ckpt / OPTIM_FILE, map_location=env.device, weights_only=True))
-        self.step = int(state["step"])
-        self.tokens_seen = int(state["tokens_seen"])
-        self.run_id = state.get("mlflow_run_id")
         rngs = state["rng_states"]
         loaders = state["loader_states"]
+        step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
         same_world = len(rngs) == env.world_size
+        # the loader position is global (identical on every rank), see trainer.data
+        loader_state = LoaderState.from_dict(loaders[env.rank if same_world else 0])
         if same_world:
             restore_rng(rngs[env.rank])
         else:
             # RNG streams are per rank; with another world size they cannot all be restored
-            seed_all(self.cfg.train.seed + env.rank + self.step)
+            seed_all(self.cfg.train.seed + env.rank + step)
             log0(env, f"resume: world size changed ({len(rngs)} -> {env.world_size}); RNG streams reseeded, data position kept")
-        # the loader position is global (identical on every rank), see trainer.data
-        loader_state = LoaderState.from_dict(loaders[env.rank if same_world else 0])
-        log0(env, f"resumed from {ckpt} at step {self.step} ({self.tokens_seen:,} tokens seen), data position {loader_state}")
-        if env.is_main:
-            dropped = self.metrics.truncate_after(self.step)
-            if dropped:
-                log0(env, f"metrics: dropped {dropped} lines past step {self.step} (steps re-run after the resume)")
+        self.step, self.tokens_seen = step, tokens_seen
+        self.skipped_in_row = int(state.get("skipped_in_row", 0))
+        self.run_id = state.get("mlflow_run_id")
         return loader_state
 
     def _start_tracking(self):
@@ -250,8 +342,10 @@ class Trainer:
                 result["error"] = str(e)
         result = broadcast_object(env, result)
         if result["error"]:
-            raise TrackingError(result["error"])
-        self.run_id = result["run_id"]
+            # the server refused the run (unknown run id, bad URI): rerunning cannot help. An unreachable
+            # server is no error: rank 0 trains on and its tracker connects and replays in the background.
+            raise RefusedError(result["error"])
+        self.run_id = result["run_id"]  # None until the run exists; rank 0 picks it up later (see _loop)
         return tracker
 
     # ------------------------------------------------------------------ pieces of a step
@@ -266,8 +360,9 @@ class Trainer:
             return x.pin_memory().to(self.env.device, non_blocking=True), y.pin_memory().to(self.env.device, non_blocking=True)
         return x, y
 
-    def train_step(self) -> tuple[float, float, float]:
-        """One optimizer step; returns (mean loss over the global batch, grad norm before clipping, lr)."""
+    def train_step(self) -> tuple[float, float, float, bool]:
+        """One optimizer step; returns (mean loss over the global batch, grad norm before clipping, lr,
+        skipped). ``skipped``: the loss or grad norm was not finite on some rank, so no rank updated."""
         tc = self.cfg.train
         lr = lr_at(self.step, tc.lr, tc.min_lr, tc.warmup_steps, tc.max_steps)
         set_lr(self.optimizer, lr)
@@ -283,12 +378,19 @@ class Trainer:
                 loss = loss / self.grad_accum
                 loss_sum += loss.detach()
                 loss.backward()
+        if self.step + 1 in self._nan_steps:
+            loss_sum = loss_sum * float("nan")  # test-only fault (FAULT_NAN_ENV): this rank's loss only
         clip = tc.grad_clip if tc.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
-        all_reduce_sum(self.env, loss_sum)
-        loss_value = (loss_sum / self.env.world_size).item()
-        return loss_value, float(grad_norm.item()), lr
+        # one collective, as before: [loss, "not finite here"], summed; every rank then decides alike
+        bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm.to(loss_sum.device)))
+        packed = torch.stack([loss_sum, bad.to(loss_sum.dtype)])
+        all_reduce_sum(self.env, packed)
+        skipped = bool(packed[1].item() > 0)
+        if not skipped:
+            self.optimizer.step()
+        loss_value = (packed[0] / self.env.world_size).item()
+        return loss_value, float(grad_norm.item()), lr, skipped
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -335,12 +437,43 @@ class Trainer:
         return tc.sample_prompt + enc.decode(new)
 
     def save_checkpoint(self) -> None:
-        """Collective: gathers every rank's loader and RNG state; rank 0 writes (maybe in the background)."""
+        """Collective: gathers every rank's loader and RNG state; rank 0 writes (maybe in the background).
+
+        A failed write (this one, or the previous background one) is raised on every rank alike
+        (one broadcast per checkpoint), so all ranks stop with the same exit code.
+        """
         env = self.env
         loader_states = all_gather_object(env, self.loader.state.to_dict())
         rng_states = all_gather_object(env, capture_rng())
-        if not env.is_main:
+        failure = None
+        if env.is_main:
+            try:
+                self._write_checkpoint(loader_states, rng_states)
+            except Exception as e:  # noqa: BLE001 - reported on every rank by _agree_on_failure
+                failure = e
+        self._agree_on_failure(failure)
+
+    def _wait_writer(self) -> None:
+        """Collective: wait for a background write in flight; its failure is raised on every rank."""
+        failure = None
+        if self.writer is not None:
+            try:
+                self.writer.wait()
+            except Exception as e:  # noqa: BLE001
+                failure = e
+        self._agree_on_failure(failure)
+
+    def _agree_on_failure(self, failure: BaseException | None) -> None:
+        report = None if failure is None else {"disk_full": isinstance(failure, DiskFullError), "message": str(failure)}
+        report = broadcast_object(self.env, report)
+        if report is None:
             return
+        if self.env.is_main and failure is not None:
+            raise failure
+        raise (DiskFullError if report["disk_full"] else CheckpointError)(f"rank 0 failed to write a checkpoint: {report['message']}")
+
+    def _write_checkpoint(self, loader_states: list[Any], rng_states: list[Any]) -> None:
+        env = self.env
         model_state = self.model.state_dict()
         optim_state = self.optimizer.state_dict()
         if self.writer.asynchronous:
@@ -360,6 +493,7 @@ class Trainer:
             "data_fingerprint": self.dataset.fingerprint,
             "model_shape": self.gpt_cfg.shape(),
             "config": config,
+            "skipped_in_row": self.skipped_in_row,
         }
         meta = {
             "step": self.step,
@@ -399,7 +533,7 @@ class Trainer:
         saved_at = -1
         while self.step < tc.max_steps:
             t0 = time.time()
-            loss, grad_norm, lr = self.train_step()
+            loss, grad_norm, lr, skipped = self.train_step()
             if self.device_type == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
@@ -411,6 +545,12 @@ class Trainer:
                 "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen,
                 "tokens_per_s": tok_s, "mfu": mfu, "dt": dt, "time": time.time(),
             }
+            self.skipped_in_row = self.skipped_in_row + 1 if skipped else 0
+            if skipped:
+                record["skipped"] = True
+                print(f"rank {env.rank}: step {self.step} skipped: non-finite loss or gradient norm on some rank "
+                      f"(here loss {loss}, grad norm {grad_norm}); no update, {self.skipped_in_row} in a row "
+                      f"(limit train.max_skipped_steps={tc.max_skipped_steps})", file=sys.stderr, flush=True)
             last = self.step == tc.max_steps
             if tc.val_every > 0 and (self.step % tc.val_every == 0 or last):
                 val_loss = self.evaluate()
@@ -423,27 +563,38 @@ class Trainer:
                     self.tracker.log_text(text, f"samples/step_{self.step:08d}.txt")
             if env.is_main:
                 self.metrics.append(record)
-                self.tracker.log_metrics(self.step, {k: record.get(k) for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss")})
+                self.tracker.log_record(record)  # enqueued only: MLflow never blocks the loop (trainer.tracking)
+                self.run_id = self.tracker.run_id or self.run_id  # a run created late still reaches the next checkpoint
                 mfu_s = f" | mfu {mfu * 100:.1f}%" if mfu is not None else ""
                 val_s = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
                 print(f"step {self.step}/{tc.max_steps} | loss {loss:.6f}{val_s} | lr {lr:.3e} | norm {grad_norm:.3f} | "
                       f"{tok_s:,.0f} tok/s{mfu_s} | {dt * 1000:.0f} ms", flush=True)
-            if (tc.ckpt_every > 0 and self.step % tc.ckpt_every == 0) or last:
+            diverged = self.skipped_in_row >= tc.max_skipped_steps
+            if (tc.ckpt_every > 0 and self.step % tc.ckpt_every == 0) or last or diverged:
                 self.save_checkpoint()
                 saved_at = self.step
+            if diverged:
+                self._wait_writer()
+                self.stop_reason = (
+                    f"{self.skipped_in_row} steps in a row (steps {self.step - self.skipped_in_row + 1}-{self.step}) had a "
+                    f"non-finite loss or gradient norm (train.max_skipped_steps={tc.max_skipped_steps}); checkpoint step "
+                    f"{self.step} is committed with the last good weights. Lower train.lr / raise train.warmup_steps or check "
+                    f"the data, then rerun with --allow-changes"
+                )
+                log0(env, f"stopped: {self.stop_reason}")
+                self._finish("FAILED")
+                return EXIT_REFUSED
             if self._parent is not None and os.getppid() != self._parent:
                 print(f"rank {env.rank}: torchrun (pid {self._parent}) is gone; exiting without a checkpoint", file=sys.stderr, flush=True)
                 os._exit(EXIT_FAILURE)
             if any_rank(env, self.stop.is_set):
                 if saved_at != self.step:
                     self.save_checkpoint()
-                if self.writer is not None:
-                    self.writer.wait()
+                self._wait_writer()
                 log0(env, f"stopped by signal after step {self.step}: checkpoint committed, exit {EXIT_REQUEUE} (requeue me)")
                 self._finish("KILLED")
                 return EXIT_REQUEUE
-        if self.writer is not None:
-            self.writer.wait()
+        self._wait_writer()
         log0(env, f"finished: {self.step} steps, {self.tokens_seen:,} tokens")
         self._finish("FINISHED")
         return EXIT_OK
@@ -473,27 +624,62 @@ def _write_exit_status(env: DistEnv, code: int, reason: str) -> None:
     os.replace(tmp, path)
 
 
-def run_worker(config: str, overrides: list[str] | tuple[str, ...]) -> int:
-    """Run this process as one rank (torchrun env) or as a single process. Returns the exit code."""
+def _take_run_lock(env: DistEnv, run_dir: str) -> RunLock | None:
+    """Collective: global rank 0 takes the run dir's ``train`` lock; if another live process holds
+    it, every rank raises RefusedError naming the holder (host, pid, SLURM job)."""
+    lock, error = None, None
+    if env.is_main:
+        try:
+            lock = RunLock(run_dir, "train", log=lambda m: print(m, flush=True)).acquire()
+        except RunLockHeld as e:
+            error = str(e)
+        except OSError as e:
+            error = f"{run_dir}: cannot take the run lock: {e}"
+    error = broadcast_object(env, error)
+    if error:
+        raise RefusedError(error)
+    return lock
+
+
+def run_worker(config: str, overrides: list[str] | tuple[str, ...], allow_changes: bool = False) -> int:
+    """Run this process as one rank (torchrun env) or as a single process. Returns the exit code.
+
+    2 (refused) for what a rerun cannot fix: a config error, a foreign checkpoint or changed
+    hyper-parameters, the run dir in use, a corrupt dataset (``ShardError``), a full disk, or a
+    run that diverged (``train.max_skipped_steps``). 1 only where a retry may help.
+    """
     try:
         cfg = load_config(config, overrides)
     except ConfigError as e:
         print(f"train: config error: {e}", file=sys.stderr, flush=True)
         return EXIT_REFUSED
-    env = init_distributed(cfg.train.device)
+    try:
+        env = init_distributed(cfg.train.device)
+    except ValueError as e:  # e.g. train.device=cuda where no GPU is visible
+        print(f"train: error: {e}", file=sys.stderr, flush=True)
+        _write_exit_status(DistEnv(0, int(os.environ.get("LOCAL_RANK", "0")), 1, torch.device("cpu"), None), EXIT_REFUSED, str(e))
+        return EXIT_REFUSED
     if env.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and env.world_size > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world_size))
     stop = StopFlag()
     stop.install(include_usr1=env.backend != "nccl")
     code, reason, healthy = EXIT_FAILURE, "", False
+    lock = None
     try:
-        trainer = Trainer(cfg, env, stop)
+        lock = _take_run_lock(env, cfg.run_dir)
+        trainer = Trainer(cfg, env, stop, allow_changes=allow_changes)
         code = trainer.fit()
-        reason = "finished" if code == EXIT_OK else "stopped by signal; checkpoint committed"
+        reason = {EXIT_OK: "finished", EXIT_REQUEUE: "stopped by signal; checkpoint committed"}.get(code, trainer.stop_reason)
         healthy = True
     except (RefusedError, ConfigError) as e:
         code, reason = EXIT_REFUSED, str(e)
         print(f"train: error: {e}", file=sys.stderr, flush=True)
+    except DiskFullError as e:
+        code, reason = EXIT_REFUSED, str(e)
+        print(f"train: error: {e}", file=sys.stderr, flush=True)
+    except ShardError as e:
+        code, reason = EXIT_REFUSED, f"the dataset is corrupt: {e}; rebuild it (pretrain data) or restore the shard, then rerun"
+        print(f"train: error: {reason}", file=sys.stderr, flush=True)
     except TrackingError as e:
         code, reason = EXIT_FAILURE, str(e)
         print(f"train: error: {e}", file=sys.stderr, flush=True)
@@ -506,6 +692,8 @@ def run_worker(config: str, overrides: list[str] | tuple[str, ...]) -> int:
         # nobody leaves before the checkpoint is committed (torchrun kills the rest once one rank exits)
         barrier(env)
     shutdown(env)
+    if lock is not None:
+        lock.release()
     return code
 
 
@@ -513,8 +701,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.train", description="one training rank (run under torchrun)")
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    return run_worker(args.config, args.overrides)
+    parser.add_argument("--allow-changes", action="store_true",
+                        help="resume even though hyper-parameters differ from the checkpoint's (the changes are logged)")
+    args = parser.parse_intermixed_args(argv)
+    return run_worker(args.config, args.overrides, allow_changes=args.allow_changes)
 
 
 if __name__ == "__main__":
