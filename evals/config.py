@@ -17,6 +17,18 @@ class EvalSlurmConfig:
     mem_gb: int = 0  # 0 = the partition's default
     time: str = "01:00:00"
 
+    def validate(self) -> None:
+        """These values reach the ``#SBATCH`` lines of every eval job: same rules as ``slurm.*``."""
+        from slurm import validation as v
+
+        v.check_at_least("gpus", self.gpus, 0)
+        v.check_at_least("cpus", self.cpus, 1)
+        v.check_at_least("mem_gb", self.mem_gb, 0)
+        v.check_name("partition", self.partition, allow_list=True)
+        v.check_name("account", self.account)
+        v.check_name("qos", self.qos)
+        v.time_minutes("time", self.time)
+
 
 @dataclass
 class EvalConfig:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dataprep.shards import ShardError, TokenDataset
 from pipelines.config import ConfigError, PipelineConfig
+from slurm import validation
 from slurm.config import SlurmConfig
 from slurm.jobs import job_state
 from slurm.resources import check_fits
@@ -23,12 +24,18 @@ def slurm_dir(run_dir: str | Path) -> Path:
     return Path(run_dir).resolve() / "slurm"
 
 
-def train_argv(config_path: str, overrides: list[str], cfg: PipelineConfig) -> list[str]:
-    """`pretrain train` as every node runs it, with rendezvous placeholders for slurm/ to fill."""
+def train_argv(config_path: str, overrides: list[str], cfg: PipelineConfig, allow_changes: bool = False) -> list[str]:
+    """`pretrain train` as every node runs it, with rendezvous placeholders for slurm/ to fill.
+
+    A GPU job runs one rank per GPU it asks for (`slurm.gpus_per_node`); a CPU job keeps its own
+    `train.nproc_per_node` (it asks for no GPU). `allow_changes`: resume even though
+    hyper-parameters differ from the checkpoint's (`pretrain train --allow-changes`)."""
     extra = list(overrides)
-    if cfg.slurm.gpus_per_node and cfg.train.nproc_per_node != cfg.slurm.gpus_per_node:
-        extra.append(f"train.nproc_per_node={cfg.slurm.gpus_per_node}")  # one rank per GPU
-    return [sys.executable, "-m", "pipelines.cli", "train", str(Path(config_path).resolve()), *extra,
+    gpus = _gpus(cfg)
+    if gpus and cfg.train.nproc_per_node != gpus:
+        extra.append(f"train.nproc_per_node={gpus}")  # one rank per GPU
+    flags = ["--allow-changes"] if allow_changes else []
+    return [sys.executable, "-m", "pipelines.cli", "train", str(Path(config_path).resolve()), *extra, *flags,
             "--nnodes", "{nnodes}", "--rdzv-endpoint", "{rdzv_endpoint}", "--rdzv-id", "{job_id}"]  # fmt: skip
 
 
@@ -51,13 +58,24 @@ def submit_eval_watcher(config_path: str, overrides: list[str], cfg: PipelineCon
     return submit_stage("eval", argv, cfg, f"after:{train_job_id}" if executor == "slurm" else "", cluster=executor)
 
 
-def submit_training(config_path: str, overrides: list[str], cfg: PipelineConfig, executor: str):
-    check_ready_to_train(cfg)
+def check_run_dir_for_slurm(cfg: PipelineConfig) -> Path:
+    """The resolved run dir, if SLURM can take it in `--output`/`--chdir` paths (no `%` or `\\`,
+    which it reads as file name patterns); ConfigError otherwise, before anything is written."""
     run_dir = Path(cfg.run_dir).resolve()
+    try:
+        validation.check_slurm_path("run_dir", str(run_dir))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return run_dir
+
+
+def submit_training(config_path: str, overrides: list[str], cfg: PipelineConfig, executor: str, allow_changes: bool = False):
+    run_dir = check_run_dir_for_slurm(cfg)
+    check_ready_to_train(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     gpus = _gpus(cfg)
     return submit_command(
-        train_argv(config_path, overrides, cfg),
+        train_argv(config_path, overrides, cfg, allow_changes),
         cfg.slurm,
         slurm_dir(run_dir) / "logs" / "%j",
         cluster=executor,
@@ -121,19 +139,21 @@ def submit_stage(stage: str, argv: list[str], cfg: PipelineConfig, dependency: s
     )  # fmt: skip
 
 
-def sbatch_script(config_path: str, overrides: list[str], cfg: PipelineConfig) -> str:
-    run_dir = Path(cfg.run_dir).resolve()
-    (slurm_dir(run_dir) / "logs").mkdir(parents=True, exist_ok=True)  # SLURM does not create it
-    gpus = _gpus(cfg)
-    return render_sbatch(
-        train_argv(config_path, overrides, cfg),
+def sbatch_script(config_path: str, overrides: list[str], cfg: PipelineConfig, allow_changes: bool = False) -> str:
+    """The training job as a plain sbatch script (see slurm.sbatch); creates the log directory
+    (SLURM does not) only once the script could be rendered."""
+    run_dir = check_run_dir_for_slurm(cfg)
+    script = render_sbatch(
+        train_argv(config_path, overrides, cfg, allow_changes),
         cfg.slurm,
         slurm_dir(run_dir) / "logs",
         name=f"pretrain-{run_dir.name}",
         requeue_exit_code=EXIT_REQUEUE,
-        gpus_per_node=gpus,
+        gpus_per_node=_gpus(cfg),
         chdir=Path.cwd(),
     )
+    (slurm_dir(run_dir) / "logs").mkdir(parents=True, exist_ok=True)
+    return script
 
 
 def list_jobs(run_dir: str | Path) -> list[dict]:

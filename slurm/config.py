@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from slurm import validation as v
+
 
 @dataclass
 class SlurmConfig:
@@ -11,11 +13,29 @@ class SlurmConfig:
     gpus_per_node: int = 8
     cpus_per_task: int = 32
     mem_gb: int = 0  # 0 = the partition's default
-    partition: str = ""
+    partition: str = ""  # one name, or several separated by ","
     account: str = ""
     qos: str = ""
     time: str = "24:00:00"
-    constraint: str = ""
-    extra: list[str] = field(default_factory=list)  # raw "#SBATCH" lines
+    constraint: str = ""  # node features: "a100", "intel&ib", "[rack1|rack2]"
+    extra: list[str] = field(default_factory=list)  # one sbatch option per item: "--exclusive", "--reservation=x"
     signal_delay_s: int = 120  # USR2 this long before the time limit
     max_requeues: int = 20
+
+    def validate(self) -> None:
+        """Everything here reaches an ``#SBATCH`` line: refuse what could break out of one, or
+        what SLURM would reject only once the job is queued."""
+        v.check_at_least("nodes", self.nodes, 1)
+        v.check_at_least("gpus_per_node", self.gpus_per_node, 0)
+        v.check_at_least("cpus_per_task", self.cpus_per_task, 1)
+        v.check_at_least("mem_gb", self.mem_gb, 0)
+        v.check_at_least("signal_delay_s", self.signal_delay_s, 0)
+        if self.signal_delay_s > 65535:  # sbatch --signal=...@<0..65535>
+            raise ValueError(f"signal_delay_s must be <= 65535, got {self.signal_delay_s}")
+        v.check_at_least("max_requeues", self.max_requeues, 0)
+        v.check_name("partition", self.partition, allow_list=True)
+        v.check_name("account", self.account)
+        v.check_name("qos", self.qos)
+        v.check_constraint("constraint", self.constraint)
+        v.time_minutes("time", self.time)
+        v.parse_extra("extra", self.extra)

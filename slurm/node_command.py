@@ -10,6 +10,9 @@ train``) does the real work; this wrapper only turns its exit code into SLURM ac
 * SIGTERM alone (clusters without a user signal, ``scontrol requeue``): submitit ignores it, the
   command saves and exits with ``requeue_exit_code``, and we requeue the job ourselves.
 * ``max_requeues``: after that many restarts the job fails instead of coming back forever.
+* Any other exit code is final: the job fails and is never requeued, whatever signal came
+  before. 2 means "refused, fix the config or the data" and 1 "failed": a requeue would repeat
+  it, and under SLURM it would loop until ``max_requeues``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ PLACEHOLDERS = ("{nnodes}", "{rdzv_endpoint}", "{job_id}")
 def rendezvous_port(job_id: str) -> int:
     digits = "".join(c for c in str(job_id) if c.isdigit()) or "0"
     return 20000 + int(digits) % 20000
+
+
+def final_exit_note(rc: int | None) -> str:
+    """Why an exit code is not requeued, for the job log."""
+    if rc == 2:
+        return " (refused: fix the config or the data; not requeued)"
+    return " (failed; not requeued: submit again to resume from the last checkpoint)"
 
 
 class NodeCommand(submitit.helpers.Checkpointable):
@@ -60,7 +70,7 @@ class NodeCommand(submitit.helpers.Checkpointable):
             return 0
         if rc == self.requeue_exit_code:
             self._requeue_self(job, restarts)
-        raise RuntimeError(f"{argv[0]} exited with code {rc}")
+        raise RuntimeError(f"{argv[0]} exited with code {rc}{final_exit_note(rc)}")
 
     def _wait(self, timeout: float | None) -> int | None:
         # Poll, never block in Popen.wait(): a signal handler (submitit's) may need to wait too,
@@ -74,19 +84,36 @@ class NodeCommand(submitit.helpers.Checkpointable):
         return rc
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
-        """Called by submitit on the requeue signal: let the command save, then come back as we are."""
-        if self._proc is not None and self._proc.poll() is None:
-            try:
-                self._proc.send_signal(signal.SIGUSR2)  # in case the signal reached only us
-            except ProcessLookupError:
-                pass
+        """Called by submitit on the requeue signal: let the command save, then come back as we are.
+
+        Returning None tells submitit not to requeue (the job then ends as failed)."""
+        rc: int | None = None
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                try:
+                    self._proc.send_signal(signal.SIGUSR2)  # in case the signal reached only us
+                except ProcessLookupError:
+                    pass
             rc = self._wait(self.grace_s)
             print(f"[node_command] command exited with {rc} after the requeue signal", flush=True)
+        if not self.should_requeue(rc):
+            print(f"[node_command] not requeued: the command exited with {rc}{final_exit_note(rc)}", flush=True)
+            return None
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         if restarts >= self.max_requeues:
             print(f"[node_command] not requeued: {restarts} restarts reached slurm.max_requeues", flush=True)
             return None
         return submitit.helpers.DelayedSubmission(self)
+
+    def should_requeue(self, rc: int | None) -> bool:
+        """After a requeue signal: requeue if the command checkpointed (``requeue_exit_code``), or
+        has not started or not finished within the grace period (it is still saving; SLURM stops
+        it when the job is requeued, and the next run resumes from the newest committed checkpoint).
+        Also after 0 (it finished just as the signal came): submitit can only report a job that
+        is not requeued from here as failed, while the requeued run finds the work done and ends
+        COMPLETED, which is what ``--dependency=afterok`` chains wait for.
+        Never after 2 (refused) or 1 (failed): a rerun would repeat them."""
+        return rc is None or rc in (0, self.requeue_exit_code)
 
     def _requeue_self(self, job: submitit.JobEnvironment, restarts: int) -> None:
         if "SLURM_JOB_ID" not in os.environ:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from slurm import validation
 from slurm.config import SlurmConfig
 
 
@@ -27,19 +28,10 @@ class Partition:
 
 def parse_time_minutes(value: str) -> int:
     """SLURM time formats ("MM", "MM:SS", "HH:MM:SS", "D-HH[:MM[:SS]]") → whole minutes (rounded up)."""
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
-    if not m:
-        raise SlurmError(f"slurm.time: '{value}' is not a SLURM time (e.g. 24:00:00, 2-00:00:00, 90)")
-    days, a, b, c = (int(x) if x else 0 for x in m.groups())
-    if m.group(1):  # D-HH[:MM[:SS]]
-        seconds = days * 86400 + a * 3600 + b * 60 + c
-    elif m.group(4):  # HH:MM:SS
-        seconds = a * 3600 + b * 60 + c
-    elif m.group(3):  # MM:SS
-        seconds = a * 60 + b
-    else:  # MM
-        seconds = a * 60
-    return max(1, -(-seconds // 60))
+    try:
+        return validation.time_minutes("slurm.time", value)
+    except ValueError as e:
+        raise SlurmError(str(e)) from e
 
 
 def _gpus(gres: str) -> int:
@@ -103,12 +95,10 @@ def check_fits(cfg: SlurmConfig, gpus_per_node: int) -> Partition:
 
 
 def extra_parameters(lines: list[str]) -> dict[str, str | bool]:
-    """slurm.extra raw lines ("#SBATCH --exclusive", "--reservation=x") → submitit's additional parameters."""
-    params: dict[str, str | bool] = {}
-    for raw in lines:
-        line = raw.strip().removeprefix("#SBATCH").strip()
-        if not line.startswith("--"):
-            raise SlurmError(f"slurm.extra: '{raw}' is not a long sbatch option (--name[=value])")
-        key, sep, value = line[2:].partition("=")
-        params[key.replace("-", "_")] = value if sep else True
-    return params
+    """slurm.extra items ("#SBATCH --exclusive", "--reservation=x") → submitit's additional
+    parameters ({"exclusive": True, "reservation": "x"}), each checked (see validation.parse_extra)."""
+    try:
+        parsed = validation.parse_extra("slurm.extra", lines)
+    except ValueError as e:
+        raise SlurmError(str(e)) from e
+    return {key.replace("-", "_"): True if value is None else value for key, value in parsed.items()}

@@ -1,15 +1,21 @@
 """A self-contained sbatch script for people who submit by hand, with the same requeue behaviour
 as the submitit route: `srun` runs the command once per node, the batch shell traps the warning
-signal (and SIGTERM), forwards it to the step, and requeues the job when the command exits with
-the "checkpointed, requeue me" code. Every value placed in the script is shell-quoted."""
+signal (and SIGTERM), forwards it to the step, and requeues the job only when the command exits
+with the "checkpointed, requeue me" code (never on a refusal or a failure).
+
+Two readers see the script, so values are quoted for each: ``#SBATCH`` lines are read by sbatch's
+own parser (:func:`slurm.validation.sbatch_quote`), the command line by bash (``shlex.quote``).
+No value may hold a control character (a newline would end the ``#SBATCH`` comment); the job name
+is reduced to SLURM-safe characters, and so is everything in the header comment."""
 
 from __future__ import annotations
 
 import shlex
 from pathlib import Path
 
+from slurm import validation
 from slurm.config import SlurmConfig
-from slurm.resources import extra_parameters, parse_time_minutes
+from slurm.resources import SlurmError, parse_time_minutes
 
 TEMPLATE = """\
 #!/bin/bash
@@ -46,6 +52,9 @@ if [ "$rc" -eq {requeue_code} ]; then
     exit 0
   fi
   echo "[sbatch] checkpointed, but slurm.max_requeues={max_requeues} restarts reached: not requeued"
+elif [ "$rc" -ne 0 ]; then
+  # 2 = refused (fix the config or the data), 1 = failed: a requeue would only repeat it
+  echo "[sbatch] not requeued: only exit {requeue_code} (checkpointed on a signal) is"
 fi
 exit "$rc"
 """
@@ -54,9 +63,23 @@ exit "$rc"
 def render_sbatch(
     argv: list[str], cfg: SlurmConfig, log_dir: Path, name: str, requeue_exit_code: int, gpus_per_node: int = 0, chdir: Path | None = None
 ) -> str:
-    """`argv` may use the placeholders {nnodes}, {rdzv_endpoint}, {job_id} (see NodeCommand)."""
-    q = shlex.quote
-    lines = {
+    """`argv` may use the placeholders {nnodes}, {rdzv_endpoint}, {job_id} (see NodeCommand).
+
+    Raises SlurmError for a value that cannot be written safely (the config loader refuses most
+    of them earlier; this also covers paths that only exist once resolved, such as ``chdir``)."""
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise SlurmError(f"slurm.{e}") from e
+    try:
+        validation.check_slurm_path("run dir (log directory)", str(log_dir))
+        if chdir is not None:
+            validation.check_slurm_path("working directory", str(chdir))
+    except ValueError as e:
+        raise SlurmError(str(e)) from e
+    extra = validation.parse_extra("slurm.extra", cfg.extra)
+    name = validation.job_name(name)
+    lines: dict[str, str | None] = {
         "job-name": name,
         "nodes": str(cfg.nodes),
         "ntasks-per-node": "1",
@@ -77,13 +100,13 @@ def render_sbatch(
             lines[key] = getattr(cfg, key)
     if chdir is not None:
         lines["chdir"] = str(chdir)
-    for key, value in extra_parameters(cfg.extra).items():
-        lines[key.replace("_", "-")] = None if value is True else str(value)
-    sbatch_lines = "\n".join(f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={q(v)}" for k, v in lines.items())
+    lines.update(extra)
+    sq = validation.sbatch_quote
+    sbatch_lines = "\n".join(f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={sq(v)}" for k, v in lines.items())
     shell_values = {"{nnodes}": '"$nodes"', "{rdzv_endpoint}": '"$master:$port"', "{job_id}": '"$SLURM_JOB_ID"'}
-    command = " ".join(shell_values.get(a, q(a)) for a in argv)
+    command = " ".join(shell_values.get(a, shlex.quote(a)) for a in argv)
     return TEMPLATE.format(
-        script_hint=q(f"{name}.sbatch"),
+        script_hint=f"{name}.sbatch",  # a sanitised name: nothing in it can end the comment line
         sbatch_lines=sbatch_lines,
         command=command,
         requeue_code=int(requeue_exit_code),

@@ -5,22 +5,32 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
 import submitit
 
+from slurm import validation
 from slurm.config import SlurmConfig
 from slurm.node_command import NodeCommand
-from slurm.resources import check_fits, extra_parameters, parse_time_minutes
+from slurm.resources import SlurmError, check_fits, extra_parameters, parse_time_minutes
 
 JOBS_FILE = "jobs.jsonl"
+# "afterok:12", "after:12:13,afterany:14", "singleton"
+_DEPENDENCY = re.compile(r"singleton|[a-z]+(?::[0-9_+]+)+(?:[,?][a-z]+(?::[0-9_+]+)+)*")
 
 
 def make_executor(folder: Path, cfg: SlurmConfig, cluster: str, name: str, gpus_per_node: int) -> submitit.Executor:
-    """A submitit executor for `cluster` ("slurm" or "local") with one task per node."""
+    """A submitit executor for `cluster` ("slurm" or "local") with one task per node.
+
+    submitit writes every parameter as ``#SBATCH --key=<shlex-quoted value>`` and the folder
+    into its ``--output``/``--error`` lines and ``srun`` command: values are checked here first
+    (no control character could end a comment line, no ``%``/backslash in the folder, a SLURM-safe
+    job name), so nothing handed over can break out of submitit's script either."""
+    check_submittable(folder, cfg)
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster, slurm_max_num_timeout=cfg.max_requeues)
-    params: dict = {"name": name, "timeout_min": parse_time_minutes(cfg.time), "tasks_per_node": 1, "nodes": cfg.nodes}
+    params: dict = {"name": validation.job_name(name), "timeout_min": parse_time_minutes(cfg.time), "tasks_per_node": 1, "nodes": cfg.nodes}
     if cluster == "slurm":
         params.update(
             cpus_per_task=cfg.cpus_per_task,
@@ -38,6 +48,19 @@ def make_executor(folder: Path, cfg: SlurmConfig, cluster: str, name: str, gpus_
     return executor
 
 
+def check_submittable(folder: Path, cfg: SlurmConfig) -> None:
+    """SlurmError unless every value can go into a batch script unchanged (see make_executor)."""
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise SlurmError(f"slurm.{e}") from e
+    try:
+        # "%j" is submitit's own placeholder for the job id: the rest of the path must hold no pattern
+        validation.check_slurm_path("log folder", str(folder).replace("%j", ""))
+    except ValueError as e:
+        raise SlurmError(str(e)) from e
+
+
 def submit_command(
     argv: list[str],
     cfg: SlurmConfig,
@@ -51,7 +74,10 @@ def submit_command(
 ) -> submitit.Job:
     """Submit `argv` (with rendezvous placeholders, see NodeCommand) as one job; return at once.
 
-    `dependency` is SLURM's (e.g. "afterok:123"), for chaining jobs."""
+    `dependency` is SLURM's (e.g. "afterok:123"), for chaining jobs. `argv` never meets a shell:
+    it travels pickled to the job, which starts it with subprocess (no quoting to get wrong)."""
+    if dependency and not _DEPENDENCY.fullmatch(dependency):
+        raise SlurmError(f"not a SLURM job dependency: {dependency!r}")
     if cluster == "slurm":
         check_fits(cfg, gpus_per_node)
     executor = make_executor(log_dir, cfg, cluster, name, gpus_per_node)
