@@ -370,3 +370,66 @@ def test_joins_an_existing_ray_cluster(corpus, tmp_path, gpt2_ranks, cli_referen
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+# --- shard contents are verified before their tokens are used --------------------------------
+
+
+def _flip_byte(path: Path, at: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+def test_flipped_byte_in_a_shard_body_is_refused_before_training_uses_it(tmp_path):
+    """Header and size stay valid, so opening succeeds; the first read of the shard must fail."""
+    from tests.trainer_helpers import make_shard_dir
+    from trainer.data import TrainLoader, ValBatches
+
+    data = make_shard_dir(tmp_path / "data", seed=4, train_shards=4, shard_tokens=2000)
+    ds = TokenDataset(data)
+    bad_id = 2
+    bad = ds.split("train")[bad_id].path
+    _flip_byte(bad, HEADER_BYTES + 2 * 777)  # one token's low byte, mid-shard
+    _flip_byte(data / "val_000000.bin", HEADER_BYTES + 2 * 5)
+
+    ds = TokenDataset(data)  # a fresh process's view: header and size are fine
+    loader = TrainLoader(ds, 2, 16, rank=0, world_size=1, seed=3)
+    used: list[int] = []
+    with pytest.raises(ShardError, match=rf"{bad.name}: corrupt shard: sha256 \w+ does not match the manifest's"):
+        for _ in range(10_000):  # more than one epoch
+            st = loader._normalise(loader.state)
+            shard_id = loader.order(st.epoch)[st.shard_index]
+            loader.next_batch()
+            used.append(shard_id)
+    assert bad_id not in used, "tokens of the corrupt shard were handed out"
+    assert used, "the shards before the corrupt one in the epoch's order were usable"
+    val = ValBatches(ds, 2, 16, rank=0, world_size=1, n_batches=4)
+    with pytest.raises(ShardError, match=r"val_000000\.bin: corrupt shard"):
+        next(iter(val))
+    with pytest.raises(ShardError, match="corrupt shard"):
+        ds.verify()
+
+
+def test_token_id_outside_the_vocabulary_is_refused_at_shard_open(tmp_path):
+    """A shard whose manifest hash is right but holds an id the model cannot embed (>= 50257)."""
+    from dataprep.shards import write_shard
+    from tests.trainer_helpers import make_shard_dir
+
+    data = make_shard_dir(tmp_path / "data", seed=5, train_shards=2, shard_tokens=2000)
+    manifest = json.loads((data / "manifest.json").read_text())
+    tokens = np.asarray(TokenDataset(data).tokens(TokenDataset(data).split("train")[1])).copy()
+    tokens[1234] = 50257
+    n, sha = write_shard(data / "train_000001.bin", [tokens])
+    manifest["shards"][1].update(tokens=n, sha256=sha)
+    (data / "manifest.json").write_text(json.dumps(manifest))
+
+    ds = TokenDataset(data)
+    assert np.asarray(ds.tokens(ds.split("train")[0])).max() < 50257  # the good shard is served
+    with pytest.raises(ShardError, match=r"train_000001\.bin: token id 50257 at token 1234 is outside the vocabulary \(ids must be < 50257\)"):
+        ds.tokens(ds.split("train")[1])
+    # the model's (smaller) vocabulary can only tighten the limit
+    with pytest.raises(ShardError, match=r"train_000000\.bin: token id \d+ at token \d+ is outside the vocabulary \(ids must be < 1000\)"):
+        TokenDataset(data, vocab_size=1000).tokens(ds.split("train")[0])

@@ -10,6 +10,11 @@ with N ranks can be resumed with M ranks and still continue from the exact next 
 Shard order is a permutation drawn per epoch from ``(seed, epoch)`` so that every epoch sees the
 shards in a new order yet a resumed run draws the very same order. Windows never straddle shards
 (documents never do either); a shard's tail shorter than one global span is skipped.
+
+Every shard is checked (sha256 against the manifest, token ids within the vocabulary) before its
+first tokens are used in this process: :meth:`TokenDataset.tokens` waits for that check. While
+shard k is read, the check of the shard that follows it runs in a background thread, so the wait
+is only ever for the first shard. A bad shard raises :class:`dataprep.shards.ShardError`.
 """
 
 from __future__ import annotations
@@ -72,19 +77,32 @@ class TrainLoader:
         self._order_epoch = -1
         self._order: list[int] = []
         self._cached: tuple[int, np.memmap] | None = None
+        first = self._normalise(self.state)  # start checking the first shard while the model is built
+        self.dataset.prefetch(self.shards[self.order(first.epoch)[first.shard_index]])
 
     def order(self, epoch: int) -> list[int]:
         """Shard order of ``epoch``: a permutation seeded by (seed, epoch), identical on all ranks."""
         if epoch != self._order_epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._order = [int(i) for i in rng.permutation(len(self.shards))]
+            self._order = self._draw(epoch)
             self._order_epoch = epoch
         return self._order
 
-    def _tokens(self, shard_id: int) -> np.memmap:
+    def _draw(self, epoch: int) -> list[int]:
+        rng = np.random.default_rng([self.seed, epoch])
+        return [int(i) for i in rng.permutation(len(self.shards))]
+
+    def _tokens(self, st: LoaderState) -> np.memmap:
+        shard_id = self.order(st.epoch)[st.shard_index]
         if self._cached is None or self._cached[0] != shard_id:
-            self._cached = (shard_id, self.dataset.tokens(self.shards[shard_id]))
+            self._cached = (shard_id, self.dataset.tokens(self.shards[shard_id]))  # waits for its check
+            self.dataset.prefetch(self.shards[self._following(st)])
         return self._cached[1]
+
+    def _following(self, st: LoaderState) -> int:
+        """The shard read after the one of ``st`` (the next epoch's first after the last)."""
+        if st.shard_index + 1 < len(self.shards):
+            return self.order(st.epoch)[st.shard_index + 1]
+        return self._draw(st.epoch + 1)[0]
 
     def _normalise(self, st: LoaderState) -> LoaderState:
         """Advance past shards (and epochs) whose remainder cannot hold one global span."""
@@ -100,9 +118,8 @@ class TrainLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         st = self._normalise(self.state)
-        shard_id = self.order(st.epoch)[st.shard_index]
         start = st.offset + self.rank * self.B * self.T
-        buf = np.asarray(self._tokens(shard_id)[start : start + self.B * self.T + 1], dtype=np.int64)
+        buf = np.asarray(self._tokens(st)[start : start + self.B * self.T + 1], dtype=np.int64)
         t = torch.from_numpy(buf)
         x = t[:-1].view(self.B, self.T)
         y = t[1:].view(self.B, self.T)
@@ -129,6 +146,8 @@ class ValBatches:
             while off + span + 1 <= shard.tokens and len(self.windows) < n_batches:
                 self.windows.append((shard, off + rank * batch_size * seq_len))
                 off += span
+        for shard in dict.fromkeys(s for s, _ in self.windows):
+            dataset.prefetch(shard)  # checked in the background before the first validation
         if len(self.windows) < n_batches and rank == 0:
             warnings.warn(
                 f"{dataset.directory}: val split holds {len(self.windows)} of the {n_batches} requested val batches "
