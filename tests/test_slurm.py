@@ -291,12 +291,54 @@ def test_local_executor_runs_the_same_code_path(work, local_losses):
 
 def test_sbatch_script_quotes_every_value(work):
     cfg, _ = write_config(work, "quoting")
-    r = pretrain("sbatch", str(cfg), "train.sample_prompt=it's $(touch /tmp/pwned) `id`", "slurm.partition=a b")
+    r = pretrain("sbatch", str(cfg), "train.sample_prompt=it's $(touch /tmp/pwned) `id`", "slurm.partition=a-b")
     assert r.returncode == 0, r.stderr
     assert "'train.sample_prompt=it'\"'\"'s $(touch /tmp/pwned) `id`'" in r.stdout
-    assert "#SBATCH --partition='a b'" in r.stdout
+    assert "#SBATCH --partition=a-b" in r.stdout
     check = subprocess.run(["bash", "-n"], input=r.stdout, text=True, capture_output=True)
     assert check.returncode == 0, check.stderr
+    # A partition name SLURM could not have is refused, not quoted (see tests/test_slurm_injection.py).
+    r = pretrain("sbatch", str(cfg), "slurm.partition=a b")
+    assert r.returncode == 2 and "slurm.partition must be a SLURM name" in r.stderr, r.stderr
+
+
+def test_real_sbatch_reads_quoted_values_exactly(cluster, work):
+    """sbatch parses #SBATCH lines itself (its own quotes and escapes, '#' starts a comment): a run
+    dir and an sbatch option value holding spaces, both quotes, $(), backticks, ';' and '#' reach
+    SLURM verbatim, through `pretrain sbatch` and through submitit's script (`pretrain submit`).
+    The jobs are submitted held and cancelled at once."""
+    import yaml
+
+    odd = "it's \"odd\" $(touch INJECTED) `id`; # end"
+    run_dir = work / f"odd {odd}"
+    cfg = work / "odd.yaml"
+    data = yaml.safe_load(CONFIG.format(run_dir="x", data_dir=work / "data", max_steps=MAX_STEPS))
+    data["run_dir"] = str(run_dir)
+    data["slurm"]["extra"] = ["--hold", f"--comment={odd}"]
+    cfg.write_text(yaml.safe_dump(data))
+
+    def check_job(job: str, stdout_prefix: str) -> None:
+        try:
+            comment = subprocess.run(["squeue", "-h", "-j", job, "-o", "%k"], capture_output=True, text=True, check=True).stdout
+            assert comment.rstrip("\n") == odd
+            info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
+            assert f"StdOut={stdout_prefix}" in info, info
+            assert "JobState=PENDING" in info and "Reason=JobHeldUser" in info, info
+        finally:
+            subprocess.run(["scancel", job], check=False)
+
+    script = work / "odd.sbatch"
+    r = pretrain("sbatch", str(cfg), "-o", str(script))
+    assert r.returncode == 0, r.stderr
+    sub = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, cwd=REPO)
+    assert sub.returncode == 0, sub.stderr
+    check_job(sub.stdout.strip().split(";")[0], f"{run_dir}/slurm/logs/")
+
+    r = pretrain("submit", str(cfg))
+    assert r.returncode == 0, r.stderr
+    job = job_id_of(r.stdout)
+    check_job(job, f"{run_dir}/slurm/logs/{job}/{job}_0_log.out")
+    assert not list(work.rglob("INJECTED")) and not list(REPO.glob("INJECTED"))
 
 
 def test_workflow_on_slurm_runs_as_chained_jobs(cluster, tmp_path_factory, gpt2_ranks):
