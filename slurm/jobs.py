@@ -35,6 +35,11 @@ def _sacct(job_id: str) -> tuple[str, str] | None:
 
 
 def job_state(job_id: str) -> JobState:
+    """The job's state; `job_id` comes from a file in the run dir, so anything but a SLURM job id
+    (digits, "_" for array tasks) is reported, never passed to scontrol/sacct as an argument."""
+    job_id = str(job_id)
+    if not re.fullmatch(r"[0-9]+(?:_[0-9]+)?", job_id):
+        return JobState(job_id, "INVALID JOB ID", None, "")
     if shutil.which("scontrol") is None:
         return JobState(job_id, "UNKNOWN (no SLURM here)", None, "")
     info = _scontrol(job_id)

@@ -64,34 +64,42 @@ def partitions() -> list[Partition]:
 
 
 def check_fits(cfg: SlurmConfig, gpus_per_node: int) -> Partition:
-    """The partition the job goes to, after checking that the request can ever run there."""
+    """The partition the job goes to, after checking that the request can ever run there.
+
+    ``slurm.partition`` may name several ("a,b"; SLURM starts the job in whichever has room):
+    each must exist, and the request must fit at least one of them."""
     parts = partitions()
     if cfg.partition:
-        match = [p for p in parts if p.name == cfg.partition]
-        if not match:
-            raise SlurmError(f"slurm.partition: unknown partition '{cfg.partition}' (this cluster has: {', '.join(p.name for p in parts)})")
-        part = match[0]
+        candidates = []
+        for name in cfg.partition.split(","):
+            match = [p for p in parts if p.name == name]
+            if not match:
+                raise SlurmError(f"slurm.partition: unknown partition '{name}' (this cluster has: {', '.join(p.name for p in parts)})")
+            candidates.append(match[0])
     else:
         defaults = [p for p in parts if p.default]
         if not defaults:
             raise SlurmError("slurm.partition is empty and the cluster has no default partition")
-        part = defaults[0]
-    if cfg.nodes > part.nodes:
-        raise SlurmError(f"slurm.nodes={cfg.nodes} does not fit partition '{part.name}', which has {part.nodes} node(s)")
-    if gpus_per_node > part.gpus_per_node:
-        raise SlurmError(
-            f"slurm.gpus_per_node={gpus_per_node} does not fit partition '{part.name}', "
-            f"whose nodes have {part.gpus_per_node} GPU(s)"
-        )
-    if cfg.cpus_per_task > part.cpus_per_node:
-        raise SlurmError(
-            f"slurm.cpus_per_task={cfg.cpus_per_task} does not fit partition '{part.name}', "
-            f"whose nodes have {part.cpus_per_node} CPUs"
-        )
-    if cfg.mem_gb and part.mem_mb and cfg.mem_gb * 1024 > part.mem_mb:
-        raise SlurmError(f"mem_gb={cfg.mem_gb} does not fit partition '{part.name}', whose nodes have {part.mem_mb} MB")
+        candidates = defaults[:1]
     parse_time_minutes(cfg.time)
-    return part
+    problems = [_misfit(cfg, gpus_per_node, part) for part in candidates]
+    for part, problem in zip(candidates, problems):
+        if problem is None:
+            return part
+    raise SlurmError(problems[0] if len(problems) == 1 else "; ".join(problems))
+
+
+def _misfit(cfg: SlurmConfig, gpus_per_node: int, part: Partition) -> str | None:
+    """Why the request can never run in `part`, or None if it can."""
+    if cfg.nodes > part.nodes:
+        return f"slurm.nodes={cfg.nodes} does not fit partition '{part.name}', which has {part.nodes} node(s)"
+    if gpus_per_node > part.gpus_per_node:
+        return f"slurm.gpus_per_node={gpus_per_node} does not fit partition '{part.name}', whose nodes have {part.gpus_per_node} GPU(s)"
+    if cfg.cpus_per_task > part.cpus_per_node:
+        return f"slurm.cpus_per_task={cfg.cpus_per_task} does not fit partition '{part.name}', whose nodes have {part.cpus_per_node} CPUs"
+    if cfg.mem_gb and part.mem_mb and cfg.mem_gb * 1024 > part.mem_mb:
+        return f"mem_gb={cfg.mem_gb} does not fit partition '{part.name}', whose nodes have {part.mem_mb} MB"
+    return None
 
 
 def extra_parameters(lines: list[str]) -> dict[str, str | bool]:

@@ -73,8 +73,8 @@ def render_sbatch(
         raise SlurmError(f"slurm.{e}") from e
     try:
         validation.check_slurm_path("run dir (log directory)", str(log_dir))
-        if chdir is not None:
-            validation.check_slurm_path("working directory", str(chdir))
+        if chdir is not None:  # --chdir takes no patterns: only a line break could do harm
+            validation.check_no_control("working directory", str(chdir))
     except ValueError as e:
         raise SlurmError(str(e)) from e
     extra = validation.parse_extra("slurm.extra", cfg.extra)

@@ -4,7 +4,7 @@ requeue decision follows the exit code (3 requeues; 2 and 1 never do).
 Hostile values (newline, `$(...)`, backticks, quotes, `;`, `#`) go through every field that
 reaches a batch script. Values SLURM names cannot hold are refused when the config loads (exit 2,
 nothing written, nothing submitted). The others are written, and the script is then EXECUTED by
-bash with stand-ins for the SLURM executables (`srun`, `scontrol`, `sbatch`, `sinfo`) that only
+bash with stand-ins for the SLURM executables (`srun`, `scontrol`, `sbatch`, `sinfo`, `sacct`) that only
 record their arguments: SLURM itself is not needed to run a script, so these are the only fakes.
 A marker file must never appear, and `srun` must receive the exact original values. How real
 sbatch parses the quoted `#SBATCH` values is tested on the real cluster in tests/test_slurm.py.
@@ -12,6 +12,7 @@ sbatch parses the quoted `#SBATCH` values is tested on the real cluster in tests
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.cli import main
+from pipelines.cli import build_parser, main
 from pipelines.config import load_config
 from pipelines.launching import train_argv
 from slurm.node_command import NodeCommand, rendezvous_port
@@ -45,7 +46,8 @@ STUBS = {
                 '[ "$1 $2" = "show hostnames" ] && printf "n1\\nn2\\n"; exit 0',  # fmt: skip
     "sbatch": 'printf "%s\\0" "$@" > "$STUB_LOG/sbatch.argv"; cp "${@: -1}" "$STUB_LOG/submitted.sh"\n'
               f'echo "Submitted batch job {JOB_ID}"',  # fmt: skip
-    "sinfo": "echo 'debug*|2|64|(null)|64000'",
+    "sinfo": 'echo "${STUB_SINFO:-debug*|2|64|(null)|64000}"',
+    "sacct": 'printf "%s\\0" "$@" > "$STUB_LOG/sacct.$$.argv"',  # knows no job
 }
 BASE_CONFIG = {
     "model": {"name": "micro"},
@@ -57,7 +59,7 @@ BASE_CONFIG = {
 
 @pytest.fixture
 def stubs(tmp_path, monkeypatch) -> Path:
-    """A PATH whose srun/scontrol/sbatch/sinfo record their argv under the returned directory."""
+    """A PATH whose srun/scontrol/sbatch/sinfo/sacct record their argv under the returned directory."""
     bin_dir, log = tmp_path / "stub-bin", tmp_path / "stub-log"
     bin_dir.mkdir()
     log.mkdir()
@@ -129,7 +131,9 @@ def test_sbatch_script_runs_nothing_injected_and_passes_values_exactly(tmp_path,
     filled = {"{nnodes}": "1", "{rdzv_endpoint}": f"127.0.0.1:{rendezvous_port(JOB_ID)}", "{job_id}": JOB_ID}
     assert srun == ["--ntasks-per-node=1", "--kill-on-bad-exit=0", *[filled.get(a, a) for a in expected]]
     # the values themselves, byte for byte, where `pretrain train` will read them
-    assert str(cfg.resolve()) in srun and overrides[0] in srun and overrides[1] in srun and "--allow-changes" in srun
+    args = build_parser().parse_args(srun[5:])  # after: srun options, python -m pipelines.cli
+    assert (args.command, args.config, args.overrides) == ("train", str(cfg.resolve()), overrides)
+    assert args.allow_changes and (args.nnodes, args.rdzv_id) == (1, JOB_ID)
 
 
 def test_sbatch_multi_node_rendezvous_is_the_first_node(tmp_path, stubs, monkeypatch):
@@ -268,6 +272,32 @@ def test_accepted_slurm_values(tmp_path):
     )  # fmt: skip
     loaded = load_config(cfg)
     assert loaded.slurm.constraint == "[rack1|rack2]&(a100*2|h100)" and loaded.eval.slurm.time == "90"
+
+
+def test_request_must_fit_one_of_the_named_partitions(stubs, monkeypatch):
+    from slurm.config import SlurmConfig
+    from slurm.resources import SlurmError, check_fits
+
+    monkeypatch.setenv("STUB_SINFO", "small*|1|4|(null)|1000\nbig|2|64|gpu:8|64000")
+    assert check_fits(SlurmConfig(partition="small,big", cpus_per_task=8, gpus_per_node=0), 0).name == "big"
+    assert check_fits(SlurmConfig(partition="", cpus_per_task=2), 0).name == "small"
+    with pytest.raises(SlurmError, match="unknown partition 'nope'"):
+        check_fits(SlurmConfig(partition="small,nope", cpus_per_task=2), 0)
+    with pytest.raises(SlurmError, match="cpus_per_task=8 does not fit partition 'small'"):
+        check_fits(SlurmConfig(partition="small", cpus_per_task=8), 0)
+
+
+def test_jobs_listing_passes_no_planted_id_to_slurm(tmp_path, stubs, capsys):
+    """`pretrain jobs` reads job ids from RUN_DIR/slurm/jobs.jsonl: one that is not a SLURM job id
+    is shown as invalid and never becomes an scontrol/sacct argument."""
+    run_dir = tmp_path / "run"
+    (run_dir / "slurm").mkdir(parents=True)
+    records = [{"job_id": "--all", "cluster": "slurm"}, {"job_id": "12", "cluster": "slurm"}]
+    (run_dir / "slurm" / "jobs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["jobs", str(run_dir)]) == 0
+    assert "INVALID JOB ID" in capsys.readouterr().out
+    asked = [c for tool in ("scontrol", "sacct") for c in calls(stubs, tool)]
+    assert asked and all("12" in c and "--all" not in c for c in asked), asked
 
 
 def _slurm_env(monkeypatch, nodes: int, rank: int = 0) -> None:
