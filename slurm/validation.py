@@ -7,10 +7,9 @@ own word splitting, not the shell's. So values are checked first (this module, c
 config loads) and quoted for the reader that will see them (:func:`sbatch_quote` for ``#SBATCH``
 lines, :func:`shlex.quote` for shell lines).
 
-SLURM documents no character set for partition, account and QOS names; in practice they are
-whitespace-free tokens of letters, digits, ``_``, ``-`` and ``.`` (slurm.conf and ``sacctmgr``
-split on anything else; the accounting database lower-cases them). We accept exactly those, so a
-value can never carry quotes, ``$``, ``;`` or ``#``. Every checker raises ``ValueError`` whose
+SLURM documents no character set for partition, account and QOS names (slurm.conf only ends a
+name at whitespace or ``#``); sites name them with letters, digits, ``_``, ``-`` and ``.``. We
+accept exactly those, so such a value can never carry quotes, ``$``, ``;``, ``#`` or spaces. Every checker raises ``ValueError`` whose
 message starts with the key relative to its config section (the loader prefixes the section).
 """
 
@@ -66,9 +65,9 @@ def check_constraint(key: str, value: str) -> None:
         if not m:
             raise ValueError(f"{key}: {value!r} is not a SLURM feature expression (unexpected {value[pos]!r} at position {pos})")
         token = m.group()
-        if token in "([":
+        if token in ("(", "["):
             depth.append(token)
-        elif token in ")]":
+        elif token in (")", "]"):
             if not depth or depth.pop() != closing[token]:
                 raise ValueError(f"{key}: {value!r} has an unbalanced {token!r}")
         pos = m.end()

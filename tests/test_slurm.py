@@ -341,6 +341,33 @@ def test_real_sbatch_reads_quoted_values_exactly(cluster, work):
     assert not list(work.rglob("INJECTED")) and not list(REPO.glob("INJECTED"))
 
 
+def test_refused_job_fails_once_and_is_never_requeued(cluster, work):
+    """Exit 2 ("refused: fix the config") must not loop under requeue: on both routes the job
+    ends FAILED after one run, with no restart. The jobs are queued held, the config is then
+    broken (an unknown key: `pretrain train` refuses it at load), and they are released."""
+    import yaml
+
+    cfg, run_dir = write_config(work, "refused")
+    data = yaml.safe_load(cfg.read_text())
+    data["slurm"]["extra"] = ["--hold"]
+    cfg.write_text(yaml.safe_dump(data))
+    script = work / "refused.sbatch"
+    assert pretrain("sbatch", str(cfg), "-o", str(script)).returncode == 0
+    sub = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, cwd=REPO)
+    assert sub.returncode == 0, sub.stderr
+    r = pretrain("submit", str(cfg))
+    assert r.returncode == 0, r.stderr
+    jobs = [sub.stdout.strip().split(";")[0], job_id_of(r.stdout)]
+    cfg.write_text(cfg.read_text() + "no_such_key: 1\n")
+    subprocess.run(["scontrol", "release", *jobs], check=True)
+    for job in jobs:
+        assert wait_final(job, timeout=120) == "FAILED", logs(run_dir)
+        assert scontrol_restarts(job) == 0
+    out = logs(run_dir)
+    assert "[sbatch] training step exited with 2" in out and "[sbatch] not requeued" in out, out
+    assert "exited with code 2 (refused" in out and "requeued job" not in out, out
+
+
 def test_workflow_on_slurm_runs_as_chained_jobs(cluster, tmp_path_factory, gpt2_ranks):
     """`pretrain run --executor slurm`: data → train → eval watcher (its eval jobs on SLURM too) →
     report, as jobs chained with --dependency; the command returns at once."""
