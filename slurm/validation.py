@@ -67,9 +67,8 @@ def check_constraint(key: str, value: str) -> None:
         token = m.group()
         if token in ("(", "["):
             depth.append(token)
-        elif token in (")", "]"):
-            if not depth or depth.pop() != closing[token]:
-                raise ValueError(f"{key}: {value!r} has an unbalanced {token!r}")
+        elif token in (")", "]") and (not depth or depth.pop() != closing[token]):
+            raise ValueError(f"{key}: {value!r} has an unbalanced {token!r}")
         pos = m.end()
     if depth:
         raise ValueError(f"{key}: {value!r} has an unclosed {depth[-1]!r}")

@@ -42,10 +42,8 @@ JOB_ID = "4242"
 STUBS = {
     # argv of each call, NUL-separated, one file per call
     "srun": 'printf "%s\\0" "$@" > "$STUB_LOG/srun.$$.argv"; exit "${STUB_SRUN_RC:-0}"',
-    "scontrol": 'printf "%s\\0" "$@" > "$STUB_LOG/scontrol.$$.argv"\n'
-                '[ "$1 $2" = "show hostnames" ] && printf "n1\\nn2\\n"; exit 0',  # fmt: skip
-    "sbatch": 'printf "%s\\0" "$@" > "$STUB_LOG/sbatch.argv"; cp "${@: -1}" "$STUB_LOG/submitted.sh"\n'
-              f'echo "Submitted batch job {JOB_ID}"',  # fmt: skip
+    "scontrol": 'printf "%s\\0" "$@" > "$STUB_LOG/scontrol.$$.argv"\n[ "$1 $2" = "show hostnames" ] && printf "n1\\nn2\\n"; exit 0',
+    "sbatch": f'printf "%s\\0" "$@" > "$STUB_LOG/sbatch.argv"; cp "${{@: -1}}" "$STUB_LOG/submitted.sh"\necho "Submitted batch job {JOB_ID}"',
     "sinfo": 'echo "${STUB_SINFO:-debug*|2|64|(null)|64000}"',
     "sacct": 'printf "%s\\0" "$@" > "$STUB_LOG/sacct.$$.argv"',  # knows no job
 }
@@ -114,7 +112,7 @@ def hostile_setup(tmp_path: Path, payload: str, data: bool = False) -> tuple[Pat
 
 @pytest.mark.parametrize("payload", PAYLOADS.values(), ids=PAYLOADS.keys())
 def test_sbatch_script_runs_nothing_injected_and_passes_values_exactly(tmp_path, stubs, payload, monkeypatch):
-    cfg, run_dir, overrides = hostile_setup(tmp_path, payload)
+    cfg, _, overrides = hostile_setup(tmp_path, payload)
     monkeypatch.chdir(tmp_path)
     script = tmp_path / "job.sbatch"
     assert main(["sbatch", str(cfg), *overrides, "-o", str(script), "--allow-changes"]) == 0
