@@ -109,3 +109,40 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: flo
         if time.time() > deadline:
             raise AssertionError(f"step {step} not reached in {timeout}s")
         time.sleep(0.05)
+
+
+def listening_sockets(pids: list[int]) -> list[tuple[int, str, int]]:
+    """``(pid, address, port)`` of every listening TCP socket (v4 and v6) the processes hold, read
+    from /proc/<pid>/fd and /proc/net/tcp{,6} (what ``ss -ltnp`` shows for them)."""
+    import ipaddress
+    import struct
+
+    listening: dict[str, tuple[str, int]] = {}  # socket inode -> (address, port)
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if cols[3] != "0A":  # TCP_LISTEN
+                continue
+            hex_addr, hex_port = cols[1].split(":")
+            raw = bytes.fromhex(hex_addr)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            raw = b"".join(struct.pack("<I", struct.unpack(">I", raw[i:i + 4])[0]) for i in range(0, width, 4))
+            listening[cols[9]] = (str(ipaddress.ip_address(raw)), int(hex_port, 16))
+    out = []
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in listening:
+                out.append((pid, *listening[target[8:-1]]))
+    return out

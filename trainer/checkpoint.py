@@ -281,7 +281,7 @@ def write_checkpoint(
             raise DiskFullError(
                 f"{root}: disk full while writing checkpoint step {step} ({e}); {usage.free / 2**20:.0f} MiB free. "
                 f"The partial write was deleted and every committed checkpoint is intact: free space (or lower "
-                f"train.keep_last / train.keep_every), then rerun the same command to resume"
+                f"train.keep_last / train.keep_every), then run the same command again: it resumes from the newest one"
             ) from e
         raise
 

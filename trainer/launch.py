@@ -132,7 +132,7 @@ def launch_torchrun(config: str, overrides: list[str], nproc: int, rdzv: list[st
     code, reason = _exit_code(exit_file, rc)
     explain = {
         EXIT_OK: "finished",
-        EXIT_REFUSED: f"refused: {reason or 'see the error above'}. A rerun alone will not help; committed checkpoints are kept",
+        EXIT_REFUSED: f"refused: {reason or 'see the error above'}. Running it again unchanged will not help (committed checkpoints are kept)",
         EXIT_REQUEUE: "checkpoint committed on a stop signal; requeue / rerun the same command to continue",
     }.get(code, "failed; rerun the same command to resume from the last committed checkpoint")
     # torchrun reports any non-zero worker exit as a failure with a traceback; this is the real outcome
