@@ -2,9 +2,12 @@
 
 Entry points:
 
-* ``pretrain train CONFIG [section.key=value ...]``: starts ``torchrun --standalone`` with
-  ``train.nproc_per_node`` workers (or, already under torchrun, is the worker). Rerunning the
-  same command resumes from the newest committed checkpoint of ``run_dir``.
+* ``pretrain train CONFIG [section.key=value ...] [--allow-changes]``: starts torchrun on this
+  machine with ``train.nproc_per_node`` workers, every socket on 127.0.0.1
+  (``trainer.torchrun_local``), or, already under torchrun, is the worker. Rerunning the same
+  command resumes from the newest committed checkpoint of ``run_dir`` that verifies and loads;
+  a resume with changed hyper-parameters is refused unless ``--allow-changes`` (``trainer.config``).
+  One training per run dir at a time (``RUN_DIR/.locks/train.lock``, ``trainer.runlock``).
 * ``python -m trainer.train CONFIG [overrides]``: one worker (what torchrun runs; a plain
   ``python -m`` runs a single process without a process group).
 * ``python bench/train_step.py CONFIG [overrides] --steps N --warmup W``: step time / MFU.
@@ -23,9 +26,14 @@ For the eval stage (read-only, sees committed checkpoints only)::
 Exit codes of ``pretrain train`` / ``python -m trainer.train`` (also what the launcher returns):
 
 * ``EXIT_OK`` (0): reached ``train.max_steps``; a final checkpoint is committed.
-* ``EXIT_FAILURE`` (1): crashed; run the same command again to resume from the last checkpoint.
-* ``EXIT_REFUSED`` (2): configuration error, or the run dir's checkpoint belongs to another model
-  shape or data manifest; nothing was trained; fix the config or use another run_dir.
+* ``EXIT_FAILURE`` (1): crashed in a way a retry may fix; run the same command again to resume
+  from the last checkpoint.
+* ``EXIT_REFUSED`` (2): a rerun of the same command cannot help, so schedulers must not retry:
+  an invalid config value, a checkpoint of another model shape or data manifest, changed
+  hyper-parameters without ``--allow-changes``, the run dir held by another training, a corrupt
+  shard or out-of-vocabulary token, a full disk (the partial write is deleted, committed
+  checkpoints are kept), or ``train.max_skipped_steps`` non-finite steps in a row (checkpointed
+  first). Fix the cause named in the message, then run the same command again.
 * ``EXIT_REQUEUE`` (3): a stop signal (SIGTERM, SIGUSR2, SIGUSR1 on CPU) arrived, a checkpoint is
   committed: "checkpointed, requeue me". Running the same command again continues exactly.
 """
