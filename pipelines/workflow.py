@@ -14,14 +14,23 @@ the last error. Running the same command again resumes:
 
 Locally the stages run in the foreground, in order. With ``--executor slurm`` each stage is a
 SLURM job chained to the previous one with ``--dependency`` and the command returns at once.
+
+One workflow per run dir: ``RUN_DIR/.locks/workflow.lock`` (see :mod:`trainer.runlock`); a second
+``pretrain run`` on the same run dir is refused (exit 2) naming the holder.
+
+Exit codes (as everywhere): 0 all stages done; 1 a stage failed and a rerun may help; 2 refused (a
+config or data problem, or the run dir is in use); 3 stopped by SIGTERM/SIGUSR2 with everything
+resumable (training checkpointed), "requeue me"; 130 interrupted with Ctrl-C (also resumable).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -29,6 +38,7 @@ from typing import Any, Callable
 
 from dataprep.shards import ShardError, TokenDataset, atomic_write_json
 from pipelines.config import ConfigError, PipelineConfig, flatten, load_config, to_dict
+from trainer.runlock import RunLock, RunLockHeld
 
 STAGES = ("data", "train", "eval", "report")
 STATE_FILE = "workflow.json"
@@ -42,8 +52,28 @@ RUNTIME_KEYS = {
 }  # fmt: skip
 
 
+EXIT_OK, EXIT_FAILURE, EXIT_REFUSED, EXIT_REQUEUE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
 class WorkflowError(RuntimeError):
-    """A stage failed or the workflow cannot proceed; the message says what to do."""
+    """A stage failed or the workflow cannot proceed; the message says what to do.
+
+    ``code`` is the exit code it means: 1 (a rerun may help) or 2 (refused: fix the config/data)."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StopRequested(KeyboardInterrupt):
+    """SIGTERM/SIGUSR2 reached the workflow: stop the running stage as an interruption (resumable).
+
+    A KeyboardInterrupt so that every stage's interrupt handling (Ray shutdown, eval job
+    cancellation) runs, and no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def stage_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
@@ -79,12 +109,21 @@ class StageState:
     error: str = ""
 
 
+class TrainingStopped(Exception):
+    """Training exited 3 (checkpointed on a stop signal); ``code`` is what the workflow exits with."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"exit {code}")
+        self.code = code
+
+
 class Workflow:
     """The run dir's workflow state, and the stage implementations that update it."""
 
     def __init__(self, config_path: str, overrides: list[str], cfg: PipelineConfig, log: Callable[[str], None] = print):
         self.config_path = str(Path(config_path).resolve())
         self.overrides = list(overrides)
+        self.stop_signal: int | None = None  # the first stop signal this process got (see stop_signals)
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir).resolve()
         self.log = log
@@ -201,13 +240,25 @@ class Workflow:
             self._begin(name)
             try:
                 getattr(self, f"_local_{name}")()
+            except TrainingStopped as e:
+                self._end(name, "interrupted", "training checkpointed on a stop signal")
+                self.log("workflow: training checkpointed on a stop signal; run the same command again to resume")
+                return e.code
             except KeyboardInterrupt:
+                if self.stop_signal not in (None, signal.SIGINT):
+                    how = signal.Signals(self.stop_signal).name
+                    self._end(name, "interrupted", f"stopped by {how}")
+                    self.log(f"workflow: stopped by {how} during '{name}' (exit {EXIT_REQUEUE}); run the same command again to resume")
+                    return EXIT_REQUEUE
                 self._end(name, "interrupted", "interrupted by the user")
                 self.log(f"workflow: interrupted during '{name}'; run the same command again to resume")
-                return 130
+                return EXIT_INTERRUPTED
             except Exception as e:
                 self._end(name, "failed", f"{type(e).__name__}: {e}")
-                raise WorkflowError(f"stage '{name}' failed: {e}\nfix the cause and run the same command again to resume") from e
+                code = e.code if isinstance(e, WorkflowError) else EXIT_FAILURE
+                advice = "fix the config or data, then run the same command again" if code == EXIT_REFUSED else \
+                    "fix the cause and run the same command again to resume"
+                raise WorkflowError(f"stage '{name}' failed: {e}\n{advice}", code) from e
             self._end(name, "done")
         self.log(f"workflow: all stages done for {self.run_dir}")
         self.log(f"  overview:  pretrain status {self.run_dir}")
@@ -241,7 +292,7 @@ class Workflow:
         try:
             run_data_stage(self.cfg.data, self.cfg.ray)
         except DataError as e:
-            raise WorkflowError(str(e)) from e
+            raise WorkflowError(str(e), getattr(e, "exit_code", EXIT_FAILURE)) from e
         ds = TokenDataset(self.cfg.data.output_dir)
         self.stages["data"].outputs = {"output_dir": str(Path(self.cfg.data.output_dir).resolve()), "manifest_fingerprint": ds.fingerprint,
                                        "shards": len(ds.shards)}  # fmt: skip
@@ -252,9 +303,10 @@ class Workflow:
 
         rc = train_command(self.config_path, self.overrides)
         if rc == EXIT_REQUEUE:
-            raise KeyboardInterrupt  # stopped by a signal after checkpointing: resumable, like Ctrl-C
+            # checkpointed on a stop signal: Ctrl-C (SIGINT seen here) keeps meaning 130, anything else 3
+            raise TrainingStopped(EXIT_INTERRUPTED if self.stop_signal == signal.SIGINT else EXIT_REQUEUE)
         if rc != EXIT_OK:
-            raise WorkflowError(f"pretrain train exited with {rc}")
+            raise WorkflowError(f"pretrain train exited with {rc}", EXIT_REFUSED if rc == EXIT_REFUSED else EXIT_FAILURE)
         from trainer.checkpoint import latest_committed
 
         self.stages["train"].outputs = {"final_checkpoint": str(latest_committed(self.run_dir))}
@@ -331,19 +383,56 @@ class Workflow:
             self.save()
 
 
+@contextlib.contextmanager
+def stop_signals(wf: Workflow) -> Any:
+    """While the local stages run: SIGTERM/SIGUSR2 raise :class:`StopRequested` in the main thread,
+    and SIGINT a KeyboardInterrupt; both are also recorded on ``wf`` because a library in between
+    may turn the exception into another interruption (Ray re-raises a plain KeyboardInterrupt).
+
+    During training the launcher installs its own SIGTERM/SIGUSR2 handlers (it forwards them to the
+    workers, which checkpoint and exit 3) and swallows the KeyboardInterrupt of a Ctrl-C; the
+    recorded SIGINT is how the workflow still exits 130 for it."""
+
+    def stop(signum: int, frame: Any) -> None:
+        wf.stop_signal = wf.stop_signal or signum
+        raise StopRequested(signum)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        wf.stop_signal = wf.stop_signal or signum
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def run_workflow(config_path: str, overrides: list[str], executor: str, restart_from: str | None) -> int:
     cfg = load_config(config_path, overrides)
     if restart_from and restart_from not in STAGES:
         raise ConfigError(f"--restart-from must be one of {', '.join(STAGES)}, got '{restart_from}'")
-    wf = Workflow(config_path, overrides, cfg)
-    if wf.executor == "slurm":
-        wf.refresh_slurm()
-    wf.check_config(restart_from)
-    wf.save()
-    if executor == "slurm":
-        return wf.submit_slurm()
+    run_dir = Path(cfg.run_dir).resolve()
     try:
-        return wf.run_local()
-    except WorkflowError as e:
-        print(f"pretrain run: {e}", file=sys.stderr)
-        return 1
+        lock = RunLock(run_dir, "workflow").acquire()
+    except RunLockHeld as e:
+        print(f"pretrain run: refused: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    try:
+        wf = Workflow(config_path, overrides, cfg)
+        if wf.executor == "slurm":
+            wf.refresh_slurm()
+        wf.check_config(restart_from)
+        wf.save()
+        if executor == "slurm":
+            return wf.submit_slurm()
+        with stop_signals(wf):
+            try:
+                return wf.run_local()
+            except WorkflowError as e:
+                print(f"pretrain run: {e}", file=sys.stderr)
+                return e.code
+    finally:
+        lock.release()

@@ -45,3 +45,25 @@ def ray_cluster():
         skip_or_fail(f"cannot start a local Ray cluster: {e}")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def workflow_work(tmp_path_factory):
+    """One work dir for the tiny-workflow tests (corpus, HellaSwag rows, data dirs, run dirs)."""
+    return tmp_path_factory.mktemp("workflow")
+
+
+@pytest.fixture(scope="session")
+def workflow_reference(workflow_work, gpt2_ranks):
+    """An uninterrupted `pretrain run` of the tiny workflow: what every interrupted run must reproduce."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.workflow_helpers import write_config
+
+    cfg, run_dir = write_config(workflow_work, "reference", gpt2_ranks)
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(cfg)], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return run_dir

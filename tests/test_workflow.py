@@ -25,16 +25,13 @@ def pretrain(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("workflow")
+def work(workflow_work) -> Path:
+    return workflow_work
 
 
 @pytest.fixture(scope="module")
-def reference(work, gpt2_ranks) -> Path:
-    cfg, run_dir = write_config(work, "reference", gpt2_ranks)
-    r = pretrain("run", str(cfg))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return run_dir
+def reference(workflow_reference) -> Path:
+    return workflow_reference
 
 
 def test_workflow_completes_with_all_outputs(reference):
