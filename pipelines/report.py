@@ -122,23 +122,47 @@ def write_report(run_dir: str | Path, cfg: PipelineConfig | None = None, log: Ca
 
 
 def _log_artifacts(run_dir: Path, cfg: PipelineConfig | None, paths: list[Path], log: Callable[[str], None]) -> None:
-    """Attach the report to the training's MLflow run, when it has one."""
-    from trainer.tracking import RUN_FILE, resolve_uri
+    """Bring the training's MLflow run up to date with metrics.jsonl, then attach the report to it.
 
-    run_file = run_dir / RUN_FILE
-    if not run_file.is_file():
-        return
-    recorded = json.loads(run_file.read_text())
-    uri = recorded.get("uri") or resolve_uri(cfg.tracking.uri if cfg else "", run_dir)
+    The run is the one in RUN_DIR/mlflow_run.json; with none (the server was unreachable for the
+    whole training) and a config that tracks, it is created here. Steps MLflow missed are replayed
+    exactly once (see trainer.tracking_mlflow), but only while no training holds the run dir: a
+    live training's tracker replays by itself, and two senders could race.
+    """
+    from pipelines.config import flatten, to_dict
+    from trainer.runlock import RunLock, RunLockHeld
+    from trainer.tracking import resolve_uri
+    from trainer.tracking_mlflow import MlflowRun, describe, read_run_file
+
+    recorded = read_run_file(run_dir) or {}
+    uri = recorded.get("uri") or resolve_uri(cfg.tracking.uri if cfg else "none", run_dir)
     if uri is None:
         return
     try:
-        from mlflow.tracking import MlflowClient
-
-        run_id = recorded["run_id"]
-        client = MlflowClient(tracking_uri=uri)
+        session = MlflowRun(uri, run_dir, log=log)
+        lock = RunLock(run_dir, "train", wait_s=0)
+        try:
+            lock.acquire()
+        except RunLockHeld:
+            lock = None
+        try:
+            params = flatten(to_dict(cfg)) if cfg is not None else {}
+            experiment = cfg.tracking.experiment if cfg is not None else ""
+            opened = session.open(recorded.get("run_id"), experiment, params, run_name=run_dir.name,
+                                  create=lock is not None and cfg is not None, mark_running=False)
+            if not opened:
+                log("report: no MLflow run recorded for this run dir (and no config to create one); the files are written")
+                return
+            if lock is None:
+                log("report: a training holds this run dir; it replays its own steps into MLflow")
+            else:
+                sent = session.catch_up(run_dir / "metrics.jsonl")
+                log(f"report: MLflow run {session.run_id} has every step up to {session.cursor} ({sent} replayed from metrics.jsonl)")
+        finally:
+            if lock is not None:
+                lock.release()
         for p in paths:
-            client.log_artifact(run_id, str(p), artifact_path="report")
-        log(f"report: logged to MLflow run {run_id} ({uri})")
+            session.log_artifact(p, artifact_path="report")
+        log(f"report: logged to MLflow run {session.run_id} ({uri})")
     except Exception as e:  # noqa: BLE001 - the files are the report; MLflow is a copy
-        log(f"report: could not log to MLflow ({type(e).__name__}: {e}); the files are written")
+        log(f"report: could not log to MLflow ({describe(e)}); the files are written")

@@ -20,7 +20,6 @@ import torch
 
 from dataprep.shards import TokenDataset
 
-from tests.services import free_port
 from tests.services import mlflow_server as start_mlflow_server
 from tests.trainer_helpers import (
     descendants,
@@ -357,12 +356,3 @@ def test_resume_continues_the_same_mlflow_run(workdir, data_dir, mlflow_server):
     assert read_meta(list_committed(run_dir)[-1])["mlflow_run_id"] == run_id
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "metrics.jsonl"} <= artifacts
-
-
-def test_unreachable_tracking_server_fails_at_start(workdir, data_dir):
-    run_dir, config, log = fresh(workdir, data_dir, "mlflow-down")
-    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    rc = train(config, log, f"tracking.uri=http://127.0.0.1:{free_port()}", env=env)
-    assert rc not in (EXIT_OK, EXIT_REQUEUE)
-    assert "MLflow tracking at http://127.0.0.1" in log.read_text()
-    assert not (run_dir / "metrics.jsonl").exists() or losses(run_dir) == {}

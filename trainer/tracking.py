@@ -1,33 +1,66 @@
-"""MLflow tracking for rank 0: one run per training, continued across every resume.
+"""MLflow tracking for rank 0: one run per training, continued across every resume, never in the way.
 
-Rank 0 alone talks to MLflow (other ranks never import it). The run is created on the first
-start and its id written to ``RUN_DIR/mlflow_run.json`` at once and into every checkpoint, so a
-restart, even one before the first checkpoint, continues the same run. ``tracking.uri`` empty
-means a local sqlite store next to the run dir (``sqlite:///<run_dir parent>/mlflow.db``, with
-artifacts in ``<run_dir parent>/mlartifacts``); ``none`` or ``off`` disables tracking.
+Rank 0 alone talks to MLflow (other ranks never import it), and only from one background daemon
+thread: the training loop puts points, texts and artifacts on a bounded queue (``put_nowait``)
+and never waits for the network. The run is created on the first start and its id written to
+``RUN_DIR/mlflow_run.json`` at once and into every later checkpoint, so a restart, even one before
+the first checkpoint, continues the same run. ``tracking.uri`` empty means a local sqlite store
+next to the run dir (``sqlite:///<run_dir parent>/mlflow.db``, with artifacts in
+``<run_dir parent>/mlartifacts``); ``none`` or ``off`` disables tracking.
 
-Failure policy: if tracking is configured and the run cannot be created or reopened at start,
-training fails before the first step (a silent untracked multi-day run is worse than a clear
-error). Once running, a failed metric upload is a warning: losing a few points of a curve must
-not kill a training job. ``metrics.jsonl`` remains the exact record either way; after a resume,
-MLflow may hold two values for steps re-run since the last checkpoint.
+``metrics.jsonl`` is the exact record; MLflow receives a copy, each step exactly once, replayed
+from the file whenever it missed some (see ``trainer.tracking_mlflow``).
+
+Failure policy (an outage of the tracking server must neither stop training nor delay a stop):
+
+* Start: the first attempt to reopen or create the run gets ``START_WAIT_S``. If the server
+  answers with a refusal (the recorded run does not exist there, unsupported URI, no permission)
+  the training is refused (exit 2): rerunning cannot help. If it is unreachable or slow, training
+  starts untracked with a warning; the thread keeps trying (backoff up to 30 s) and, once it has
+  the run, writes ``mlflow_run.json`` (the trainer records the id in its next checkpoints) and
+  replays metrics.jsonl.
+* Running: a failed call is a warning; the thread reconnects with backoff and replays the missed
+  steps from metrics.jsonl. When the queue is full (a long outage) new items are dropped: points
+  come back from metrics.jsonl; only sample texts and artifacts of that time are lost. A refusal
+  mid-run (say, the run was deleted) ends tracking for this process with an error message.
+* Finish: the final flush, replay and ``set_terminated`` get ``FINISH_WAIT_S``; then the thread is
+  abandoned (it is a daemon), so a stop signal is honoured within one step plus the checkpoint
+  write whatever MLflow does. What did not arrive is replayed by the next ``pretrain train`` on
+  the run dir or by ``pretrain report RUN_DIR``.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import queue
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trainer.tracking_mlflow import (
+    MAX_BATCH_METRICS,
+    RUN_FILE,
+    MlflowRun,
+    Point,
+    describe,
+    is_definitive,
+    read_points,
+)
+
+__all__ = ["RUN_FILE", "MlflowTracker", "NullTracker", "TrackingError", "resolve_uri", "start_tracking"]
+
 DISABLED = ("none", "off", "false", "disabled")
-RUN_FILE = "mlflow_run.json"
+START_WAIT_S = 15.0  # the first open; a local sqlite store needs a few seconds to create its tables
+FINISH_WAIT_S = 5.0
+FLUSH_EVERY_S = 5.0  # how stale MLflow's curve may get while training
+QUEUE_SIZE = 10_000
+BACKOFF_S = (1.0, 30.0)
 
 
 class TrackingError(RuntimeError):
-    pass
+    """The tracking server refused the run (retrying cannot help): the training is refused."""
 
 
 def resolve_uri(uri: str, run_dir: str | Path) -> str | None:
@@ -42,117 +75,230 @@ def resolve_uri(uri: str, run_dir: str | Path) -> str | None:
 class NullTracker:
     run_id: str | None = None
 
-    def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
+    def log_record(self, record: dict[str, Any]) -> None: ...
     def log_text(self, text: str, name: str) -> None: ...
     def log_artifact(self, path: str | Path) -> None: ...
-    def flush(self) -> None: ...
-    def finish(self, status: str) -> None: ...
+    def finish(self, status: str, timeout: float = FINISH_WAIT_S) -> bool:
+        return True
+
+
+def _warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 class MlflowTracker:
-    """A thin, failure-aware wrapper over ``MlflowClient`` (no global active-run state)."""
+    """The training loop's side of MLflow: methods that only enqueue, and one thread that sends."""
 
-    def __init__(self, uri: str, experiment: str, run_dir: str | Path, run_id: str | None, params: dict[str, Any], run_name: str, flush_every_s: float = 10.0):
-        try:
-            from mlflow.entities import Metric, Param  # noqa: F401 - lazy, rank 0 only
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri=uri)
-            self.run_dir = Path(run_dir)
-            run_id = run_id or self._run_id_from_file()
-            if run_id:
-                run = self.client.get_run(run_id)  # raises if the run is gone
-                self.client.update_run(run_id, status="RUNNING")
-                self.run_id = run_id
-                self._log_params(params, existing=run.data.params)
-                print(f"mlflow: continuing run {run_id} at {uri}", flush=True)
-            else:
-                exp = self.client.get_experiment_by_name(experiment)
-                if exp is None:
-                    location = None
-                    if uri.startswith("sqlite:///"):
-                        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-                    exp_id = self.client.create_experiment(experiment, artifact_location=location)
-                else:
-                    exp_id = exp.experiment_id
-                run = self.client.create_run(exp_id, run_name=run_name, tags={"run_dir": str(self.run_dir.resolve())})
-                self.run_id = run.info.run_id
-                self._write_run_file(uri)
-                self._log_params(params, existing={})
-                print(f"mlflow: created run {self.run_id} in experiment '{experiment}' at {uri}", flush=True)
-        except Exception as e:  # noqa: BLE001 - any failure here means "tracking unusable"
-            raise TrackingError(f"MLflow tracking at {uri} failed at start: {type(e).__name__}: {e}") from e
+    def __init__(self, uri: str, experiment: str, run_dir: str | Path, run_id: str | None, params: dict[str, Any],
+                 run_name: str, flush_every_s: float = FLUSH_EVERY_S, queue_size: int = QUEUE_SIZE,
+                 log: Callable[[str], None] = print) -> None:
+        self.uri = uri
+        self.experiment = experiment
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.params = params
+        self.run_name = run_name
         self.flush_every_s = flush_every_s
-        self._buffer: list[Any] = []
-        self._last_flush = time.time()
+        self.run_id = run_id  # known from the checkpoint, or None until the thread creates/reopens the run
+        self.dropped = 0
+        self._log = log
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=queue_size)
+        self._session: MlflowRun | None = None
+        self._started = threading.Event()  # the first open attempt ended (either way)
+        self._connected = False
+        self._refusal: str | None = None
+        self._dead = False  # the thread has ended for good (refusal)
+        self._finish_status: str | None = None
+        self._wakeup = threading.Event()
+        self._finished = threading.Event()
+        self._waited = False
+        self._quiet = False  # set once the trainer stopped waiting: the thread must not print during interpreter exit
+        self._outage_since: float | None = None
+        self._thread = threading.Thread(target=self._run, name="mlflow-tracker", daemon=True)
+        self._thread.start()
 
-    def _run_id_from_file(self) -> str | None:
-        path = self.run_dir / RUN_FILE
-        if path.is_file():
-            return json.loads(path.read_text())["run_id"]
-        return None
+    # ------------------------------------------------------------------ training-loop side: never blocks
 
-    def _write_run_file(self, uri: str) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.run_dir / f".{RUN_FILE}.tmp"
-        tmp.write_text(json.dumps({"run_id": self.run_id, "uri": uri}) + "\n")
-        os.replace(tmp, self.run_dir / RUN_FILE)
-
-    def _log_params(self, params: dict[str, Any], existing: dict[str, str]) -> None:
-        from mlflow.entities import Param
-
-        new = []
-        for k, v in params.items():
-            text = str(v)[:6000]
-            if k not in existing:
-                new.append(Param(k, text))
-            elif existing[k] != text:
-                # MLflow params are immutable; record the change on resume as a tag instead
-                self.client.set_tag(self.run_id, f"resumed_with.{k}", text)
-        for i in range(0, len(new), 100):
-            self.client.log_batch(self.run_id, params=new[i : i + 100])
-
-    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        self._buffer.extend(Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None)
-        if time.time() - self._last_flush >= self.flush_every_s:
-            self.flush()
-
-    def flush(self) -> None:
-        self._last_flush = time.time()
-        try:
-            while self._buffer:
-                chunk = self._buffer[:1000]
-                self.client.log_batch(self.run_id, metrics=chunk)
-                del self._buffer[: len(chunk)]
-        except Exception as e:  # noqa: BLE001 - non-fatal after start (see module doc)
-            print(f"mlflow: warning: could not log {len(self._buffer)} metrics ({type(e).__name__}: {e}); will retry", file=sys.stderr, flush=True)
+    def log_record(self, record: dict[str, Any]) -> None:
+        """One metrics.jsonl line (already written): its tracked keys become the step's MLflow metrics."""
+        self._put(("point", Point.of(record)))
 
     def log_text(self, text: str, name: str) -> None:
-        try:
-            self.client.log_text(self.run_id, text, name)
-        except Exception as e:  # noqa: BLE001
-            print(f"mlflow: warning: could not log {name}: {e}", file=sys.stderr, flush=True)
+        self._put(("text", (text, name)))
 
     def log_artifact(self, path: str | Path) -> None:
+        self._put(("artifact", str(path)))
+
+    def _put(self, item: tuple[str, Any]) -> None:
+        if self._dead or self._finish_status is not None:
+            return
         try:
-            self.client.log_artifact(self.run_id, str(path))
-        except Exception as e:  # noqa: BLE001
-            print(f"mlflow: warning: could not log artifact {path}: {e}", file=sys.stderr, flush=True)
+            self._queue.put_nowait(item)
+        except queue.Full:
+            if self.dropped == 0:
+                _warn(f"mlflow: warning: tracking queue full ({self._queue.maxsize} items): dropping new items; "
+                      "points are replayed from metrics.jsonl when the server answers, texts/artifacts of this time are lost")
+            self.dropped += 1
 
-    def finish(self, status: str) -> None:
-        """status: FINISHED (max_steps reached), KILLED (stopped for requeue), FAILED."""
-        self.flush()
+    def wait_started(self, timeout: float) -> bool:
+        """Wait (bounded) for the first open attempt; True if the run is open. Raises TrackingError on a refusal."""
+        self._started.wait(timeout)
+        self._waited = True  # from now on a refusal is reported by the thread (see _failed)
+        if self._refusal:
+            raise TrackingError(self._refusal)
+        return self._connected
+
+    def finish(self, status: str, timeout: float = FINISH_WAIT_S) -> bool:
+        """status: FINISHED (max_steps reached), KILLED (stopped for requeue), FAILED. Waits at most ``timeout``."""
+        self._finish_status = status
+        self._wakeup.set()
+        done = self._finished.wait(timeout) or self._dead
+        if not done:
+            self._quiet = True
+            _warn(f"mlflow: warning: could not finish the run within {timeout:.0f} s ({self.uri} unreachable or slow); "
+                  f"leaving it. The steps MLflow lacks are replayed from metrics.jsonl by the next `pretrain train` "
+                  f"on {self.run_dir} or by `pretrain report {self.run_dir}`")
+        return done
+
+    # ------------------------------------------------------------------ the thread
+
+    def _say(self, msg: str) -> None:
+        if not self._quiet:
+            self._log(msg)
+
+    def _connect(self) -> bool:
+        """(Re)open the run, then send what metrics.jsonl holds beyond what the server has."""
         try:
-            self.client.set_terminated(self.run_id, status=status)
+            if self._session is None:
+                self._session = MlflowRun(self.uri, self.run_dir, log=self._say)
+            self._session.open(self.run_id, self.experiment, self.params, self.run_name)
+            self.run_id = self._session.run_id
+            self._connected = True
+        except Exception as e:  # noqa: BLE001 - any failure here is an outage or a refusal
+            if self._session is not None and self._session.run_id:
+                self.run_id = self._session.run_id  # created, then failed: reopen this one next time
+            self._failed(e, opening=True)
+            return False
+        finally:
+            self._started.set()
+        try:
+            sent = self._session.catch_up(self.metrics_path)
         except Exception as e:  # noqa: BLE001
-            print(f"mlflow: warning: could not mark run {status}: {e}", file=sys.stderr, flush=True)
+            self._failed(e)
+            return False
+        if self._outage_since is not None or sent:
+            gap = f" after {time.time() - self._outage_since:.0f} s" if self._outage_since is not None else ""
+            self._say(f"mlflow: {self.uri} answers{gap}; replayed {sent} steps from metrics.jsonl "
+                      f"(MLflow now has steps up to {self._session.cursor})")
+        self._outage_since = None
+        return True
+
+    def _failed(self, exc: BaseException, opening: bool = False) -> None:
+        self._connected = False
+        if is_definitive(exc):
+            what = "refused the run" if opening else "refused a request"
+            hint = (f" (the run recorded in {self.run_dir / RUN_FILE} or the checkpoint is not on this server? "
+                    "point tracking.uri at the server that has it, or use tracking.uri=none)") if opening else ""
+            self._refusal = f"MLflow tracking at {self.uri} {what}: {describe(exc)}{hint}"
+            self._dead = True
+            if self._waited:
+                _warn(f"mlflow: error: {self._refusal}; tracking stops for this process (metrics.jsonl stays complete)")
+            self._finished.set()
+            return
+        if self._outage_since is None:
+            self._outage_since = time.time()
+            if not self._quiet:
+                _warn(f"mlflow: warning: {self.uri}: {describe(exc)}; training goes on, untracked meanwhile; retrying in "
+                      "the background, metrics.jsonl is replayed into the run once the server answers")
+
+    def _sleep(self, seconds: float) -> None:
+        self._wakeup.wait(seconds)
+        self._wakeup.clear()
+
+    def _run(self) -> None:
+        backoff = BACKOFF_S[0]
+        batch: list[Point] = []
+        n_metrics = 0
+        held: tuple[str, Any] | None = None  # a text/artifact whose send failed: first thing after reconnecting
+        last_send = time.monotonic()
+        while not self._dead:
+            if not self._connected:
+                if not self._connect():
+                    if self._dead:
+                        return
+                    self._sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_S[1])
+                    continue
+                backoff = BACKOFF_S[0]
+                batch, n_metrics = [], 0  # the catch-up sent everything metrics.jsonl holds
+                last_send = time.monotonic()
+            session = self._session
+            try:
+                if held is not None:
+                    self._send_item(session, held)
+                    held = None
+                finishing = self._finish_status is not None
+                wait = 0.1 if finishing else max(0.05, min(0.5, last_send + self.flush_every_s - time.monotonic()))
+                try:
+                    item = self._queue.get(timeout=wait)
+                except queue.Empty:
+                    item = None
+                if item is None:
+                    if batch and (finishing or time.monotonic() - last_send >= self.flush_every_s):
+                        session.send(batch)
+                        batch, n_metrics, last_send = [], 0, time.monotonic()
+                    if finishing and self._queue.empty():
+                        session.send(batch)
+                        session.catch_up(self.metrics_path)  # points dropped from a full queue
+                        session.terminate(self._finish_status)
+                        self._finished.set()
+                        return
+                    continue
+                kind, payload = item
+                if kind == "point":
+                    last = batch[-1].step if batch else session.cursor
+                    if payload.step <= last:
+                        continue  # in MLflow already (replayed, or re-run after a resume: identical values)
+                    if payload.step > last + 1:  # dropped from a full queue meanwhile: take them from the file
+                        batch.extend(read_points(self.metrics_path, last, payload.step - 1))
+                    batch.append(payload)
+                    n_metrics += len(payload.values)
+                    if n_metrics >= MAX_BATCH_METRICS:
+                        session.send(batch)
+                        batch, n_metrics, last_send = [], 0, time.monotonic()
+                else:
+                    held = item
+                    session.send(batch)  # keep the order the trainer logged in
+                    batch, n_metrics, last_send = [], 0, time.monotonic()
+                    self._send_item(session, item)
+                    held = None
+            except Exception as e:  # noqa: BLE001 - an outage: reconnect, then replay from metrics.jsonl
+                self._failed(e)
+                if self._dead:
+                    return
+
+    def _send_item(self, session: MlflowRun, item: tuple[str, Any]) -> None:
+        """A text or an artifact; one the server refuses is skipped (metrics go on)."""
+        kind, payload = item
+        try:
+            if kind == "text":
+                session.log_text(*payload)
+            elif kind == "artifact" and Path(payload).exists():
+                session.log_artifact(payload)
+        except Exception as e:
+            if not is_definitive(e):
+                raise
+            self._say(f"mlflow: warning: {kind} {payload if kind == 'artifact' else payload[1]} refused: {describe(e)}; skipped")
 
 
-def start_tracking(uri_cfg: str, experiment: str, run_dir: str | Path, run_id: str | None, params: dict[str, Any]) -> NullTracker | MlflowTracker:
+def start_tracking(uri_cfg: str, experiment: str, run_dir: str | Path, run_id: str | None, params: dict[str, Any],
+                   wait_s: float = START_WAIT_S) -> NullTracker | MlflowTracker:
+    """The tracker of this training; bounded by ``wait_s`` (see the module doc). Raises TrackingError on a refusal."""
     uri = resolve_uri(uri_cfg, run_dir)
     if uri is None:
         return NullTracker()
-    return MlflowTracker(uri, experiment, run_dir, run_id, params, run_name=Path(run_dir).name)
+    tracker = MlflowTracker(uri, experiment, run_dir, run_id, params, run_name=Path(run_dir).name)
+    if not tracker.wait_started(wait_s) and not tracker._started.is_set():
+        _warn(f"mlflow: warning: {uri} did not answer within {wait_s:.0f} s; training starts untracked; the run is "
+              "opened (or created) in the background and metrics.jsonl replayed into it once the server answers")
+    return tracker

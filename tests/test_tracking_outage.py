@@ -1,0 +1,233 @@
+"""An MLflow outage neither stops training nor delays a stop, and MLflow ends up with every step exactly once.
+
+Real components only: a real `mlflow server` on 127.0.0.1 (killed and restarted on the same port
+and store, as an outage looks to a user), real `pretrain train` under torchrun with 2 gloo ranks,
+and `pretrain report` replaying what the server missed.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.services import MlflowServer, free_port
+from tests.trainer_helpers import (
+    kill_tree,
+    make_shard_dir,
+    metric_steps,
+    pretrain_cmd,
+    start,
+    wait_for_step,
+)
+from trainer import EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE
+from trainer.checkpoint import MODEL_FILE, list_committed, read_meta
+from trainer.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """\
+run_dir: {run_dir}
+data:
+  output_dir: {data_dir}
+model:
+  name: micro
+train:
+  nproc_per_node: {nproc}
+  device: cpu
+  micro_batch_size: 2
+  seq_len: 16
+  batch_tokens: {batch_tokens}
+  max_steps: {max_steps}
+  warmup_steps: 3
+  lr: 3.0e-3
+  min_lr: 3.0e-4
+  val_every: 0
+  sample_every: 0
+  ckpt_every: 10
+  keep_last: 2
+  keep_every: 0
+tracking:
+  uri: {uri}
+  experiment: outage
+"""
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_shard_dir(tmp_path_factory.mktemp("outage-data"), seed=3)
+
+
+def write_config(tmp: Path, data_dir: Path, uri: str, max_steps: int, nproc: int = 2) -> tuple[Path, Path]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    run_dir = tmp / "run"
+    path = tmp / "config.yaml"
+    path.write_text(CONFIG.format(run_dir=run_dir, data_dir=data_dir, uri=uri, max_steps=max_steps, nproc=nproc,
+                                  batch_tokens=32 * nproc))
+    return path, run_dir
+
+
+def run(cmd: list[str], log: Path, timeout: float = 240) -> int:
+    proc = start(cmd, log)
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        kill_tree(proc)
+
+
+def mlflow_last(uri: str, run_id: str) -> int:
+    """The newest step of the run's loss curve in MLflow (0 if none)."""
+    from mlflow.tracking import MlflowClient
+
+    return max((m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, "loss")), default=0)
+
+
+def assert_every_step_once(uri: str, run_id: str, run_dir: Path, last_step: int) -> None:
+    """MLflow's history of each key: one point per step 1..last_step, equal to metrics.jsonl.
+
+    ``tokens_per_s`` is only counted: a step re-run after a resume has the same loss, lr and grad
+    norm bit for bit (exact resume) but not the same speed, and MLflow keeps the first one.
+    """
+    from mlflow.tracking import MlflowClient
+
+    records = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl")}
+    assert sorted(records) == list(range(1, last_step + 1))
+    client = MlflowClient(tracking_uri=uri)
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+        history = client.get_metric_history(run_id, key)
+        steps = sorted(m.step for m in history)
+        assert steps == list(range(1, last_step + 1)), f"{key}: MLflow must hold each step exactly once, has {steps}"
+        if key != "tokens_per_s":
+            for m in history:
+                assert m.value == records[m.step][key], f"{key} at step {m.step}: MLflow {m.value} != metrics.jsonl"
+
+
+def mark(log: Path, text: str, t0: float) -> None:
+    """A line in the training log saying where the test is (for reading a failure)."""
+    with open(log, "a") as f:
+        f.write(f"--- test: {text} (+{time.monotonic() - t0:.1f} s)\n")
+
+
+def wait_until(predicate: Callable[[], bool], what: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"training exited ({proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.2)
+
+
+def test_killed_server_neither_stalls_training_nor_delays_sigterm_and_every_step_lands_once(tmp_path, data_dir):
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "mlflow").mkdir()
+    server = MlflowServer(tmp_path / "mlflow")
+    uri = server.start()
+    # stopped by signals long before max_steps; every rerun continues the same schedule
+    config, run_dir = write_config(tmp_path, data_dir, uri, max_steps=100_000)
+    log = tmp_path / "train.log"
+    t_start = time.monotonic()
+    try:
+        # 1. the server dies mid-run: steps keep coming, and SIGTERM still exits 3 promptly
+        proc = start(pretrain_cmd("train", str(config)), log)
+        try:
+            wait_for_step(proc, run_dir, 5)
+            run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]  # created at start, server up
+            server.kill()
+            mark(log, "server killed", t_start)
+            killed_at = metric_steps(run_dir)
+            wait_for_step(proc, run_dir, killed_at + 10, timeout=60)
+            t0 = time.monotonic()
+            mark(log, "SIGTERM", t_start)
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=60)
+            stop_s = time.monotonic() - t0
+            mark(log, f"exit {rc} {stop_s:.1f} s after SIGTERM", t_start)
+        finally:
+            kill_tree(proc)
+        assert rc == EXIT_REQUEUE, log.read_text()[-3000:]
+        assert stop_s < 30, f"SIGTERM took {stop_s:.1f} s with the tracking server down"
+        assert "training goes on" in log.read_text()
+        stopped = metric_steps(run_dir)
+        assert read_meta(list_committed(run_dir)[-1])["step"] == stopped
+
+        # 2. the server is back (same port, same store): the rerun replays the gap, goes on live, stops by signal
+        server.start()
+        mark(log, "server restarted", t_start)
+        proc = start(pretrain_cmd("train", str(config)), log)
+        try:
+            wait_until(lambda: mlflow_last(uri, run_id) >= stopped + 10, "MLflow gets live steps again", proc)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == EXIT_REQUEUE, log.read_text()[-3000:]
+        finally:
+            kill_tree(proc)
+        reached = metric_steps(run_dir)
+        assert mlflow_last(uri, run_id) == reached
+
+        # 3. the newest checkpoint is corrupt: the rerun resumes from the one before and re-runs steps
+        # MLflow has (bitwise identical, not sent again), then stops by signal
+        newest, earlier = list_committed(run_dir)[-1], list_committed(run_dir)[-2]
+        blob = bytearray((newest / MODEL_FILE).read_bytes())
+        blob[len(blob) // 2] ^= 0xFF
+        (newest / MODEL_FILE).write_bytes(bytes(blob))
+        mark(log, f"corrupted {newest.name}, MLflow has {reached}", t_start)
+        proc = start(pretrain_cmd("train", str(config)), log)
+        try:
+            wait_for_step(proc, run_dir, reached + 3)  # metrics.jsonl is cut back to the checkpoint first
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == EXIT_REQUEUE, log.read_text()[-3000:]
+        finally:
+            kill_tree(proc)
+        assert f"resumed from {earlier} at step {read_meta(earlier)['step']}" in log.read_text()
+        assert read_meta(earlier)["step"] < reached
+
+        client = MlflowClient(tracking_uri=uri)
+        runs = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
+        assert [r.info.run_id for r in runs] == [run_id], "one run across the outage and every resume"
+        assert_every_step_once(uri, run_id, run_dir, metric_steps(run_dir))
+        assert client.get_run(run_id).info.status == "KILLED"
+    finally:
+        server.stop()
+
+
+def test_unreachable_tracking_uri_at_start_trains_at_once_and_report_replays_later(tmp_path, data_dir):
+    port = free_port()  # nothing listens there yet
+    uri = f"http://127.0.0.1:{port}"
+    config, run_dir = write_config(tmp_path, data_dir, uri, max_steps=12, nproc=1)
+    log = tmp_path / "train.log"
+    t0 = time.monotonic()
+    proc = start(pretrain_cmd("train", str(config)), log)
+    try:
+        wait_for_step(proc, run_dir, 1, timeout=60)
+        first_step_s = time.monotonic() - t0
+        rc = proc.wait(timeout=120)
+    finally:
+        kill_tree(proc)
+    text = log.read_text()
+    assert rc == EXIT_OK, text[-3000:]
+    assert first_step_s < 45, f"first step after {first_step_s:.0f} s: the start waited for the tracking server"
+    assert "training starts untracked" in text or "training goes on" in text
+    assert metric_steps(run_dir) == 12
+    assert not (run_dir / "mlflow_run.json").exists()
+
+    # the server appears on that address: `pretrain report` creates the run and replays every step
+    server = MlflowServer(tmp_path, port=port)
+    server.start()
+    try:
+        assert run(pretrain_cmd("report", str(run_dir), "--config", str(config)), log) == EXIT_OK, log.read_text()[-3000:]
+        run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+        assert_every_step_once(uri, run_id, run_dir, 12)
+
+        # a run dir whose recorded run this server does not have: refused (exit 2), nothing trained
+        other, other_dir = write_config(tmp_path / "other", data_dir, uri, max_steps=12, nproc=1)
+        other_dir.mkdir(parents=True)
+        (other_dir / "mlflow_run.json").write_text(json.dumps({"run_id": "0" * 32, "uri": uri}))
+        other_log = tmp_path / "other.log"
+        assert run(pretrain_cmd("train", str(other)), other_log) == EXIT_REFUSED, other_log.read_text()[-3000:]
+        assert "refused the run" in other_log.read_text() and metric_steps(other_dir) == 0
+    finally:
+        server.stop()

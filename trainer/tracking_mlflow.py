@@ -1,0 +1,215 @@
+"""One MLflow run, spoken to synchronously: open or create it, send each step once, replay metrics.jsonl.
+
+Used by one thread at a time: the tracker's background thread (``trainer.tracking``) during
+training, or ``pretrain report`` afterwards. Nothing here is called from the training loop.
+
+Exactly once. ``metrics.jsonl`` is the record; MLflow gets a copy of it, step by step, in order.
+Every ``log_batch`` carries the run tag ``pretrain.metrics_through_step`` (the last step in the
+batch), so the server itself says how far it got: on every (re)open the sender continues after
+that step and never resends what arrived, across processes too. Steps re-run after a resume from
+an earlier checkpoint are bitwise identical (exact resume), so they are not sent again. A copy of
+the cursor is kept in ``RUN_DIR/mlflow_cursor.json`` (atomic write) for runs whose tag is missing
+and for people reading the run dir. A point always carries the timestamp of its metrics.jsonl line
+(live or replayed), and MLflow's SQL stores drop a metric identical in key, step, timestamp and
+value, so a batch resent because its reply was lost (stored, tag not yet set) adds nothing either.
+
+Bounded calls. Before the first client is made the process gets short HTTP settings (10 s
+timeout, one retry) unless the user set them: MLflow's defaults retry for minutes per call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RUN_FILE = "mlflow_run.json"
+CURSOR_FILE = "mlflow_cursor.json"
+CURSOR_TAG = "pretrain.metrics_through_step"
+# The columns of a metrics.jsonl line that become MLflow metrics (the rest: step, tokens, time, dt, sample).
+TRACKED_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss")
+MAX_BATCH_METRICS = 1000  # MLflow's log_batch limit
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+}
+# Answers that retrying cannot change (the server is up and said no); anything else is an outage.
+DEFINITIVE_CODES = frozenset({
+    "RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "PERMISSION_DENIED", "UNAUTHENTICATED", "BAD_REQUEST",
+})
+
+
+def configure_http() -> None:
+    """Short HTTP timeouts/retries for this process (MLflow reads them per request); user settings win."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def is_definitive(exc: BaseException) -> bool:
+    """True when the server answered with a refusal (bad URI, unknown run, no permission), not an outage."""
+    return getattr(exc, "error_code", None) in DEFINITIVE_CODES
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One step of metrics.jsonl as MLflow sees it."""
+
+    step: int
+    timestamp_ms: int
+    values: tuple[tuple[str, float], ...]
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> Point:
+        values = tuple((k, float(record[k])) for k in TRACKED_KEYS if record.get(k) is not None)
+        return cls(int(record["step"]), int(float(record.get("time") or 0) * 1000), values)
+
+
+def read_points(metrics_path: Path, after: int, upto: int | None = None) -> list[Point]:
+    """The points of metrics.jsonl with ``after < step <= upto`` (a torn last line is ignored)."""
+    from trainer.metrics import read_metrics
+
+    out = []
+    for record in read_metrics(metrics_path):
+        step = int(record["step"])
+        if step > after and (upto is None or step <= upto):
+            out.append(Point.of(record))
+    return out
+
+
+def read_run_file(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class MlflowRun:
+    """The MLflow run of one run dir. Every method may raise (an outage or a refusal); callers decide."""
+
+    def __init__(self, uri: str, run_dir: str | Path, log: Callable[[str], None] = print) -> None:
+        configure_http()
+        from mlflow.tracking import MlflowClient  # lazy: rank 0 / report only
+
+        self.uri = uri
+        self.run_dir = Path(run_dir)
+        self.log = log
+        self.client = MlflowClient(tracking_uri=uri)
+        self.run_id: str | None = None
+        self.cursor = 0  # every step <= cursor is in MLflow
+
+    # ------------------------------------------------------------------ open
+
+    def open(self, run_id: str | None, experiment: str, params: dict[str, Any], run_name: str,
+             create: bool = True, mark_running: bool = True) -> bool:
+        """Reopen the run (``run_id``, else the one in mlflow_run.json) or create it; False if none and not ``create``."""
+        recorded = read_run_file(self.run_dir)
+        run_id = run_id or (recorded or {}).get("run_id")
+        if run_id:
+            run = self.client.get_run(run_id)  # RESOURCE_DOES_NOT_EXIST if it is gone: definitive
+            if mark_running:
+                self.client.update_run(run_id, status="RUNNING")
+            self.run_id = run_id
+            self._log_params(params, existing=run.data.params)
+            self.cursor = self._cursor_of(run.data.tags)
+            self.log(f"mlflow: continuing run {run_id} at {self.uri}")
+            return True
+        if not create:
+            return False
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = None
+            if self.uri.startswith("sqlite:///"):
+                location = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+            exp_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        run = self.client.create_run(exp_id, run_name=run_name, tags={"run_dir": str(self.run_dir.resolve())})
+        self.run_id = run.info.run_id
+        # at once, before anything else can fail: a restart must continue this run, not make another
+        _write_json_atomic(self.run_dir / RUN_FILE, {"run_id": self.run_id, "uri": self.uri})
+        self._log_params(params, existing={})
+        self.cursor = 0
+        self.log(f"mlflow: created run {self.run_id} in experiment '{experiment}' at {self.uri}")
+        return True
+
+    def _cursor_of(self, tags: dict[str, str]) -> int:
+        if CURSOR_TAG in tags:
+            return int(tags[CURSOR_TAG])
+        path = self.run_dir / CURSOR_FILE
+        try:
+            saved = json.loads(path.read_text())
+            return int(saved["step"]) if saved.get("run_id") == self.run_id else 0
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    def _log_params(self, params: dict[str, Any], existing: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        new = []
+        for k, v in params.items():
+            text = str(v)[:6000]
+            if k not in existing:
+                new.append(Param(k, text))
+            elif existing[k] != text:
+                # MLflow params are immutable; record the change on resume as a tag instead
+                self.client.set_tag(self.run_id, f"resumed_with.{k}", text)
+        for i in range(0, len(new), 100):
+            self.client.log_batch(self.run_id, params=new[i : i + 100])
+
+    # ------------------------------------------------------------------ metrics
+
+    def send(self, points: list[Point]) -> int:
+        """Log the points after the cursor, in order, in batches of whole steps; returns how many steps were sent."""
+        from mlflow.entities import Metric, RunTag
+
+        todo = [p for p in points if p.step > self.cursor]
+        sent, i = 0, 0
+        while i < len(todo):
+            batch, n = [], 0
+            while i < len(todo) and (not batch or n + len(todo[i].values) <= MAX_BATCH_METRICS):
+                n += len(todo[i].values)
+                batch.append(todo[i])
+                i += 1
+            last = batch[-1].step
+            metrics = [Metric(k, v, p.timestamp_ms, p.step) for p in batch for k, v in p.values]
+            self.client.log_batch(self.run_id, metrics=metrics, tags=[RunTag(CURSOR_TAG, str(last))])
+            self.cursor = last
+            sent += len(batch)
+            _write_json_atomic(self.run_dir / CURSOR_FILE, {"run_id": self.run_id, "step": last, "time": time.time()})
+        return sent
+
+    def catch_up(self, metrics_path: Path, upto: int | None = None) -> int:
+        """Send what metrics.jsonl holds after the cursor (up to ``upto``); returns how many steps."""
+        return self.send(read_points(metrics_path, self.cursor, upto))
+
+    # ------------------------------------------------------------------ the rest
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+
+    def terminate(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
