@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,8 +37,8 @@ from trainer.checkpoint import (
     MARKER,
     MODEL_FILE,
     OPTIM_FILE,
-    DiskFullError,
     CheckpointWriter,
+    DiskFullError,
     apply_retention,
     list_committed,
     list_partial,
@@ -178,13 +177,13 @@ def test_hyperparameters_are_compared_and_runtime_knobs_are_not():
     assert changed_hyperparameters(base, knobs) == []
     math = to_dict(load_config("configs/smoke.yaml", ["train.lr=0.0123", "train.max_steps=999", "model.dropout=0.1", "train.seed=7"]))
     assert changed_hyperparameters(base, math) == [
-        f"model.dropout: 0.0 -> 0.1", f"train.lr: {base['train']['lr']!r} -> 0.0123",
+        "model.dropout: 0.0 -> 0.1", f"train.lr: {base['train']['lr']!r} -> 0.0123",
         f"train.max_steps: {base['train']['max_steps']} -> 999", f"train.seed: {base['train']['seed']} -> 7",
     ]
     # a checkpoint written before a key existed is not a change
     old = json.loads(json.dumps(base))
     del old["train"]["max_skipped_steps"], old["train"]["lr"]
-    assert changed_hyperparameters(old, math) == [f"model.dropout: 0.0 -> 0.1", f"train.max_steps: {base['train']['max_steps']} -> 999",
+    assert changed_hyperparameters(old, math) == ["model.dropout: 0.0 -> 0.1", f"train.max_steps: {base['train']['max_steps']} -> 999",
                                                   f"train.seed: {base['train']['seed']} -> 7"]
 
 
@@ -236,13 +235,13 @@ def small_fs(tmp_path):
         skip_or_fail("mounting a small tmpfs needs root")
 
     def mount(size_mb: int) -> Path:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mnt)], capture_output=True, text=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mnt)], capture_output=True, text=True, check=False)
         if r.returncode:
             skip_or_fail(f"cannot mount a tmpfs: {r.stderr.strip()}")
         return mnt
 
     yield mount
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])

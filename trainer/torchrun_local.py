@@ -39,7 +39,7 @@ def is_loopback(host: str) -> bool:
 class LoopbackTCPStore(_TCPStore):
     """``TCPStore`` that, as a server for a loopback host, listens on 127.0.0.1 only."""
 
-    def __init__(self, host_name: str, port: int, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - TCPStore's signature
+    def __init__(self, host_name: str, port: int, *args, **kwargs) -> None:
         is_master = kwargs.get("is_master", args[1] if len(args) > 1 else False)
         if is_master and is_loopback(host_name) and kwargs.get("master_listen_fd") is None:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -43,7 +43,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dataprep.shards import ShardError, TokenDataset
-from pipelines.config import ConfigError, PipelineConfig, dump_yaml, flatten, load_config, to_dict
+from pipelines.config import (
+    ConfigError,
+    PipelineConfig,
+    dump_yaml,
+    flatten,
+    load_config,
+    to_dict,
+)
 from trainer import EXIT_FAILURE, EXIT_FILE_ENV, EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE
 from trainer.checkpoint import (
     MODEL_FILE,
@@ -296,8 +303,8 @@ class Trainer:
             return problems
         changed = changed_hyperparameters(meta.get("config") or {}, to_dict(self.cfg))
         if changed and not self.allow_changes:
-            return [f"hyper-parameters changed since {ckpt.name} ({'; '.join(changed)}); a resume continues the same run. "
-                    "Restore them, use a new run_dir, or pass --allow-changes to continue with the new values"]
+            return [(f"hyper-parameters changed since {ckpt.name} ({'; '.join(changed)}); a resume continues the same run. "
+                     "Restore them, use a new run_dir, or pass --allow-changes to continue with the new values")]
         if changed:
             log0(self.env, f"resume: continuing with changed hyper-parameters (--allow-changes): {'; '.join(changed)}")
         return []
@@ -459,7 +466,7 @@ class Trainer:
         if self.writer is not None:
             try:
                 self.writer.wait()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - reported on every rank by _agree_on_failure
                 failure = e
         self._agree_on_failure(failure)
 
