@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+TOKENIZERS = ("gpt2",)
+MAX_SHARD_TOKENS = 2**31 - 1  # dataprep.shards: the header's token count is an int32
+# ray.address: "auto", HOST:PORT, or a Ray client URL (ray://HOST:PORT)
+RAY_ADDRESS_RE = re.compile(r"^(auto|(ray://)?[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5})$")
+
+
+def _at_least(obj: object, low: int, *keys: str) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if value < low:
+            raise ValueError(f"{key} must be >= {low}, got {value}")
 
 
 @dataclass
@@ -47,6 +60,21 @@ class DataConfig:
     # Delete the intermediate work directory once the manifest is committed.
     keep_work: bool = False
 
+    def validate(self) -> None:
+        """Checks that need neither the data nor the network (whether ``source`` exists is the data
+        stage's to say: this config is also loaded where the data is not, e.g. by an eval job)."""
+        for key in ("source", "output_dir", "cache_dir", "text_column"):
+            if not getattr(self, key).strip():
+                raise ValueError(f"{key} must not be empty")
+        _at_least(self, 0, "max_files", "download_retries", "minhash_seed", "val_tokens")
+        _at_least(self, 1, "chunk_docs", "minhash_ngrams", "minhash_buckets", "minhash_hashes_per_bucket")
+        if not 1 <= self.shard_tokens <= MAX_SHARD_TOKENS:
+            raise ValueError(f"shard_tokens must be between 1 and {MAX_SHARD_TOKENS}, got {self.shard_tokens}")
+        if self.minhash_seed >= 2**32:
+            raise ValueError(f"minhash_seed must be < 2**32, got {self.minhash_seed}")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got '{self.tokenizer}'")
+
 
 @dataclass
 class RayConfig:
@@ -56,3 +84,9 @@ class RayConfig:
     address: str = ""
     # CPUs for a local instance (0 = all of this machine's).
     num_cpus: int = 0
+
+    def validate(self) -> None:
+        if self.num_cpus < 0:
+            raise ValueError(f"num_cpus must be >= 0 (0 = all of this machine's), got {self.num_cpus}")
+        if self.address and not RAY_ADDRESS_RE.match(self.address):
+            raise ValueError(f"address must be empty (a local instance), auto, HOST:PORT or ray://HOST:PORT, got '{self.address}'")

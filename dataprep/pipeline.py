@@ -13,6 +13,7 @@ config, results are combined in chunk order, and the manifest holds no timestamp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from dataprep import dedup
 from dataprep.config import DataConfig, RayConfig
 from dataprep.documents import REASONS, Chunk, RowStatus, plan_file, read_chunk
-from dataprep.errors import DataError
+from dataprep.errors import DataError, TransientDataError
 from dataprep.packing import ShardPlan, pack_documents
 from dataprep.shards import (
     HEADER_BYTES,
@@ -48,9 +49,9 @@ from dataprep.shards import (
 )
 from dataprep.sources import SourceFile, describe_local, download, is_remote, resolve_sources
 from dataprep.tokenize import tokenize_documents
-from dataprep.tokenizer import check_gpt2, get_gpt2
+from dataprep.tokenizer import TokenizerUnavailable, check_gpt2, get_gpt2
 
-__all__ = ["DataError", "run_data_stage"]
+__all__ = ["DataError", "TransientDataError", "run_data_stage"]
 
 WORK_DIR = ".work"
 # Config keys that change the bytes of the output (and so the fingerprint).
@@ -239,7 +240,7 @@ class _Waves:
                         ray.cancel(ref, force=True)
                     cause = getattr(e, "cause", None)
                     if isinstance(cause, DataError):
-                        raise DataError(str(cause)) from None
+                        raise type(cause)(str(cause)) from None  # keeps its kind (exit code)
                     raise
                 bar.update(weights[i])
         self.seconds[desc] = time.perf_counter() - t0
@@ -283,8 +284,32 @@ def _prepare_output(output_dir: Path, fingerprint: str) -> tuple[Path, dict | No
     return work, None
 
 
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Make the local Ray instance about to start take 127.0.0.1 as its node address.
+
+    Ray (2.5x+) binds its servers (GCS, raylet, object manager, every worker's gRPC server, the
+    runtime-env agent) to the node address, and ``ray.init`` derives that from the route to the
+    outside (``_node_ip_address="127.0.0.1"`` is deliberately turned back into that external
+    address). Its only switch is the check below, meant for single-machine OSX/Windows, that
+    makes the node address loopback. A local instance is one machine, so nothing needs to reach
+    it from outside; joining a cluster (``ray.address``) does not come through here.
+    """
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
 def _init_ray(ray_cfg: RayConfig) -> bool:
-    """Start (or join) Ray; return True if we started it and must shut it down."""
+    """Start (or join) Ray; return True if we started it and must shut it down.
+
+    A local instance listens on 127.0.0.1 only (see :func:`_loopback_node`).
+    """
     import ray
 
     if ray.is_initialized():
@@ -297,7 +322,9 @@ def _init_ray(ray_cfg: RayConfig) -> bool:
         ray.init(address=ray_cfg.address, **kwargs)
     else:
         # Progress is shown once, by the driver; datatrove's own bars inside workers are noise.
-        ray.init(num_cpus=ray_cfg.num_cpus or None, runtime_env={"env_vars": {"TQDM_DISABLE": "1"}}, **kwargs)
+        with _loopback_node():
+            ray.init(num_cpus=ray_cfg.num_cpus or None, runtime_env={"env_vars": {"TQDM_DISABLE": "1"}},
+                     _node_ip_address="127.0.0.1", **kwargs)
     if sigterm is not None:
         signal.signal(signal.SIGTERM, sigterm)
     return True
@@ -310,11 +337,16 @@ def run_data_stage(cfg: DataConfig, ray_cfg: RayConfig) -> dict[str, Any]:
     if cfg.chunk_docs < 1:
         raise DataError(f"data.chunk_docs must be positive, got {cfg.chunk_docs}")
     t0 = time.time()
-    enc = get_gpt2(cfg.tokenizer_file)
-    ranks_sha256 = check_gpt2(enc)
+    try:
+        ranks_sha256 = check_gpt2(get_gpt2(cfg.tokenizer_file))
+    except TokenizerUnavailable as e:
+        # a named ranks file that is missing or wrong needs fixing; a failed download may pass later
+        raise (DataError if cfg.tokenizer_file else TransientDataError)(str(e)) from e
+    # before Ray starts: a missing path or an unlistable source fails in seconds, not after a cluster start
+    listed = resolve_sources(cfg.source, cfg.source_config, cfg.cache_dir, cfg.max_files, cfg.download_retries)
     started = _init_ray(ray_cfg)
     try:
-        manifest = _build(cfg, ranks_sha256, _Waves())
+        manifest = _build(cfg, ranks_sha256, _Waves(), listed)
     finally:
         if started:
             import ray
@@ -324,11 +356,12 @@ def run_data_stage(cfg: DataConfig, ray_cfg: RayConfig) -> dict[str, Any]:
     return manifest
 
 
-def _build(cfg: DataConfig, ranks_sha256: str, waves: _Waves) -> dict[str, Any]:
+def _build(cfg: DataConfig, ranks_sha256: str, waves: _Waves, listed: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir).expanduser()
     output_dir.mkdir(parents=True, exist_ok=True)
+    if listed is None:
+        listed = resolve_sources(cfg.source, cfg.source_config, cfg.cache_dir, cfg.max_files, cfg.download_retries)
 
-    listed = resolve_sources(cfg.source, cfg.source_config, cfg.cache_dir, cfg.max_files, cfg.download_retries)
     remote = is_remote(cfg.source)
     sources: list[SourceFile] = waves.run(
         "download" if remote else "checksum", task_fetch, [(n, loc, remote, cfg.cache_dir, cfg.download_retries) for n, loc in listed], unit="file"

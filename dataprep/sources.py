@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dataprep.errors import DataError
+from dataprep.errors import DataError, TransientDataError
 from dataprep.shards import atomic_write_json, file_sha256
 
 SUPPORTED_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
@@ -43,13 +43,20 @@ def is_remote(source: str) -> bool:
 
 
 def _looks_like_hf_repo(source: str) -> bool:
-    # "Org/name" that is not an existing local path and has no glob characters.
+    """An "org/name" that cannot be meant as a local path.
+
+    A local path is an existing one, one starting with ``.``, ``/`` or ``~``, one naming a data
+    file, or one whose first component is an existing local directory (``data/corpus`` where
+    ``data/`` exists): a missing local path must be reported as missing, not looked up on the Hub.
+    To name a Hub dataset whose org happens to be a local directory, use ``hf://datasets/org/name``.
+    """
     return (
         source.count("/") == 1
         and not source.startswith((".", "/", "~"))
         and not any(c in source for c in "*?[")
         and not Path(source).exists()
         and not source.endswith(SUPPORTED_SUFFIXES)
+        and not Path(source.split("/", 1)[0]).is_dir()
     )
 
 
@@ -84,7 +91,7 @@ def list_local(source: str) -> list[tuple[str, str]]:
         root = os.path.dirname(expanded) or "."
         paths = [expanded]
     else:
-        raise DataError(f"data.source: {source} does not exist")
+        raise DataError(f"data.source: local path {source} does not exist (relative to {os.getcwd()})")
     files = sorted((os.path.relpath(p, root), p) for p in paths)
     if not files:
         raise DataError(f"data.source: no parquet/jsonl files under {source}")
@@ -109,7 +116,8 @@ def list_remote(source: str, config: str) -> list[tuple[str, str]]:
             found = [path]
             root = path.rsplit("/", 1)[0]
     except Exception as e:  # noqa: BLE001 - network/auth errors all mean "cannot list"
-        raise DataError(f"data.source: cannot list {url}: {type(e).__name__}: {e}") from e
+        what = f"'{source}' is not a local path, read as a Hugging Face dataset id: " if _looks_like_hf_repo(source) else ""
+        raise TransientDataError(f"data.source: {what}cannot list {url}: {type(e).__name__}: {e}") from e
     files = []
     for p in sorted(found):
         if not _has_supported_suffix(p):
@@ -159,7 +167,7 @@ def download(url: str, name: str, cache_dir: Path, retries: int, backoff_s: floa
             tmp.unlink(missing_ok=True)
             if attempt < retries:
                 time.sleep(backoff_s * 2**attempt)
-    raise DataError(f"{url}: download failed after {retries + 1} attempts: {type(last_error).__name__}: {last_error}")
+    raise TransientDataError(f"{url}: download failed after {retries + 1} attempts: {type(last_error).__name__}: {last_error}")
 
 
 def describe_local(name: str, path: str) -> SourceFile:

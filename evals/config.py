@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
+
+HELLASWAG_STYLES = ("nanogpt", "harness")
+DATA_SOURCES = ("auto", "download", "local")
+DTYPES = ("auto", "float32", "bfloat16")
+ORDERS = ("newest", "oldest")
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:[0-9]+)$")
 
 
 @dataclass
@@ -58,3 +66,27 @@ class EvalConfig:
     max_parallel: int = 2  # eval jobs in flight at once (per watcher)
     poll_s: float = 30.0
     slurm: EvalSlurmConfig = field(default_factory=EvalSlurmConfig)
+
+    def validate(self) -> None:
+        """Hardware-free checks, so that a typo is a config error at load, not a torch traceback
+        (``device: cpux``) or a silent change of meaning (``limit: -5`` read as "all rows")."""
+
+        def choice(key: str, allowed: tuple[str, ...]) -> None:
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'")
+
+        choice("hellaswag_style", HELLASWAG_STYLES)
+        choice("data_source", DATA_SOURCES)
+        choice("dtype", DTYPES)
+        choice("order", ORDERS)
+        if not DEVICE_RE.match(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
+        for key, low in (("limit", 0), ("harness_num_fewshot", 0), ("max_retries", 0), ("batch_size", 1), ("max_parallel", 1)):
+            if getattr(self, key) < low:
+                extra = " (0 = all rows)" if key == "limit" else ""
+                raise ValueError(f"{key} must be >= {low}{extra}, got {getattr(self, key)}")
+        if not (math.isfinite(self.poll_s) and self.poll_s > 0):
+            raise ValueError(f"poll_s must be a positive number of seconds, got {self.poll_s}")
+        for i, task in enumerate(self.harness_tasks):
+            if not isinstance(task, str) or not re.fullmatch(r"[\w.\-/]+", task):
+                raise ValueError(f"harness_tasks[{i}] must be an lm-eval task name (letters, digits, _ . - /), got {task!r}")

@@ -25,6 +25,8 @@ def _load(args: argparse.Namespace) -> PipelineConfig:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    """Build the shard directory. Exit 2: bad input or config (fix it first); 1: a network failure
+    or anything else a rerun may get past (finished work is kept either way)."""
     from dataprep.pipeline import DataError, run_data_stage
 
     cfg = _load(args)
@@ -32,7 +34,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         run_data_stage(cfg.data, cfg.ray)
     except DataError as e:
         print(f"pretrain data: error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     return 0
 
 

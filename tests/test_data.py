@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -247,8 +248,56 @@ def test_cli_reports_bad_input_with_nonzero_exit(tmp_path, gpt2_ranks):
     src.mkdir()
     (src / "x.parquet").write_bytes(b"garbage")
     r = run_cli("data", str(write_config(tmp_path / "c.yaml", src, tmp_path / "out", gpt2_ranks, 1)))
-    assert r.returncode == 1
-    assert "x.parquet: unreadable parquet file" in r.stderr
+    assert r.returncode == 2, r.stderr[-2000:]  # bad data: a rerun cannot fix it (never requeued)
+    assert "x.parquet: unreadable parquet file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_local_source_is_refused_not_looked_up_on_the_hub(tmp_path, gpt2_ranks):
+    """`dir/name` where `dir/` exists locally is a local path: missing means missing (exit 2, at
+    once, before Ray starts), not an HF dataset id tried over the network."""
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "unused", tmp_path / "out", gpt2_ranks, 1)
+    t0 = time.time()
+    r = run_cli("data", str(cfg), "data.source=tests/no-such-corpus")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "data.source: local path tests/no-such-corpus does not exist" in r.stderr, r.stderr[-2000:]
+    assert "hf://" not in r.stderr and "Traceback" not in r.stderr
+    assert time.time() - t0 < 60 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.minhash_buckets=0", "data.minhash_buckets must be >= 1, got 0"),
+        ("data.shard_tokens=0", "data.shard_tokens must be between 1 and"),
+        ("data.chunk_docs=-1", "data.chunk_docs must be >= 1, got -1"),
+        ("data.source=", "data.source must not be empty"),
+        ("data.tokenizer=llama", "data.tokenizer must be one of gpt2, got 'llama'"),
+        ("ray.num_cpus=-2", "ray.num_cpus must be >= 0"),
+        ("ray.address=somewhere", "ray.address must be empty (a local instance), auto, HOST:PORT or ray://HOST:PORT"),
+        ("eval.limit=-5", "eval.limit must be >= 0 (0 = all rows), got -5"),
+        ("eval.device=cpux", "eval.device must be auto, cpu, cuda or cuda:N, got 'cpux'"),
+        ("eval.dtype=fp16", "eval.dtype must be one of auto, float32, bfloat16, got 'fp16'"),
+        ("eval.hellaswag_style=gpt3", "eval.hellaswag_style must be one of nanogpt, harness"),
+        ("eval.data_source=web", "eval.data_source must be one of auto, download, local"),
+        ("eval.order=random", "eval.order must be one of newest, oldest"),
+        ("eval.batch_size=0", "eval.batch_size must be >= 1, got 0"),
+        ("eval.max_parallel=0", "eval.max_parallel must be >= 1, got 0"),
+        ("eval.poll_s=0", "eval.poll_s must be a positive number of seconds"),
+        ("eval.harness_tasks=[arc_easy, 'a b']", "eval.harness_tasks[1] must be an lm-eval task name"),
+    ],
+)
+def test_data_ray_and_eval_config_mistakes_are_refused_at_load(override, message):
+    """Each was a traceback, a silent change of meaning or a Hub lookup; now a ConfigError naming the key."""
+    from pipelines.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(REPO / "configs" / "smoke.yaml", [override])
+
+
+def test_config_mistake_exits_2_from_the_cli_before_anything_runs(tmp_path):
+    r = run_cli("data", str(REPO / "configs" / "smoke.yaml"), "data.minhash_buckets=0", f"data.output_dir={tmp_path / 'out'}")
+    assert r.returncode == 2 and "data.minhash_buckets must be >= 1, got 0" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
 
 
 def test_cli_rejects_unknown_config_key_naming_it(tmp_path):
@@ -433,3 +482,104 @@ def test_token_id_outside_the_vocabulary_is_refused_at_shard_open(tmp_path):
     # the model's (smaller) vocabulary can only tighten the limit
     with pytest.raises(ShardError, match=r"train_000000\.bin: token id \d+ at token \d+ is outside the vocabulary \(ids must be < 1000\)"):
         TokenDataset(data, vocab_size=1000).tokens(ds.split("train")[0])
+
+
+# --- a local Ray instance listens on loopback only -----------------------------------------
+
+RAY_PROBE = r"""
+import json, os, sys
+import ray
+from dataprep.config import RayConfig
+from dataprep.pipeline import _init_ray
+
+assert _init_ray(RayConfig(num_cpus=2)), "Ray was already running"
+
+@ray.remote
+def pid():
+    return os.getpid()
+
+print(json.dumps(sorted(set(ray.get([pid.remote() for _ in range(8)])))), flush=True)
+sys.stdin.readline()  # the test looks at the sockets now
+ray.shutdown()
+"""
+
+
+def _process_tree(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    tree, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        tree.add(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def _listening_tcp(pids: set[int]) -> list[tuple[str, str, int]]:
+    """(process name, address, port) of every listening TCP socket of ``pids``, from /proc."""
+    import ipaddress
+
+    owner: dict[str, str] = {}
+    for pid in pids:
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    owner[link[8:-1]] = comm
+        except OSError:
+            continue
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            cols = line.split()
+            local, state, inode = cols[1], cols[3], cols[9]
+            if state != "0A" or inode not in owner:  # 0A = LISTEN
+                continue
+            hexaddr, hexport = local.split(":")
+            raw = bytes.fromhex(hexaddr)
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))  # kernel words are little-endian
+            found.append((owner[inode], str(ipaddress.ip_address(raw)), int(hexport, 16)))
+    return found
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def test_local_ray_of_the_data_stage_listens_on_loopback_only(tmp_path):
+    """The data stage's own Ray (GCS, raylet, workers, agents) must not be reachable from the network."""
+    proc = subprocess.Popen([sys.executable, "-c", RAY_PROBE], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=open(tmp_path / "ray.err", "wb"), text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        if not line:
+            from tests.conftest import skip_or_fail
+
+            skip_or_fail(f"cannot start a local Ray instance: {(tmp_path / 'ray.err').read_text()[-2000:]}")
+        workers = set(json.loads(line))
+        tree = _process_tree(proc.pid)
+        assert workers <= tree, "the probe must see the Ray processes it started"
+        sockets = _listening_tcp(tree)
+        names = {name for name, _, _ in sockets}
+        assert {"gcs_server", "raylet"} <= names, sockets  # the servers are there: the check below is not vacuous
+        assert any(name.startswith("ray::") for name in names), sockets  # and the workers' own servers
+        exposed = [s for s in sockets if not _is_loopback(s[1])]
+        assert not exposed, f"listening beyond loopback: {exposed}"
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 0, (tmp_path / "ray.err").read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
