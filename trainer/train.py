@@ -59,6 +59,7 @@ from trainer.checkpoint import (
     CheckpointError,
     CheckpointWriter,
     DiskFullError,
+    is_disk_full,
     list_committed,
     read_meta,
     remove_partials,
@@ -586,7 +587,7 @@ class Trainer:
                     f"{self.skipped_in_row} steps in a row (steps {self.step - self.skipped_in_row + 1}-{self.step}) had a "
                     f"non-finite loss or gradient norm (train.max_skipped_steps={tc.max_skipped_steps}); checkpoint step "
                     f"{self.step} is committed with the last good weights. Lower train.lr / raise train.warmup_steps or check "
-                    f"the data, then rerun with --allow-changes"
+                    f"the data, then run the same command again (with --allow-changes if you changed hyper-parameters)"
                 )
                 log0(env, f"stopped: {self.stop_reason}")
                 self._finish("FAILED")
@@ -690,6 +691,13 @@ def run_worker(config: str, overrides: list[str] | tuple[str, ...], allow_change
     except TrackingError as e:
         code, reason = EXIT_FAILURE, str(e)
         print(f"train: error: {e}", file=sys.stderr, flush=True)
+    except OSError as e:
+        if not is_disk_full(e):
+            reason = f"{type(e).__name__}: {e}"
+            raise
+        # e.g. metrics.jsonl on a full disk: retrying cannot help until space is freed
+        code, reason = EXIT_REFUSED, f"disk full: {e}; free space, then run the same command again"
+        print(f"train: error: {reason}", file=sys.stderr, flush=True)
     except BaseException as e:
         reason = f"{type(e).__name__}: {e}"
         raise
