@@ -13,7 +13,8 @@ from the file whenever it missed some (see ``trainer.tracking_mlflow``).
 
 Failure policy (an outage of the tracking server must neither stop training nor delay a stop):
 
-* Start: the first attempt to reopen or create the run gets ``START_WAIT_S``. If the server
+* Start: the first attempt to reopen or create the run gets ``START_WAIT_S`` (a local store, which
+  creates its tables on first use, ``LOCAL_START_WAIT_S``). If the server
   answers with a refusal (the recorded run does not exist there, unsupported URI, no permission)
   the training is refused (exit 2): rerunning cannot help. If it is unreachable or slow, training
   starts untracked with a warning; the thread keeps trying (backoff up to 30 s) and, once it has
@@ -52,7 +53,8 @@ from trainer.tracking_mlflow import (
 __all__ = ["RUN_FILE", "MlflowTracker", "NullTracker", "TrackingError", "resolve_uri", "start_tracking"]
 
 DISABLED = ("none", "off", "false", "disabled")
-START_WAIT_S = 15.0  # the first open; a local sqlite store needs a few seconds to create its tables
+START_WAIT_S = 15.0  # the first open of a tracking server
+LOCAL_START_WAIT_S = 60.0  # a local store (sqlite, file) has no network to hang on, but creates its tables first
 FINISH_WAIT_S = 5.0
 FLUSH_EVERY_S = 5.0  # how stale MLflow's curve may get while training
 QUEUE_SIZE = 10_000
@@ -291,12 +293,18 @@ class MlflowTracker:
             self._say(f"mlflow: warning: {kind} {payload if kind == 'artifact' else payload[1]} refused: {describe(e)}; skipped")
 
 
+def start_wait_s(uri: str) -> float:
+    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    return LOCAL_START_WAIT_S if local else START_WAIT_S
+
+
 def start_tracking(uri_cfg: str, experiment: str, run_dir: str | Path, run_id: str | None, params: dict[str, Any],
-                   wait_s: float = START_WAIT_S) -> NullTracker | MlflowTracker:
+                   wait_s: float | None = None) -> NullTracker | MlflowTracker:
     """The tracker of this training; bounded by ``wait_s`` (see the module doc). Raises TrackingError on a refusal."""
     uri = resolve_uri(uri_cfg, run_dir)
     if uri is None:
         return NullTracker()
+    wait_s = start_wait_s(uri) if wait_s is None else wait_s
     tracker = MlflowTracker(uri, experiment, run_dir, run_id, params, run_name=Path(run_dir).name)
     if not tracker.wait_started(wait_s) and not tracker._started.is_set():
         _warn(f"mlflow: warning: {uri} did not answer within {wait_s:.0f} s; training starts untracked; the run is "
