@@ -174,3 +174,24 @@ def test_ctrl_c_during_training_then_rerun_resumes(reference, work, gpt2_ranks):
     assert got["losses"] == want["losses"]
     # the stop added a checkpoint at the step it stopped at (evaluated too); the rest are identical
     assert {k: v for k, v in got["evals"].items() if k in want["evals"]} == want["evals"]
+
+
+def test_second_workflow_on_a_run_dir_is_refused_naming_the_holder(reference, work, gpt2_ranks):
+    cfg, run_dir = write_config(work, "locked", gpt2_ranks, data_name="reference")
+    log = open(work / "locked.log", "wb")
+    longer = "train.max_steps=2000"  # still training when the second one gives up waiting
+    first = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(cfg), longer], cwd=REPO, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait(lambda: metric_steps(run_dir) >= 1, 180, "training step 1", first)
+        r = pretrain("run", str(cfg), longer, timeout=120)
+        assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+        assert f"pid {first.pid}" in r.stderr and "in use (workflow)" in r.stderr
+        assert "workflow:" not in r.stdout  # it did nothing
+        assert stage_status(run_dir)["train"] == "running"
+        # SIGTERM (as from SLURM or `kill`) stops the first one cleanly: checkpointed, exit 3
+        os.killpg(first.pid, signal.SIGTERM)
+        assert first.wait(timeout=120) == 3
+    finally:
+        kill_tree(first)
+    assert stage_status(run_dir)["train"] == "interrupted"
