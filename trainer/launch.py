@@ -2,8 +2,9 @@
 
 When the environment has RANK/WORLD_SIZE/LOCAL_RANK we *are* a worker (e.g. SLURM runs torchrun
 itself) and train in-process. Otherwise we run
-``python -m torch.distributed.run --standalone --nproc_per_node N -m trainer.train CONFIG ...``
-and stay in front of it, for two reasons:
+``python -m trainer.torchrun_local <loopback c10d rendezvous> --nproc_per_node N -m trainer.train CONFIG ...``
+(torchrun, bound to 127.0.0.1; across nodes plain torchrun at SLURM's endpoint) and stay in
+front of it, for two reasons:
 
 * Signals. torchrun starts each worker in its own session, reacts to SIGTERM by terminating
   them (SIGKILL after 30 s) and would die of SIGUSR1/2 (so it is started with those ignored).
@@ -26,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 from trainer import EXIT_FILE_ENV, EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE, under_torchrun
@@ -45,7 +47,14 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
-LOCAL_RDZV = ["--standalone", "--local-addr=127.0.0.1"]  # a free port on loopback (see trainer.torchrun_local)
+LOCAL_ENDPOINT = "127.0.0.1:0"  # a free port on loopback; the store listens there only (trainer.torchrun_local)
+
+
+def local_rendezvous_args() -> list[str]:
+    """What ``--standalone`` does, but on 127.0.0.1 (not "localhost", which may resolve to ::1 only),
+    with the workers' bootstrap store on 127.0.0.1 too (``--local-addr``)."""
+    return ["--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={LOCAL_ENDPOINT}", f"--rdzv-id={uuid.uuid4()}",
+            "--local-addr=127.0.0.1"]  # fmt: skip
 
 
 def loopback_env(env: dict[str, str]) -> dict[str, str]:
@@ -59,7 +68,7 @@ def loopback_env(env: dict[str, str]) -> dict[str, str]:
 def rendezvous_args(nnodes: int, endpoint: str, rdzv_id: str) -> list[str]:
     """torchrun's rendezvous flags: standalone on loopback on one node, c10d at ``endpoint`` across nodes."""
     if nnodes <= 1:
-        return list(LOCAL_RDZV)
+        return local_rendezvous_args()
     if not endpoint:
         raise ValueError("a multi-node launch needs a rendezvous endpoint (HOST:PORT)")
     return [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", f"--rdzv_id={rdzv_id or 'pretrain'}"]
@@ -94,8 +103,8 @@ def launch_torchrun(config: str, overrides: list[str], nproc: int, rdzv: list[st
     fd, exit_file = tempfile.mkstemp(prefix="pretrain-exit-", suffix=".json")
     os.close(fd)
     os.unlink(exit_file)
-    rdzv = list(LOCAL_RDZV) if rdzv is None else rdzv
-    local = "--standalone" in rdzv
+    rdzv = local_rendezvous_args() if rdzv is None else rdzv
+    local = f"--rdzv-endpoint={LOCAL_ENDPOINT}" in rdzv
     env = loopback_env(dict(os.environ)) if local else dict(os.environ)
     env[EXIT_FILE_ENV] = exit_file
     cmd = [

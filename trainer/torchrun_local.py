@@ -6,8 +6,8 @@ it is given: on a shared login or compute node, ``--standalone`` opens ``*:<port
 who can reach the machine. The store has no bind-address option, but it accepts an already
 listening socket (``master_listen_fd``); this module makes every store *server* torchrun creates
 for a loopback host (``localhost``, ``127.0.0.1``, ``::1``) listen on a socket bound to 127.0.0.1,
-then runs torchrun's own ``main``. With ``--standalone --local-addr=127.0.0.1`` both stores are
-such servers, and the workers connect to them as clients (``TORCHELASTIC_USE_AGENT_STORE``);
+then runs torchrun's own ``main``. With the c10d endpoint ``127.0.0.1:0`` and
+``--local-addr=127.0.0.1`` (``trainer.launch.local_rendezvous_args``) both stores are such servers, and the workers connect to them as clients (``TORCHELASTIC_USE_AGENT_STORE``);
 gloo/NCCL are kept on loopback by ``GLOO_SOCKET_IFNAME``/``NCCL_SOCKET_IFNAME=lo``, which the
 launcher sets (``trainer.launch.loopback_env``).
 
