@@ -80,7 +80,7 @@ from trainer.dist import (
     shutdown,
 )
 from trainer.metrics import MetricsLog
-from trainer.model import GPT, GPTConfig, resolve_config
+from trainer.model import GPT, GPTConfig, resolve_config, sdpa_backend_problem
 from trainer.optim import build_optimizer, lr_at, set_lr
 from trainer.rng import capture_rng, restore_rng, seed_all
 from trainer.runlock import RunLock, RunLockHeld
@@ -177,6 +177,10 @@ class Trainer:
         # identical init on every rank (DDP would broadcast rank 0's anyway); then per-rank RNG streams
         seed_all(tc.seed)
         self.model = GPT(self.gpt_cfg).to(dev)
+        problem = sdpa_backend_problem(tc.sdpa_backend, dev.type)
+        if problem:
+            raise RefusedError(problem)
+        self.model.set_runtime(loss_chunk_tokens=tc.loss_chunk_tokens, sdpa_backend=tc.sdpa_backend)
         seed_all(tc.seed + env.rank)
         log0(env, self.model.summary())
         self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, dev.type)
@@ -202,7 +206,7 @@ class Trainer:
             self.run_dir, tc.keep_last, tc.keep_every, asynchronous=tc.async_ckpt and dev.type == "cuda", log=lambda m: log0(env, m)
         ) if env.is_main else None
 
-        self.compiled = torch.compile(self.model) if tc.compile else self.model
+        self.compiled = torch.compile(self.model, mode=tc.compile_mode, fullgraph=tc.compile_fullgraph) if tc.compile else self.model
         if env.distributed:
             self.ddp = DDP(self.compiled, device_ids=[dev.index] if dev.type == "cuda" else None)
         else:
@@ -241,7 +245,9 @@ class Trainer:
             error = None
             try:
                 loader_state = self._load_checkpoint(ckpt)
-            except Exception as e:  # noqa: BLE001 - any failure to load = unusable checkpoint
+            except (OSError, MemoryError, torch.OutOfMemoryError):
+                raise  # the machine, not the checkpoint (a retry may help): never discard a checkpoint for it
+            except Exception as e:  # noqa: BLE001 - any other failure to load = unusable checkpoint
                 error = f"{type(e).__name__}: {e}"
                 print(f"rank {env.rank}: cannot load {ckpt}: {error}", file=sys.stderr, flush=True)
             if not any_rank(env, error is not None):
