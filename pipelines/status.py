@@ -55,8 +55,9 @@ def status_text(run_dir: str | Path) -> str:
         vals = [m for m in metrics if m.get("val_loss") is not None]
         val = f", val loss {vals[-1]['val_loss']:.4f} (step {vals[-1]['step']})" if vals else ""
         mfu = f", MFU {last['mfu'] * 100:.1f}%" if last.get("mfu") else ""
+        loss = "skipped (non-finite)" if last.get("loss") is None else f"{last['loss']:.4f}"
         lines.append(
-            f"training  step {last['step']}, loss {last['loss']:.4f}{val}, {last.get('tokens', 0):,} tokens, "
+            f"training  step {last['step']}, loss {loss}{val}, {last.get('tokens', 0):,} tokens, "
             f"{last.get('tokens_per_s', 0):,.0f} tokens/s{mfu}, last step {_ago(last.get('time'))}"
         )
     else:

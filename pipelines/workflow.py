@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 from dataprep.shards import ShardError, TokenDataset, atomic_write_json
 from pipelines.config import ConfigError, PipelineConfig, flatten, load_config, to_dict
+from trainer.config import RESUME_RUNTIME_KEYS
 from trainer.runlock import RunLock, RunLockHeld
 
 STAGES = ("data", "train", "eval", "report")
@@ -46,10 +47,9 @@ STATE_FORMAT = 1
 # Keys that change how a stage runs but not what it produces: changing them never invalidates it.
 RUNTIME_KEYS = {
     "data": {"cache_dir", "download_retries", "keep_work"},
-    "train": {"nproc_per_node", "device", "compile", "async_ckpt", "peak_flops", "ckpt_every", "keep_last",
-              "keep_every", "sample_every", "sample_tokens", "sample_prompt", "val_every", "val_batches"},
+    "train": set(RESUME_RUNTIME_KEYS),  # the trainer's own list of what a resume may change
     "eval": {"slurm", "poll_s", "max_retries", "device", "batch_size", "max_parallel", "order", "tracking_uri"},
-}  # fmt: skip
+}
 
 
 EXIT_OK, EXIT_FAILURE, EXIT_REFUSED, EXIT_REQUEUE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130

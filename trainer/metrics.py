@@ -4,6 +4,8 @@ Each line has ``step, loss, lr, grad_norm, tokens, tokens_per_s, mfu, time, dt``
 steps where they ran, ``val_loss`` and ``sample`` (so validation lives in the same file, in the
 line of the step after which it was measured; each step still has exactly one line). Floats are
 written by ``json`` with ``repr``, so ``loss`` read back is bit-identical to the trained value.
+The file is strict JSON: a non-finite value (the loss of a skipped step, ``"skipped": true``) is
+written as ``null``, which every JSON reader accepts (``NaN`` is not JSON).
 
 On resume from step S, lines of steps > S (written by the interrupted run after its last
 checkpoint) are dropped with an atomic rewrite, so the file again holds every step once.
@@ -12,6 +14,7 @@ checkpoint) are dropped with an atomic rewrite, so the file again holds every st
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         if isinstance(rec, dict) and "step" in rec:
             out.append(rec)
     return out
+
+
+def strict_json(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with non-finite floats replaced by None (JSON has no NaN or Infinity)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
 class MetricsLog:
@@ -58,7 +66,7 @@ class MetricsLog:
         if self._f is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(self.path, "a", encoding="utf-8")
-        self._f.write(json.dumps(record) + "\n")
+        self._f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
         self._f.flush()
 
     def close(self) -> None:
