@@ -12,8 +12,8 @@ What a reader checks, and when (a bad shard must never train silently, nor crash
 IndexError that "rerun to resume" cannot fix):
 
 * at open (every shard, cheap): manifest format/version, each shard's header and size;
-* the first time a process maps a shard (one read of the file, ~0.17 s per 100M-token / 200 MB
-  shard from page cache on the CI machine): its sha256 against the manifest and every token id
+* the first time a process maps a shard (one read of the file, 0.17-0.24 s per 100M-token / 200 MB
+  shard from page cache on the 2-core CI machine): its sha256 against the manifest and every token id
   below the tokenizer's vocabulary. The trainer's loader starts the check of the next shard in a
   background thread while the current one is used, so it rarely waits; tokens are never handed
   out before their shard passed.

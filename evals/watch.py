@@ -227,7 +227,9 @@ class Watcher:
             try:
                 status = json.loads((self.dir / "jobs" / e.status_file).read_text())
                 if isinstance(status, dict) and status.get("error"):
-                    return str(status["error"])[:2000]
+                    # a file in the run dir: printable text only (no terminal escapes from a forged one)
+                    text = " | ".join(str(status["error"]).splitlines())
+                    return "".join(c if c.isprintable() else "?" for c in text)[:2000]
             except (OSError, ValueError):
                 pass
         state = "finished" if isinstance(job, _ForeignLocalJob) else getattr(job, "state", "unknown")
