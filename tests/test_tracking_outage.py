@@ -135,12 +135,12 @@ def test_killed_server_neither_stalls_training_nor_delays_sigterm_and_every_step
         # 1. the server dies mid-run: steps keep coming, and SIGTERM still exits 3 promptly
         proc = start(pretrain_cmd("train", str(config)), log)
         try:
-            wait_for_step(proc, run_dir, 5)
+            wait_for_step(proc, run_dir, 3)
             run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]  # created at start, server up
             server.kill()
             mark(log, "server killed", t_start)
             killed_at = metric_steps(run_dir)
-            wait_for_step(proc, run_dir, killed_at + 10, timeout=60)
+            wait_for_step(proc, run_dir, killed_at + 8, timeout=60)
             t0 = time.monotonic()
             mark(log, "SIGTERM", t_start)
             proc.send_signal(signal.SIGTERM)
@@ -160,7 +160,7 @@ def test_killed_server_neither_stalls_training_nor_delays_sigterm_and_every_step
         mark(log, "server restarted", t_start)
         proc = start(pretrain_cmd("train", str(config)), log)
         try:
-            wait_until(lambda: mlflow_last(uri, run_id) >= stopped + 10, "MLflow gets live steps again", proc)
+            wait_until(lambda: mlflow_last(uri, run_id) >= stopped + 5, "MLflow gets live steps again", proc)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=60) == EXIT_REQUEUE, log.read_text()[-3000:]
         finally:
@@ -171,6 +171,8 @@ def test_killed_server_neither_stalls_training_nor_delays_sigterm_and_every_step
         # 3. the newest checkpoint is corrupt: the rerun resumes from the one before and re-runs steps
         # MLflow has (bitwise identical, not sent again), then stops by signal
         newest, earlier = list_committed(run_dir)[-1], list_committed(run_dir)[-2]
+        earlier_step = read_meta(earlier)["step"]  # retention may remove it once the rerun passes it
+        assert earlier_step < reached
         blob = bytearray((newest / MODEL_FILE).read_bytes())
         blob[len(blob) // 2] ^= 0xFF
         (newest / MODEL_FILE).write_bytes(bytes(blob))
@@ -182,8 +184,7 @@ def test_killed_server_neither_stalls_training_nor_delays_sigterm_and_every_step
             assert proc.wait(timeout=60) == EXIT_REQUEUE, log.read_text()[-3000:]
         finally:
             kill_tree(proc)
-        assert f"resumed from {earlier} at step {read_meta(earlier)['step']}" in log.read_text()
-        assert read_meta(earlier)["step"] < reached
+        assert f"resumed from {earlier} at step {earlier_step}" in log.read_text()
 
         client = MlflowClient(tracking_uri=uri)
         runs = client.search_runs([client.get_experiment_by_name("outage").experiment_id])

@@ -56,7 +56,7 @@ DISABLED = ("none", "off", "false", "disabled")
 START_WAIT_S = 15.0  # the first open of a tracking server
 LOCAL_START_WAIT_S = 60.0  # a local store (sqlite, file) has no network to hang on, but creates its tables first
 FINISH_WAIT_S = 5.0
-FLUSH_EVERY_S = 5.0  # how stale MLflow's curve may get while training
+FLUSH_EVERY_S = 2.0  # how stale MLflow's curve may get while training (at most one log_batch per 2 s)
 QUEUE_SIZE = 10_000
 BACKOFF_S = (1.0, 30.0)
 
