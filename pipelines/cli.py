@@ -71,12 +71,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         watcher = submit_eval_watcher(args.config, list(args.overrides), cfg, args.executor, str(job.job_id))
         print(f"submitted eval watcher job {watcher.job_id} (one eval job per checkpoint; stdout {watcher.paths.stdout})")
     if args.wait:
-        try:
-            job.result()
-        except Exception as e:  # noqa: BLE001 - submitit raises the job's own failure
-            print(f"job {job.job_id} failed: {e}", file=sys.stderr)
-            return 1
-        print(f"job {job.job_id} finished")
+        from pipelines.launching import wait_for_training
+
+        code, outcome = wait_for_training(job, cfg)
+        print(f"job {job.job_id} {outcome}", file=sys.stderr if code else sys.stdout)
+        return code
     return 0
 
 

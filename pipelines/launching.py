@@ -173,3 +173,32 @@ def list_jobs(run_dir: str | Path) -> list[dict]:
         state = job_state(job_id) if job.get("cluster", "").startswith("slurm") else None
         out.append({**job, "state": state.state if state else "local", "restarts": state.restarts if state else None})
     return out
+
+
+def wait_for_training(job, cfg: PipelineConfig, poll_s: float = 2.0) -> tuple[int, str]:
+    """Follow a submitted training job to its end; return (exit code, what happened).
+
+    Never through ``job.result()``: that unpickles a result file from the run dir, which anyone who
+    can write there could plant. The run dir's committed checkpoints say whether training finished;
+    if not, the launcher's last "pretrain train: exit N" line in the job's log says why (2: refused,
+    fix the config or data; anything else: 1, a rerun may help)."""
+    import time
+
+    from trainer.checkpoint import latest_committed, read_meta
+
+    while not job.done():
+        time.sleep(poll_s)
+    newest = latest_committed(cfg.run_dir)
+    if newest is not None and int(read_meta(newest)["step"]) >= cfg.train.max_steps:
+        return 0, f"finished: {newest}"
+    code = None
+    for path in (job.paths.stderr, job.paths.stdout):
+        try:
+            found = re.findall(r"pretrain train: exit (\d+)", Path(path).read_text(errors="replace"))
+        except OSError:
+            continue
+        if found:
+            code = int(found[-1])
+            break
+    reason = f"training exited {code}" if code is not None else "no exit line in its log"
+    return (2 if code == 2 else 1), f"ended before train.max_steps ({reason}); see {job.paths.stdout}"

@@ -255,7 +255,7 @@ class Workflow:
                 return EXIT_INTERRUPTED
             except Exception as e:
                 self._end(name, "failed", f"{type(e).__name__}: {e}")
-                code = e.code if isinstance(e, WorkflowError) else EXIT_FAILURE
+                code = e.code if isinstance(e, WorkflowError) else EXIT_REFUSED if isinstance(e, RunLockHeld) else EXIT_FAILURE
                 advice = "fix the config or data, then run the same command again" if code == EXIT_REFUSED else \
                     "fix the cause and run the same command again to resume"
                 raise WorkflowError(f"stage '{name}' failed: {e}\n{advice}", code) from e
