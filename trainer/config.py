@@ -24,7 +24,8 @@ can never change (the weights would not load); the data is identified by its man
   the cosine schedule, so extending a run is a change that needs ``--allow-changes``.
 * Run-time knobs (free): how the same math is executed or observed — ``nproc_per_node``
   (a world-size change is supported: the data position is kept, per-rank RNG streams are
-  reseeded, and the resume is then no longer bitwise), ``device``, ``compile``, ``async_ckpt``,
+  reseeded, and the resume is then no longer bitwise), ``device``, ``compile`` (and its
+  ``compile_mode`` / ``compile_fullgraph``), ``sdpa_backend``, ``loss_chunk_tokens``, ``async_ckpt``,
   checkpoint cadence and retention, validation / sample cadence, ``peak_flops`` and
   ``max_skipped_steps`` (it only decides when to give up).
 """
@@ -43,7 +44,10 @@ DTYPES = ("auto", "bfloat16", "float32")
 RESUME_RUNTIME_KEYS = frozenset({
     "nproc_per_node", "device", "compile", "async_ckpt", "peak_flops", "ckpt_every", "keep_last", "keep_every",
     "sample_every", "sample_tokens", "sample_prompt", "val_every", "val_batches", "max_skipped_steps",
+    "loss_chunk_tokens", "sdpa_backend", "compile_mode", "compile_fullgraph",
 })  # fmt: skip
+SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # must match trainer.model.SDPA_BACKENDS
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -96,6 +100,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    compile_fullgraph: bool = False  # torch.compile(fullgraph=True): fail loudly on a graph break instead of splitting
+    sdpa_backend: str = "auto"  # attention kernel: auto (PyTorch picks) | flash | cudnn | efficient | math
+    # Training loss over chunks of this many tokens, never materialising the (B*T x vocab) fp32 logits
+    # (trainer.loss); 0 = plain F.cross_entropy over the full logits. Same loss to fp32 rounding.
+    loss_chunk_tokens: int = 8192
     val_every: int = 250
     val_batches: int = 20
     sample_every: int = 1000
@@ -114,6 +124,9 @@ class TrainConfig:
         """Hardware-free checks; the batch geometry (needs the world size) is checked at start."""
         _check(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got '{self.device}'")
         _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+        _check(self.sdpa_backend in SDPA_BACKENDS, f"sdpa_backend must be one of {', '.join(SDPA_BACKENDS)}, got '{self.sdpa_backend}'")
+        _check(self.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got '{self.compile_mode}'")
+        _check(self.loss_chunk_tokens >= 0, f"loss_chunk_tokens must be >= 0 (0 = off), got {self.loss_chunk_tokens}")
         for key in ("nproc_per_node", "micro_batch_size", "seq_len", "batch_tokens", "max_steps", "keep_last", "max_skipped_steps"):
             _check(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("seed", "warmup_steps", "val_every", "val_batches", "sample_every", "sample_tokens", "ckpt_every", "keep_every"):

@@ -12,10 +12,18 @@ Why these choices:
   markedly faster on tensor cores; the extra logits are never targets and learn to be ignored.
 * Attention goes through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on
   GPU). With a KV cache, decoding one token attends to every cached key, so no mask is needed.
+  ``GPT.set_runtime(sdpa_backend=...)`` pins one SDPA backend (``train.sdpa_backend``) instead of
+  PyTorch's per-call choice, so the kernel is the one that was measured fastest, not a default
+  that changes between PyTorch releases.
+* In training (``model.train()`` with targets) the LM head and cross-entropy can run chunk by
+  chunk (``GPT.set_runtime(loss_chunk_tokens=...)``, ``trainer.loss``), never materialising the
+  (B·T × vocab) fp32 logits; ``forward`` then returns ``None`` for the logits. Evaluation and
+  generation always take the plain path (they need the logits).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -25,6 +33,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from trainer.loss import linear_cross_entropy
 
 GPT2_VOCAB = 50257
 PADDED_VOCAB = 50304
@@ -88,6 +99,32 @@ def resolve_config(model_cfg) -> GPTConfig:
 
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+# train.sdpa_backend -> the one SDPA backend it pins ("auto": PyTorch picks per call)
+SDPA_BACKENDS: dict[str, SDPBackend | None] = {
+    "auto": None,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+# backends PyTorch implements on CPU (the others raise "No available kernel" at the first forward)
+CPU_SDPA_BACKENDS = ("auto", "flash", "math")
+
+
+def sdpa_backend_problem(name: str, device_type: str) -> str | None:
+    """Why ``train.sdpa_backend=name`` cannot run on ``device_type`` (None when it can)."""
+    if name not in SDPA_BACKENDS:
+        return f"train.sdpa_backend must be one of {', '.join(SDPA_BACKENDS)}, got '{name}'"
+    if device_type == "cpu" and name not in CPU_SDPA_BACKENDS:
+        return f"train.sdpa_backend '{name}' has no CPU kernel (use one of {', '.join(CPU_SDPA_BACKENDS)})"
+    return None
+
+
+def sdpa_context(name: str) -> contextlib.AbstractContextManager:
+    """The ``sdpa_kernel`` context pinning backend ``name``; a no-op for "auto"."""
+    backend = SDPA_BACKENDS[name]
+    return contextlib.nullcontext() if backend is None else sdpa_kernel(backend)
 
 
 class CausalSelfAttention(nn.Module):
@@ -181,6 +218,23 @@ class GPT(nn.Module):
         # Weight tying (Press & Wolf 2017), as GPT-2: one matrix embeds and un-embeds.
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
+        # how the same math runs (set_runtime); not part of the weights or GPTConfig
+        self.loss_chunk_tokens = 0
+        self.sdpa_backend = "auto"
+
+    def set_runtime(self, loss_chunk_tokens: int | None = None, sdpa_backend: str | None = None) -> "GPT":
+        """Execution choices that leave the math unchanged (to rounding): ``loss_chunk_tokens`` > 0
+        computes the training loss ``trainer.loss``-style in chunks of that many tokens (0 = plain
+        ``F.cross_entropy`` over full logits); ``sdpa_backend`` pins the attention kernel."""
+        if loss_chunk_tokens is not None:
+            if loss_chunk_tokens < 0:
+                raise ValueError(f"loss_chunk_tokens must be >= 0 (0 = off), got {loss_chunk_tokens}")
+            self.loss_chunk_tokens = loss_chunk_tokens
+        if sdpa_backend is not None:
+            if sdpa_backend not in SDPA_BACKENDS:
+                raise ValueError(f"sdpa_backend must be one of {', '.join(SDPA_BACKENDS)}, got '{sdpa_backend}'")
+            self.sdpa_backend = sdpa_backend
+        return self
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -225,7 +279,14 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         past: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) and, with ``targets``, the mean cross-entropy."""
+        """Logits (B, T, vocab) and, with ``targets``, the mean cross-entropy (targets -1 ignored).
+
+        In training mode with ``loss_chunk_tokens`` set, the loss is computed chunk by chunk
+        without the full logits, and the logits returned are ``None``.
+        """
+        if targets is not None and past is None and self.training and self.loss_chunk_tokens > 0:
+            x, _ = self.hidden_states(idx)
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk_tokens)
         logits, loss, _ = self._forward(idx, targets, past)
         return logits, loss
 
@@ -250,9 +311,10 @@ class GPT(nn.Module):
             pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         presents: KVCache = []
-        for i, block in enumerate(self.transformer.h):
-            x, present = block(x, past[i] if past else None, mask)
-            presents.append(present)
+        with sdpa_context(self.sdpa_backend):
+            for i, block in enumerate(self.transformer.h):
+                x, present = block(x, past[i] if past else None, mask)
+                presents.append(present)
         return self.transformer.ln_f(x), presents
 
     def _forward(self, idx, targets=None, past=None):
@@ -393,4 +455,4 @@ def build_model(model_cfg) -> GPT:
     return GPT(resolve_config(model_cfg))
 
 
-__all__ = ["GPT", "GPTConfig", "PRESETS", "build_model", "resolve_config"]
+__all__ = ["GPT", "GPTConfig", "PRESETS", "SDPA_BACKENDS", "build_model", "resolve_config", "sdpa_backend_problem", "sdpa_context"]
