@@ -2,12 +2,14 @@
 
 Real components only: a real `mlflow server` on 127.0.0.1 (killed and restarted on the same port
 and store, as an outage looks to a user), real `pretrain train` under torchrun with 2 gloo ranks,
-and `pretrain report` replaying what the server missed.
+and `pretrain report` replaying what the server missed; in-process, a frozen server (SIGSTOP) and an
+overflowing queue.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -27,7 +29,8 @@ from tests.trainer_helpers import (
 )
 from trainer import EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE
 from trainer.checkpoint import MODEL_FILE, list_committed, read_meta
-from trainer.metrics import read_metrics
+from trainer.metrics import MetricsLog, read_metrics
+from trainer.tracking import MlflowTracker
 
 pytestmark = pytest.mark.slow
 
@@ -231,4 +234,47 @@ def test_unreachable_tracking_uri_at_start_trains_at_once_and_report_replays_lat
         assert run(pretrain_cmd("train", str(other)), other_log) == EXIT_REFUSED, other_log.read_text()[-3000:]
         assert "refused the run" in other_log.read_text() and metric_steps(other_dir) == 0
     finally:
+        server.stop()
+
+
+def test_frozen_server_never_blocks_logging_and_a_full_queue_is_filled_from_metrics_jsonl(tmp_path):
+    """In-process: the server stops answering (SIGSTOP), the queue overflows, the server resumes."""
+    from mlflow.tracking import MlflowClient
+
+    server = MlflowServer(tmp_path)
+    uri = server.start()
+    run_dir = tmp_path / "run"
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    tracker = MlflowTracker(uri, "frozen", run_dir, None, {"k": 1}, "run", flush_every_s=0.2, queue_size=20)
+    frozen = False
+    try:
+        assert tracker.wait_started(30)
+
+        def step(i: int) -> float:
+            record = {"step": i, "loss": 1.0 / i, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 10.0 + i, "time": time.time()}
+            metrics.append(record)
+            t0 = time.perf_counter()
+            tracker.log_record(record)
+            return time.perf_counter() - t0
+
+        for i in range(1, 11):
+            step(i)
+        deadline = time.monotonic() + 30
+        while mlflow_last(uri, tracker.run_id) < 10:
+            assert time.monotonic() < deadline, "the live steps did not reach MLflow"
+            time.sleep(0.1)
+        os.killpg(server.proc.pid, signal.SIGSTOP)
+        frozen = True
+        slowest = max(step(i) for i in range(11, 301))
+        assert slowest < 0.05, f"log_record blocked for {slowest:.3f} s with the server frozen"
+        assert tracker.dropped > 0  # the queue (20 items) overflowed
+        os.killpg(server.proc.pid, signal.SIGCONT)
+        frozen = False
+        assert tracker.finish("FINISHED", timeout=60)
+        metrics.close()
+        assert_every_step_once(uri, tracker.run_id, run_dir, 300)
+        assert MlflowClient(tracking_uri=uri).get_run(tracker.run_id).info.status == "FINISHED"
+    finally:
+        if frozen:
+            os.killpg(server.proc.pid, signal.SIGCONT)
         server.stop()
