@@ -12,10 +12,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from pipelines.config import PipelineConfig
+
+if TYPE_CHECKING:
+    from trainer.tracking_mlflow import MlflowRun
 
 REFERENCES = {
     "val_loss": [("OpenAI GPT-2 124M", 3.2924)],
@@ -122,15 +126,7 @@ def write_report(run_dir: str | Path, cfg: PipelineConfig | None = None, log: Ca
 
 
 def _log_artifacts(run_dir: Path, cfg: PipelineConfig | None, paths: list[Path], log: Callable[[str], None]) -> None:
-    """Bring the training's MLflow run up to date with metrics.jsonl, then attach the report to it.
-
-    The run is the one in RUN_DIR/mlflow_run.json; with none (the server was unreachable for the
-    whole training) and a config that tracks, it is created here. Steps MLflow missed are replayed
-    exactly once (see trainer.tracking_mlflow), but only while no training holds the run dir: a
-    live training's tracker replays by itself, and two senders could race.
-    """
-    from pipelines.config import flatten, to_dict
-    from trainer.runlock import RunLock, RunLockHeld
+    """Bring the training's MLflow run up to date with metrics.jsonl, then attach the report to it."""
     from trainer.tracking import resolve_uri
     from trainer.tracking_mlflow import MlflowRun, describe, read_run_file
 
@@ -140,29 +136,48 @@ def _log_artifacts(run_dir: Path, cfg: PipelineConfig | None, paths: list[Path],
         return
     try:
         session = MlflowRun(uri, run_dir, log=log)
-        lock = RunLock(run_dir, "train", wait_s=0)
-        try:
-            lock.acquire()
-        except RunLockHeld:
-            lock = None
-        try:
-            params = flatten(to_dict(cfg)) if cfg is not None else {}
-            experiment = cfg.tracking.experiment if cfg is not None else ""
-            opened = session.open(recorded.get("run_id"), experiment, params, run_name=run_dir.name,
-                                  create=lock is not None and cfg is not None, mark_running=False)
-            if not opened:
-                log("report: no MLflow run recorded for this run dir (and no config to create one); the files are written")
-                return
-            if lock is None:
-                log("report: a training holds this run dir; it replays its own steps into MLflow")
-            else:
-                sent = session.catch_up(run_dir / "metrics.jsonl")
-                log(f"report: MLflow run {session.run_id} has every step up to {session.cursor} ({sent} replayed from metrics.jsonl)")
-        finally:
-            if lock is not None:
-                lock.release()
+        if not _sync_run(session, run_dir, cfg, recorded.get("run_id"), log):
+            return
         for p in paths:
             session.log_artifact(p, artifact_path="report")
         log(f"report: logged to MLflow run {session.run_id} ({uri})")
     except Exception as e:  # noqa: BLE001 - the files are the report; MLflow is a copy
         log(f"report: could not log to MLflow ({describe(e)}); the files are written")
+
+
+def _sync_run(session: MlflowRun, run_dir: Path, cfg: PipelineConfig | None, run_id: str | None, log: Callable[[str], None]) -> bool:
+    """Open the run and replay the steps it lacks; False if there is no run to log to.
+
+    The run is the one in RUN_DIR/mlflow_run.json; with none (the server was unreachable for the
+    whole training) and a config that tracks, it is created here. Steps are replayed exactly once
+    (see trainer.tracking_mlflow), and only while no training holds the run dir: a live training's
+    tracker replays by itself, and two senders could race.
+    """
+    from pipelines.config import flatten, to_dict
+    from trainer.runlock import RunLock, RunLockHeld
+
+    lock: RunLock | None = RunLock(run_dir, "train", wait_s=0)
+    busy = ""
+    try:
+        lock.acquire()
+    except RunLockHeld:
+        lock, busy = None, "a training holds this run dir; it replays its own steps into MLflow"
+    except OSError as e:  # a read-only copy of a run dir
+        lock, busy = None, f"cannot lock the run dir ({e}), so steps MLflow missed are not replayed"
+    try:
+        params = flatten(to_dict(cfg)) if cfg is not None else {}
+        experiment = cfg.tracking.experiment if cfg is not None else ""
+        if not session.open(run_id, experiment, params, run_name=run_dir.name, create=lock is not None and cfg is not None,
+                            mark_running=False):
+            why = busy or "no config to create one with (--config)"
+            log(f"report: no MLflow run recorded for this run dir and {why}; the files are written")
+            return False
+        if lock is None:
+            log(f"report: {busy}")
+        else:
+            sent = session.catch_up(run_dir / "metrics.jsonl")
+            log(f"report: MLflow run {session.run_id} has every step up to {session.cursor} ({sent} replayed from metrics.jsonl)")
+        return True
+    finally:
+        if lock is not None:
+            lock.release()
