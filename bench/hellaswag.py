@@ -23,6 +23,13 @@ Rows: real HellaSwag when a GPT-2 tokenizer and data are available (``--data PAT
 eval stage's sources), else synthetic token rows with HellaSwag's length profile (context ~51,
 endings ~31 GPT-2 tokens), so a bare GPU machine with torch (+numpy) is enough. Both paths must
 pick the same endings; the script says so and exits 1 otherwise. Prints one ``RESULT`` line.
+
+bf16 against fp32 (``--dtypes float32,bfloat16``; no one-example loop): the batched scorer on the
+same rows once per dtype, plus, with ``--eval-sdpa both``, bf16 with PyTorch's own attention-kernel
+choice instead of the scorer's pinned one (see ``evals.scoring``: on Hopper that choice is cuDNN,
+which builds a graph per new shape). Prints examples/s for each, the ratio to the first dtype and
+the share of rows whose chosen ending (sum log-prob and per-token) equals the first dtype's, in one
+``RESULT_DTYPES`` line. Agreement means something only for a trained model: ``--checkpoint DIR``.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from evals import scoring  # noqa: E402
 from evals.hellaswag import predictions, score_example_unbatched  # noqa: E402
 from evals.scoring import Group, Score, autocast_for, resolve_device, score_groups  # noqa: E402
 from trainer.model import GPT, PRESETS, GPTConfig  # noqa: E402
@@ -78,6 +86,10 @@ def main() -> int:
     ap.add_argument("--data", default="auto", help="auto | synthetic | a HellaSwag .jsonl / arrow path")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--rounds", type=int, default=3, help="alternate baseline/batched over this many chunks of rows")
+    ap.add_argument("--checkpoint", default="", help="a committed checkpoint dir to score with (default: random init of --model)")
+    ap.add_argument("--dtypes", default="", help="e.g. float32,bfloat16: compare the batched scorer across dtypes instead")
+    ap.add_argument("--eval-sdpa", default="pinned", choices=("pinned", "auto", "both"),
+                    help="attention kernel of the masked forward on CUDA: the scorer's pinned one, PyTorch's choice, or both (--dtypes)")
     args = ap.parse_args()
 
     if args.threads:
@@ -93,10 +105,20 @@ def main() -> int:
                 raise
             groups, source = synthetic_groups(args.rows), f"synthetic tokens (real rows unavailable: {type(e).__name__})"
     torch.manual_seed(0)
-    n_layer, n_head, n_embd, block = PRESETS[args.model]
-    model = GPT(GPTConfig(n_layer, n_head, n_embd, block)).to(device).eval()
+    if args.checkpoint:
+        from trainer.checkpoint import load_model_for_eval
+
+        model, _ = load_model_for_eval(args.checkpoint, device)
+    else:
+        n_layer, n_head, n_embd, block = PRESETS[args.model]
+        model = GPT(GPTConfig(n_layer, n_head, n_embd, block)).to(device).eval()
+    if args.eval_sdpa == "auto":
+        scoring.CUDA_MASKED_SDPA = None
     print(f"{model.summary()}\ndevice {device}, dtype {args.dtype}, {len(groups)} rows from {source}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads", flush=True)
+
+    if args.dtypes:
+        return compare_dtypes(model, groups, device, args)
 
     # warm-up both paths (allocator, kernels, autotuning)
     score_groups(model, groups[:4], batch_size=4, device=device, dtype=args.dtype)
@@ -132,6 +154,33 @@ def main() -> int:
     print(f"RESULT model={args.model} device={device} rows={len(groups)} baseline={r_base:.2f}/s "
           f"batched={r_batched:.2f}/s speedup={r_batched / r_base:.2f}x same_predictions={same} max_logprob_diff={diff:.2e}")
     return 0 if same else 1
+
+
+def compare_dtypes(model: GPT, groups: list[Group], device: torch.device, args: argparse.Namespace) -> int:
+    """Batched scorer per dtype on the same rows: speed and agreement with the first dtype."""
+    runs = [(d.strip(), "pinned" if args.eval_sdpa == "both" else args.eval_sdpa) for d in args.dtypes.split(",") if d.strip()]
+    if args.eval_sdpa == "both":
+        runs += [(d, "auto") for d, _ in runs if d == "bfloat16"]
+    pinned = scoring.CUDA_MASKED_SDPA or [torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION, torch.nn.attention.SDPBackend.MATH]
+    results = []
+    for dtype, sdpa in runs:
+        scoring.CUDA_MASKED_SDPA = pinned if sdpa == "pinned" else None
+        score_groups(model, groups[:8], batch_size=args.batch_size, device=device, dtype=dtype)  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        scores = score_groups(model, groups, batch_size=args.batch_size, device=device, dtype=dtype)
+        sync(device)
+        results.append((f"{dtype}/{sdpa}", len(groups) / (time.perf_counter() - t0), predictions(scores)))
+    ref_name, ref_rate, (ref_acc, ref_norm) = results[0]
+    fields = []
+    for name, rate, (acc, norm) in results:
+        same_acc = sum(a == b for a, b in zip(acc, ref_acc)) / len(acc)
+        same_norm = sum(a == b for a, b in zip(norm, ref_norm)) / len(norm)
+        print(f"{name:>18}: {rate:8.2f} examples/s, {rate / ref_rate:.2f}x {ref_name}; same ending as {ref_name}: "
+              f"{same_acc:.2%} (sum), {same_norm:.2%} (per token)", flush=True)
+        fields.append(f"{name}={rate:.2f}/s,{rate / ref_rate:.2f}x,same={same_acc:.4f}/{same_norm:.4f}")
+    print(f"RESULT_DTYPES model={args.checkpoint or args.model} device={device} rows={len(groups)} " + " ".join(fields), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

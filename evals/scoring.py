@@ -20,6 +20,19 @@ generation in :mod:`evals.harness`.
 Contexts plus continuation longer than ``block_size`` are truncated from the left, as the
 harness does for Hugging Face models: the continuation keeps all its tokens (if it alone exceeds
 the window, only its last ``block_size`` tokens are scored and ``n_tokens`` says so).
+
+Attention kernel on CUDA (why bf16 was ~5x slower than fp32 on an H200). Every batch of packed
+rows has its own padded length, so the masked attention sees a new (B, T) shape almost every
+forward. PyTorch 2.13 on Hopper/Blackwell with a recent cuDNN puts cuDNN attention first for
+bf16/fp16 (``check_prefer_cudnn_attention`` in ATen's ``sdp_utils.cpp``), and cuDNN builds and
+caches one execution graph per problem shape: tens of milliseconds of host time on every new
+shape, i.e. on nearly every batch here. fp32 has no cuDNN kernel and always ran the
+memory-efficient kernel, which has no per-shape setup. :func:`masked_forward` therefore pins the
+memory-efficient kernel (math as the fallback) on CUDA: the fp32 path keeps the kernel it already
+used (same results), and bf16 gets the same shape-agnostic kernel. This is read from the sources
+and fits the measured figures (the bf16 excess was ~0.1 s per batch); ``bench/hellaswag.py
+--eval-sdpa auto`` re-measures the previous behaviour next to the pinned one on a GPU. CPU is
+left alone (PyTorch's CPU flash kernel handles masks and has no per-shape setup).
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer.model import GPT, GPT2_VOCAB
 
@@ -38,6 +52,9 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]
 HEAD_CHUNK = 1024
 # Default cap on rows x padded length per forward on CPU (see score_groups).
 CPU_BATCH_TOKENS = 2048
+# SDPA kernels for masked (packed / KV-cached) forwards on CUDA, in order of preference; None =
+# PyTorch's own choice (cuDNN first for bf16 on Hopper: a graph build per new shape, see above).
+CUDA_MASKED_SDPA: list[SDPBackend] | None = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -88,9 +105,12 @@ def masked_forward(
 
     ``mask`` (B, T, past_len + T) is True where a query may attend to a key. Every query row must
     allow at least one key (e.g. padding attends to itself), else softmax yields NaN. The model is
-    expected in eval mode (no dropout).
+    expected in eval mode (no dropout). On CUDA the attention kernel is pinned to
+    :data:`CUDA_MASKED_SDPA` (module docstring: no per-shape cuDNN graph builds).
     """
-    return model.hidden_states(idx, pos=pos, mask=mask, past=past)
+    pin = idx.device.type == "cuda" and CUDA_MASKED_SDPA is not None
+    with sdpa_kernel(CUDA_MASKED_SDPA) if pin else contextlib.nullcontext():
+        return model.hidden_states(idx, pos=pos, mask=mask, past=past)
 
 
 # ------------------------------------------------------------------ packing
@@ -173,6 +193,10 @@ def _head_scores(model: GPT, hidden: torch.Tensor, rows: torch.Tensor, tokens: t
     # the padded vocabulary entries are not tokens: leave them out of the distribution (and the
     # matmul), and keep the logits contiguous (reductions over a strided slice are much slower)
     weight = model.lm_head.weight[:vocab]
+    if torch.is_autocast_enabled(hidden.device.type):
+        # cast the head once per batch: autocast does not cache casts of a slice (a view), so
+        # each chunk's F.linear would otherwise convert the whole 50k x C matrix again
+        weight = weight.to(torch.get_autocast_dtype(hidden.device.type))
     for s in range(0, len(uniq), HEAD_CHUNK):
         logits = F.linear(h[s : s + HEAD_CHUNK], weight).float()
         lse = torch.logsumexp(logits, dim=-1)

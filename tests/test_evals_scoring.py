@@ -112,3 +112,16 @@ def test_generate_until_matches_model_generate(model, gpt2_ranks):
         if 50256 in want:
             want = want[: want.index(50256)]
         assert text == lm.tok_decode(want)
+
+
+def test_bf16_scoring_picks_the_fp32_endings(model):
+    """The bf16 path (autocast; the LM head cast once per batch) scores like fp32 to bf16 rounding."""
+    groups = [g for g in random_groups(40, seed=5) if len(g.continuations) > 1]
+    fp32 = score_groups(model, groups, batch_size=8, dtype="float32")
+    bf16 = score_groups(model, groups, batch_size=8, dtype="bfloat16")
+    pick = lambda scores: [max(range(len(s)), key=lambda j: s[j].logprob) for s in scores]  # noqa: E731
+    same = sum(a == b for a, b in zip(pick(fp32), pick(bf16))) / len(groups)
+    assert same >= 0.9, f"bf16 picks the fp32 ending on only {same:.0%} of {len(groups)} rows"
+    for rf, rb in zip(fp32, bf16):
+        for f, b in zip(rf, rb):
+            assert b.n_tokens == f.n_tokens and b.logprob == pytest.approx(f.logprob, rel=0.02)
