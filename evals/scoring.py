@@ -23,10 +23,12 @@ the window, only its last ``block_size`` tokens are scored and ``n_tokens`` says
 
 Attention kernel on CUDA (why bf16 was ~5x slower than fp32 on an H200). Every batch of packed
 rows has its own padded length, so the masked attention sees a new (B, T) shape almost every
-forward. PyTorch 2.13 on Hopper/Blackwell with a recent cuDNN puts cuDNN attention first for
-bf16/fp16 (``check_prefer_cudnn_attention`` in ATen's ``sdp_utils.cpp``), and cuDNN builds and
-caches one execution graph per problem shape: tens of milliseconds of host time on every new
-shape, i.e. on nearly every batch here. fp32 has no cuDNN kernel and always ran the
+forward. Recent PyTorch (2.9 and later, as read in ATen's ``sdp_utils.cpp``) on Hopper/Blackwell
+with cuDNN >= 9.9 puts cuDNN attention first for bf16/fp16 (``check_prefer_cudnn_attention``,
+opt out with ``TORCH_CUDNN_SDPA_PREFERRED=0``), and cuDNN builds and caches one execution graph
+per problem shape (``cudnn/MHA.cpp``): tens of milliseconds of host time on every new shape, i.e.
+on nearly every batch here. (It also explains why pinning cuDNN for training changed nothing:
+training already ran it, at one fixed shape.) fp32 has no cuDNN kernel and always ran the
 memory-efficient kernel, which has no per-shape setup. :func:`masked_forward` therefore pins the
 memory-efficient kernel (math as the fallback) on CUDA: the fp32 path keeps the kernel it already
 used (same results), and bf16 gets the same shape-agnostic kernel. This is read from the sources
