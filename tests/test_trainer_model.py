@@ -213,3 +213,21 @@ def test_sampling_is_reproducible_with_seeded_generator():
     # a stop request cuts generation short
     assert m.generate(prompt, 10, greedy=True, should_stop=lambda: True).shape == prompt.shape
     assert m.training  # generate restores the mode it found
+
+
+def test_runtime_settings_are_checked_and_the_config_knows_the_models_backends():
+    from trainer import config as train_config
+    from trainer.config import TrainConfig
+    from trainer.model import SDPA_BACKENDS, sdpa_backend_problem
+
+    assert set(train_config.SDPA_BACKENDS) == set(SDPA_BACKENDS)  # the config (no torch import) mirrors the model's
+    for kw, key in (({"sdpa_backend": "fast"}, "sdpa_backend"), ({"compile_mode": "fastest"}, "compile_mode"),
+                    ({"loss_chunk_tokens": -1}, "loss_chunk_tokens")):
+        with pytest.raises(ValueError, match=key):
+            TrainConfig(**kw).validate()
+    assert "no CPU kernel" in sdpa_backend_problem("cudnn", "cpu")
+    assert sdpa_backend_problem("cudnn", "cuda") is None and sdpa_backend_problem("math", "cpu") is None
+    with pytest.raises(ValueError, match="loss_chunk_tokens"):
+        micro().set_runtime(loss_chunk_tokens=-1)
+    with pytest.raises(ValueError, match="sdpa_backend"):
+        micro().set_runtime(sdpa_backend="fast")
