@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.config import PipelineConfig
+from pipelines.report import write_report
 from tests.services import MlflowServer, free_port
 from tests.trainer_helpers import (
     kill_tree,
@@ -110,6 +113,11 @@ def assert_every_step_once(uri: str, run_id: str, run_dir: Path, last_step: int)
                 assert m.value == records[m.step][key], f"{key} at step {m.step}: MLflow {m.value} != metrics.jsonl"
 
 
+def committed_run_id(run_dir: Path) -> str | None:
+    committed = list_committed(run_dir)
+    return read_meta(committed[-1]).get("mlflow_run_id") if committed else None
+
+
 def mark(log: Path, text: str, t0: float) -> None:
     """A line in the training log saying where the test is (for reading a failure)."""
     with open(log, "a") as f:
@@ -158,9 +166,12 @@ def test_killed_server_neither_stalls_training_nor_delays_sigterm_and_every_step
         stopped = metric_steps(run_dir)
         assert read_meta(list_committed(run_dir)[-1])["step"] == stopped
 
-        # 2. the server is back (same port, same store): the rerun replays the gap, goes on live, stops by signal
+        # 2. the server is back (same port, same store): `pretrain report` replays the gap; the rerun goes
+        # on live (nothing to replay twice) and stops by signal
         server.start()
         mark(log, "server restarted", t_start)
+        assert run(pretrain_cmd("report", str(run_dir), "--config", str(config)), log) == EXIT_OK, log.read_text()[-3000:]
+        assert_every_step_once(uri, run_id, run_dir, stopped)
         proc = start(pretrain_cmd("train", str(config)), log)
         try:
             wait_until(lambda: mlflow_last(uri, run_id) >= stopped + 5, "MLflow gets live steps again", proc)
@@ -198,34 +209,34 @@ def test_killed_server_neither_stalls_training_nor_delays_sigterm_and_every_step
         server.stop()
 
 
-def test_unreachable_tracking_uri_at_start_trains_at_once_and_report_replays_later(tmp_path, data_dir):
+def test_unreachable_tracking_uri_at_start_trains_at_once_and_the_run_is_created_when_the_server_appears(tmp_path, data_dir):
     port = free_port()  # nothing listens there yet
     uri = f"http://127.0.0.1:{port}"
-    config, run_dir = write_config(tmp_path, data_dir, uri, max_steps=12, nproc=1)
+    config, run_dir = write_config(tmp_path, data_dir, uri, max_steps=100_000, nproc=1)
     log = tmp_path / "train.log"
+    server = MlflowServer(tmp_path, port=port)
     t0 = time.monotonic()
     proc = start(pretrain_cmd("train", str(config)), log)
     try:
         wait_for_step(proc, run_dir, 1, timeout=60)
         first_step_s = time.monotonic() - t0
-        rc = proc.wait(timeout=120)
+        assert not (run_dir / "mlflow_run.json").exists()
+        server.start()  # the server appears on that address while training goes on
+        run_file = run_dir / "mlflow_run.json"
+        wait_until(run_file.exists, "the run is created in the background", proc)
+        run_id = json.loads(run_file.read_text())["run_id"]
+        # the late run id reaches the checkpoints, so a resume continues this run
+        wait_until(lambda: committed_run_id(run_dir) == run_id, "a checkpoint with the run id", proc)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
     finally:
         kill_tree(proc)
     text = log.read_text()
-    assert rc == EXIT_OK, text[-3000:]
+    assert rc == EXIT_REQUEUE, text[-3000:]
     assert first_step_s < 45, f"first step after {first_step_s:.0f} s: the start waited for the tracking server"
-    assert "training starts untracked" in text or "training goes on" in text
-    assert metric_steps(run_dir) == 12
-    assert not (run_dir / "mlflow_run.json").exists()
-
-    # the server appears on that address: `pretrain report` creates the run and replays every step
-    server = MlflowServer(tmp_path, port=port)
-    server.start()
+    assert "training goes on, untracked meanwhile" in text
+    assert_every_step_once(uri, run_id, run_dir, metric_steps(run_dir))  # the steps before it existed too
     try:
-        assert run(pretrain_cmd("report", str(run_dir), "--config", str(config)), log) == EXIT_OK, log.read_text()[-3000:]
-        run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
-        assert_every_step_once(uri, run_id, run_dir, 12)
-
         # a run dir whose recorded run this server does not have: refused (exit 2), nothing trained
         other, other_dir = write_config(tmp_path / "other", data_dir, uri, max_steps=12, nproc=1)
         other_dir.mkdir(parents=True)
@@ -274,6 +285,18 @@ def test_frozen_server_never_blocks_logging_and_a_full_queue_is_filled_from_metr
         metrics.close()
         assert_every_step_once(uri, tracker.run_id, run_dir, 300)
         assert MlflowClient(tracking_uri=uri).get_run(tracker.run_id).info.status == "FINISHED"
+
+        # a run dir that never reached MLflow: `pretrain report` creates its run and replays every step
+        copy = tmp_path / "never-tracked"
+        copy.mkdir()
+        shutil.copy(run_dir / "metrics.jsonl", copy / "metrics.jsonl")
+        cfg = PipelineConfig(run_dir=str(copy))
+        cfg.tracking.uri, cfg.tracking.experiment = uri, "created-by-report"
+        lines: list[str] = []
+        write_report(copy, cfg, log=lines.append)
+        created = json.loads((copy / "mlflow_run.json").read_text())["run_id"]
+        assert created != tracker.run_id and any("300 replayed" in line for line in lines), lines
+        assert_every_step_once(uri, created, copy, 300)
     finally:
         if frozen:
             os.killpg(server.proc.pid, signal.SIGCONT)

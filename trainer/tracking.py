@@ -17,7 +17,7 @@ Failure policy (an outage of the tracking server must neither stop training nor 
   creates its tables on first use, ``LOCAL_START_WAIT_S``). If the server
   answers with a refusal (the recorded run does not exist there, unsupported URI, no permission)
   the training is refused (exit 2): rerunning cannot help. If it is unreachable or slow, training
-  starts untracked with a warning; the thread keeps trying (backoff up to 30 s) and, once it has
+  starts untracked with a warning; the thread keeps trying (backoff up to 5 s) and, once it has
   the run, writes ``mlflow_run.json`` (the trainer records the id in its next checkpoints) and
   replays metrics.jsonl.
 * Running: a failed call is a warning; the thread reconnects with backoff and replays the missed
@@ -58,7 +58,7 @@ LOCAL_START_WAIT_S = 60.0  # a local store (sqlite, file) has no network to hang
 FINISH_WAIT_S = 5.0
 FLUSH_EVERY_S = 2.0  # how stale MLflow's curve may get while training (at most one log_batch per 2 s)
 QUEUE_SIZE = 10_000
-BACKOFF_S = (1.0, 30.0)
+BACKOFF_S = (1.0, 5.0)  # an attempt costs one request; the run should resume soon after the server does
 
 
 class TrackingError(RuntimeError):
