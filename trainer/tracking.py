@@ -199,8 +199,9 @@ class MlflowTracker:
         self._connected = False
         if is_definitive(exc):
             what = "refused the run" if opening else "refused a request"
+            unknown_run = opening and getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
             hint = (f" (the run recorded in {self.run_dir / RUN_FILE} or the checkpoint is not on this server? "
-                    "point tracking.uri at the server that has it, or use tracking.uri=none)") if opening else ""
+                    "point tracking.uri at the server that has it, or use tracking.uri=none)") if unknown_run else ""
             self._refusal = f"MLflow tracking at {self.uri} {what}: {describe(exc)}{hint}"
             self._dead = True
             if self._waited:

@@ -52,8 +52,8 @@ def configure_http() -> None:
 
 
 def is_definitive(exc: BaseException) -> bool:
-    """True when the server answered with a refusal (bad URI, unknown run, no permission), not an outage."""
-    return getattr(exc, "error_code", None) in DEFINITIVE_CODES
+    """True for a refusal (bad URI, unknown run, no permission, mlflow not installed), not an outage."""
+    return isinstance(exc, ImportError) or getattr(exc, "error_code", None) in DEFINITIVE_CODES
 
 
 def describe(exc: BaseException) -> str:
