@@ -185,6 +185,7 @@ def _train(tmp: Path, data: Path, chunk: int) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_training_run_with_chunked_loss_has_the_same_losses(tmp_path):
     data = make_shard_dir(tmp_path / "data", seed=3)
     plain = _train(tmp_path, data, 0)
@@ -197,6 +198,7 @@ def test_training_run_with_chunked_loss_has_the_same_losses(tmp_path):
     assert plain[-1]["loss"] < plain[0]["loss"], "the run must learn, or equal losses prove little"
 
 
+@pytest.mark.slow
 def test_training_refuses_an_sdpa_backend_without_a_kernel_here(tmp_path):
     """A pinned backend the device lacks is a config error (exit 2, named), not a crash at step 1."""
     config = tmp_path / "cudnn.yaml"
@@ -236,6 +238,7 @@ def _anchor(tmp_path: Path) -> tuple[Path, str]:
     return stand_in, "RESULT anchor=stand-in"
 
 
+@pytest.mark.slow
 def test_bench_runs_the_anchor_side_by_side_and_prints_the_ratio(tmp_path):
     anchor, result_line = _anchor(tmp_path)
     cmd = [sys.executable, "bench/train_step.py", "configs/smoke.yaml", "train.nproc_per_node=1", "model.name=micro",
