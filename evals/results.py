@@ -100,9 +100,16 @@ def tracking_target(meta: dict[str, Any], ckpt_dir: Path, override: str = "") ->
     config's ``run_dir`` may be relative to wherever training was launched). ``override``
     (``eval.tracking_uri``) replaces the uri; "none" disables logging.
     """
-    from trainer.tracking import resolve_uri
+    from trainer.tracking import RUN_FILE, resolve_uri
 
     run_id = meta.get("mlflow_run_id")
+    if not run_id:
+        # a checkpoint written while the tracking server was unreachable has no run id; the run
+        # created later (in the background, see trainer.tracking) is recorded in the run dir
+        try:
+            run_id = json.loads((run_dir_of(ckpt_dir) / RUN_FILE).read_text()).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            run_id = None
     cfg_uri = override or (meta.get("config") or {}).get("tracking", {}).get("uri", "")
     uri = resolve_uri(cfg_uri, run_dir_of(ckpt_dir))
     if uri is None or not run_id:
@@ -122,6 +129,9 @@ def log_to_mlflow(uri: str, run_id: str, step: int, values: dict[str, float]) ->
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
+    from trainer.tracking_mlflow import configure_http
+
+    configure_http()  # minutes of MLflow's default retries would hold the eval job (and its lock) hostage
     ts = int(time.time() * 1000)
     client = MlflowClient(tracking_uri=uri)
     client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in values.items()])

@@ -303,3 +303,21 @@ def test_two_evals_of_one_checkpoint_log_once(run, server, tmp_path):
     assert sum("already evaluated and logged" in o for o in outs) == 1, outs
     after = [m.step for m in client.get_metric_history(run_id, "eval/hellaswag/acc")]
     assert sorted(after) == sorted(before + [2]), f"step 2 logged {after.count(2) - before.count(2)} times"
+
+
+def test_eval_logs_into_the_run_created_after_the_checkpoint(tmp_path):
+    """A checkpoint written while MLflow was unreachable carries no run id; the run the trainer created
+    later is in RUN_DIR/mlflow_run.json, and eval results must go there rather than nowhere."""
+    import json
+
+    from evals.results import tracking_target
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    meta = {"step": 4, "mlflow_run_id": None, "config": {"tracking": {"uri": ""}}}
+    assert tracking_target(meta, ckpt) == (None, None)  # never tracked: nothing to log into
+    (tmp_path / "run" / "mlflow_run.json").write_text(json.dumps({"run_id": "abc123", "uri": "x"}))
+    uri, run_id = tracking_target(meta, ckpt)
+    assert run_id == "abc123" and uri == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+    assert tracking_target({**meta, "mlflow_run_id": "own"}, ckpt)[1] == "own"  # the checkpoint's own id wins
+    assert tracking_target(meta, ckpt, override="none") == (None, None)

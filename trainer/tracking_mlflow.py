@@ -20,6 +20,7 @@ timeout, one retry) unless the user set them: MLflow's defaults retry for minute
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -71,7 +72,8 @@ class Point:
 
     @classmethod
     def of(cls, record: dict[str, Any]) -> Point:
-        values = tuple((k, float(record[k])) for k in TRACKED_KEYS if record.get(k) is not None)
+        # a skipped step's non-finite loss is null in metrics.jsonl; live and replayed points agree
+        values = tuple((k, float(record[k])) for k in TRACKED_KEYS if record.get(k) is not None and math.isfinite(float(record[k])))
         return cls(int(record["step"]), int(float(record.get("time") or 0) * 1000), values)
 
 

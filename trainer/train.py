@@ -694,9 +694,6 @@ def run_worker(config: str, overrides: list[str] | tuple[str, ...], allow_change
     except ShardError as e:
         code, reason = EXIT_REFUSED, f"the dataset is corrupt: {e}; rebuild it (pretrain data) or restore the shard before running again"
         print(f"train: error: {reason}", file=sys.stderr, flush=True)
-    except TrackingError as e:
-        code, reason = EXIT_FAILURE, str(e)
-        print(f"train: error: {e}", file=sys.stderr, flush=True)
     except OSError as e:
         if not is_disk_full(e):
             reason = f"{type(e).__name__}: {e}"
