@@ -4,8 +4,8 @@ Why: in training, ``F.cross_entropy(lm_head(x).float(), y)`` materialises the lo
 token at once, in fp32 for the loss and again for its gradient: for GPT-2 124M at B=64, T=1024
 that is 65,536 × 50,304 × 4 B ≈ 13 GB written and read several times per micro-step, the
 largest activation of the model. Here the rows are processed ``chunk`` at a time: for each chunk
-the logits are computed, reduced to the loss (log-sum-exp minus the target logit) and, while they
-are still in cache/HBM, turned into that chunk's gradient ``softmax − one_hot`` and pushed through
+the logits are computed, reduced to the loss (the target's negative log-probability) and, while
+they are still in cache/HBM, turned into that chunk's gradient ``softmax − one_hot`` and pushed through
 the head's two backward matmuls. Only the gradients wrt the hidden states (N × C) and the head
 weight (V × C) survive to the backward pass, which merely scales them by the incoming gradient.
 (The same idea as Liger-Kernel's fused linear cross-entropy and torchtitan's chunked loss, written
