@@ -278,7 +278,7 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         past: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab) and, with ``targets``, the mean cross-entropy (targets -1 ignored).
 
         In training mode with ``loss_chunk_tokens`` set, the loss is computed chunk by chunk
