@@ -91,32 +91,91 @@ def validate(cfg: PipelineConfig, where: str) -> None:
     """Checks that need no hardware, run on every load so that `sbatch`, `submit` and `run` refuse a
     bad config before anything is written or queued.
 
-    Two kinds: no control characters in any string value (anywhere), and each section's own rules,
-    from its ``validate()`` method: a section raises ``ValueError("lr must be > 0, got -1")``, the
+    Three kinds: no control characters in any string value (anywhere); each section's own rules,
+    from its ``validate()`` method (a section raises ``ValueError("lr must be > 0, got -1")``, the
     message starting with its key relative to the section; this prefixes the section and the
-    config's origin ("smoke.yaml: train.lr must be > 0, got -1").
+    config's origin: "smoke.yaml: train.lr must be > 0, got -1"); and the rules that span sections
+    (:func:`check_geometry` at world size 1). Every problem is reported at once (one per section:
+    a section stops at its first), so a user fixes a config in one round, not one key per try.
     """
+    problems: list[str] = []
     for dotted, value in flatten(to_dict(cfg)).items():
         for text in value if isinstance(value, list) else [value]:
             if isinstance(text, str):
                 allowed = "\n\t" if dotted in _MULTILINE_OK else ""
                 bad = [c for c in text if (ord(c) < 32 or ord(c) == 127) and c not in allowed]
                 if bad:
-                    raise ConfigError(f"{where}: '{dotted}' contains a control character ({bad[0]!r}); not allowed in config values")
-    _validate_sections(cfg, "", where)
+                    problems.append(f"'{dotted}' contains a control character ({bad[0]!r}); not allowed in config values")
+                    break
+    failed = _validate_sections(cfg, "", problems)
+    problems.extend(geometry_problems(cfg, world_size=1, check_block="model." not in failed))
+    if len(problems) == 1:
+        raise ConfigError(f"{where}: {problems[0]}")
+    if problems:
+        raise ConfigError(f"{where}: {len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def _validate_sections(obj: Any, prefix: str, where: str) -> None:
+def _validate_sections(obj: Any, prefix: str, problems: list[str]) -> set[str]:
+    """Run every section's ``validate()``; append its message (key made absolute) to ``problems``
+    and return the prefixes of the sections that failed."""
+    failed: set[str] = set()
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            _validate_sections(value, f"{prefix}{f.name}.", where)
+            failed |= _validate_sections(value, f"{prefix}{f.name}.", problems)
     check = getattr(obj, "validate", None)
     if callable(check):
         try:
             check()
         except ValueError as e:
-            raise ConfigError(f"{where}: {prefix}{e}") from e
+            problems.append(f"{prefix}{e}")
+            failed.add(prefix)
+    return failed
+
+
+def geometry_problems(cfg: PipelineConfig, world_size: int, check_block: bool = True) -> list[str]:
+    """The batch shape rules that need no hardware, for a training of ``world_size`` ranks.
+
+    ``train.batch_tokens`` must split into whole micro-batches on every rank (the trainer's
+    ``grad_accum = batch_tokens / (micro_batch_size * seq_len * world_size)``), and a sequence must
+    fit the model's context (``train.seq_len <= block_size``, the preset's unless ``model.block_size``
+    is set). At load the world size is not known (a local run has ``train.nproc_per_node`` ranks, a
+    SLURM job ``slurm.nodes`` x its GPUs per node), so :func:`validate` checks world size 1, which
+    every launch needs; the commands that know how training runs call this with
+    :func:`training_world_size`.
+    """
+    tc = cfg.train
+    out = []
+    block = cfg.model.resolved_shape()["block_size"] if check_block else 0
+    if block > 0 and tc.seq_len > block:
+        out.append(f"train.seq_len ({tc.seq_len}) exceeds the model's block_size ({block}, model.name '{cfg.model.name}')")
+    per_step = tc.micro_batch_size * tc.seq_len * world_size
+    if per_step > 0 and tc.batch_tokens > 0 and tc.batch_tokens % per_step:  # < 1: train.validate says so
+        example = max(1, round(tc.batch_tokens / per_step)) * per_step
+        out.append(f"train.batch_tokens ({tc.batch_tokens}) must be a positive multiple of micro_batch_size * seq_len * world_size "
+                   f"({tc.micro_batch_size} * {tc.seq_len} * {world_size} = {per_step}); e.g. {example}")
+    return out
+
+
+def training_world_size(cfg: PipelineConfig, on_slurm: bool, nnodes: int = 1) -> int:
+    """How many ranks the training will have: ``nnodes`` x ``train.nproc_per_node`` when
+    ``pretrain train``/``pretrain run`` starts torchrun here, and for a SLURM job (``submit``,
+    ``sbatch``, ``run --executor slurm``) ``slurm.nodes`` x one rank per GPU it asks for
+    (``slurm.gpus_per_node``; a CPU job, or one asking for no GPU, keeps ``train.nproc_per_node``:
+    see ``pipelines.launching.train_argv``)."""
+    if on_slurm:
+        gpus = cfg.slurm.gpus_per_node if cfg.train.device != "cpu" else 0
+        return cfg.slurm.nodes * (gpus or cfg.train.nproc_per_node)
+    return max(1, nnodes) * cfg.train.nproc_per_node
+
+
+def check_geometry(cfg: PipelineConfig, on_slurm: bool, nnodes: int = 1) -> None:
+    """ConfigError (exit 2) if the batch does not split over the ranks the training will have."""
+    world = training_world_size(cfg, on_slurm, nnodes)
+    problems = geometry_problems(cfg, world)
+    if problems:
+        how = "slurm.nodes x slurm.gpus_per_node" if on_slurm else "nnodes x train.nproc_per_node"
+        raise ConfigError(f"{cfg.source}: " + "; ".join(problems) + f" (world size {world} = {how})")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -131,7 +190,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def dump_yaml(cfg: PipelineConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The resolved config as YAML that ``load_config`` reads back to the same config
+    (``pretrain config show``; also what a run stores)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -35,8 +35,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# must match trainer.model.PRESETS (kept here so that loading a config does not import torch)
-MODEL_PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny", "micro")
+# (n_layer, n_head, n_embd, block_size); must match trainer.model.PRESETS (a test checks it), kept
+# here so that loading a config, and checking train.seq_len against the block size, imports no torch
+PRESET_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "gpt2": (12, 12, 768, 1024),
+    "gpt2-medium": (24, 16, 1024, 1024),
+    "gpt2-large": (36, 20, 1280, 1024),
+    "gpt2-xl": (48, 25, 1600, 1024),
+    "tiny": (4, 4, 128, 128),
+    "micro": (2, 2, 64, 64),
+}
+MODEL_PRESETS = tuple(PRESET_SHAPES)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bfloat16", "float32")
 
@@ -77,6 +86,15 @@ class ModelConfig:
                    f"{key} is not set and name '{self.name}' is not a preset ({', '.join(MODEL_PRESETS)})")
         _check(self.vocab_size >= 50257, f"vocab_size must be >= 50257 (the GPT-2 vocabulary), got {self.vocab_size}")
         _check(math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        shape = self.resolved_shape()
+        _check(shape["n_embd"] % shape["n_head"] == 0,
+               f"n_embd ({shape['n_embd']}) must be a multiple of n_head ({shape['n_head']})")
+
+    def resolved_shape(self) -> dict[str, int]:
+        """n_layer, n_head, n_embd, block_size as the model will have them (preset, then explicit
+        fields), without importing torch; 0 where neither sets one (``validate`` refuses that)."""
+        preset = dict(zip(("n_layer", "n_head", "n_embd", "block_size"), PRESET_SHAPES.get(self.name, (0, 0, 0, 0))))
+        return {key: getattr(self, key) or preset[key] for key in preset}
 
 
 @dataclass
@@ -121,7 +139,8 @@ class TrainConfig:
     max_skipped_steps: int = 5
 
     def validate(self) -> None:
-        """Hardware-free checks; the batch geometry (needs the world size) is checked at start."""
+        """Hardware-free checks of this section alone; the batch geometry and ``seq_len`` against the
+        model's block size span sections and are checked by ``pipelines.config.check_geometry``."""
         _check(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got '{self.device}'")
         _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
         _check(self.sdpa_backend in SDPA_BACKENDS, f"sdpa_backend must be one of {', '.join(SDPA_BACKENDS)}, got '{self.sdpa_backend}'")
