@@ -23,6 +23,7 @@ it) AND its metrics reached MLflow (``logged`` true, or tracking disabled for th
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -88,6 +89,20 @@ def save_result(ckpt_dir: Path, result: dict[str, Any], log: Callable[[str], Non
         write_json_atomic(target, result, create_parents=False)
     except FileNotFoundError:
         log(f"eval: {ckpt_dir} was deleted meanwhile (retention); result kept in {archive}")
+
+
+def format_scores(result: dict[str, Any]) -> str:
+    """``hellaswag: acc_norm 0.2891 ± 0.0143, acc 0.2790 ± 0.0142 (n=1000)``: a result as a person reads it
+    (the stderr is what tells two checkpoints apart, or not; ``pretrain status`` and the watcher's log)."""
+    stderr = result.get("stderr") or {}
+    parts = []
+    for k, v in (result.get("metrics") or {}).items():
+        if k.endswith("stderr") or not isinstance(v, (int, float)):
+            continue
+        se = stderr.get(k)
+        parts.append(f"{k} {v:.4f}" + (f" ± {se:.4f}" if isinstance(se, (int, float)) and math.isfinite(se) else ""))
+    n = f" (n={result['n']})" if result.get("n") else ""
+    return f"{result.get('task', '?')}: {', '.join(parts)}{n}"
 
 
 # ------------------------------------------------------------------ MLflow

@@ -41,7 +41,7 @@ from typing import Any, Callable
 from evals.config import EvalConfig
 from slurm.resources import SlurmError, parse_time_minutes
 from evals.job import planned_tasks, run_job
-from evals.results import RESULTS_SUBDIR, checkpoint_id, is_complete, write_json_atomic
+from evals.results import RESULTS_SUBDIR, checkpoint_id, format_scores, is_complete, read_result, write_json_atomic
 from trainer.checkpoint import list_committed, read_meta
 from trainer.runlock import RunLock
 
@@ -252,7 +252,8 @@ class Watcher:
                 self.log(f"watch: {name} was deleted before it could be evaluated: skipped")
             elif self._complete(ckpt, e.ckpt_id):
                 e.status = "done"
-                self.log(f"watch: {name} evaluated (job {e.job_id})")
+                scores = "; ".join(format_scores(r) for r in (read_result(ckpt, t) for t in self.tasks) if r)
+                self.log(f"watch: {name} evaluated (job {e.job_id}): {scores}")
             else:
                 e.errors.append(self._job_error(e, job))
                 retry = e.attempts <= self.cfg.max_retries

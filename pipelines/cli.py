@@ -197,11 +197,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipelines.status import status_text
+    """Where a run stands; ``--json``: the same as one JSON object (keys documented in pipelines.status)."""
+    from pipelines.status import status_json, status_text
 
     if not Path(args.run_dir).is_dir():
         raise ConfigError(f"{args.run_dir}: no such run directory")
-    print(status_text(args.run_dir))
+    print(status_json(args.run_dir) if args.json else status_text(args.run_dir))
     return 0
 
 
@@ -233,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart-from", choices=("data", "train", "eval", "report"), help="redo this stage and the ones after it")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("status", help="stages, jobs, last step/loss, checkpoints and their evals, MLflow link")
+    p = sub.add_parser("status", help="stages, step N/M and ETA, checkpoints and their evals (± stderr), jobs, MLflow link")
     p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="print it as one JSON object (keys: see pipelines/status.py)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("report", help="PNG + CSV of loss and eval curves (also logged to MLflow)")

@@ -1,10 +1,34 @@
-"""`pretrain status RUN_DIR`: where a run stands, readable at a glance."""
+"""`pretrain status RUN_DIR [--json]`: where a run stands, readable at a glance (or by a script).
+
+``status_data`` gathers everything from the run dir's files (and SLURM, for a SLURM workflow);
+``status_text`` renders it. ``--json`` prints ``status_data`` as one JSON object with these keys
+(a key is null or absent when the run dir does not have it yet):
+
+* ``run_dir``: absolute path.
+* ``workflow``: ``executor``, ``config_path``, ``overrides``, ``stages`` (per stage: ``status``,
+  ``attempts``, ``job_ids``, ``error``, ``started``, ``ended``), ``error`` (SLURM refresh failure).
+* ``training``: ``step``, ``max_steps``, ``percent``, ``loss`` (null for a skipped step),
+  ``val_loss`` and ``val_step`` (the newest validation), ``tokens``, ``tokens_per_s``, ``mfu``,
+  ``last_step_time`` (unix seconds), ``last_step_age_s``, ``eta_s`` (median recent step time ×
+  steps left; null when done or unknown), ``done``.
+* ``last_checkpoint``: ``name``, ``step``, ``committed_time`` (unix seconds), ``age_s``.
+* ``checkpoints``: per committed checkpoint ``name``, ``step``, ``evals`` (per task: ``metrics``,
+  ``stderr``, ``n``).
+* ``latest_evals``: the newest step with results (from ``RUN_DIR/evals/``, which outlives
+  checkpoint retention): ``step``, ``tasks`` (per task: ``metrics``, ``stderr``, ``n``).
+* ``mlflow``: ``run_id``, ``uri`` (a local store resolved from this run dir), ``ui`` (a command
+  or a link).
+* ``slurm_jobs``: ``job_id``, ``name``, ``state``, ``restarts``, ``stdout``.
+* ``report``: path of report.png.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
+from typing import Any
 
 
 def _ago(t: float | None) -> str:
@@ -18,84 +42,207 @@ def _duration(a: float | None, b: float | None) -> str:
     return f"{(b or time.time()) - a:.0f}s" if a else ""
 
 
-def status_text(run_dir: str | Path) -> str:
-    from evals.results import RESULTS_SUBDIR
-    from trainer.checkpoint import list_committed, read_meta
+def _max_steps(run_dir: Path, newest_meta: dict[str, Any] | None) -> int | None:
+    """train.max_steps of the run: RUN_DIR/config.yaml (written by each start), else the newest checkpoint's."""
+    import yaml
+
+    try:
+        return int(yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        pass
+    try:
+        return int((newest_meta or {})["config"]["train"]["max_steps"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _results(directory: Path) -> dict[str, dict[str, Any]]:
+    """task -> {metrics, stderr, n} of the result files under ``directory`` (``lm_eval/<name>`` nested)."""
+    out: dict[str, dict[str, Any]] = {}
+    for f in sorted(directory.rglob("*.json")) if directory.is_dir() else []:
+        try:
+            r = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(r, dict) and isinstance(r.get("metrics"), dict):
+            task = r.get("task") or f.relative_to(directory).with_suffix("").as_posix()
+            out[task] = {"metrics": r["metrics"], "stderr": r.get("stderr") or {}, "n": r.get("n")}
+    return out
+
+
+def _workflow(run_dir: Path) -> dict[str, Any] | None:
+    wf_path = run_dir / "workflow.json"
+    if not wf_path.is_file():
+        return None
+    wf = json.loads(wf_path.read_text())
+    error = None
+    if wf.get("executor") == "slurm":
+        try:
+            from pipelines.config import load_config
+            from pipelines.workflow import Workflow
+
+            w = Workflow(wf["config_path"], wf.get("overrides", []), load_config(wf["config_path"], wf.get("overrides", [])), log=lambda m: None)
+            w.refresh_slurm()
+            wf = json.loads(wf_path.read_text())
+        except Exception as e:  # noqa: BLE001 - status must show what it can
+            error = f"could not refresh SLURM states: {e}"
+    from pipelines.workflow import STAGES
+
+    keys = ("status", "attempts", "job_ids", "error", "started", "ended")
+    return {
+        "executor": wf.get("executor", "local"), "config_path": wf.get("config_path"), "overrides": wf.get("overrides", []),
+        "stages": {name: {k: wf["stages"][name].get(k) for k in keys} for name in STAGES if name in wf.get("stages", {})},
+        "error": error,
+    }
+
+
+def _training(run_dir: Path, max_steps: int | None) -> dict[str, Any] | None:
     from trainer.metrics import read_metrics
-    from trainer.tracking import RUN_FILE
+    from trainer.progress import eta_from_records
+
+    metrics = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    if not metrics:
+        return None
+    last = metrics[-1]
+    vals = [m for m in metrics if m.get("val_loss") is not None]
+    step = int(last["step"])
+    done = max_steps is not None and step >= max_steps
+    return {
+        "step": step, "max_steps": max_steps,
+        "percent": round(100.0 * step / max_steps, 1) if max_steps else None,
+        "loss": last.get("loss"),
+        "val_loss": vals[-1]["val_loss"] if vals else None, "val_step": vals[-1]["step"] if vals else None,
+        "tokens": last.get("tokens"), "tokens_per_s": last.get("tokens_per_s"), "mfu": last.get("mfu"),
+        "last_step_time": last.get("time"), "last_step_age_s": time.time() - last["time"] if last.get("time") else None,
+        "eta_s": None if done or max_steps is None else eta_from_records(metrics, max_steps),
+        "done": done,
+    }
+
+
+def status_data(run_dir: str | Path) -> dict[str, Any]:
+    """Everything `pretrain status` shows, as plain data (the keys are in the module doc)."""
+    from evals.results import RESULTS_SUBDIR
+    from trainer.checkpoint import MARKER, list_committed, read_meta
+    from trainer.tracking_mlflow import read_run_file
 
     run_dir = Path(run_dir).resolve()
-    lines = [f"run dir   {run_dir}"]
-    wf_path = run_dir / "workflow.json"
-    if wf_path.is_file():
-        from pipelines.workflow import Workflow
+    data: dict[str, Any] = {"run_dir": str(run_dir), "workflow": _workflow(run_dir)}
+    checkpoints = []
+    newest_meta: dict[str, Any] | None = None
+    for c in list_committed(run_dir):
+        try:
+            meta = read_meta(c)
+            step, newest_meta = int(meta["step"]), meta
+        except (OSError, ValueError, KeyError):
+            step = None
+        try:
+            committed = (c / MARKER).stat().st_mtime
+        except OSError:
+            committed = None
+        checkpoints.append({"name": c.name, "step": step, "committed_time": committed, "evals": _results(c / RESULTS_SUBDIR)})
+    data["training"] = _training(run_dir, _max_steps(run_dir, newest_meta))
+    data["checkpoints"] = [{k: v for k, v in c.items() if k != "committed_time"} for c in checkpoints]
+    newest = checkpoints[-1] if checkpoints else None
+    data["last_checkpoint"] = None if newest is None else {
+        "name": newest["name"], "step": newest["step"], "committed_time": newest["committed_time"],
+        "age_s": time.time() - newest["committed_time"] if newest["committed_time"] else None,
+    }
+    data["latest_evals"] = None
+    archive = run_dir / RESULTS_SUBDIR
+    steps = sorted((p for p in archive.glob("step_*") if p.is_dir()), key=lambda p: p.name) if archive.is_dir() else []
+    for p in reversed(steps):
+        tasks = _results(p)
+        if tasks:
+            data["latest_evals"] = {"step": int(p.name.split("_")[1]), "tasks": tasks}
+            break
+    recorded = read_run_file(run_dir)
+    data["mlflow"] = None
+    if recorded:
+        uri, run_id = recorded.get("uri", ""), recorded.get("run_id")
+        ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith(("sqlite:", "file:")) else \
+            f"{uri.rstrip('/')}/#/runs/{run_id}" if uri.startswith("http") else None
+        data["mlflow"] = {"run_id": run_id, "uri": uri, "ui": ui}
+    data["slurm_jobs"] = None
+    if (run_dir / "slurm" / "jobs.jsonl").is_file():
+        from pipelines.launching import list_jobs
 
-        wf = json.loads(wf_path.read_text())
-        if wf.get("executor") == "slurm":
-            try:
-                from pipelines.config import load_config
+        data["slurm_jobs"] = [{k: j.get(k) for k in ("job_id", "name", "state", "restarts", "stdout")} for j in list_jobs(run_dir)]
+    report = run_dir / "report.png"
+    data["report"] = str(report) if report.exists() else None
+    return data
 
-                w = Workflow(wf["config_path"], wf.get("overrides", []), load_config(wf["config_path"], wf.get("overrides", [])), log=lambda m: None)
-                w.refresh_slurm()
-                wf = json.loads(wf_path.read_text())
-            except Exception as e:  # noqa: BLE001 - status must show what it can
-                lines.append(f"(could not refresh SLURM states: {e})")
-        lines.append(f"workflow  {wf.get('executor', 'local')} executor, config {wf.get('config_path')} {' '.join(wf.get('overrides', []))}")
-        from pipelines.workflow import STAGES
 
-        for name in STAGES:
-            st = wf["stages"][name]
+def _scores(tasks: dict[str, dict[str, Any]]) -> str:
+    from evals.results import format_scores
+
+    return "; ".join(format_scores({"task": t, **r}) for t, r in tasks.items())
+
+
+def status_text(run_dir: str | Path, data: dict[str, Any] | None = None) -> str:
+    from trainer.progress import format_duration
+
+    d = data or status_data(run_dir)
+    lines = [f"run dir   {d['run_dir']}"]
+    wf = d["workflow"]
+    if wf:
+        if wf.get("error"):
+            lines.append(f"({wf['error']})")
+        lines.append(f"workflow  {wf['executor']} executor, config {wf.get('config_path')} {' '.join(wf.get('overrides', []))}")
+        for name, st in wf["stages"].items():
             jobs = f" jobs {','.join(st['job_ids'])}" if st.get("job_ids") else ""
             extra = f"  {st['error']}" if st.get("error") else ""
             when = _duration(st.get("started"), st.get("ended")) if st["status"] != "pending" else ""
-            lines.append(f"  {name:<7} {st['status']:<11} attempts {st.get('attempts', 0)} {when:>6}{jobs}{extra}")
-    metrics = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
-    if metrics:
-        last = metrics[-1]
-        vals = [m for m in metrics if m.get("val_loss") is not None]
-        val = f", val loss {vals[-1]['val_loss']:.4f} (step {vals[-1]['step']})" if vals else ""
-        mfu = f", MFU {last['mfu'] * 100:.1f}%" if last.get("mfu") else ""
-        loss = "skipped (non-finite)" if last.get("loss") is None else f"{last['loss']:.4f}"
+            lines.append(f"  {name:<7} {st['status']:<11} attempts {st.get('attempts') or 0} {when:>6}{jobs}{extra}")
+    t = d["training"]
+    if t:
+        of = f"/{t['max_steps']} ({t['percent']:.1f}%)" if t.get("max_steps") else ""
+        val = f", val loss {t['val_loss']:.4f} (step {t['val_step']})" if t.get("val_loss") is not None else ""
+        mfu = f", MFU {t['mfu'] * 100:.1f}%" if t.get("mfu") else ""
+        loss = "skipped (non-finite)" if t.get("loss") is None else f"{t['loss']:.4f}"
         lines.append(
-            f"training  step {last['step']}, loss {loss}{val}, {last.get('tokens', 0):,} tokens, "
-            f"{last.get('tokens_per_s', 0):,.0f} tokens/s{mfu}, last step {_ago(last.get('time'))}"
+            f"training  step {t['step']}{of}, loss {loss}{val}, {t.get('tokens') or 0:,} tokens, "
+            f"{t.get('tokens_per_s') or 0:,.0f} tokens/s{mfu}, last step {_ago(t.get('last_step_time'))}"
         )
+        if t.get("done"):
+            lines.append("          done (train.max_steps reached)")
+        elif t.get("eta_s") is not None:
+            lines.append(f"          ETA {format_duration(t['eta_s'])} at the recent step time (while it runs)")
     else:
         lines.append("training  no steps yet")
-    ckpts = list_committed(run_dir)
-    lines.append(f"checkpoints ({len(ckpts)} committed)")
-    for c in ckpts:
-        results = []
-        for f in sorted((c / RESULTS_SUBDIR).rglob("*.json")) if (c / RESULTS_SUBDIR).is_dir() else []:
-            try:
-                r = json.loads(f.read_text())
-            except ValueError:
-                continue
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in r.get("metrics", {}).items() if not k.endswith("stderr"))
-            results.append(f"{r.get('task', f.stem)}: {shown}")
-        try:
-            step = read_meta(c)["step"]
-        except (OSError, ValueError, KeyError):
-            step = "?"
-        lines.append(f"  {c.name} (step {step})  {'; '.join(results) or 'not evaluated yet'}")
-    run_file = run_dir / RUN_FILE
-    if run_file.is_file():
-        rec = json.loads(run_file.read_text())
-        uri = rec.get("uri", "")
-        lines.append(f"mlflow    run {rec.get('run_id')} at {uri}")
-        if uri.startswith("sqlite:") or uri.startswith("file:"):
-            lines.append(f"          see it with: mlflow ui --backend-store-uri {uri}")
-        elif uri.startswith("http"):
-            lines.append(f"          {uri.rstrip('/')}/#/runs/{rec.get('run_id')}")
-    slurm_jobs = run_dir / "slurm" / "jobs.jsonl"
-    if slurm_jobs.is_file():
-        from pipelines.launching import list_jobs
-
+    lc = d["last_checkpoint"]
+    since = f", last committed step {lc['step']} {_ago(lc.get('committed_time'))}" if lc else ""
+    lines.append(f"checkpoints ({len(d['checkpoints'])} committed{since})")
+    for c in d["checkpoints"]:
+        step = "?" if c["step"] is None else c["step"]
+        lines.append(f"  {c['name']} (step {step})  {_scores(c['evals']) or 'not evaluated yet'}")
+    le = d["latest_evals"]
+    if le:
+        lines.append(f"evals     latest at step {le['step']}: {_scores(le['tasks'])}")
+    m = d["mlflow"]
+    if m:
+        lines.append(f"mlflow    run {m['run_id']} at {m['uri']}")
+        if m.get("ui"):
+            lines.append(f"          {'see it with: ' if m['ui'].startswith('mlflow ui') else ''}{m['ui']}")
+    if d["slurm_jobs"] is not None:
         lines.append("slurm jobs")
-        for j in list_jobs(run_dir):
+        for j in d["slurm_jobs"]:
             restarts = "-" if j["restarts"] is None else j["restarts"]
-            lines.append(f"  {j['job_id']:>8} {j.get('name', ''):<24} {j['state']:<11} restarts {restarts}  {j.get('stdout', '')}")
-    report = run_dir / "report.png"
-    if report.exists():
-        lines.append(f"report    {report}")
+            lines.append(f"  {j['job_id']:>8} {j.get('name') or '':<24} {j['state']:<11} restarts {restarts}  {j.get('stdout') or ''}")
+    if d["report"]:
+        lines.append(f"report    {d['report']}")
     return "\n".join(lines)
+
+
+def _strict(obj: Any) -> Any:
+    """JSON has no NaN/inf (a stderr of one row is NaN): null instead, so any JSON reader takes it."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+def status_json(run_dir: str | Path) -> str:
+    return json.dumps(_strict(status_data(run_dir)), indent=2, allow_nan=False, default=str)

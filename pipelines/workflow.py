@@ -263,9 +263,11 @@ class Workflow:
         self.log(f"workflow: all stages done for {self.run_dir}")
         self.log(f"  overview:  pretrain status {self.run_dir}")
         self.log(f"  curves:    {self.run_dir / 'report.png'} (data: report.csv)")
-        run_file = self.run_dir / "mlflow_run.json"
-        if run_file.is_file():
-            uri = json.loads(run_file.read_text()).get("uri", "")
+        from trainer.tracking_mlflow import read_run_file
+
+        recorded = read_run_file(self.run_dir)  # a local store is found relative to the run dir
+        if recorded:
+            uri = recorded.get("uri", "")
             if uri.startswith("sqlite:"):
                 self.log(f"  MLflow UI: mlflow ui --backend-store-uri {uri}")
             elif uri:

@@ -8,6 +8,9 @@ the first checkpoint, continues the same run. ``tracking.uri`` empty means a loc
 next to the run dir (``sqlite:///<run_dir parent>/mlflow.db``, with artifacts in
 ``<run_dir parent>/mlartifacts``); ``none`` or ``off`` disables tracking.
 
+Once the run is open, the thread also records its provenance (git commit, versions, GPUs, SLURM
+job, the data manifest as a dataset input, system metrics: see ``trainer.provenance``).
+
 ``metrics.jsonl`` is the exact record; MLflow receives a copy, each step exactly once, replayed
 from the file whenever it missed some (see ``trainer.tracking_mlflow``).
 
@@ -40,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trainer.provenance import SystemMetrics, manifest_dataset_input, provenance_tags
 from trainer.tracking_mlflow import (
     MAX_BATCH_METRICS,
     RUN_FILE,
@@ -93,13 +97,14 @@ class MlflowTracker:
 
     def __init__(self, uri: str, experiment: str, run_dir: str | Path, run_id: str | None, params: dict[str, Any],
                  run_name: str, flush_every_s: float = FLUSH_EVERY_S, queue_size: int = QUEUE_SIZE,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, data_dir: str | Path | None = None) -> None:
         self.uri = uri
         self.experiment = experiment
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.params = params
         self.run_name = run_name
+        self.data_dir = data_dir  # its manifest becomes the run's dataset input (trainer.provenance)
         self.flush_every_s = flush_every_s
         self.run_id = run_id  # known from the checkpoint, or None until the thread creates/reopens the run
         self.dropped = 0
@@ -116,6 +121,8 @@ class MlflowTracker:
         self._waited = False
         self._quiet = False  # set once the trainer stopped waiting: the thread must not print during interpreter exit
         self._outage_since: float | None = None
+        self._provenance_done = False
+        self._system_metrics: SystemMetrics | None = None
         self._thread = threading.Thread(target=self._run, name="mlflow-tracker", daemon=True)
         self._thread.start()
 
@@ -175,6 +182,7 @@ class MlflowTracker:
                 self._session = MlflowRun(self.uri, self.run_dir, log=self._say)
             self._session.open(self.run_id, self.experiment, self.params, self.run_name)
             self.run_id = self._session.run_id
+            self._record_provenance()
             self._connected = True
         except Exception as e:  # noqa: BLE001 - any failure here is an outage or a refusal
             if self._session is not None and self._session.run_id:
@@ -194,6 +202,30 @@ class MlflowTracker:
                       f"(MLflow now has steps up to {self._session.cursor})")
         self._outage_since = None
         return True
+
+    def _record_provenance(self) -> None:
+        """Once per process, in this thread: tags, the dataset input, system metrics (trainer.provenance).
+
+        An outage raises (the connect is retried, provenance with it); a refusal of one of these
+        (a store without dataset support, say) is a warning: it must not end tracking."""
+        if self._provenance_done:
+            return
+        dataset = None
+        try:
+            dataset = manifest_dataset_input(self.data_dir) if self.data_dir is not None else None
+        except (OSError, ValueError) as e:  # the trainer checked the manifest; a vanished one is no reason to stop
+            self._say(f"mlflow: warning: data manifest not recorded as the run's input: {describe(e)}")
+        try:
+            self._session.record_provenance(provenance_tags(), dataset)
+        except Exception as e:
+            if not is_definitive(e):
+                raise
+            self._say(f"mlflow: warning: provenance tags / dataset input refused: {describe(e)}")
+        self._provenance_done = True
+        try:
+            self._system_metrics = SystemMetrics(self.uri, self.run_id)
+        except Exception as e:  # noqa: BLE001 - optional
+            self._say(f"mlflow: warning: system metrics not started: {describe(e)}")
 
     def _failed(self, exc: BaseException, opening: bool = False) -> None:
         self._connected = False
@@ -253,6 +285,8 @@ class MlflowTracker:
                     if finishing and self._queue.empty():
                         session.send(batch)
                         session.catch_up(self.metrics_path)  # points dropped from a full queue
+                        if self._system_metrics is not None:
+                            self._system_metrics.stop()
                         session.terminate(self._finish_status)
                         self._finished.set()
                         return
@@ -300,13 +334,13 @@ def start_wait_s(uri: str) -> float:
 
 
 def start_tracking(uri_cfg: str, experiment: str, run_dir: str | Path, run_id: str | None, params: dict[str, Any],
-                   wait_s: float | None = None) -> NullTracker | MlflowTracker:
+                   wait_s: float | None = None, data_dir: str | Path | None = None) -> NullTracker | MlflowTracker:
     """The tracker of this training; bounded by ``wait_s`` (see the module doc). Raises TrackingError on a refusal."""
     uri = resolve_uri(uri_cfg, run_dir)
     if uri is None:
         return NullTracker()
     wait_s = start_wait_s(uri) if wait_s is None else wait_s
-    tracker = MlflowTracker(uri, experiment, run_dir, run_id, params, run_name=Path(run_dir).name)
+    tracker = MlflowTracker(uri, experiment, run_dir, run_id, params, run_name=Path(run_dir).name, data_dir=data_dir)
     if not tracker.wait_started(wait_s) and not tracker._started.is_set():
         _warn(f"mlflow: warning: {uri} did not answer within {wait_s:.0f} s; training starts untracked; the run is "
               "opened (or created) in the background and metrics.jsonl replayed into it once the server answers")

@@ -31,8 +31,8 @@ from typing import Any
 RUN_FILE = "mlflow_run.json"
 CURSOR_FILE = "mlflow_cursor.json"
 CURSOR_TAG = "pretrain.metrics_through_step"
-# The columns of a metrics.jsonl line that become MLflow metrics (the rest: step, tokens, time, dt, sample).
-TRACKED_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss")
+# The columns of a metrics.jsonl line that become MLflow metrics (the rest: step, time, dt, sample, skipped).
+TRACKED_KEYS = ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "val_loss")
 MAX_BATCH_METRICS = 1000  # MLflow's log_batch limit
 HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
@@ -90,10 +90,37 @@ def read_points(metrics_path: Path, after: int, upto: int | None = None) -> list
 
 
 def read_run_file(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / RUN_FILE
+    """``mlflow_run.json``: ``run_id``; ``uri`` as the run was created; ``sqlite`` (a local store's
+    path relative to the run dir). ``uri`` is replaced by the store that belongs to this copy of
+    the run dir (see ``recorded_uri``)."""
+    path = Path(run_dir) / RUN_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    rec = json.loads(path.read_text())
+    rec["uri"] = recorded_uri(Path(run_dir), rec)
+    return rec
+
+
+def run_file_record(run_id: str, uri: str, run_dir: Path) -> dict[str, Any]:
+    """What mlflow_run.json holds: a local sqlite store also relative to the run dir, so that a
+    run dir copied or moved with its store (``runs/`` elsewhere) keeps writing into the copy."""
+    rec: dict[str, Any] = {"run_id": run_id, "uri": uri}
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        rec["sqlite"] = os.path.relpath(db.resolve(), Path(run_dir).resolve())
+    return rec
+
+
+def recorded_uri(run_dir: Path, rec: dict[str, Any]) -> str:
+    """The tracking URI a run file points at, from this run dir: its relative sqlite store when it
+    exists here (a copy with its store), else the URI as recorded (older files, servers, a run dir
+    copied without its store)."""
+    rel = rec.get("sqlite")
+    if rel:
+        db = (Path(run_dir).resolve() / rel).resolve()
+        if db.is_file():
+            return f"sqlite:///{db}"
+    return str(rec.get("uri", ""))
 
 
 def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
@@ -149,7 +176,7 @@ class MlflowRun:
         run = self.client.create_run(exp_id, run_name=run_name, tags={"run_dir": str(self.run_dir.resolve())})
         self.run_id = run.info.run_id
         # at once, before anything else can fail: a restart must continue this run, not make another
-        _write_json_atomic(self.run_dir / RUN_FILE, {"run_id": self.run_id, "uri": self.uri})
+        _write_json_atomic(self.run_dir / RUN_FILE, run_file_record(self.run_id, self.uri, self.run_dir))
         self._log_params(params, existing={})
         self.cursor = 0
         self.log(f"mlflow: created run {self.run_id} in experiment '{experiment}' at {self.uri}")
@@ -178,6 +205,17 @@ class MlflowRun:
                 self.client.set_tag(self.run_id, f"resumed_with.{k}", text)
         for i in range(0, len(new), 100):
             self.client.log_batch(self.run_id, params=new[i : i + 100])
+
+    def record_provenance(self, tags: dict[str, str], dataset_input: Any = None) -> None:
+        """Set the provenance tags (see trainer.provenance) and log the data manifest as the run's input
+        (MLflow keeps one input per dataset digest, so a resume adds none)."""
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, tags=items[i : i + 100])
+        if dataset_input is not None:
+            self.client.log_inputs(self.run_id, datasets=[dataset_input])
 
     # ------------------------------------------------------------------ metrics
 

@@ -82,6 +82,8 @@ from trainer.dist import (
 from trainer.metrics import MetricsLog
 from trainer.model import GPT, GPTConfig, resolve_config, sdpa_backend_problem
 from trainer.optim import build_optimizer, lr_at, set_lr
+from trainer.progress import StepTimer, format_duration
+from trainer.provenance import write_run_config
 from trainer.rng import capture_rng, restore_rng, seed_all
 from trainer.runlock import RunLock, RunLockHeld
 from trainer.signals import StopFlag
@@ -348,9 +350,12 @@ class Trainer:
             params.update({f"resolved.model.{k}": v for k, v in dataclasses.asdict(self.gpt_cfg).items()})
             params.update({"resolved.world_size": env.world_size, "resolved.grad_accum": self.grad_accum,
                            "resolved.n_params": self.model.num_params(), "resolved.n_params_non_embedding": self.model.num_params(True)})
+            text = dump_yaml(cfg)
+            write_run_config(self.run_dir, text)
             try:
-                tracker = start_tracking(cfg.tracking.uri, cfg.tracking.experiment, self.run_dir, self.run_id, params)
-                tracker.log_text(dump_yaml(cfg), "config.yaml")
+                tracker = start_tracking(cfg.tracking.uri, cfg.tracking.experiment, self.run_dir, self.run_id, params,
+                                         data_dir=self.dataset.directory)
+                tracker.log_text(text, "config.yaml")
                 result["run_id"] = tracker.run_id
             except TrackingError as e:
                 result["error"] = str(e)
@@ -545,6 +550,7 @@ class Trainer:
     def _loop(self) -> int:
         env, tc = self.env, self.cfg.train
         saved_at = -1
+        timer = StepTimer()  # the step line's ETA: recent steps, the first ones (compile, warm-up) left out
         while self.step < tc.max_steps:
             t0 = time.time()
             loss, grad_norm, lr, skipped = self.train_step()
@@ -579,10 +585,14 @@ class Trainer:
                 self.metrics.append(record)
                 self.tracker.log_record(record)  # enqueued only: MLflow never blocks the loop (trainer.tracking)
                 self.run_id = self.tracker.run_id or self.run_id  # a run created late still reaches the next checkpoint
+                timer.tick()
                 mfu_s = f" | mfu {mfu * 100:.1f}%" if mfu is not None else ""
                 val_s = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
-                print(f"step {self.step}/{tc.max_steps} | loss {loss:.6f}{val_s} | lr {lr:.3e} | norm {grad_norm:.3f} | "
-                      f"{tok_s:,.0f} tok/s{mfu_s} | {dt * 1000:.0f} ms", flush=True)
+                eta = timer.eta_s(tc.max_steps - self.step)
+                eta_s = f" | eta {format_duration(eta)}" if eta is not None else ""
+                mem_s = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if self.device_type == "cuda" else ""
+                print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {self.step}/{tc.max_steps} | loss {loss:.6f}{val_s} | "
+                      f"lr {lr:.3e} | norm {grad_norm:.3f} | {tok_s:,.0f} tok/s{mfu_s} | {dt * 1000:.0f} ms{eta_s}{mem_s}", flush=True)
             diverged = self.skipped_in_row >= tc.max_skipped_steps
             if (tc.ckpt_every > 0 and self.step % tc.ckpt_every == 0) or last or diverged:
                 self.save_checkpoint()
