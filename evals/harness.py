@@ -13,8 +13,13 @@
   Generation stops at any ``until`` string or the EOT token (``<|endoftext|>`` is always a stop
   sequence); the prompt keeps its last ``block_size - max_gen_toks`` tokens.
 
-Usage: ``lm_eval.simple_evaluate(model=PretrainGPTLM(model=gpt, ...), tasks=[...])`` or, from the
-harness CLI, ``--model pretrain-gpt --model_args checkpoint=RUN/checkpoints/step_00001000``.
+Usage: ``pretrain eval CHECKPOINT --tasks ...`` (the normal route: results into the run's MLflow
+run); from Python, ``lm_eval.simple_evaluate(model=PretrainGPTLM(model=gpt, ...), tasks=[...])`` or,
+once this module is imported (the import is what registers the name),
+``simple_evaluate(model="pretrain-gpt", model_args="checkpoint=RUN/checkpoints/step_00001000")``.
+lm-eval's own ``lm_eval`` command does not import this module, so ``--model pretrain-gpt`` is
+unknown there; for the stock CLI export the checkpoint (``pretrain export hf CHECKPOINT OUT_DIR``,
+:mod:`trainer.export_hf`) and use ``lm_eval --model hf --model_args pretrained=OUT_DIR``.
 """
 
 from __future__ import annotations

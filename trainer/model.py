@@ -7,7 +7,7 @@ Why these choices:
   nanoGPT, so loss curves are comparable with published runs.
 * Parameter names are exactly those of HF's ``GPT2LMHeadModel`` (``transformer.h.N.attn.c_attn``
   ...), so :meth:`GPT.from_pretrained` only has to transpose the Conv1D weights, and a checkpoint
-  of ours can be exported to HF by the reverse transpose.
+  of ours is exported to HF by the reverse transpose (``pretrain export hf``, :mod:`trainer.export_hf`).
 * The vocabulary is padded to 50304 (a multiple of 128) because matmuls with that inner size are
   markedly faster on tensor cores; the extra logits are never targets and learn to be ignored.
 * Attention goes through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on
