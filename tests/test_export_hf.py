@@ -213,6 +213,9 @@ def test_refusals_exit_2_and_write_nothing(tmp_path, gpt2_ranks, hf, capsys):
     ckpt = _checkpoint(tmp_path / "run", cfg, seed=1, ranks=gpt2_ranks)
     out = tmp_path / "out"
 
+    code, err = _run(capsys, tmp_path / "nowhere", out)
+    assert code == 2 and "no such checkpoint" in err and not out.exists()
+
     # not committed: the marker is what makes a checkpoint exist
     uncommitted = tmp_path / "uncommitted" / "checkpoints" / ckpt.name
     shutil.copytree(ckpt, uncommitted)
