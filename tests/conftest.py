@@ -66,4 +66,5 @@ def workflow_reference(workflow_work, gpt2_ranks):
     r = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(cfg)], cwd=Path(__file__).resolve().parents[1],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (workflow_work / "reference.out").write_text(r.stdout)  # what a user saw (tests/test_workflow.py reads it)
     return run_dir

@@ -20,7 +20,12 @@ from pipelines.report import write_report
 from tests.conftest import skip_or_fail
 from trainer.metrics import MetricsLog
 from trainer.progress import StepTimer, eta_from_records, format_duration
-from trainer.provenance import CONFIG_FILE, PREV_CONFIG_FILE, git_state, write_run_config
+from trainer.provenance import (
+    CONFIG_FILE,
+    PREV_CONFIG_FILE,
+    git_state,
+    write_run_config,
+)
 
 
 def _git(repo: Path, *args: str) -> None:

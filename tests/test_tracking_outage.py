@@ -104,7 +104,7 @@ def assert_every_step_once(uri: str, run_id: str, run_dir: Path, last_step: int)
     records = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl")}
     assert sorted(records) == list(range(1, last_step + 1))
     client = MlflowClient(tracking_uri=uri)
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+    for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s"):
         history = client.get_metric_history(run_id, key)
         steps = sorted(m.step for m in history)
         assert steps == list(range(1, last_step + 1)), f"{key}: MLflow must hold each step exactly once, has {steps}"
@@ -205,8 +205,47 @@ def test_killed_server_neither_stalls_training_nor_delays_sigterm_and_every_step
         assert [r.info.run_id for r in runs] == [run_id], "one run across the outage and every resume"
         assert_every_step_once(uri, run_id, run_dir, metric_steps(run_dir))
         assert client.get_run(run_id).info.status == "KILLED"
+        assert_provenance(client.get_run(run_id), run_dir, config)
     finally:
         server.stop()
+
+
+def assert_provenance(run, run_dir: Path, config: Path) -> None:
+    """What the MLflow run says about the code, machine and data that produced it (trainer.provenance),
+    after four starts of the training: one dataset input, the tags of the newest start."""
+    import socket
+
+    import mlflow
+    import numpy
+    import torch
+
+    from pipelines.config import dump_yaml, load_config
+    from trainer.provenance import git_state
+
+    tags = run.data.tags
+    assert tags["mlflow.source.name"] == "pretrain train"
+    assert tags["mlflow.source.type"] == ("JOB" if os.environ.get("SLURM_JOB_ID") else "LOCAL")
+    assert tags["pretrain.hostname"] == socket.gethostname()
+    assert tags["pretrain.version.torch"] == torch.__version__ and tags["pretrain.version.cuda"] == (torch.version.cuda or "none")
+    assert tags["pretrain.version.mlflow"] == mlflow.__version__ and tags["pretrain.version.numpy"] == numpy.__version__
+    assert tags["pretrain.gpu.count"] == str(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    git = git_state()
+    if git:  # the tests run from a checkout: its commit and whether tracked files differ from it
+        assert tags["pretrain.git.commit"] == tags["mlflow.source.git.commit"] == git["commit"]
+        assert tags["pretrain.git.dirty"] == git["dirty"]
+    else:
+        assert "pretrain.git.commit" not in tags
+    fingerprint = read_meta(list_committed(run_dir)[-1])["data_fingerprint"]
+    inputs = run.inputs.dataset_inputs
+    assert len(inputs) == 1, [i.dataset.name for i in inputs]
+    dataset = inputs[0].dataset
+    assert dataset.digest == fingerprint[:36] and {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "train"
+    manifest = json.loads((Path(load_config(config).data.output_dir) / "manifest.json").read_text())
+    profile = json.loads(dataset.profile)
+    assert profile["fingerprint"] == fingerprint
+    assert profile["train_tokens"] == sum(s["tokens"] for s in manifest["shards"] if s["split"] == "train")
+    assert profile["val_tokens"] == sum(s["tokens"] for s in manifest["shards"] if s["split"] == "val")
+    assert (run_dir / "config.yaml").read_text() == dump_yaml(load_config(config))
 
 
 def test_unreachable_tracking_uri_at_start_trains_at_once_and_the_run_is_created_when_the_server_appears(tmp_path, data_dir):

@@ -4,7 +4,9 @@ changes that would invalidate finished stages, and `status`/`report` work at any
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,6 +47,31 @@ def test_workflow_completes_with_all_outputs(reference):
     assert header == "step,tokens,train_loss,val_loss,eval/hellaswag/acc,eval/hellaswag/acc_norm"
 
 
+def test_run_output_has_timed_step_lines_with_eta_and_each_eval_score(reference, work):
+    """What a user following `pretrain run` sees: when each step ended, how long is left, every score as it lands."""
+    out = (work / "reference.out").read_text()
+    lines = [line for line in out.splitlines() if re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step \d+/12 \| loss ", line)]
+    assert len(lines) == 12, out[-3000:]
+    assert "| eta " not in lines[0]  # the first steps (compile, warm-up) are no estimate
+    assert all(re.search(r"\| eta \d+s$", line) for line in lines[5:]), lines  # CPU: no peak-memory field
+    assert lines[-1].endswith("| eta 0s")
+    for step in (6, 12):
+        m = re.search(rf"watch: step_{step:08d} evaluated \(job \S+\): hellaswag: acc (\S+) ± (\S+), acc_norm (\S+) ± (\S+) \(n=12\)", out)
+        assert m, out[-3000:]
+        saved = final_metrics(reference)["evals"][f"step_{step:08d}/hellaswag"]
+        assert float(m.group(3)) == pytest.approx(saved["acc_norm"], abs=5e-5)
+
+
+def test_run_dir_holds_the_resolved_config_that_loads_back_the_same(reference, work, gpt2_ranks):
+    from pipelines.config import dump_yaml, load_config
+
+    cfg, _ = write_config(work, "reference", gpt2_ranks)
+    stored = (reference / "config.yaml").read_text()
+    assert stored == dump_yaml(load_config(cfg))
+    assert dump_yaml(load_config(reference / "config.yaml")) == stored
+    assert not (reference / "config.prev.yaml").exists()  # one start with one config
+
+
 def test_rerun_of_finished_workflow_verifies_and_skips(reference, work, gpt2_ranks):
     cfg, _ = write_config(work, "reference", gpt2_ranks)
     t0 = time.time()
@@ -61,20 +88,41 @@ def test_status_of_finished_run(reference):
     out = r.stdout
     for stage in ("data", "train", "eval", "report"):
         assert f"  {stage:<7} done" in out
-    assert "training  step 12, loss" in out and "tokens/s" in out
+    assert "training  step 12/12 (100.0%), loss" in out and "tokens/s" in out and "done (train.max_steps reached)" in out
     assert "step_00000006 (step 6)  hellaswag: acc" in out and "step_00000012 (step 12)  hellaswag: acc" in out
+    assert "checkpoints (2 committed, last committed step 12 " in out
+    assert re.search(r"evals     latest at step 12: hellaswag: acc \d\.\d{4} ± \d\.\d{4}, acc_norm \d\.\d{4} ± \d\.\d{4} \(n=12\)", out), out
     assert "mlflow    run " in out and "mlflow ui --backend-store-uri sqlite:///" in out
+
+    r = pretrain("status", str(reference), "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    t = data["training"]
+    assert (t["step"], t["max_steps"], t["percent"], t["done"], t["eta_s"]) == (12, 12, 100.0, True, None)
+    assert t["tokens"] == 12 * 256 and t["loss"] == final_metrics(reference)["losses"][12]
+    assert data["last_checkpoint"]["step"] == 12 and 0 <= data["last_checkpoint"]["age_s"] < 3600
+    assert [c["step"] for c in data["checkpoints"]] == [6, 12]
+    latest = data["latest_evals"]
+    saved = final_metrics(reference)["evals"]["step_00000012/hellaswag"]
+    assert latest["step"] == 12 and latest["tasks"]["hellaswag"]["metrics"] == saved
+    assert set(latest["tasks"]["hellaswag"]["stderr"]) == {"acc", "acc_norm"} and latest["tasks"]["hellaswag"]["n"] == 12
+    assert data["checkpoints"][0]["evals"]["hellaswag"]["metrics"] == final_metrics(reference)["evals"]["step_00000006/hellaswag"]
+    assert {s: v["status"] for s, v in data["workflow"]["stages"].items()} == stage_status(reference)
+    assert data["mlflow"]["uri"] == f"sqlite:///{reference.parent / 'mlflow.db'}" and data["mlflow"]["run_id"]
 
 
 def test_eval_metrics_reach_the_training_mlflow_run(reference):
-    import json
-
     from mlflow.tracking import MlflowClient
 
     rec = json.loads((reference / "mlflow_run.json").read_text())
+    assert rec["sqlite"] == "../mlflow.db"  # the store relative to the run dir: a copied runs/ stays self-contained
     client = MlflowClient(tracking_uri=rec["uri"])
     history = client.get_metric_history(rec["run_id"], "eval/hellaswag/acc_norm")
     assert sorted(h.step for h in history) == [6, 12]
+    stderr = client.get_metric_history(rec["run_id"], "eval/hellaswag/acc_norm_stderr")
+    assert sorted(h.step for h in stderr) == [6, 12]
+    tokens = client.get_metric_history(rec["run_id"], "tokens")
+    assert sorted((h.step, h.value) for h in tokens) == [(s, 256.0 * s) for s in range(1, 13)]
     assert "report" in {a.path for a in client.list_artifacts(rec["run_id"])}
 
 

@@ -174,6 +174,9 @@ def manifest_dataset_input(data_dir: str | Path) -> Any:
         def profile(self) -> dict[str, Any]:
             return profile
 
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(profile)}  # MetaDataset leaves the profile out
+
     dataset = ManifestDataset(LocalArtifactDatasetSource(str(path)), name=path.parent.name, digest=fingerprint[:DIGEST_CHARS])
     return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])
 
