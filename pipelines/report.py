@@ -5,6 +5,19 @@ finished run, a half-finished one, or a copy of a run dir on a laptop. For the G
 FineWeb-Edu config it draws the reference lines people compare against (build-nanogpt's numbers:
 OpenAI GPT-2 124M reaches val loss 3.2924 on the FineWeb-Edu 10B val split and 0.2955
 completion-style HellaSwag acc_norm; GPT-3 Small reports 0.337).
+
+What the figure shows, and why:
+
+* the raw train loss (thin, faint) under a smoothed one: a debiased exponential moving average
+  (:func:`smooth`, span of about 1/20 of the logged steps, at least 5), so a trend is visible
+  through per-batch noise without hiding spikes in the raw line;
+* each eval point with a ±1 standard-error bar (the result files' ``stderr``: on 200 HellaSwag
+  rows it is about ±0.03, often the whole height of the curve, which a bare line would hide);
+* a dashed chance line for multiple-choice tasks whose number of choices is known
+  (:data:`CHOICES`; HellaSwag has 4 endings, so 0.25); other tasks get none rather than a guess.
+
+The CSV holds the run's own values, eval stderr included (``eval/<task>/<metric>_stderr``); the
+smoothed line is derived from its ``train_loss`` column.
 """
 
 from __future__ import annotations
@@ -25,6 +38,15 @@ REFERENCES = {
     "val_loss": [("OpenAI GPT-2 124M", 3.2924)],
     "eval/hellaswag/acc_norm": [("OpenAI GPT-2 124M", 0.2955), ("GPT-3 Small (124M)", 0.337)],
 }
+
+
+# answer choices per example of the multiple-choice tasks we know (chance = 1 / choices for acc and
+# acc_norm); ARC and MMLU-style tasks with a variable count are left out on purpose
+CHOICES = {
+    "hellaswag": 4, "lm_eval/hellaswag": 4, "lm_eval/piqa": 2, "lm_eval/winogrande": 2, "lm_eval/boolq": 2,
+    "lm_eval/copa": 2, "lm_eval/openbookqa": 4, "lm_eval/sciq": 4,
+}  # fmt: skip
+CHANCE_METRICS = ("acc", "acc_norm")
 
 
 def report_paths(run_dir: Path) -> tuple[Path, Path]:
@@ -51,8 +73,12 @@ def collect(run_dir: Path) -> list[dict[str, Any]]:
         except (OSError, ValueError, KeyError):
             continue
         row = rows.setdefault(step, {"step": step})
+        task = res.get("task", path.stem)
         for name, value in (res.get("metrics") or {}).items():
-            row[f"eval/{res.get('task', path.stem)}/{name}"] = value
+            row[f"eval/{task}/{name}"] = value
+        for name, value in (res.get("stderr") or {}).items():
+            if isinstance(value, (int, float)) and value == value:  # lm-eval writes NaN where it has none
+                row[f"eval/{task}/{name}_stderr"] = value
     tokens_per_step = next((r["tokens"] / r["step"] for r in rows.values() if r.get("tokens")), None)
     for r in rows.values():
         if r.get("tokens") is None and tokens_per_step:
@@ -62,6 +88,46 @@ def collect(run_dir: Path) -> list[dict[str, Any]]:
 
 def is_reference_setup(cfg: PipelineConfig | None) -> bool:
     return cfg is not None and cfg.model.name == "gpt2" and "fineweb-edu" in cfg.data.source.lower()
+
+
+def smooth(values: list[float]) -> list[float]:
+    """Debiased exponential moving average (as TensorBoard draws it): the first points are not
+    pulled towards 0. Span ``max(5, len // 20)`` points, i.e. weight ``2 / (span + 1)`` for the
+    newest one."""
+    span = max(5, len(values) // 20)
+    beta = 1.0 - 2.0 / (span + 1)
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta**i))
+    return out
+
+
+def chance_level(column: str) -> float | None:
+    """1 / choices for ``eval/<task>/acc`` or ``acc_norm`` of a task in :data:`CHOICES`, else None."""
+    task, _, metric = column.removeprefix("eval/").rpartition("/")
+    choices = CHOICES.get(task)
+    return 1.0 / choices if choices and metric in CHANCE_METRICS else None
+
+
+def plot_series(rows: list[dict[str, Any]], cfg: PipelineConfig | None = None) -> dict[str, Any]:
+    """What the figure draws, as data (x is tokens):
+
+    ``loss``: ``train_loss`` and ``train_loss_smoothed`` (same x), ``val_loss``, each a list of
+    (x, y); ``evals``: per eval column, ``points`` [(x, y)], ``stderr`` [e or None per point] and
+    ``chance`` (float or None); ``references``: per column, [(name, value)] for the reference setup.
+    """
+    def points(col: str) -> list[tuple[float, float]]:
+        return [(r.get("tokens") or 0, r[col]) for r in rows if r.get(col) is not None]
+
+    train = points("train_loss")
+    loss = {"train_loss": train, "train_loss_smoothed": list(zip([x for x, _ in train], smooth([y for _, y in train]))),
+            "val_loss": points("val_loss")}
+    evals = {}
+    for col in sorted({k for r in rows for k in r if k.startswith("eval/") and not k.endswith("_stderr")}):
+        have = [r for r in rows if r.get(col) is not None]
+        evals[col] = {"points": points(col), "stderr": [r.get(f"{col}_stderr") for r in have], "chance": chance_level(col)}
+    return {"loss": loss, "evals": evals, "references": REFERENCES if is_reference_setup(cfg) else {}}
 
 
 def write_report(run_dir: str | Path, cfg: PipelineConfig | None = None, log: Callable[[str], None] = print) -> tuple[Path, Path]:
@@ -81,30 +147,39 @@ def write_report(run_dir: str | Path, cfg: PipelineConfig | None = None, log: Ca
         writer.writerows(rows)
     os.replace(tmp, csv_path)
 
-    eval_cols = [c for c in columns if c.startswith("eval/") and not c.endswith("_stderr")]
+    series = plot_series(rows, cfg)
+    eval_cols = list(series["evals"])
     tokens_per_step = next((r["tokens"] / r["step"] for r in rows if r.get("tokens") and r.get("train_loss") is not None), None)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     ax = axes[0]
-    for col, style in (("train_loss", "-"), ("val_loss", "o-")):
-        pts = [(r["tokens"] or 0, r[col]) for r in rows if r.get(col) is not None]
-        if pts:
-            ax.plot(*zip(*pts), style, label=col.replace("_", " "), markersize=3, linewidth=1)
+    loss = series["loss"]
+    if loss["train_loss"]:
+        line = ax.plot(*zip(*loss["train_loss"]), "-", linewidth=0.7, alpha=0.35, label="train loss")[0]
+        ax.plot(*zip(*loss["train_loss_smoothed"]), "-", linewidth=1.4, color=line.get_color(), label="train loss (EMA)")
+    if loss["val_loss"]:
+        ax.plot(*zip(*loss["val_loss"]), "o-", label="val loss", markersize=3, linewidth=1)
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss")
     ax.set_title(f"{run_dir.name}: loss")
     ax2 = axes[1]
-    for col in eval_cols:
-        pts = [(r["tokens"] or 0, r[col]) for r in rows if r.get(col) is not None]
-        if pts:
-            ax2.plot(*zip(*pts), "o-", label=col.removeprefix("eval/"), markersize=4)
+    chance_drawn: set[float] = set()
+    for col, data in series["evals"].items():
+        xs, ys = zip(*data["points"])
+        errs = [e if e is not None else 0.0 for e in data["stderr"]]
+        bar = ax2.errorbar(xs, ys, yerr=errs if any(errs) else None, fmt="o-", label=col.removeprefix("eval/"),
+                           markersize=4, capsize=3, linewidth=1)
+        if data["chance"] is not None and data["chance"] not in chance_drawn:
+            chance_drawn.add(data["chance"])
+            ax2.axhline(data["chance"], linestyle="--", linewidth=0.9, color=bar.lines[0].get_color(), alpha=0.7)
+            ax2.annotate(f"chance {data['chance']:.2f}", (0.99, data["chance"]), xycoords=("axes fraction", "data"),
+                         ha="right", va="bottom", fontsize=7, color="gray")
     ax2.set_xlabel("tokens")
-    ax2.set_ylabel("metric")
+    ax2.set_ylabel("metric (±1 stderr)")
     ax2.set_title("evals of saved checkpoints")
-    if is_reference_setup(cfg):
-        for (target, col) in ((ax, "val_loss"), (ax2, "eval/hellaswag/acc_norm")):
-            for name, value in REFERENCES[col]:
-                target.axhline(value, linestyle="--", linewidth=0.8, color="gray")
-                target.annotate(f"{name} {value}", (0.01, value), xycoords=("axes fraction", "data"), fontsize=7, color="gray")
+    for target, col in ((ax, "val_loss"), (ax2, "eval/hellaswag/acc_norm")):
+        for name, value in series["references"].get(col, []):
+            target.axhline(value, linestyle="--", linewidth=0.8, color="gray")
+            target.annotate(f"{name} {value}", (0.01, value), xycoords=("axes fraction", "data"), fontsize=7, color="gray")
     if tokens_per_step:  # steps on the top axis, tokens on the bottom one
         for a in axes:
             top = a.secondary_xaxis("top", functions=(lambda t: t / tokens_per_step, lambda s: s * tokens_per_step))
