@@ -97,3 +97,55 @@ def test_cli_takes_overrides_before_and_after_options(tmp_path):
         build_parser().parse_args(["sbatch", str(cfg), "--bogus"])
     with pytest.raises(SystemExit):
         main(["sbatch", str(cfg), "-o", str(out), "--bogus"])
+
+
+# ------------------------------------------------------------------ checks that span sections
+
+
+def test_every_problem_is_reported_at_once_with_its_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  dtype: fp16\n  batch_tokens: 1000\n  micro_batch_size: 4\n  seq_len: 128\n"
+                    "model:\n  name: gpt3\neval:\n  hellaswag_style: foo\n  order: newst\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    text = str(e.value)
+    assert text.startswith(f"{path}: 4 problems:\n")
+    for part in ("model.n_layer is not set and name 'gpt3' is not a preset", "train.dtype must be one of auto, bfloat16, float32, got 'fp16'",
+                 "eval.hellaswag_style must be one of nanogpt, harness, got 'foo'", "train.batch_tokens (1000) must be a positive multiple"):
+        assert part in text, text
+    assert "eval.order" not in text  # a section reports its first problem only
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.seq_len=256"], "train.seq_len (256) exceeds the model's block_size (128, model.name 'tiny')"),
+    (["model.block_size=64"], "train.seq_len (128) exceeds the model's block_size (64, model.name 'tiny')"),
+    (["train.batch_tokens=768"], "train.batch_tokens (768) must be a positive multiple of micro_batch_size * seq_len * world_size (4 * 128 * 1 = 512); e.g. 1024"),
+    (["model.n_head=3"], "model.n_embd (128) must be a multiple of n_head (3)"),
+])  # fmt: skip
+def test_geometry_needing_no_hardware_is_refused_at_load(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "configs" / "smoke.yaml", overrides)
+    assert message in str(e.value)
+
+
+def test_world_size_is_the_one_of_how_training_runs():
+    from pipelines.config import check_geometry, training_world_size
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", ["slurm.nodes=2", "slurm.gpus_per_node=4"])
+    assert training_world_size(cfg, on_slurm=False) == 2 and training_world_size(cfg, on_slurm=False, nnodes=3) == 6
+    assert training_world_size(cfg, on_slurm=True) == 2 * 2  # train.device cpu: no GPU asked for, nproc_per_node ranks per node
+    gpu = load_config(REPO / "configs" / "gpt2-124m.yaml", ["slurm.nodes=1", "slurm.gpus_per_node=8"])
+    assert training_world_size(gpu, on_slurm=True) == 8
+    check_geometry(gpu, on_slurm=True)  # 524288 = 64 * 1024 * 8: the 124M recipe on one 8-GPU node
+    with pytest.raises(ConfigError, match=r"64 \* 1024 \* 16 = 1048576\); e.g. 1048576 \(world size 16 = slurm.nodes x slurm.gpus_per_node\)"):
+        check_geometry(load_config(REPO / "configs" / "gpt2-124m.yaml", ["slurm.nodes=2", "slurm.gpus_per_node=8"]), on_slurm=True)
+
+
+def test_config_knows_the_model_presets_shapes_without_torch():
+    from trainer.config import PRESET_SHAPES
+    from trainer.model import PRESETS, resolve_config
+
+    assert PRESET_SHAPES == PRESETS
+    cfg = load_config(REPO / "configs" / "smoke.yaml", ["model.n_layer=3"])
+    resolved = resolve_config(cfg.model)
+    assert cfg.model.resolved_shape() == {k: getattr(resolved, k) for k in ("n_layer", "n_head", "n_embd", "block_size")}
