@@ -301,7 +301,8 @@ def test_frozen_server_never_blocks_logging_and_a_full_queue_is_filled_from_metr
         assert tracker.wait_started(30)
 
         def step(i: int) -> float:
-            record = {"step": i, "loss": 1.0 / i, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 10.0 + i, "time": time.time()}
+            record = {"step": i, "loss": 1.0 / i, "lr": 1e-3, "grad_norm": 0.5, "tokens": 64 * i, "tokens_per_s": 10.0 + i,
+                      "time": time.time()}
             metrics.append(record)
             t0 = time.perf_counter()
             tracker.log_record(record)
