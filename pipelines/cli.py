@@ -74,12 +74,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from pipelines.launching import submit_training
-    from slurm.resources import SlurmError
+    from pipelines.launching import stage_resources, submit_training
+    from slurm.resources import SlurmError, check_fits
 
     cfg = _load(args)
-    check_geometry(cfg, on_slurm=True)  # one rank per GPU on every node: refuse before anything is queued
     try:
+        if args.executor == "slurm":  # a request the cluster can never run is the first thing to fix
+            check_fits(*stage_resources("train", cfg))
+        check_geometry(cfg, on_slurm=True)  # one rank per GPU on every node: refuse before anything is queued
         job = submit_training(args.config, list(args.overrides), cfg, args.executor, allow_changes=args.allow_changes)
     except SlurmError as e:
         print(f"pretrain submit: error: {e}", file=sys.stderr)
@@ -207,8 +209,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.workflow import run_workflow
     from slurm.resources import SlurmError
 
-    check_geometry(_load(args), on_slurm=args.executor == "slurm")  # before any stage starts or is queued
     try:
+        cfg = _load(args)
+        if args.executor == "slurm":  # a request the cluster can never run is the first thing to fix
+            from pipelines.launching import check_slurm_request
+
+            check_slurm_request(cfg)
+        check_geometry(cfg, on_slurm=args.executor == "slurm")  # before any stage starts or is queued
         return run_workflow(args.config, list(args.overrides), args.executor, args.restart_from)
     except SlurmError as e:
         print(f"pretrain run: error: {e}", file=sys.stderr)
