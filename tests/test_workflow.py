@@ -44,7 +44,8 @@ def test_workflow_completes_with_all_outputs(reference):
     assert all(0 <= v["acc_norm"] <= 1 for v in m["evals"].values())
     assert (reference / "report.png").stat().st_size > 10_000
     header = (reference / "report.csv").read_text().splitlines()[0]
-    assert header == "step,tokens,train_loss,val_loss,eval/hellaswag/acc,eval/hellaswag/acc_norm"
+    assert header == ("step,tokens,train_loss,val_loss,eval/hellaswag/acc,eval/hellaswag/acc_norm,"
+                      "eval/hellaswag/acc_norm_stderr,eval/hellaswag/acc_stderr")  # stderr: the report's error bars
 
 
 def test_run_output_has_timed_step_lines_with_eta_and_each_eval_score(reference, work):
