@@ -126,3 +126,37 @@ def test_report_on_a_copied_run_dir_writes_into_the_copys_store(tmp_path):
     _metrics(copy, range(9, 10))
     write_report(copy, None, log=lambda m: None)
     assert 9 in _loss_steps(original_uri, rec["run_id"]) and 9 not in _loss_steps(copy_uri, rec["run_id"])
+
+
+def test_system_metrics_reach_the_run_when_psutil_is_installed(tmp_path, monkeypatch):
+    """MLflow's system metrics monitor runs next to the tracker when it can (psutil), and stops with it."""
+    from mlflow.tracking import MlflowClient
+
+    from trainer.tracking import MlflowTracker
+
+    try:
+        import psutil  # noqa: F401
+        available = True
+    except ImportError:
+        available = False
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(uri, "system-metrics", tmp_path / "run", None, {"k": 1}, "run", flush_every_s=0.2)
+    assert tracker.wait_started(60)
+    client = MlflowClient(tracking_uri=uri)
+
+    def system_keys() -> set[str]:
+        return {k for k in client.get_run(tracker.run_id).data.metrics if k.startswith("system/")}
+
+    deadline = time.monotonic() + 30
+    while available and not system_keys():
+        assert time.monotonic() < deadline, "no system metric reached the run within 30 s"
+        time.sleep(0.5)
+    t0 = time.monotonic()
+    assert tracker.finish("FINISHED", timeout=30)
+    assert time.monotonic() - t0 < 10
+    if available:
+        assert "system/cpu_utilization_percentage" in system_keys() and "system/system_memory_usage_megabytes" in system_keys()
+    else:
+        assert system_keys() == set()  # off without psutil; tracking itself is unaffected
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
