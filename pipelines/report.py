@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -77,7 +78,7 @@ def collect(run_dir: Path) -> list[dict[str, Any]]:
         for name, value in (res.get("metrics") or {}).items():
             row[f"eval/{task}/{name}"] = value
         for name, value in (res.get("stderr") or {}).items():
-            if isinstance(value, (int, float)) and value == value:  # lm-eval writes NaN where it has none
+            if isinstance(value, (int, float)) and math.isfinite(value):  # lm-eval writes NaN where it has none
                 row[f"eval/{task}/{name}_stderr"] = value
     tokens_per_step = next((r["tokens"] / r["step"] for r in rows.values() if r.get("tokens")), None)
     for r in rows.values():
