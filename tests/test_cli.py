@@ -110,6 +110,7 @@ def test_batch_geometry_is_checked_for_the_ranks_the_launch_will_start(tmp_path,
     assert main(["train", SMOKE, *slurm_ok, f"run_dir={run_dir}"]) == 2  # refused before torchrun starts
     err = capsys.readouterr().err
     assert "(4 * 128 * 3 = 1536)" in err and "world size 3 = nnodes x train.nproc_per_node" in err, err
+    assert not run_dir.exists()
     assert main(["run", SMOKE, *slurm_ok, f"run_dir={run_dir}"]) == 2
     assert "1536" in capsys.readouterr().err and not run_dir.exists()
     # and the other way round: fine on the smoke config's 2 local ranks, not on 2 nodes x 3 GPUs
