@@ -49,7 +49,8 @@ STUBS = {
 }
 BASE_CONFIG = {
     "model": {"name": "micro"},
-    "train": {"device": "cpu", "nproc_per_node": 2, "max_steps": 4},
+    # a geometry that loads (seq_len within micro's block size, a batch that splits over 2 ranks)
+    "train": {"device": "cpu", "nproc_per_node": 2, "max_steps": 4, "micro_batch_size": 4, "seq_len": 32, "batch_tokens": 1024},
     "tracking": {"uri": "none"},
     "slurm": {"nodes": 1, "gpus_per_node": 8, "cpus_per_task": 2, "time": "10:00", "partition": "debug"},
 }
