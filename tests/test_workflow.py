@@ -157,6 +157,9 @@ def test_killed_in_each_stage_resumes_to_the_same_final_metrics(reference, work,
     if stage == "train":  # status and report work on a half-finished run
         r = pretrain("status", str(run_dir))
         assert r.returncode == 0 and "  train   running" in r.stdout and "training  step " in r.stdout, r.stdout + r.stderr
+        assert re.search(r"training  step \d+/12 \(\d+\.\d%\)", r.stdout) and "          ETA " in r.stdout, r.stdout
+        t = json.loads(pretrain("status", str(run_dir), "--json").stdout)["training"]
+        assert 4 <= t["step"] < 12 and t["max_steps"] == 12 and not t["done"] and t["eta_s"] > 0, t
         r = pretrain("report", str(run_dir))
         assert r.returncode == 0 and (run_dir / "report.png").exists(), r.stderr
     r = pretrain("run", str(cfg))
