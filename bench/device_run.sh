@@ -120,4 +120,4 @@ done
 run "resume check" "$t_small" $py bench/resume_check.py "${resume_args[@]}"
 
 echo "=== summary" | tee -a "$log"
-grep -E "^(  )?(RESULT|RATIO)|^=== .*exit|^step [0-9]+/|max_logprob|differ|identical" "$log" | tee "$out/device_run.summary"
+grep -E "^(  )?(RESULT|RATIO)|^=== .*exit|^([0-9-]+ [0-9:]+ )?step [0-9]+/|max_logprob|differ|identical" "$log" | tee "$out/device_run.summary"
