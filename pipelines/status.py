@@ -191,8 +191,9 @@ def status_text(run_dir: str | Path, data: dict[str, Any] | None = None) -> str:
         for name, st in wf["stages"].items():
             jobs = f" jobs {','.join(st['job_ids'])}" if st.get("job_ids") else ""
             extra = f"  {st['error']}" if st.get("error") else ""
-            when = _duration(st.get("started"), st.get("ended")) if st["status"] != "pending" else ""
-            lines.append(f"  {name:<7} {st['status']:<11} attempts {st.get('attempts') or 0} {when:>6}{jobs}{extra}")
+            status = st.get("status") or "?"
+            when = _duration(st.get("started"), st.get("ended")) if status != "pending" else ""
+            lines.append(f"  {name:<7} {status:<11} attempts {st.get('attempts') or 0} {when:>6}{jobs}{extra}")
     t = d["training"]
     if t:
         of = f"/{t['max_steps']} ({t['percent']:.1f}%)" if t.get("max_steps") else ""
@@ -227,7 +228,7 @@ def status_text(run_dir: str | Path, data: dict[str, Any] | None = None) -> str:
         lines.append("slurm jobs")
         for j in d["slurm_jobs"]:
             restarts = "-" if j["restarts"] is None else j["restarts"]
-            lines.append(f"  {j['job_id']:>8} {j.get('name') or '':<24} {j['state']:<11} restarts {restarts}  {j.get('stdout') or ''}")
+            lines.append(f"  {j['job_id']:>8} {j.get('name') or '':<24} {j.get('state') or '?':<11} restarts {restarts}  {j.get('stdout') or ''}")
     if d["report"]:
         lines.append(f"report    {d['report']}")
     return "\n".join(lines)
