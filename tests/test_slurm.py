@@ -428,4 +428,6 @@ def test_submit_with_evals_starts_the_watcher_job(cluster, work, local_losses):
     evaluated = sorted(p.parent.name for p in (run_dir / "evals").glob("step_*/hellaswag.json"))
     from trainer.checkpoint import list_committed
 
-    assert evaluated == [c.name for c in list_committed(run_dir)] and evaluated
+    # every checkpoint that stays is evaluated; one evaluated before retention removed it keeps its results
+    committed = [c.name for c in list_committed(run_dir)]
+    assert committed and set(committed) <= set(evaluated), (committed, evaluated)

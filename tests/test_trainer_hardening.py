@@ -26,10 +26,12 @@ from tests.conftest import skip_or_fail
 from tests.trainer_helpers import (
     descendants,
     kill_tree,
+    losses,
     listening_sockets,
     make_shard_dir,
     pretrain_cmd,
     start,
+    train,
     wait_for_step,
 )
 from trainer import EXIT_OK, EXIT_REFUSED
@@ -91,21 +93,6 @@ def setup_run(workdir: Path, data_dir: Path, name: str) -> tuple[Path, Path, Pat
     config = workdir / f"{name}.yaml"
     config.write_text(CONFIG.format(run_dir=run_dir, data_dir=data_dir))
     return run_dir, config, workdir / f"{name}.log"
-
-
-def train(config: Path, log: Path, *args: str, env: dict | None = None, timeout: float = 240) -> int:
-    proc = start(pretrain_cmd("train", str(config), *args), log, env)
-    try:
-        return proc.wait(timeout=timeout)
-    finally:
-        kill_tree(proc)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    recs = read_metrics(run_dir / "metrics.jsonl")
-    steps = [r["step"] for r in recs]
-    assert steps == sorted(set(steps)), f"metrics.jsonl must hold each step once, in order: {steps}"
-    return {r["step"]: r["loss"] for r in recs}
 
 
 def committed_steps(run_dir: Path) -> list[int]:

@@ -24,9 +24,11 @@ from tests.services import mlflow_server as start_mlflow_server
 from tests.trainer_helpers import (
     descendants,
     kill_tree,
+    losses,
     make_shard_dir,
     pretrain_cmd,
     start,
+    train,
     wait_for_step,
 )
 from trainer import EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE
@@ -77,21 +79,6 @@ def data_dir(workdir) -> Path:
 def write_config(path: Path, run_dir: Path, data_dir: Path) -> Path:
     path.write_text(CONFIG.format(run_dir=run_dir, data_dir=data_dir))
     return path
-
-
-def train(config: Path, log: Path, *overrides: str, env: dict | None = None, timeout: float = 240) -> int:
-    proc = start(pretrain_cmd("train", str(config), *overrides), log, env)
-    try:
-        return proc.wait(timeout=timeout)
-    finally:
-        kill_tree(proc)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    recs = read_metrics(run_dir / "metrics.jsonl")
-    steps = [r["step"] for r in recs]
-    assert steps == sorted(set(steps)), f"metrics.jsonl must hold each step once, in order: {steps}"
-    return {r["step"]: r["loss"] for r in recs}
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

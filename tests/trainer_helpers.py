@@ -146,3 +146,22 @@ def listening_sockets(pids: list[int]) -> list[tuple[int, str, int]]:
             if target.startswith("socket:[") and target[8:-1] in listening:
                 out.append((pid, *listening[target[8:-1]]))
     return out
+
+
+def train(config: Path, log: Path, *args: str, env: dict | None = None, timeout: float = 240) -> int:
+    """`pretrain train CONFIG ARGS...` to its end (output appended to `log`); its exit code."""
+    proc = start(pretrain_cmd("train", str(config), *args), log, env)
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        kill_tree(proc)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss of metrics.jsonl, asserting that each step is there once, in order."""
+    from trainer.metrics import read_metrics
+
+    recs = read_metrics(run_dir / "metrics.jsonl")
+    steps = [r["step"] for r in recs]
+    assert steps == sorted(set(steps)), f"metrics.jsonl must hold each step once, in order: {steps}"
+    return {r["step"]: r["loss"] for r in recs}
