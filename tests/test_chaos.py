@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer_helpers import kill_tree, metric_steps
+from tests.trainer_helpers import kill_tree
 from tests.workflow_helpers import final_metrics, stage_status, write_config
 
 pytestmark = pytest.mark.slow
@@ -91,6 +91,23 @@ def committed_step(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
+def running_since(run_dir: Path, stage: str, t0: float) -> bool:
+    """`stage` is running in this attempt (workflow.json still says "running" after a SIGKILL)."""
+    try:
+        st = json.loads((run_dir / "workflow.json").read_text())["stages"][stage]
+    except (OSError, ValueError, KeyError):
+        return False
+    return st.get("status") == "running" and (st.get("started") or 0) >= t0
+
+
+def step_since(run_dir: Path, t0: float) -> int:
+    """The last step this attempt trained (lines left by a killed attempt do not count)."""
+    from trainer.metrics import read_metrics
+
+    recs = [r for r in read_metrics(run_dir / "metrics.jsonl") if (r.get("time") or 0) >= t0]
+    return int(recs[-1]["step"]) if recs else 0
+
+
 def running_stage(run_dir: Path) -> str:
     return next((k for k, v in stage_status(run_dir).items() if v == "running"), "?")
 
@@ -111,17 +128,18 @@ def deliver(point: KillPoint, cfg: Path, run_dir: Path, data_dir: Path, log: Pat
             return "train (checkpoint write)", proc.wait(timeout=300)
         start_units = work_units(data_dir)
         eval_seen: float | None = None
-        deadline = time.time() + 300
+        t0 = time.time()
+        deadline = t0 + 300
         while True:
             if proc.poll() is not None:
                 return "finished before the kill point", proc.returncode
             assert time.time() < deadline, f"kill point never reached: {point.describe()}"
-            status = stage_status(run_dir)
-            if point.stage == "data" and (work_units(data_dir) >= start_units + point.at or status.get("data") == "done"):
+            # (a data point that the previous attempt already passed lands early in training instead)
+            if point.stage == "data" and (work_units(data_dir) >= start_units + point.at or running_since(run_dir, "train", t0)):
                 break
-            if point.stage == "train" and metric_steps(run_dir) >= max(point.at, last_step + 1) and status.get("train") == "running":
+            if point.stage == "train" and running_since(run_dir, "train", t0) and step_since(run_dir, t0) >= max(point.at, last_step + 1):
                 break
-            if point.stage == "eval" and status.get("eval") == "running":
+            if point.stage == "eval" and running_since(run_dir, "eval", t0):
                 eval_seen = eval_seen or time.time()
                 if time.time() - eval_seen >= point.at:
                     break
@@ -163,6 +181,11 @@ def test_random_kills_then_rerun_reproduce_the_uninterrupted_run(workflow_refere
     landed = {d.split(" landed in ")[1].split()[0] for d in delivered}
     assert {"data", "train", "eval"} <= landed, f"a stage got no kill point: {delivered}"
     assert sum(1 for d in delivered if "finished before" not in d) >= 10 * SCALE, delivered
+
+    text = log.read_text(errors="replace")
+    for stage in ("data", "train", "eval"):  # each killed stage was picked up where it was, not redone from scratch
+        assert f"workflow: {stage}: resuming an interrupted run" in text, stage
+    assert "removing partial checkpoint" in text  # the mid-write kills left partial checkpoints, cleaned on resume
 
     got, want = final_metrics(run_dir), final_metrics(workflow_reference)
     assert got["losses"] == want["losses"]  # every step, bit for bit (JSON floats round-trip exactly)

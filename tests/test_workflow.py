@@ -135,7 +135,9 @@ def _wait(pred, timeout: float, what: str, proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("stage", ["data", "train", "eval"])
+# Data and eval kills (SIGKILL and SIGTERM, at random points) are in tests/test_chaos.py; this one also
+# checks status and report on the half-finished run.
+@pytest.mark.parametrize("stage", ["train"])
 def test_killed_in_each_stage_resumes_to_the_same_final_metrics(reference, work, gpt2_ranks, stage):
     cfg, run_dir = write_config(work, f"killed-{stage}", gpt2_ranks)
     data_dir = work / "data" / f"killed-{stage}"
