@@ -53,11 +53,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp name in the same directory, fsync, rename: readers never see a partial file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a signal leaves no temp file behind
+        raise
     fsync_dir(path.parent)
 
 

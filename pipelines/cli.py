@@ -104,9 +104,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_sbatch(args: argparse.Namespace) -> int:
     """Write the training job as an sbatch script; exit 2 (nothing written) if a value cannot go
     into one safely."""
-    import contextlib
-    import os
-
     from pipelines.launching import sbatch_script
     from slurm.resources import SlurmError
 
@@ -118,17 +115,12 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
         print(f"pretrain sbatch: error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     if args.output:
+        from dataprep.shards import atomic_write_bytes
+
         out = Path(args.output)
-        tmp = out.with_name(f".{out.name}.tmp")
         try:
-            with open(tmp, "w") as f:
-                f.write(script)
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(out)  # never a half-written script under the final name
+            atomic_write_bytes(out, script.encode())  # never a half-written script under the final name
         except OSError as e:  # a missing directory, no permission, a full disk: the user's to fix
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
             print(f"pretrain sbatch: error: cannot write {out}: {e.strerror or e}", file=sys.stderr)
             return EXIT_CONFIG_ERROR
         print(f"wrote {args.output}; submit it with: sbatch {args.output}")

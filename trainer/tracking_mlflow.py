@@ -124,13 +124,10 @@ def recorded_uri(run_dir: Path, rec: dict[str, Any]) -> str:
 
 
 def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
+    from dataprep.shards import atomic_write_json
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(path, obj)
 
 
 class MlflowRun:
