@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# (n_layer, n_head, n_embd, block_size); must match trainer.model.PRESETS (a test checks it), kept
+# (n_layer, n_head, n_embd, block_size) of each model preset (trainer.model.PRESETS is this table), kept
 # here so that loading a config, and checking train.seq_len against the block size, imports no torch
 PRESET_SHAPES: dict[str, tuple[int, int, int, int]] = {
     "gpt2": (12, 12, 768, 1024),

@@ -35,20 +35,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from trainer.config import PRESET_SHAPES
 from trainer.loss import linear_cross_entropy
 
 GPT2_VOCAB = 50257
 PADDED_VOCAB = 50304
 
-# name -> (n_layer, n_head, n_embd, block_size)
-PRESETS: dict[str, tuple[int, int, int, int]] = {
-    "gpt2": (12, 12, 768, 1024),  # 124M
-    "gpt2-medium": (24, 16, 1024, 1024),  # 350M
-    "gpt2-large": (36, 20, 1280, 1024),  # 774M
-    "gpt2-xl": (48, 25, 1600, 1024),  # 1558M
-    "tiny": (4, 4, 128, 128),  # CPU smoke runs
-    "micro": (2, 2, 64, 64),  # unit / multi-process tests
-}
+# name -> (n_layer, n_head, n_embd, block_size): gpt2 124M, -medium 350M, -large 774M, -xl 1558M, tiny for CPU
+# smoke runs, micro for tests. One table, in trainer.config, which config loading reads without torch.
+PRESETS: dict[str, tuple[int, int, int, int]] = PRESET_SHAPES
 
 
 @dataclass(frozen=True)
