@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import signal
 import sys
@@ -42,11 +41,10 @@ from dataprep.shards import (
     MANIFEST_VERSION,
     MAX_SHARD_TOKENS,
     SHARD_VERSION,
-    atomic_write_bytes,
-    atomic_write_json,
     read_header,
     write_shard,
 )
+from common.durable import atomic_output, atomic_write_bytes, atomic_write_json
 from dataprep.sources import SourceFile, describe_local, download, is_remote, resolve_sources
 from dataprep.tokenize import tokenize_documents
 from dataprep.tokenizer import TokenizerUnavailable, check_gpt2, get_gpt2
@@ -66,11 +64,8 @@ OUTPUT_KEYS = (
 
 
 def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_output(path) as f:
+        np.savez(f, **arrays)
 
 
 def task_fetch(name: str, location: str, remote: bool, cache_dir: str, retries: int) -> SourceFile:
@@ -180,8 +175,8 @@ def task_tokenize(
         lengths = lengths[~too_long]
     stats["kept"] = int(len(lengths))
     stats["tokens"] = int(lengths.sum())
-    tokens.astype("<u2").tofile(tmp := base.with_name(f".{base.name}.bin.tmp.{os.getpid()}"))
-    os.replace(tmp, base.with_suffix(".bin"))
+    with atomic_output(base.with_suffix(".bin")) as f:
+        tokens.astype("<u2").tofile(f)
     _atomic_save_npz(base.with_suffix(".lens.npz"), lengths=lengths)
     atomic_write_bytes(base.with_suffix(".removed.jsonl"), "".join(json.dumps(r, sort_keys=True) + "\n" for r in removed).encode())
     atomic_write_json(stats_path, stats)  # the task's commit marker

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from common.durable import atomic_output
 
 MAGIC = 20240520
 SHARD_VERSION = 1
@@ -49,34 +50,6 @@ class ShardError(ValueError):
     """A shard or manifest that is missing, truncated, corrupt or of an unknown version."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp name in the same directory, fsync, rename: readers never see a partial file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk or a signal leaves no temp file behind
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
 def shard_header(n_tokens: int) -> bytes:
     if not 0 <= n_tokens <= MAX_SHARD_TOKENS:
         raise ShardError(f"a shard holds at most {MAX_SHARD_TOKENS} tokens, got {n_tokens}")
@@ -90,8 +63,7 @@ def write_shard(path: Path, pieces: list[np.ndarray]) -> tuple[int, str]:
     path = Path(path)
     n_tokens = sum(len(p) for p in pieces)
     h = hashlib.sha256()
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_output(path) as f:
         header = shard_header(n_tokens)
         f.write(header)
         h.update(header)
@@ -99,10 +71,6 @@ def write_shard(path: Path, pieces: list[np.ndarray]) -> tuple[int, str]:
             b = np.ascontiguousarray(p, dtype="<u2").tobytes()
             f.write(b)
             h.update(b)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
     return n_tokens, h.hexdigest()
 
 
@@ -134,14 +102,6 @@ def load_shard(path: Path) -> np.memmap:
     """Memory-map a shard's tokens after checking its header and size."""
     n_tokens = read_header(path)
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
-
-
-def file_sha256(path: Path, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_shard(path: Path, sha256: str, vocab_limit: int, bufsize: int = 1 << 23) -> None:

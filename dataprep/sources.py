@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dataprep.errors import DataError, TransientDataError
-from dataprep.shards import atomic_write_json, file_sha256
+from common.durable import atomic_output, atomic_write_json, file_sha256
 
 SUPPORTED_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
 URL_SCHEMES = ("hf://", "http://", "https://", "file://", "s3://", "gs://")
@@ -211,10 +211,8 @@ def build_python_docs_corpus(dest: Path, min_chars: int = 200) -> Path:
                 if doc and len(doc) >= min_chars:
                     ids.append(f"{rel.as_posix()}:{getattr(node, 'lineno', 0)}")
                     texts.append(doc)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp.{os.getpid()}")
-    pq.write_table(pa.table({"id": ids, "text": texts}), tmp, row_group_size=1000)
-    os.replace(tmp, dest)
+    with atomic_output(dest, create_parents=True) as f:
+        pq.write_table(pa.table({"id": ids, "text": texts}), f, row_group_size=1000)
     return dest
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from common.durable import atomic_write_bytes
 from evals import fetch_data
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -152,16 +153,12 @@ def read_hellaswag_file(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _download_hellaswag(dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(f".tmp-{os.getpid()}")
-    with urllib.request.urlopen(HELLASWAG_URL, timeout=60) as r, open(tmp, "wb") as f:
-        while chunk := r.read(1 << 20):
-            f.write(chunk)
-    n = sum(1 for line in tmp.read_text(encoding="utf-8").splitlines() if line.strip())
+    with urllib.request.urlopen(HELLASWAG_URL, timeout=60) as r:
+        data = r.read()
+    n = sum(1 for line in data.decode("utf-8").splitlines() if line.strip())
     if n != HELLASWAG_VAL_ROWS:
-        tmp.unlink()
         raise EvalDataError(f"{HELLASWAG_URL}: got {n} rows, expected {HELLASWAG_VAL_ROWS}")
-    os.replace(tmp, dest)
+    atomic_write_bytes(dest, data, create_parents=True)
 
 
 def load_hellaswag(path: str = "", data_source: str = "auto", limit: int = 0) -> tuple[list[dict[str, Any]], str]:

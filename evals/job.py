@@ -20,14 +20,13 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 
+from common.strict import ConfigError, apply_overrides, from_dict, section_problems
 from evals.config import EvalConfig
 from evals.results import (
     checkpoint_id,
@@ -68,24 +67,15 @@ def normalise_tasks(names: list[str]) -> list[str]:
 
 
 def config_from_checkpoint(meta: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
-    """The run config stored in the checkpoint, loaded strictly (with overrides) as the current schema."""
-    from pipelines.config import load_config
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="ckpt-config-", delete=False) as f:
-        yaml.safe_dump(meta.get("config") or {}, f)
-    try:
-        return load_config(f.name, overrides).eval
-    finally:
-        Path(f.name).unlink(missing_ok=True)
-
-
-def eval_config(config: str | None, overrides: list[str], ckpt: Path | None) -> EvalConfig:
-    """The eval section: from ``config`` if given, else from the run config stored in ``ckpt``."""
-    from pipelines.config import load_config
-
-    if config or ckpt is None:
-        return load_config(config, overrides).eval
-    return config_from_checkpoint(read_meta(ckpt), overrides)
+    """The ``eval`` section of the run config stored in the checkpoint, loaded strictly as the
+    current schema, with ``eval.*`` overrides applied (other sections are not read here)."""
+    stored = (meta.get("config") or {}).get("eval")
+    cfg = from_dict(EvalConfig, stored, "eval.", "the checkpoint's stored config")
+    apply_overrides(cfg, overrides, prefix="eval.")
+    problems = section_problems(cfg, "eval.")
+    if problems:
+        raise ConfigError("command line: " + "; ".join(problems))
+    return cfg
 
 
 def _ours_hellaswag(model, enc, cfg: EvalConfig, limit: int, device) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from dataprep.shards import atomic_write_json
+from common.durable import atomic_write_json
 from trainer.checkpoint import MARKER, MODEL_FILE, step_dirname
 
 RESULTS_SUBDIR = "evals"

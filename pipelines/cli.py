@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipelines.config import ConfigError, PipelineConfig, check_geometry, dump_yaml, load_config
+from evals.config import EvalConfig
+from pipelines.config import ConfigError, PipelineConfig, check_geometry, dump_yaml, load_config, to_dict
 
 EXIT_CONFIG_ERROR = 2
 
@@ -22,6 +23,16 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace) -> PipelineConfig:
     return load_config(args.config, args.overrides)
+
+
+def _eval_section(config: str | None, overrides: list[str], ckpt: Path | None) -> EvalConfig:
+    """The eval section: from ``config`` if given, else from the run config stored in ``ckpt``."""
+    from evals.job import config_from_checkpoint
+    from trainer.checkpoint import read_meta
+
+    if config or ckpt is None:
+        return load_config(config, overrides).eval
+    return config_from_checkpoint(read_meta(ckpt), overrides)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -68,9 +79,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) under torchrun; exit 3 means "checkpointed on a stop signal, requeue me"."""
     from trainer.launch import train_command, under_torchrun
 
+    cfg = _load(args)
     if not under_torchrun():  # refuse before torchrun starts (the workers check their real world size too)
-        check_geometry(_load(args), on_slurm=False, nnodes=args.nnodes)
-    return train_command(args.config, list(args.overrides), args.nnodes, args.rdzv_endpoint, args.rdzv_id, allow_changes=args.allow_changes)
+        check_geometry(cfg, on_slurm=False, nnodes=args.nnodes)
+    return train_command(to_dict(cfg), args.nnodes, args.rdzv_endpoint, args.rdzv_id, allow_changes=args.allow_changes)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -115,7 +127,7 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
         print(f"pretrain sbatch: error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     if args.output:
-        from dataprep.shards import atomic_write_bytes
+        from common.durable import atomic_write_bytes
 
         out = Path(args.output)
         try:
@@ -148,7 +160,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     lock for too long), 1 when it may (a task failed, MLflow unreachable: the rerun only redoes that).
     A second eval of the same checkpoint waits for the first, then finds its results and logs nothing.
     """
-    from evals.job import EvalJobError, eval_config, evaluate_checkpoint, normalise_tasks
+    from evals.job import EvalJobError, evaluate_checkpoint, normalise_tasks
     from trainer.checkpoint import MARKER, CheckpointError
     from trainer.runlock import RunLockHeld
 
@@ -160,7 +172,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"pretrain eval: error: --limit must be >= 0 (0 = all rows), got {args.limit}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     try:
-        cfg = eval_config(args.config, list(args.overrides), ckpt)
+        cfg = _eval_section(args.config, list(args.overrides), ckpt)
         tasks = normalise_tasks(args.tasks.split(",")) if args.tasks else None
         evaluate_checkpoint(ckpt, cfg, tasks=tasks, limit=args.limit)
     except (CheckpointError, RunLockHeld) as e:
@@ -178,7 +190,6 @@ def cmd_evals_watch(args: argparse.Namespace) -> int:
     Exit 2 if another watcher holds the run dir (named) or the setup is unusable; 1 if some
     checkpoint's eval failed for good.
     """
-    from evals.job import eval_config
     from evals.watch import WatchError, Watcher
     from trainer.checkpoint import latest_committed
     from trainer.runlock import RunLockHeld
@@ -190,7 +201,7 @@ def cmd_evals_watch(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.run_dir}: no committed checkpoint to take the eval config from, and no --config; "
                           "pass --config CONFIG (the training's) to watch a run that has not checkpointed yet")
     try:
-        cfg = eval_config(args.config, list(args.overrides), newest)
+        cfg = _eval_section(args.config, list(args.overrides), newest)
         return Watcher(args.run_dir, cfg, executor=args.executor).run(once=args.once)
     except (WatchError, RunLockHeld) as e:
         print(f"pretrain evals watch: error: {e}", file=sys.stderr)

@@ -1,40 +1,28 @@
-"""Typed run configuration: YAML sections → dataclasses, with `section.key=value` overrides.
+"""The whole run's configuration: one section per stage, composed from the stages' own dataclasses.
 
-Every stage owns the dataclass of its own section (``dataprep.config``, ``trainer.config``, ...);
-this module only composes them and does the strict loading. Strictness is the point: a typo such
-as ``train.lr_min`` must fail before a multi-node job is queued, not be ignored silently, so every
-unknown key and every value of the wrong type is an error that names the key and where it came
-from (the YAML file or the command line).
+Every stage owns the dataclass of its own section (``dataprep.config``, ``trainer.config``,
+``evals.config``, ``slurm.config``); this module composes them into :class:`PipelineConfig`, loads
+a YAML file plus ``section.key=value`` overrides strictly (``common.strict``: every unknown key and
+wrong type is an error naming the key and its origin), and checks the rules that span sections.
+Stages never import this module: the layer above hands them their resolved sections (the training
+worker gets the resolved config as a file, see ``trainer.config.TrainJob``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
 
 import yaml
 
+from common.strict import ConfigError, apply_overrides, flatten, merge, read_yaml_mapping, to_dict, validate_sections
 from dataprep.config import DataConfig, RayConfig
 from evals.config import EvalConfig
 from slurm.config import SlurmConfig
-from trainer.config import ModelConfig, TrainConfig
+from trainer.config import ModelConfig, TrackingConfig, TrainConfig
 
-
-class ConfigError(ValueError):
-    """A configuration problem, reported to the user as-is (exit code 2)."""
-
-
-@dataclass
-class TrackingConfig:
-    """Experiment tracking (MLflow)."""
-
-    # Empty: a local sqlite store next to the run dir (RUN_DIR/../mlflow.db).
-    uri: str = ""
-    experiment: str = "pretrain"
+__all__ = ["ConfigError", "PipelineConfig", "TrackingConfig", "check_geometry", "dump_yaml", "flatten", "load_config",
+           "to_dict", "training_world_size"]
 
 
 @dataclass
@@ -59,24 +47,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     where = "<defaults>"
     if path is not None:
         where = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"{where}: cannot read config file: {e.strerror or e}") from e
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: not valid YAML: {e}") from e
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where}: the top level must be a mapping of sections, got {type(raw).__name__}")
-        _merge(cfg, raw, prefix="", where=where)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"command line: override '{item}' is not of the form section.key=value")
-        _set_dotted(cfg, key.strip(), value, where=f"command line override '{item}'")
+        merge(cfg, read_yaml_mapping(path), prefix="", where=where)
+    apply_overrides(cfg, overrides)
     cfg.source = where
     validate(cfg, where if not overrides else f"{where} with overrides {list(overrides)}")
     return cfg
@@ -107,30 +79,12 @@ def validate(cfg: PipelineConfig, where: str) -> None:
                 if bad:
                     problems.append(f"'{dotted}' contains a control character ({bad[0]!r}); not allowed in config values")
                     break
-    failed = _validate_sections(cfg, "", problems)
+    failed = validate_sections(cfg, "", problems)
     problems.extend(geometry_problems(cfg, world_size=1, check_block="model." not in failed))
     if len(problems) == 1:
         raise ConfigError(f"{where}: {problems[0]}")
     if problems:
         raise ConfigError(f"{where}: {len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems))
-
-
-def _validate_sections(obj: Any, prefix: str, problems: list[str]) -> set[str]:
-    """Run every section's ``validate()``; append its message (key made absolute) to ``problems``
-    and return the prefixes of the sections that failed."""
-    failed: set[str] = set()
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            failed |= _validate_sections(value, f"{prefix}{f.name}.", problems)
-    check = getattr(obj, "validate", None)
-    if callable(check):
-        try:
-            check()
-        except ValueError as e:
-            problems.append(f"{prefix}{e}")
-            failed.add(prefix)
-    return failed
 
 
 def geometry_problems(cfg: PipelineConfig, world_size: int, check_block: bool = True) -> list[str]:
@@ -178,137 +132,7 @@ def check_geometry(cfg: PipelineConfig, on_slurm: bool, nnodes: int = 1) -> None
         raise ConfigError(f"{cfg.source}: " + "; ".join(problems) + f" (world size {world} = {how})")
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain data (what is logged to MLflow and stored in checkpoints)."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        if f.metadata.get("internal"):
-            continue
-        v = getattr(cfg, f.name)
-        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, list) else v)
-    return out
-
-
 def dump_yaml(cfg: PipelineConfig) -> str:
     """The resolved config as YAML that ``load_config`` reads back to the same config
     (``pretrain config show``; also what a run stores)."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"lr": 1}}`` → ``{"train.lr": 1}`` (for MLflow params and for diffs)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, name + "."))
-        else:
-            out[name] = v
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# strict merging
-
-
-def _public_fields(obj: Any) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
-
-
-def _merge(obj: Any, raw: dict, prefix: str, where: str) -> None:
-    fields = _public_fields(obj)
-    hints = typing.get_type_hints(type(obj))
-    for key, value in raw.items():
-        dotted = f"{prefix}{key}"
-        if key not in fields:
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"{where}: unknown key '{dotted}' (known keys here: {known})")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}: '{dotted}' is a section and needs a mapping, got {value!r}")
-            _merge(current, value, dotted + ".", where)
-        else:
-            setattr(obj, key, _coerce(value, hints[key], dotted, where))
-
-
-def _set_dotted(cfg: Any, dotted: str, text: str, where: str) -> None:
-    parts = dotted.split(".")
-    obj = cfg
-    for i, part in enumerate(parts):
-        fields = _public_fields(obj)
-        if part not in fields:
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"{where}: unknown key '{'.'.join(parts[: i + 1])}' (known keys here: {known})")
-        if i == len(parts) - 1:
-            if dataclasses.is_dataclass(getattr(obj, part)):
-                raise ConfigError(f"{where}: '{dotted}' is a section; set one of its keys instead")
-            hint = typing.get_type_hints(type(obj))[part]
-            setattr(obj, part, _coerce(_parse_cli_value(text, hint), hint, dotted, where))
-        else:
-            obj = getattr(obj, part)
-            if not dataclasses.is_dataclass(obj):
-                raise ConfigError(f"{where}: '{'.'.join(parts[: i + 1])}' is not a section")
-
-
-def _parse_cli_value(text: str, hint: Any) -> Any:
-    """Command-line values are YAML scalars/lists, except that string fields take the text verbatim."""
-    if hint is str:
-        return text
-    try:
-        return yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError:
-        return text
-
-
-def _coerce(value: Any, hint: Any, dotted: str, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, dotted, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value for '{dotted}'")
-    if origin is list:
-        (item_type,) = typing.get_args(hint) or (Any,)
-        if isinstance(value, str) and item_type is str:
-            # "a,b,c" on the command line is a list too.
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: '{dotted}' must be a list, got {value!r}")
-        return [_coerce(v, item_type, f"{dotted}[{i}]", where) for i, v in enumerate(value)]
-    if hint is Any:
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: '{dotted}' must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{where}: '{dotted}' must be an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads "6e-4" as a string
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: '{dotted}' must be a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{where}: '{dotted}' must be a string, got {value!r}")
-    raise ConfigError(f"{where}: '{dotted}' has an unsupported type {hint!r}")

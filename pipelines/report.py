@@ -25,11 +25,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.durable import atomic_output
 from pipelines.config import PipelineConfig
 
 if TYPE_CHECKING:
@@ -141,12 +141,10 @@ def write_report(run_dir: str | Path, cfg: PipelineConfig | None = None, log: Ca
     rows = collect(run_dir)
     png, csv_path = report_paths(run_dir)
     columns = ["step", "tokens", "train_loss", "val_loss"] + sorted({k for r in rows for k in r if k.startswith("eval/")})
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_output(csv_path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, csv_path)
 
     series = plot_series(rows, cfg)
     eval_cols = list(series["evals"])
@@ -192,10 +190,9 @@ def write_report(run_dir: str | Path, cfg: PipelineConfig | None = None, log: Ca
     if not eval_cols:
         ax2.text(0.5, 0.5, "no eval results yet", ha="center", va="center", transform=ax2.transAxes)
     fig.tight_layout()
-    tmp_png = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp_png, dpi=110)
+    with atomic_output(png) as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp_png, png)
     log(f"report: {png} and {csv_path} ({len(rows)} steps, {len(eval_cols)} eval series)")
     _log_artifacts(run_dir, cfg, [png, csv_path], log)
     return png, csv_path

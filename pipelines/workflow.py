@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from dataprep.shards import ShardError, TokenDataset, atomic_write_json
+from common.durable import atomic_write_json
+from dataprep.shards import ShardError, TokenDataset
 from pipelines.config import ConfigError, PipelineConfig, flatten, load_config, to_dict
 from trainer.config import RESUME_RUNTIME_KEYS
 from trainer.runlock import RunLock, RunLockHeld
@@ -303,7 +304,7 @@ class Workflow:
         from trainer import EXIT_OK, EXIT_REQUEUE
         from trainer.launch import train_command
 
-        rc = train_command(self.config_path, self.overrides)
+        rc = train_command(to_dict(self.cfg))
         if rc == EXIT_REQUEUE:
             # checkpointed on a stop signal: Ctrl-C (SIGINT seen here) keeps meaning 130, anything else 3
             raise TrainingStopped(EXIT_INTERRUPTED if self.stop_signal == signal.SIGINT else EXIT_REQUEUE)

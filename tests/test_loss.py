@@ -177,11 +177,21 @@ tracking:
 """
 
 
+def _resolved(config: Path, *overrides: str) -> Path:
+    """The worker takes a resolved run config, as `pretrain train` hands it down."""
+    out = config.with_suffix(".resolved.yaml")
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "config", "show", str(config), *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out.write_text(proc.stdout)
+    return out
+
+
 def _train(tmp: Path, data: Path, chunk: int) -> list[dict]:
     run_dir = tmp / f"run_chunk{chunk}"
     config = tmp / f"chunk{chunk}.yaml"
     config.write_text(RUN_CONFIG.format(run_dir=run_dir, data_dir=data, chunk=chunk))
-    proc = subprocess.run([sys.executable, "-m", "trainer.train", str(config)], cwd=REPO, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([sys.executable, "-m", "trainer.train", str(_resolved(config))], cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -205,7 +215,7 @@ def test_training_refuses_an_sdpa_backend_without_a_kernel_here(tmp_path):
     config = tmp_path / "cudnn.yaml"
     config.write_text(RUN_CONFIG.format(run_dir=tmp_path / "run", data_dir=tmp_path / "data", chunk=0))
     make_shard_dir(tmp_path / "data", seed=3, train_shards=1)
-    proc = subprocess.run([sys.executable, "-m", "trainer.train", str(config), "train.sdpa_backend=cudnn"],
+    proc = subprocess.run([sys.executable, "-m", "trainer.train", str(_resolved(config, "train.sdpa_backend=cudnn"))],
                           cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "train.sdpa_backend 'cudnn' has no CPU kernel" in proc.stderr

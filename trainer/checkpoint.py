@@ -37,7 +37,6 @@ Public read API (used by the eval stage): :func:`list_committed`, :func:`latest_
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -49,7 +48,7 @@ from typing import Any, Callable
 
 import torch
 
-from dataprep.shards import fsync_dir
+from common.durable import atomic_write_json, file_sha256, fsync_dir
 from trainer.model import GPT, GPTConfig
 
 CKPT_SUBDIR = "checkpoints"
@@ -127,14 +126,6 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     return json.loads((ckpt_dir / META_FILE).read_text())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify(ckpt_dir: str | Path) -> None:
     """Raise CheckpointError unless the marker exists and every listed file has its recorded sha256."""
     ckpt_dir = Path(ckpt_dir)
@@ -150,7 +141,7 @@ def verify(ckpt_dir: str | Path) -> None:
         path = ckpt_dir / name
         if not path.is_file():
             raise CheckpointError(f"{ckpt_dir}: {name} is missing")
-        actual = _sha256(path)
+        actual = file_sha256(path)
         if actual != digest:
             raise CheckpointError(f"{ckpt_dir}: {name} is corrupt (sha256 {actual[:12]}…, committed {digest[:12]}…)")
 
@@ -303,12 +294,9 @@ def _write_and_commit(root: Path, final: Path, tmp: Path, step: int, model_state
     os.rename(tmp, final)
     fsync_dir(root)
     _fault("renamed", step)
-    files = {name: _sha256(final / name) for name in (MODEL_FILE, OPTIM_FILE, STATE_FILE, META_FILE)}
+    files = {name: file_sha256(final / name) for name in (MODEL_FILE, OPTIM_FILE, STATE_FILE, META_FILE)}
     marker = {"format_version": FORMAT_VERSION, "step": step, "files": files, "time": time.time()}
-    tmp_marker = final / f".{MARKER}.tmp"
-    _write_text(tmp_marker, json.dumps(marker, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_marker, final / MARKER)
-    fsync_dir(final)
+    atomic_write_json(final / MARKER, marker)  # the commit point
     return final
 
 

@@ -1,10 +1,11 @@
-"""The `model` and `train` sections of a run config.
+"""The `model`, `train` and `tracking` sections of a run config, and :class:`TrainJob`, the resolved
+config as the training worker reads it.
 
 Model shape, optimisation and run-time (device, compile, checkpoint cadence) are separate so that
 an eval job can rebuild the model from `model` alone.
 
 Each section checks itself when the config loads (``validate``, called by
-``pipelines.config.load_config``), so that a value no rerun can fix (``train.lr=-1``,
+the strict loader in ``common.strict``), so that a value no rerun can fix (``train.lr=-1``,
 ``train.device=gpu``, ``train.max_steps=0``) is refused with exit 2 before a job is queued or a
 process group formed, never turned into a crash that a scheduler would retry.
 
@@ -33,7 +34,13 @@ can never change (the weights would not load); the data is identified by its man
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common.strict import ConfigError, from_dict, read_yaml_mapping
 
 # (n_layer, n_head, n_embd, block_size) of each model preset (trainer.model.PRESETS is this table), kept
 # here so that loading a config, and checking train.seq_len against the block size, imports no torch
@@ -162,6 +169,61 @@ class TrainConfig:
         _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}")
         _check(self.peak_flops >= 0, f"peak_flops must be >= 0 (0 = look it up), got {self.peak_flops}")
         _check(self.val_every == 0 or self.val_batches >= 1, f"val_batches must be >= 1 when val_every > 0, got {self.val_batches}")
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking (MLflow)."""
+
+    # Empty: a local sqlite store next to the run dir (RUN_DIR/../mlflow.db).
+    uri: str = ""
+    experiment: str = "pretrain"
+
+
+@dataclass
+class TrainJob:
+    """The resolved run config as one training reads it: its own sections, strictly loaded, plus
+    the whole config as plain data (``resolved``), which it stores with every checkpoint, writes
+    to ``RUN_DIR/config.yaml``, logs to tracking and compares on resume.
+
+    The layer above (``pretrain train``) resolves and validates the whole config and hands it
+    down, as a dict in-process or as a YAML file to the torchrun workers (:meth:`from_file`); the
+    trainer never loads a user's config and overrides itself, so it needs no knowledge of the
+    other stages' sections.
+    """
+
+    run_dir: str
+    data_dir: str  # data.output_dir: the shard directory (its manifest is the contract)
+    model: ModelConfig
+    train: TrainConfig
+    tracking: TrackingConfig
+    resolved: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_resolved(cls, resolved: dict[str, Any], where: str = "resolved config") -> TrainJob:
+        missing = [k for k in ("run_dir", "data", "model", "train") if k not in resolved]
+        if missing:
+            raise ConfigError(f"{where}: not a resolved run config (missing {', '.join(missing)}); "
+                              "`pretrain config show CONFIG [overrides]` writes one")
+        data = resolved["data"] if isinstance(resolved["data"], dict) else {}
+        if not isinstance(data.get("output_dir"), str):
+            raise ConfigError(f"{where}: data.output_dir must be a string")
+        return cls(
+            run_dir=str(resolved["run_dir"]),
+            data_dir=data["output_dir"],
+            model=from_dict(ModelConfig, resolved["model"], "model.", where),
+            train=from_dict(TrainConfig, resolved["train"], "train.", where),
+            tracking=from_dict(TrackingConfig, resolved.get("tracking"), "tracking.", where),
+            resolved=resolved,
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainJob:
+        return cls.from_resolved(read_yaml_mapping(path), str(path))
+
+    def resolved_yaml(self) -> str:
+        """The whole config as YAML, in the form ``pretrain config show`` prints."""
+        return yaml.safe_dump(self.resolved, sort_keys=False, allow_unicode=True)
 
 
 def changed_hyperparameters(saved: dict, current: dict) -> list[str]:

@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 import torch
 
-from dataprep.shards import fsync_dir
+from common.durable import fsync_dir
 from dataprep.tokenizer import EOT_TOKEN, N_VOCAB, TokenizerUnavailable, check_gpt2, get_gpt2
 from trainer.checkpoint import MARKER, MODEL_FILE, CheckpointError, latest_committed, read_meta, verify
 from trainer.model import GPT, GPTConfig

@@ -2,7 +2,7 @@
 
 When the environment has RANK/WORLD_SIZE/LOCAL_RANK we *are* a worker (e.g. SLURM runs torchrun
 itself) and train in-process. Otherwise we run
-``python -m trainer.torchrun_local <loopback c10d rendezvous> --nproc_per_node N -m trainer.train CONFIG ...``
+``python -m trainer.torchrun_local <loopback c10d rendezvous> --nproc_per_node N -m trainer.train RESOLVED.yaml``
 (torchrun, bound to 127.0.0.1; across nodes plain torchrun at SLURM's endpoint) and stay in
 front of it, for two reasons:
 
@@ -29,8 +29,11 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
+from common.strict import ConfigError
 from trainer import EXIT_FILE_ENV, EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE, under_torchrun
+from trainer.config import TrainJob
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1)
 
@@ -74,18 +77,28 @@ def rendezvous_args(nnodes: int, endpoint: str, rdzv_id: str) -> list[str]:
     return [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", f"--rdzv_id={rdzv_id or 'pretrain'}"]
 
 
-def train_command(config: str, overrides: list[str], nnodes: int = 1, rdzv_endpoint: str = "", rdzv_id: str = "",
+def train_command(resolved: dict[str, Any], nnodes: int = 1, rdzv_endpoint: str = "", rdzv_id: str = "",
                   allow_changes: bool = False) -> int:
-    """Entry of ``pretrain train CONFIG [overrides] [--allow-changes]``; returns the process exit code."""
+    """Train with the resolved run config ``resolved`` (plain data; the caller loaded and validated
+    it); returns the process exit code."""
     if under_torchrun():
         from trainer.train import run_worker
 
-        return run_worker(config, overrides, allow_changes=allow_changes)
-    from pipelines.config import load_config
-
-    cfg = load_config(config, overrides)  # fail fast on config errors, before starting torchrun
-    return launch_torchrun(config, overrides, cfg.train.nproc_per_node, rendezvous_args(nnodes, rdzv_endpoint, rdzv_id),
-                           allow_changes=allow_changes)
+        return run_worker(resolved, allow_changes=allow_changes)
+    try:
+        job = TrainJob.from_resolved(resolved)  # fail fast on config errors, before starting torchrun
+    except ConfigError as e:
+        print(f"pretrain train: config error: {e}", file=sys.stderr, flush=True)
+        return EXIT_REFUSED
+    # the workers read the resolved config from a private file of this launch (node-local, removed after)
+    fd, config_file = tempfile.mkstemp(prefix="pretrain-config-", suffix=".yaml")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(job.resolved_yaml())
+        return launch_torchrun(config_file, job.train.nproc_per_node, rendezvous_args(nnodes, rdzv_endpoint, rdzv_id),
+                               allow_changes=allow_changes)
+    finally:
+        os.unlink(config_file)
 
 
 def _ignore_user_signals() -> None:
@@ -96,7 +109,7 @@ def _ignore_user_signals() -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-def launch_torchrun(config: str, overrides: list[str], nproc: int, rdzv: list[str] | None = None, allow_changes: bool = False) -> int:
+def launch_torchrun(config: str, nproc: int, rdzv: list[str] | None = None, allow_changes: bool = False) -> int:
     if nproc < 1:  # load_config refuses it already; kept for direct callers
         print(f"pretrain train: train.nproc_per_node must be >= 1, got {nproc}", file=sys.stderr)
         return EXIT_REFUSED
@@ -109,7 +122,7 @@ def launch_torchrun(config: str, overrides: list[str], nproc: int, rdzv: list[st
     env[EXIT_FILE_ENV] = exit_file
     cmd = [
         sys.executable, "-m", "trainer.torchrun_local" if local else "torch.distributed.run", *rdzv, f"--nproc_per_node={nproc}",
-        "-m", "trainer.train", *(["--allow-changes"] if allow_changes else []), config, *overrides,
+        "-m", "trainer.train", *(["--allow-changes"] if allow_changes else []), config,
     ]
     proc = subprocess.Popen(cmd, env=env, preexec_fn=_ignore_user_signals)  # noqa: PLW1509
 

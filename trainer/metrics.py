@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from common.durable import atomic_output
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -53,13 +54,9 @@ class MetricsLog:
         records = read_metrics(self.path)
         kept = [r for r in records if int(r["step"]) <= step]
         raw_lines = len(self.path.read_text(encoding="utf-8").splitlines())
-        tmp = self.path.with_name(f".{self.path.name}.tmp.{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_output(self.path, "w") as f:
             for r in kept:
                 f.write(json.dumps(r) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
         return raw_lines - len(kept)
 
     def append(self, record: dict[str, Any]) -> None:

@@ -36,7 +36,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from dataprep.shards import atomic_write_bytes
+from common.durable import atomic_write_bytes
 
 CONFIG_FILE = "config.yaml"
 PREV_CONFIG_FILE = "config.prev.yaml"

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.durable import atomic_write_json
+
 RUN_FILE = "mlflow_run.json"
 CURSOR_FILE = "mlflow_cursor.json"
 CURSOR_TAG = "pretrain.metrics_through_step"
@@ -124,10 +126,7 @@ def recorded_uri(run_dir: Path, rec: dict[str, Any]) -> str:
 
 
 def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    from dataprep.shards import atomic_write_json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, obj)
+    atomic_write_json(path, obj, create_parents=True)
 
 
 class MlflowRun:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -42,15 +41,9 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from common.durable import atomic_write_json
+from common.strict import ConfigError, flatten, read_yaml_mapping
 from dataprep.shards import ShardError, TokenDataset
-from pipelines.config import (
-    ConfigError,
-    PipelineConfig,
-    dump_yaml,
-    flatten,
-    load_config,
-    to_dict,
-)
 from trainer import EXIT_FAILURE, EXIT_FILE_ENV, EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE
 from trainer.checkpoint import (
     MODEL_FILE,
@@ -67,7 +60,7 @@ from trainer.checkpoint import (
     to_cpu,
     verify,
 )
-from trainer.config import changed_hyperparameters
+from trainer.config import TrainJob, changed_hyperparameters
 from trainer.data import LoaderState, TrainLoader, ValBatches
 from trainer.dist import (
     DistEnv,
@@ -148,7 +141,7 @@ def _shape_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
 
 
 class Trainer:
-    def __init__(self, cfg: PipelineConfig, env: DistEnv, stop: StopFlag, allow_changes: bool = False):
+    def __init__(self, cfg: TrainJob, env: DistEnv, stop: StopFlag, allow_changes: bool = False):
         self.cfg, self.env, self.stop = cfg, env, stop
         self.allow_changes = allow_changes
         self.stop_reason = ""  # why fit() returned EXIT_REFUSED (a run that kept producing NaN)
@@ -162,7 +155,7 @@ class Trainer:
             raise RefusedError(f"train.seq_len ({tc.seq_len}) exceeds the model's block_size ({self.gpt_cfg.block_size})")
         self.grad_accum = grad_accum_steps(tc.batch_tokens, tc.micro_batch_size, tc.seq_len, env.world_size)
         try:
-            self.dataset = TokenDataset(cfg.data.output_dir)
+            self.dataset = TokenDataset(cfg.data_dir)
         except ShardError as e:
             raise RefusedError(f"data.output_dir: {e}") from e
 
@@ -310,7 +303,7 @@ class Trainer:
             )
         if problems:
             return problems
-        changed = changed_hyperparameters(meta.get("config") or {}, to_dict(self.cfg))
+        changed = changed_hyperparameters(meta.get("config") or {}, self.cfg.resolved)
         if changed and not self.allow_changes:
             return [(f"hyper-parameters changed since {ckpt.name} ({'; '.join(changed)}); a resume continues the same run. "
                      "Restore them, use a new run_dir, or pass --allow-changes to continue with the new values")]
@@ -346,11 +339,11 @@ class Trainer:
         result: dict[str, Any] = {"run_id": None, "error": None}
         tracker = NullTracker()
         if env.is_main:
-            params = flatten(to_dict(cfg))
+            params = flatten(cfg.resolved)
             params.update({f"resolved.model.{k}": v for k, v in dataclasses.asdict(self.gpt_cfg).items()})
             params.update({"resolved.world_size": env.world_size, "resolved.grad_accum": self.grad_accum,
                            "resolved.n_params": self.model.num_params(), "resolved.n_params_non_embedding": self.model.num_params(True)})
-            text = dump_yaml(cfg)
+            text = cfg.resolved_yaml()
             write_run_config(self.run_dir, text)
             try:
                 tracker = start_tracking(cfg.tracking.uri, cfg.tracking.experiment, self.run_dir, self.run_id, params,
@@ -497,7 +490,7 @@ class Trainer:
         optim_state = self.optimizer.state_dict()
         if self.writer.asynchronous:
             model_state, optim_state = to_cpu(model_state), to_cpu(optim_state)
-        config = to_dict(self.cfg)
+        config = self.cfg.resolved
         trainer_state = {
             "format_version": STATE_FORMAT,
             "step": self.step,
@@ -642,10 +635,7 @@ def _write_exit_status(env: DistEnv, code: int, reason: str) -> None:
     path = os.environ.get(EXIT_FILE_ENV)
     if not path or env.local_rank != 0:
         return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"code": code, "reason": reason}, f)
-    os.replace(tmp, path)
+    atomic_write_json(path, {"code": code, "reason": reason})
 
 
 def _take_run_lock(env: DistEnv, run_dir: str) -> RunLock | None:
@@ -665,15 +655,17 @@ def _take_run_lock(env: DistEnv, run_dir: str) -> RunLock | None:
     return lock
 
 
-def run_worker(config: str, overrides: list[str] | tuple[str, ...], allow_changes: bool = False) -> int:
+def run_worker(resolved: dict[str, Any], allow_changes: bool = False, where: str = "resolved config") -> int:
     """Run this process as one rank (torchrun env) or as a single process. Returns the exit code.
 
+    ``resolved`` is the whole run config as plain data, resolved and validated by the layer above
+    (``pretrain train``); the worker reads its own sections of it (:class:`TrainJob`).
     2 (refused) for what a rerun cannot fix: a config error, a foreign checkpoint or changed
     hyper-parameters, the run dir in use, a corrupt dataset (``ShardError``), a full disk, or a
     run that diverged (``train.max_skipped_steps``). 1 only where a retry may help.
     """
     try:
-        cfg = load_config(config, overrides)
+        cfg = TrainJob.from_resolved(resolved, where)
     except ConfigError as e:
         print(f"train: config error: {e}", file=sys.stderr, flush=True)
         return EXIT_REFUSED
@@ -726,13 +718,18 @@ def run_worker(config: str, overrides: list[str] | tuple[str, ...], allow_change
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.train", description="one training rank (run under torchrun)")
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
+    parser = argparse.ArgumentParser(prog="python -m trainer.train",
+                                     description="one training rank (run under torchrun by `pretrain train`)")
+    parser.add_argument("config", help="a resolved run config (what `pretrain config show CONFIG [overrides]` prints)")
     parser.add_argument("--allow-changes", action="store_true",
                         help="resume even though hyper-parameters differ from the checkpoint's (the changes are logged)")
-    args = parser.parse_intermixed_args(argv)
-    return run_worker(args.config, args.overrides, allow_changes=args.allow_changes)
+    args = parser.parse_args(argv)
+    try:
+        resolved = read_yaml_mapping(args.config)
+    except ConfigError as e:
+        print(f"train: config error: {e}", file=sys.stderr, flush=True)
+        return EXIT_REFUSED
+    return run_worker(resolved, allow_changes=args.allow_changes, where=args.config)
 
 
 if __name__ == "__main__":
