@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common.durable import atomic_write_json
-from trainer.checkpoint import MARKER, MODEL_FILE, step_dirname
+from common.rundir import RunDir, step_dirname
+from trainer.checkpoint import MARKER, MODEL_FILE
 
 RESULTS_SUBDIR = "evals"
 
@@ -55,7 +56,7 @@ def result_path(ckpt_dir: Path, task: str) -> Path:
 
 
 def archive_path(run_dir: Path, step: int, task: str) -> Path:
-    return Path(run_dir) / RESULTS_SUBDIR / step_dirname(step) / f"{task}.json"
+    return RunDir(run_dir).evals / step_dirname(step) / f"{task}.json"
 
 
 def read_result(ckpt_dir: Path, task: str) -> dict[str, Any] | None:
@@ -115,14 +116,14 @@ def tracking_target(meta: dict[str, Any], ckpt_dir: Path, override: str = "") ->
     config's ``run_dir`` may be relative to wherever training was launched). ``override``
     (``eval.tracking_uri``) replaces the uri; "none" disables logging.
     """
-    from trainer.tracking import RUN_FILE, resolve_uri
+    from trainer.tracking import resolve_uri
 
     run_id = meta.get("mlflow_run_id")
     if not run_id:
         # a checkpoint written while the tracking server was unreachable has no run id; the run
         # created later (in the background, see trainer.tracking) is recorded in the run dir
         try:
-            run_id = json.loads((run_dir_of(ckpt_dir) / RUN_FILE).read_text()).get("run_id")
+            run_id = json.loads(RunDir(run_dir_of(ckpt_dir)).tracking_run.read_text()).get("run_id")
         except (OSError, ValueError, AttributeError):
             run_id = None
     cfg_uri = override or (meta.get("config") or {}).get("tracking", {}).get("uri", "")

@@ -11,8 +11,7 @@ checkpoint through submitit (``local`` subprocesses or ``slurm`` jobs with ``eva
   failed (exit status 1); its error is kept in the state file.
 * Retention: a checkpoint deleted by keep-last-K before its job ran is skipped with a message
   (the job itself also checks, and the watcher never re-creates the directory).
-* End of training: ``RUN_DIR/TRAINING_DONE`` exists, or a committed checkpoint has reached its own
-  config's ``train.max_steps`` (the trainer always commits a final checkpoint at max_steps).
+* End of training: the newest committed checkpoint has reached its own config's ``train.max_steps`` (the trainer always commits a final checkpoint at max_steps).
   Without ``--once`` the watcher polls every ``eval.poll_s`` until then and every checkpoint is
   resolved. ``--once`` does one listing, runs (and retries) the jobs for it, and waits for them:
   local jobs die with the process that started them.
@@ -38,15 +37,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from common.rundir import RunDir
 from evals.config import EvalConfig
 from slurm.resources import SlurmError, parse_time_minutes
 from evals.job import planned_tasks, run_job
-from evals.results import RESULTS_SUBDIR, checkpoint_id, format_scores, is_complete, read_result, write_json_atomic
+from evals.results import checkpoint_id, format_scores, is_complete, read_result, write_json_atomic
 from trainer.checkpoint import list_committed, read_meta
 from trainer.runlock import RunLock
 
-DONE_MARKER = "TRAINING_DONE"
-STATE_FILE = "watch.json"
 LOCK_ROLE = "evals-watch"
 # submitit job ids: a local job's pid, a SLURM job id (array jobs: 123_4)
 JOB_ID_RE = re.compile(r"^[0-9]{1,12}(_[0-9]{1,9})?$")
@@ -57,8 +55,6 @@ class WatchError(RuntimeError):
 
 
 def training_finished(run_dir: Path) -> bool:
-    if (run_dir / DONE_MARKER).exists():
-        return True
     for ckpt in reversed(list_committed(run_dir)):
         try:
             meta = read_meta(ckpt)
@@ -147,12 +143,13 @@ class Watcher:
         self.cfg = cfg
         self.kind = executor
         self.log = log
-        self.dir = self.run_dir / RESULTS_SUBDIR
+        self.layout = RunDir(self.run_dir)
+        self.dir = self.layout.evals
         self.dir.mkdir(parents=True, exist_ok=True)
         self.tasks = planned_tasks(cfg)
         if not self.tasks:
             raise WatchError("nothing to evaluate: eval.hellaswag is false and eval.harness_tasks is empty")
-        self.executor = make_executor(executor, self.dir / "jobs", cfg)
+        self.executor = make_executor(executor, self.layout.eval_jobs, cfg)
         self.entries: dict[str, Entry] = self._load_state()
         self.jobs: dict[str, Any] = {}  # step dir name -> submitit Job (in flight, this process)
         self._lock = RunLock(self.run_dir, LOCK_ROLE, log=log)
@@ -160,7 +157,7 @@ class Watcher:
     # ------------------------------------------------------------------ state
 
     def _load_state(self) -> dict[str, Entry]:
-        path = self.dir / STATE_FILE
+        path = self.layout.eval_watch_state
         if not path.is_file():
             return {}
         try:
@@ -189,7 +186,7 @@ class Watcher:
             "updated": time.time(),
             "checkpoints": {k: vars(e) for k, e in sorted(self.entries.items())},
         }
-        write_json_atomic(self.dir / STATE_FILE, state)
+        write_json_atomic(self.layout.eval_watch_state, state)
 
     def lock(self) -> None:
         """One watcher per run dir; raises :class:`trainer.runlock.RunLockHeld` naming the holder."""
@@ -213,7 +210,7 @@ class Watcher:
 
         if not job_id:
             return None
-        folder = self.dir / "jobs"
+        folder = self.layout.eval_jobs
         if self.kind == "slurm":
             return submitit.SlurmJob(folder=folder, job_id=job_id)
         return _ForeignLocalJob(folder, job_id)
@@ -225,7 +222,7 @@ class Watcher:
         """Why an attempt ended without complete results: its status JSON, else where its log is."""
         if e.status_file:
             try:
-                status = json.loads((self.dir / "jobs" / e.status_file).read_text())
+                status = json.loads((self.layout.eval_jobs / e.status_file).read_text())
                 if isinstance(status, dict) and status.get("error"):
                     # a file in the run dir: printable text only (no terminal escapes from a forged one)
                     text = " | ".join(str(status["error"]).splitlines())
@@ -246,7 +243,7 @@ class Watcher:
             del self.jobs[name]
             e = self.entries[name]
             e.updated = time.time()
-            ckpt = self.run_dir / "checkpoints" / name
+            ckpt = self.layout.checkpoints / name
             if not ckpt.is_dir():
                 e.status = "skipped"
                 self.log(f"watch: {name} was deleted before it could be evaluated: skipped")
@@ -314,7 +311,7 @@ class Watcher:
             e = self.entries[ckpt.name]
             e.attempts += 1
             e.status_file = f"{ckpt.name}.attempt{e.attempts}.status.json"
-            status_path = self.dir / "jobs" / e.status_file
+            status_path = self.layout.eval_jobs / e.status_file
             status_path.parent.mkdir(parents=True, exist_ok=True)
             status_path.unlink(missing_ok=True)  # never read an earlier job's words as this one's
             self.executor.update_parameters(name=f"eval-{ckpt.name}")
@@ -336,7 +333,7 @@ class Watcher:
         if self.jobs:
             return True
         return any(
-            e.status == "new" and (only is None or name in only) and (self.run_dir / "checkpoints" / name).is_dir()
+            e.status == "new" and (only is None or name in only) and (self.layout.checkpoints / name).is_dir()
             for name, e in self.entries.items()
         )
 

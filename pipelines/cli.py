@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from common.rundir import RunDir
 from evals.config import EvalConfig
 from pipelines.config import ConfigError, PipelineConfig, check_geometry, dump_yaml, load_config, to_dict
 
@@ -246,12 +247,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     cfg = None
     if args.config:
         cfg = load_config(args.config, args.overrides)
-    elif (run_dir / "workflow.json").is_file():
+    elif RunDir(run_dir).workflow_state.is_file():
         try:
-            wf = json.loads((run_dir / "workflow.json").read_text())
+            wf = json.loads(RunDir(run_dir).workflow_state.read_text())
             config_path, recorded = wf["config_path"], list(wf.get("overrides", []))
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{run_dir / 'workflow.json'}: unreadable ({e}); pass --config CONFIG") from e
+            raise ConfigError(f"{RunDir(run_dir).workflow_state}: unreadable ({e}); pass --config CONFIG") from e
         cfg = load_config(config_path, [*recorded, *args.overrides])  # the command line's come last and win
     elif args.overrides:
         raise ConfigError(f"{run_dir}: overrides {args.overrides} need a config to apply to, and this run dir has no "

@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+from common.rundir import RunDir
 from dataprep.shards import ShardError, TokenDataset
 from pipelines.config import ConfigError, PipelineConfig
 from slurm import validation
@@ -21,7 +22,7 @@ from trainer import EXIT_REQUEUE
 
 
 def slurm_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir).resolve() / "slurm"
+    return RunDir(Path(run_dir).resolve()).slurm
 
 
 def train_argv(config_path: str, overrides: list[str], cfg: PipelineConfig, allow_changes: bool = False) -> list[str]:
@@ -77,7 +78,7 @@ def submit_training(config_path: str, overrides: list[str], cfg: PipelineConfig,
     return submit_command(
         train_argv(config_path, overrides, cfg, allow_changes),
         cfg.slurm,
-        slurm_dir(run_dir) / "logs" / "%j",
+        RunDir(run_dir).slurm_logs / "%j",
         cluster=executor,
         name=f"pretrain-{run_dir.name}",
         requeue_exit_code=EXIT_REQUEUE,
@@ -134,7 +135,7 @@ def submit_stage(stage: str, argv: list[str], cfg: PipelineConfig, dependency: s
     run_dir = Path(cfg.run_dir).resolve()
     resources, gpus = stage_resources(stage, cfg)
     return submit_command(
-        argv, resources, slurm_dir(run_dir) / "logs" / "%j", cluster=cluster, name=f"pretrain-{stage}-{run_dir.name}",
+        argv, resources, RunDir(run_dir).slurm_logs / "%j", cluster=cluster, name=f"pretrain-{stage}-{run_dir.name}",
         requeue_exit_code=EXIT_REQUEUE, gpus_per_node=gpus, record_in=slurm_dir(run_dir), dependency=dependency,
     )  # fmt: skip
 
@@ -146,13 +147,13 @@ def sbatch_script(config_path: str, overrides: list[str], cfg: PipelineConfig, a
     script = render_sbatch(
         train_argv(config_path, overrides, cfg, allow_changes),
         cfg.slurm,
-        slurm_dir(run_dir) / "logs",
+        RunDir(run_dir).slurm_logs,
         name=f"pretrain-{run_dir.name}",
         requeue_exit_code=EXIT_REQUEUE,
         gpus_per_node=_gpus(cfg),
         chdir=Path.cwd(),
     )
-    (slurm_dir(run_dir) / "logs").mkdir(parents=True, exist_ok=True)
+    (RunDir(run_dir).slurm_logs).mkdir(parents=True, exist_ok=True)
     return script
 
 
@@ -162,7 +163,7 @@ def list_jobs(run_dir: str | Path) -> list[dict]:
     if not root.is_dir():
         raise ConfigError(f"{run_dir}: no such run directory")
     jobs = {j["job_id"]: j for j in recorded_jobs(slurm_dir(root))}
-    logs = slurm_dir(root) / "logs"
+    logs = RunDir(root).slurm_logs
     if logs.is_dir():
         for log in sorted(logs.glob("*-*.out")):
             m = re.fullmatch(r"(.+)-(\d+)\.out", log.name)

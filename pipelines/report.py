@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.durable import atomic_output
+from common.rundir import RunDir
 from pipelines.config import PipelineConfig
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ CHANCE_METRICS = ("acc", "acc_norm")
 
 
 def report_paths(run_dir: Path) -> tuple[Path, Path]:
-    return run_dir / "report.png", run_dir / "report.csv"
+    return RunDir(run_dir).report_png, RunDir(run_dir).report_csv
 
 
 def collect(run_dir: Path) -> list[dict[str, Any]]:
@@ -59,7 +60,7 @@ def collect(run_dir: Path) -> list[dict[str, Any]]:
     from trainer.metrics import read_metrics
 
     rows: dict[int, dict[str, Any]] = {}
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = RunDir(run_dir).metrics
     if metrics_path.is_file():
         for r in read_metrics(metrics_path):
             row = rows.setdefault(int(r["step"]), {"step": int(r["step"])})
@@ -248,7 +249,7 @@ def _sync_run(session: MlflowRun, run_dir: Path, cfg: PipelineConfig | None, run
         if lock is None:
             log(f"report: {busy}")
         else:
-            sent = session.catch_up(run_dir / "metrics.jsonl")
+            sent = session.catch_up(RunDir(run_dir).metrics)
             log(f"report: MLflow run {session.run_id} has every step up to {session.cursor} ({sent} replayed from metrics.jsonl)")
         return True
     finally:

@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.rundir import RunDir
+
 
 def _ago(t: float | None) -> str:
     if not t:
@@ -100,7 +102,7 @@ def _training(run_dir: Path, max_steps: int | None) -> dict[str, Any] | None:
     from trainer.metrics import read_metrics
     from trainer.progress import eta_from_records
 
-    metrics = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    metrics = read_metrics(RunDir(run_dir).metrics) if RunDir(run_dir).metrics.is_file() else []
     if not metrics:
         return None
     last = metrics[-1]
@@ -148,7 +150,7 @@ def status_data(run_dir: str | Path) -> dict[str, Any]:
         "age_s": time.time() - newest["committed_time"] if newest["committed_time"] else None,
     }
     data["latest_evals"] = None
-    archive = run_dir / RESULTS_SUBDIR
+    archive = RunDir(run_dir).evals
     steps = sorted((p for p in archive.glob("step_*") if p.is_dir()), key=lambda p: p.name) if archive.is_dir() else []
     for p in reversed(steps):
         tasks = _results(p)

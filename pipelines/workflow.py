@@ -37,13 +37,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common.durable import atomic_write_json
+from common.rundir import RunDir
 from dataprep.shards import ShardError, TokenDataset
 from pipelines.config import ConfigError, PipelineConfig, flatten, load_config, to_dict
 from trainer.config import RESUME_RUNTIME_KEYS
 from trainer.runlock import RunLock, RunLockHeld
 
 STAGES = ("data", "train", "eval", "report")
-STATE_FILE = "workflow.json"
 STATE_FORMAT = 1
 # Keys that change how a stage runs but not what it produces: changing them never invalidates it.
 RUNTIME_KEYS = {
@@ -130,7 +130,7 @@ class Workflow:
         self.log = log
         self.stages: dict[str, StageState] = {s: StageState() for s in STAGES}
         self.executor = "local"
-        path = self.run_dir / STATE_FILE
+        path = RunDir(self.run_dir).workflow_state
         if path.is_file():
             raw = json.loads(path.read_text())
             if raw.get("format") != STATE_FORMAT:
@@ -144,7 +144,7 @@ class Workflow:
 
     def save(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.run_dir / STATE_FILE, {
+        atomic_write_json(RunDir(self.run_dir).workflow_state, {
             "format": STATE_FORMAT, "config_path": self.config_path, "overrides": self.overrides,
             "executor": self.executor, "stages": {n: dataclasses.asdict(s) for n, s in self.stages.items()},
         })  # fmt: skip
@@ -167,12 +167,13 @@ class Workflow:
                 )
 
     def _reset(self, name: str) -> None:
-        if name == "train" and (self.run_dir / "checkpoints").exists():
-            archive = self.run_dir / "archive" / time.strftime("%Y%m%d-%H%M%S")
+        layout = RunDir(self.run_dir)
+        if name == "train" and layout.checkpoints.exists():
+            archive = layout.archive / time.strftime("%Y%m%d-%H%M%S")
             archive.mkdir(parents=True, exist_ok=True)
-            for item in ("checkpoints", "metrics.jsonl", "mlflow_run.json", "evals", "TRAINING_DONE"):
-                if (self.run_dir / item).exists():
-                    shutil.move(str(self.run_dir / item), archive / item)
+            for item in (layout.checkpoints, layout.metrics, layout.tracking_run, layout.tracking_cursor, layout.evals):
+                if item.exists():
+                    shutil.move(str(item), archive / item.name)
             self.log(f"workflow: previous training outputs moved to {archive}")
         if name == "data" and (Path(self.cfg.data.output_dir) / "manifest.json").exists():
             raise ConfigError(

@@ -20,9 +20,8 @@ from pipelines.report import write_report
 from tests.conftest import skip_or_fail
 from trainer.metrics import MetricsLog
 from trainer.progress import StepTimer, eta_from_records, format_duration
+from common.rundir import RunDir
 from trainer.provenance import (
-    CONFIG_FILE,
-    PREV_CONFIG_FILE,
     git_state,
     write_run_config,
 )
@@ -56,12 +55,12 @@ def test_git_state_names_the_commit_and_whether_tracked_files_changed(tmp_path):
 def test_run_config_is_rewritten_by_each_start_keeping_the_previous_one(tmp_path):
     run_dir = tmp_path / "run"
     write_run_config(run_dir, "train:\n  lr: 0.1\n")
-    assert (run_dir / CONFIG_FILE).read_text() == "train:\n  lr: 0.1\n" and not (run_dir / PREV_CONFIG_FILE).exists()
+    assert RunDir(run_dir).config.read_text() == "train:\n  lr: 0.1\n" and not RunDir(run_dir).prev_config.exists()
     write_run_config(run_dir, "train:\n  lr: 0.1\n")  # the same config again: nothing to keep
-    assert not (run_dir / PREV_CONFIG_FILE).exists()
+    assert not RunDir(run_dir).prev_config.exists()
     write_run_config(run_dir, "train:\n  lr: 0.2\n")
-    assert (run_dir / CONFIG_FILE).read_text() == "train:\n  lr: 0.2\n"
-    assert (run_dir / PREV_CONFIG_FILE).read_text() == "train:\n  lr: 0.1\n"
+    assert RunDir(run_dir).config.read_text() == "train:\n  lr: 0.2\n"
+    assert RunDir(run_dir).prev_config.read_text() == "train:\n  lr: 0.1\n"
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")], "no temporary file left behind"
 
 

@@ -49,9 +49,9 @@ from typing import Any, Callable
 import torch
 
 from common.durable import atomic_write_json, file_sha256, fsync_dir
+from common.rundir import RunDir, step_dirname
 from trainer.model import GPT, GPTConfig
 
-CKPT_SUBDIR = "checkpoints"
 MARKER = "COMMITTED.json"
 FORMAT_VERSION = 1
 MODEL_FILE = "model.pt"
@@ -83,11 +83,7 @@ def is_disk_full(exc: BaseException | None) -> bool:
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CKPT_SUBDIR
-
-
-def step_dirname(step: int) -> str:
-    return f"step_{step:08d}"
+    return RunDir(run_dir).checkpoints
 
 
 def _step_of(path: Path) -> int | None:

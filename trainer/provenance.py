@@ -37,9 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from common.durable import atomic_write_bytes
+from common.rundir import RunDir
 
-CONFIG_FILE = "config.yaml"
-PREV_CONFIG_FILE = "config.prev.yaml"
 GIT_TIMEOUT_S = 5.0  # a hung NFS checkout must not hold up tracking for long
 DIGEST_CHARS = 36  # MLflow's SQL stores: datasets.digest is VARCHAR(36)
 SOURCE_NAME = "pretrain train"
@@ -50,7 +49,8 @@ def write_run_config(run_dir: str | Path, text: str) -> None:
     """``RUN_DIR/config.yaml`` (atomic); a previous, different one becomes ``config.prev.yaml``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / CONFIG_FILE
+    layout = RunDir(run_dir)
+    path = layout.config
     try:
         old: str | None = path.read_text()
     except FileNotFoundError:
@@ -58,7 +58,7 @@ def write_run_config(run_dir: str | Path, text: str) -> None:
     if old == text:
         return
     if old is not None:
-        atomic_write_bytes(run_dir / PREV_CONFIG_FILE, old.encode())
+        atomic_write_bytes(layout.prev_config, old.encode())
     atomic_write_bytes(path, text.encode())
 
 

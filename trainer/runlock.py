@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-LOCK_DIR = ".locks"
+from common.rundir import RunDir
+
 WAIT_S = 10.0  # a local rerun racing the exit of the previous attempt's processes
 REQUEUE_WAIT_S = 300.0  # a requeued SLURM job: the previous incarnation may be in SLURM's KillWait
 
@@ -50,7 +51,7 @@ class RunLock:
     def __init__(self, run_dir: str | Path, role: str, wait_s: float | None = None, log: Callable[[str], None] = print) -> None:
         if not role or "/" in role or role.startswith("."):
             raise ValueError(f"bad lock role {role!r}")
-        self.path = Path(run_dir) / LOCK_DIR / f"{role}.lock"
+        self.path = RunDir(run_dir).lock(role)
         self.role = role
         self.wait_s = default_wait_s() if wait_s is None else wait_s
         self.log = log

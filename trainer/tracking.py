@@ -43,10 +43,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common.rundir import RunDir
 from trainer.provenance import SystemMetrics, manifest_dataset_input, provenance_tags
 from trainer.tracking_mlflow import (
     MAX_BATCH_METRICS,
-    RUN_FILE,
     MlflowRun,
     Point,
     describe,
@@ -54,7 +54,7 @@ from trainer.tracking_mlflow import (
     read_points,
 )
 
-__all__ = ["RUN_FILE", "MlflowTracker", "NullTracker", "TrackingError", "resolve_uri", "start_tracking"]
+__all__ = ["MlflowTracker", "NullTracker", "TrackingError", "resolve_uri", "start_tracking"]
 
 DISABLED = ("none", "off", "false", "disabled")
 START_WAIT_S = 15.0  # the first open of a tracking server
@@ -101,7 +101,7 @@ class MlflowTracker:
         self.uri = uri
         self.experiment = experiment
         self.run_dir = Path(run_dir)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = RunDir(self.run_dir).metrics
         self.params = params
         self.run_name = run_name
         self.data_dir = data_dir  # its manifest becomes the run's dataset input (trainer.provenance)
@@ -232,7 +232,7 @@ class MlflowTracker:
         if is_definitive(exc):
             what = "refused the run" if opening else "refused a request"
             unknown_run = opening and getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
-            hint = (f" (the run recorded in {self.run_dir / RUN_FILE} or the checkpoint is not on this server? "
+            hint = (f" (the run recorded in {RunDir(self.run_dir).tracking_run} or the checkpoint is not on this server? "
                     "point tracking.uri at the server that has it, or use tracking.uri=none)") if unknown_run else ""
             self._refusal = f"MLflow tracking at {self.uri} {what}: {describe(exc)}{hint}"
             self._dead = True

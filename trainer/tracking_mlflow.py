@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from common.durable import atomic_write_json
+from common.rundir import RunDir
 
-RUN_FILE = "mlflow_run.json"
-CURSOR_FILE = "mlflow_cursor.json"
 CURSOR_TAG = "pretrain.metrics_through_step"
 # The columns of a metrics.jsonl line that become MLflow metrics (the rest: step, time, dt, sample, skipped).
 TRACKED_KEYS = ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "val_loss")
@@ -95,7 +94,7 @@ def read_run_file(run_dir: Path) -> dict[str, Any] | None:
     """``mlflow_run.json``: ``run_id``; ``uri`` as the run was created; ``sqlite`` (a local store's
     path relative to the run dir). ``uri`` is replaced by the store that belongs to this copy of
     the run dir (see ``recorded_uri``)."""
-    path = Path(run_dir) / RUN_FILE
+    path = RunDir(run_dir).tracking_run
     if not path.is_file():
         return None
     rec = json.loads(path.read_text())
@@ -172,7 +171,7 @@ class MlflowRun:
         run = self.client.create_run(exp_id, run_name=run_name, tags={"run_dir": str(self.run_dir.resolve())})
         self.run_id = run.info.run_id
         # at once, before anything else can fail: a restart must continue this run, not make another
-        _write_json_atomic(self.run_dir / RUN_FILE, run_file_record(self.run_id, self.uri, self.run_dir))
+        _write_json_atomic(RunDir(self.run_dir).tracking_run, run_file_record(self.run_id, self.uri, self.run_dir))
         self._log_params(params, existing={})
         self.cursor = 0
         self.log(f"mlflow: created run {self.run_id} in experiment '{experiment}' at {self.uri}")
@@ -181,7 +180,7 @@ class MlflowRun:
     def _cursor_of(self, tags: dict[str, str]) -> int:
         if CURSOR_TAG in tags:
             return int(tags[CURSOR_TAG])
-        path = self.run_dir / CURSOR_FILE
+        path = RunDir(self.run_dir).tracking_cursor
         try:
             saved = json.loads(path.read_text())
             return int(saved["step"]) if saved.get("run_id") == self.run_id else 0
@@ -232,7 +231,7 @@ class MlflowRun:
             self.client.log_batch(self.run_id, metrics=metrics, tags=[RunTag(CURSOR_TAG, str(last))])
             self.cursor = last
             sent += len(batch)
-            _write_json_atomic(self.run_dir / CURSOR_FILE, {"run_id": self.run_id, "step": last, "time": time.time()})
+            _write_json_atomic(RunDir(self.run_dir).tracking_cursor, {"run_id": self.run_id, "step": last, "time": time.time()})
         return sent
 
     def catch_up(self, metrics_path: Path, upto: int | None = None) -> int:

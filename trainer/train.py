@@ -42,6 +42,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common.durable import atomic_write_json
+from common.rundir import RunDir
 from common.strict import ConfigError, flatten, read_yaml_mapping
 from dataprep.shards import ShardError, TokenDataset
 from trainer import EXIT_FAILURE, EXIT_FILE_ENV, EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE
@@ -185,7 +186,7 @@ class Trainer:
         self._nan_steps = nan_fault_steps(env.rank)
         self.run_id: str | None = None
         loader_state = LoaderState()
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.metrics = MetricsLog(RunDir(self.run_dir).metrics)
 
         resumed = self._resume()
         if resumed is not None:
@@ -285,7 +286,7 @@ class Trainer:
             return {"path": str(ckpt), "error": None}
         if unusable:
             return {"path": None, "error": (
-                f"{self.run_dir / 'checkpoints'}: none of the {len(unusable)} committed checkpoints verifies and loads; "
+                f"{RunDir(self.run_dir).checkpoints}: none of the {len(unusable)} committed checkpoints verifies and loads; "
                 "refusing to start from scratch over them (move them away to really start anew)")}
         return {"path": None, "error": None}
 
