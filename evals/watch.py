@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 from common.rundir import RunDir
 from evals.config import EvalConfig
+from slurm.executor import KINDS, JobResources, build_executor
 from slurm.resources import SlurmError, parse_time_minutes
 from evals.job import planned_tasks, run_job
 from evals.results import checkpoint_id, format_scores, is_complete, read_result, write_json_atomic
@@ -65,27 +66,19 @@ def training_finished(run_dir: Path) -> bool:
     return False
 
 
-def make_executor(kind: str, folder: Path, cfg: EvalConfig):
+def make_executor(kind: str, folder: Path, cfg: EvalConfig) -> Any:
     """A submitit executor: ``local`` (subprocesses) or ``slurm`` (``eval.slurm.*`` resources)."""
-    import submitit
-
-    if kind not in ("local", "slurm"):
-        raise WatchError(f"--executor must be local or slurm, got {kind!r}")
-    ex = submitit.AutoExecutor(folder=str(folder), cluster=kind)
     s = cfg.slurm
     try:
-        minutes = parse_time_minutes(s.time)
+        minutes = parse_time_minutes(s.time) if kind in KINDS else 0  # an unknown kind is the error to report
     except SlurmError as e:
         raise WatchError(f"eval.slurm.time: {e}") from e
-    params: dict[str, Any] = {"timeout_min": minutes, "name": "pretrain-eval"}
-    if kind == "slurm":
-        params.update(nodes=1, tasks_per_node=1, gpus_per_node=s.gpus, cpus_per_task=s.cpus)
-        if s.mem_gb:
-            params["mem_gb"] = s.mem_gb
-        extra = {"slurm_partition": s.partition, "slurm_account": s.account, "slurm_qos": s.qos}
-        params.update({k: v for k, v in extra.items() if v})
-    ex.update_parameters(**params)
-    return ex
+    resources = JobResources(timeout_min=minutes, nodes=1, gpus_per_node=s.gpus, cpus_per_task=s.cpus, mem_gb=s.mem_gb,
+                             partition=s.partition, account=s.account, qos=s.qos)
+    try:
+        return build_executor(kind, folder, resources, "pretrain-eval")
+    except SlurmError as e:
+        raise WatchError(str(e)) from e
 
 
 def _error_line(ex: BaseException) -> str:

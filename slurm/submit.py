@@ -13,6 +13,7 @@ import submitit
 
 from slurm import validation
 from slurm.config import SlurmConfig
+from slurm.executor import JobResources, build_executor
 from slurm.node_command import NodeCommand
 from slurm.resources import SlurmError, check_fits, extra_parameters, parse_time_minutes
 
@@ -21,31 +22,29 @@ JOBS_FILE = "jobs.jsonl"
 _DEPENDENCY = re.compile(r"singleton|[a-z]+(?::[0-9_+]+)+(?:[,?][a-z]+(?::[0-9_+]+)+)*")
 
 
-def make_executor(folder: Path, cfg: SlurmConfig, cluster: str, name: str, gpus_per_node: int) -> submitit.Executor:
-    """A submitit executor for `cluster` ("slurm" or "local") with one task per node.
+def make_executor(folder: Path, cfg: SlurmConfig, cluster: str, name: str, gpus_per_node: int,
+                  dependency: str = "") -> submitit.Executor:
+    """A submitit executor for `cluster` ("slurm" or "local") with the ``slurm`` section's resources.
 
     submitit writes every parameter as ``#SBATCH --key=<shlex-quoted value>`` and the folder
     into its ``--output``/``--error`` lines and ``srun`` command: values are checked here first
     (no control character could end a comment line, no ``%``/backslash in the folder, a SLURM-safe
     job name), so nothing handed over can break out of submitit's script either."""
     check_submittable(folder, cfg)
-    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster, slurm_max_num_timeout=cfg.max_requeues)
-    params: dict = {"name": validation.job_name(name), "timeout_min": parse_time_minutes(cfg.time), "tasks_per_node": 1, "nodes": cfg.nodes}
-    if cluster == "slurm":
-        params.update(
-            cpus_per_task=cfg.cpus_per_task,
-            slurm_signal_delay_s=cfg.signal_delay_s,
-            slurm_additional_parameters=extra_parameters(cfg.extra),
-        )
-        if gpus_per_node:
-            params["gpus_per_node"] = gpus_per_node
-        if cfg.mem_gb:
-            params["mem_gb"] = cfg.mem_gb
-        for key in ("partition", "account", "qos", "constraint"):
-            if getattr(cfg, key):
-                params[f"slurm_{key}"] = getattr(cfg, key)
-    executor.update_parameters(**params)
-    return executor
+    return build_executor(cluster, folder, job_resources(cfg, gpus_per_node, dependency), name)
+
+
+def job_resources(cfg: SlurmConfig, gpus_per_node: int, dependency: str = "") -> JobResources:
+    """The ``slurm`` section as one job's request (`dependency` is SLURM's, e.g. "afterok:123")."""
+    additional = extra_parameters(cfg.extra)
+    if dependency:
+        additional["dependency"] = dependency
+    return JobResources(
+        timeout_min=parse_time_minutes(cfg.time), nodes=cfg.nodes, gpus_per_node=gpus_per_node or None,
+        cpus_per_task=cfg.cpus_per_task, mem_gb=cfg.mem_gb, partition=cfg.partition, account=cfg.account,
+        qos=cfg.qos, constraint=cfg.constraint, additional=additional, signal_delay_s=cfg.signal_delay_s,
+        max_requeues=cfg.max_requeues,
+    )
 
 
 def check_submittable(folder: Path, cfg: SlurmConfig) -> None:
@@ -80,9 +79,7 @@ def submit_command(
         raise SlurmError(f"not a SLURM job dependency: {dependency!r}")
     if cluster == "slurm":
         check_fits(cfg, gpus_per_node)
-    executor = make_executor(log_dir, cfg, cluster, name, gpus_per_node)
-    if dependency and cluster == "slurm":
-        executor.update_parameters(slurm_additional_parameters={**extra_parameters(cfg.extra), "dependency": dependency})
+    executor = make_executor(log_dir, cfg, cluster, name, gpus_per_node, dependency)
     grace = max(5.0, cfg.signal_delay_s - 5.0)
     job = executor.submit(NodeCommand(argv, requeue_exit_code, cfg.max_requeues, grace_s=grace))
     if record_in is not None:
