@@ -26,8 +26,6 @@ import time
 import submitit
 from submitit.core.utils import UncompletedJobError
 
-PLACEHOLDERS = ("{nnodes}", "{rdzv_endpoint}", "{job_id}")
-
 
 def rendezvous_port(job_id: str) -> int:
     digits = "".join(c for c in str(job_id) if c.isdigit()) or "0"
