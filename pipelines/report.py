@@ -68,7 +68,7 @@ def collect(run_dir: Path) -> list[dict[str, Any]]:
             row["train_loss"] = r.get("loss")
             if r.get("val_loss") is not None:
                 row["val_loss"] = r["val_loss"]
-    for path in sorted((run_dir / "evals").glob("step_*/**/*.json")):
+    for path in sorted(RunDir(run_dir).evals.glob("step_*/**/*.json")):
         try:
             res = json.loads(path.read_text())
             step = int(res["step"])
@@ -133,6 +133,7 @@ def plot_series(rows: list[dict[str, Any]], cfg: PipelineConfig | None = None) -
 
 
 def write_report(run_dir: str | Path, cfg: PipelineConfig | None = None, log: Callable[[str], None] = print) -> tuple[Path, Path]:
+    """Write RUN_DIR/report.csv and report.png (each atomically), then attach them to the MLflow run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,18 +142,38 @@ def write_report(run_dir: str | Path, cfg: PipelineConfig | None = None, log: Ca
     run_dir = Path(run_dir)
     rows = collect(run_dir)
     png, csv_path = report_paths(run_dir)
+    _write_csv(csv_path, rows)
+
+    series = plot_series(rows, cfg)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    _draw_loss(axes[0], series["loss"], run_dir.name)
+    _draw_evals(axes[1], series["evals"])
+    for target, col in ((axes[0], "val_loss"), (axes[1], "eval/hellaswag/acc_norm")):
+        for name, value in series["references"].get(col, []):
+            target.axhline(value, linestyle="--", linewidth=0.8, color="gray")
+            target.annotate(f"{name} {value}", (0.01, value), xycoords=("axes fraction", "data"), fontsize=7, color="gray")
+    tokens_per_step = next((r["tokens"] / r["step"] for r in rows if r.get("tokens") and r.get("train_loss") is not None), None)
+    _finish_axes(axes, tokens_per_step)
+    fig.tight_layout()
+    with atomic_output(png) as f:
+        fig.savefig(f, dpi=110, format="png")
+    plt.close(fig)
+    log(f"report: {png} and {csv_path} ({len(rows)} steps, {len(series['evals'])} eval series)")
+    _log_artifacts(run_dir, cfg, [png, csv_path], log)
+    return png, csv_path
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """The run's own values, one row per step (eval columns sorted, stderr included)."""
     columns = ["step", "tokens", "train_loss", "val_loss"] + sorted({k for r in rows for k in r if k.startswith("eval/")})
-    with atomic_output(csv_path, "w") as f:
+    with atomic_output(path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
-    series = plot_series(rows, cfg)
-    eval_cols = list(series["evals"])
-    tokens_per_step = next((r["tokens"] / r["step"] for r in rows if r.get("tokens") and r.get("train_loss") is not None), None)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    ax = axes[0]
-    loss = series["loss"]
+
+def _draw_loss(ax: Any, loss: dict[str, list[tuple[float, float]]], title: str) -> None:
+    """Raw train loss (faint) under its EMA in the same colour, and val loss with markers."""
     if loss["train_loss"]:
         line = ax.plot(*zip(*loss["train_loss"]), "-", linewidth=0.7, alpha=0.35, label="train loss")[0]
         ax.plot(*zip(*loss["train_loss_smoothed"]), "-", linewidth=1.4, color=line.get_color(), label="train loss (EMA)")
@@ -160,27 +181,32 @@ def write_report(run_dir: str | Path, cfg: PipelineConfig | None = None, log: Ca
         ax.plot(*zip(*loss["val_loss"]), "o-", label="val loss", markersize=3, linewidth=1)
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss")
-    ax.set_title(f"{run_dir.name}: loss")
-    ax2 = axes[1]
+    ax.set_title(f"{title}: loss")
+
+
+def _draw_evals(ax: Any, evals: dict[str, dict[str, Any]]) -> None:
+    """Each eval column with ±1 stderr bars; one dashed chance line per distinct chance level."""
     chance_drawn: set[float] = set()
-    for col, data in series["evals"].items():
+    for col, data in evals.items():
         xs, ys = zip(*data["points"])
         errs = [e if e is not None else 0.0 for e in data["stderr"]]
-        bar = ax2.errorbar(xs, ys, yerr=errs if any(errs) else None, fmt="o-", label=col.removeprefix("eval/"),
-                           markersize=4, capsize=3, linewidth=1)
+        bar = ax.errorbar(xs, ys, yerr=errs if any(errs) else None, fmt="o-", label=col.removeprefix("eval/"),
+                          markersize=4, capsize=3, linewidth=1)
         if data["chance"] is not None and data["chance"] not in chance_drawn:
             chance_drawn.add(data["chance"])
-            ax2.axhline(data["chance"], linestyle="--", linewidth=0.9, color=bar.lines[0].get_color(), alpha=0.7)
-            ax2.annotate(f"chance {data['chance']:.2f}", (0.99, data["chance"]), xycoords=("axes fraction", "data"),
-                         ha="right", va="bottom", fontsize=7, color="gray")
-    ax2.set_xlabel("tokens")
-    ax2.set_ylabel("metric (±1 stderr)")
-    ax2.set_title("evals of saved checkpoints")
-    for target, col in ((ax, "val_loss"), (ax2, "eval/hellaswag/acc_norm")):
-        for name, value in series["references"].get(col, []):
-            target.axhline(value, linestyle="--", linewidth=0.8, color="gray")
-            target.annotate(f"{name} {value}", (0.01, value), xycoords=("axes fraction", "data"), fontsize=7, color="gray")
-    if tokens_per_step:  # steps on the top axis, tokens on the bottom one
+            ax.axhline(data["chance"], linestyle="--", linewidth=0.9, color=bar.lines[0].get_color(), alpha=0.7)
+            ax.annotate(f"chance {data['chance']:.2f}", (0.99, data["chance"]), xycoords=("axes fraction", "data"),
+                        ha="right", va="bottom", fontsize=7, color="gray")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("metric (±1 stderr)")
+    ax.set_title("evals of saved checkpoints")
+    if not evals:
+        ax.text(0.5, 0.5, "no eval results yet", ha="center", va="center", transform=ax.transAxes)
+
+
+def _finish_axes(axes: Any, tokens_per_step: float | None) -> None:
+    """Steps on a top axis (tokens stay on the bottom one), grids, and legends where lines have labels."""
+    if tokens_per_step:
         for a in axes:
             top = a.secondary_xaxis("top", functions=(lambda t: t / tokens_per_step, lambda s: s * tokens_per_step))
             top.set_xlabel("step", fontsize=8)
@@ -188,15 +214,6 @@ def write_report(run_dir: str | Path, cfg: PipelineConfig | None = None, log: Ca
         a.grid(alpha=0.3)
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=8)
-    if not eval_cols:
-        ax2.text(0.5, 0.5, "no eval results yet", ha="center", va="center", transform=ax2.transAxes)
-    fig.tight_layout()
-    with atomic_output(png) as f:
-        fig.savefig(f, dpi=110, format="png")
-    plt.close(fig)
-    log(f"report: {png} and {csv_path} ({len(rows)} steps, {len(eval_cols)} eval series)")
-    _log_artifacts(run_dir, cfg, [png, csv_path], log)
-    return png, csv_path
 
 
 def _log_artifacts(run_dir: Path, cfg: PipelineConfig | None, paths: list[Path], log: Callable[[str], None]) -> None:
