@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from trainer import precision
 from trainer.model import GPT, GPT2_VOCAB
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -88,13 +89,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def autocast_for(device: torch.device, dtype: str = "auto") -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (as in training), exact fp32 on CPU unless asked otherwise."""
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-    if dtype not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"eval.dtype must be auto, float32 or bfloat16, got {dtype!r}")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 autocast on CUDA (as in training), exact fp32 on CPU unless asked otherwise
+    (:mod:`trainer.precision` decides, for training and evaluation alike)."""
+    return precision.autocast(device, precision.compute_dtype(dtype, device, key="eval.dtype"))
 
 
 # ------------------------------------------------------------------ forward with a mask

@@ -3,7 +3,10 @@
 One optimizer step = ``grad_accum`` micro-steps of (B, T) tokens per rank, where
 ``grad_accum = batch_tokens / (B * T * world_size)``. Gradients are all-reduced only on the last
 micro-step (``no_sync`` before it) and each micro-loss is divided by ``grad_accum`` so the
-accumulated gradient is the mean over the whole batch, as with one big batch.
+accumulated gradient is the mean over the whole batch, as with one big batch. The step itself is
+``trainer.step.TrainStep`` (which ``bench/train_step.py`` times); this module runs it with the
+data, the run dir, the lock, tracking and checkpoints around it. Everything a checkpoint records
+besides weights and optimizer is ``trainer.state.TrainState``.
 
 After step ``s`` (1-based) the worker, in this order: writes the metrics line of ``s`` (with the
 val loss / sample when due), checkpoints when due, then checks (collectively) for a stop signal.
@@ -28,9 +31,7 @@ one bit for bit on the same hardware and world size.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -39,13 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common.durable import atomic_write_json
 from common.rundir import RunDir
 from common.strict import ConfigError, flatten, read_yaml_mapping
 from dataprep.shards import ShardError, TokenDataset
-from trainer import EXIT_FAILURE, EXIT_FILE_ENV, EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE
+from trainer import EXIT_FAILURE, EXIT_FILE_ENV, EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE, precision
 from trainer.checkpoint import (
     MODEL_FILE,
     OPTIM_FILE,
@@ -74,16 +74,16 @@ from trainer.dist import (
     shutdown,
 )
 from trainer.metrics import MetricsLog
-from trainer.model import GPT, GPTConfig, resolve_config, sdpa_backend_problem
-from trainer.optim import build_optimizer, lr_at, set_lr
+from trainer.model import GPTConfig, resolve_config
+from trainer.optim import build_optimizer
 from trainer.progress import StepTimer, format_duration
 from trainer.provenance import write_run_config
 from trainer.rng import capture_rng, restore_rng, seed_all
 from trainer.runlock import RunLock, RunLockHeld
 from trainer.signals import StopFlag
+from trainer.state import TrainState
+from trainer.step import TrainStep, build_model, to_device, wrap_model
 from trainer.tracking import NullTracker, TrackingError, start_tracking
-
-STATE_FORMAT = 1
 
 # Dense peak FLOP/s per GPU: (bf16, tf32). Used for MFU when train.peak_flops is 0.
 PEAK_FLOPS = {"H100": (989.4e12, 494.7e12), "H200": (989.4e12, 494.7e12), "A100": (312e12, 156e12), "L4": (121e12, 60e12)}
@@ -148,66 +148,21 @@ class Trainer:
         self.stop_reason = ""  # why fit() returned EXIT_REFUSED (a run that kept producing NaN)
         tc = cfg.train
         self.run_dir = Path(cfg.run_dir)
-        try:
-            self.gpt_cfg: GPTConfig = resolve_config(cfg.model)
-        except ValueError as e:
-            raise RefusedError(str(e)) from e
-        if tc.seq_len > self.gpt_cfg.block_size:
-            raise RefusedError(f"train.seq_len ({tc.seq_len}) exceeds the model's block_size ({self.gpt_cfg.block_size})")
-        self.grad_accum = grad_accum_steps(tc.batch_tokens, tc.micro_batch_size, tc.seq_len, env.world_size)
-        try:
-            self.dataset = TokenDataset(cfg.data_dir)
-        except ShardError as e:
-            raise RefusedError(f"data.output_dir: {e}") from e
-
-        dev = env.device
-        self.device_type = dev.type
-        if tc.dtype not in ("auto", "bfloat16", "float32"):
-            raise RefusedError(f"train.dtype must be auto, bfloat16 or float32, got '{tc.dtype}'")
-        self.bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and dev.type == "cuda")
-        if dev.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            torch.set_float32_matmul_precision("high")
-
-        # identical init on every rank (DDP would broadcast rank 0's anyway); then per-rank RNG streams
-        seed_all(tc.seed)
-        self.model = GPT(self.gpt_cfg).to(dev)
-        problem = sdpa_backend_problem(tc.sdpa_backend, dev.type)
-        if problem:
-            raise RefusedError(problem)
-        self.model.set_runtime(loss_chunk_tokens=tc.loss_chunk_tokens, sdpa_backend=tc.sdpa_backend)
-        seed_all(tc.seed + env.rank)
-        log0(env, self.model.summary())
-        self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, dev.type)
-        self.step = 0
-        self.tokens_seen = 0
-        self.skipped_in_row = 0  # consecutive non-finite steps (checkpointed: resume stays exact)
-        self._nan_steps = nan_fault_steps(env.rank)
-        self.run_id: str | None = None
-        loader_state = LoaderState()
+        self._check_setup()
+        self._build_model()
+        self.state = TrainState(
+            world_size=env.world_size, model=dataclasses.asdict(self.gpt_cfg), model_shape=self.gpt_cfg.shape(),
+            data_fingerprint=self.dataset.fingerprint, data_dir=str(self.dataset.directory), config=cfg.resolved,
+        )
         self.metrics = MetricsLog(RunDir(self.run_dir).metrics)
-
-        resumed = self._resume()
-        if resumed is not None:
-            loader_state = resumed
-        try:
-            self.loader = TrainLoader(self.dataset, tc.micro_batch_size, tc.seq_len, env.rank, env.world_size, tc.seed, loader_state)
-        except ValueError as e:
-            raise RefusedError(str(e)) from e
-        self.val = ValBatches(self.dataset, tc.micro_batch_size, tc.seq_len, env.rank, env.world_size, tc.val_batches) if tc.val_every > 0 else None
-
+        self._build_data(self._resume() or LoaderState())
         self.tracker = self._start_tracking()
         self.writer = CheckpointWriter(
-            self.run_dir, tc.keep_last, tc.keep_every, asynchronous=tc.async_ckpt and dev.type == "cuda", log=lambda m: log0(env, m)
+            self.run_dir, tc.keep_last, tc.keep_every, asynchronous=tc.async_ckpt and env.device.type == "cuda", log=lambda m: log0(env, m)
         ) if env.is_main else None
-
-        self.compiled = torch.compile(self.model, mode=tc.compile_mode, fullgraph=tc.compile_fullgraph) if tc.compile else self.model
-        if env.distributed:
-            self.ddp = DDP(self.compiled, device_ids=[dev.index] if dev.type == "cuda" else None)
-        else:
-            self.ddp = self.compiled
-        self.peak = peak_flops(tc.peak_flops, dev, self.bf16)
+        self.compiled, self.ddp = wrap_model(self.model, tc, env)
+        self.train_step = TrainStep(self.model, self.ddp, self.optimizer, tc, env, self.grad_accum, nan_fault_steps(env.rank))
+        self.peak = peak_flops(tc.peak_flops, env.device, self.dtype == torch.bfloat16)
         self.flops_per_token = self.model.flops_per_token(tc.seq_len)
         self._tokenizer = None
         self._tokenizer_failed = False
@@ -216,6 +171,47 @@ class Trainer:
         self._parent = os.getppid() if env.distributed else None
 
     # ------------------------------------------------------------------ setup
+
+    def _check_setup(self) -> None:
+        """Model shape, batch geometry, dataset and dtype, or RefusedError naming what is wrong."""
+        cfg, tc = self.cfg, self.cfg.train
+        try:
+            self.gpt_cfg: GPTConfig = resolve_config(cfg.model)
+        except ValueError as e:
+            raise RefusedError(str(e)) from e
+        if tc.seq_len > self.gpt_cfg.block_size:
+            raise RefusedError(f"train.seq_len ({tc.seq_len}) exceeds the model's block_size ({self.gpt_cfg.block_size})")
+        self.grad_accum = grad_accum_steps(tc.batch_tokens, tc.micro_batch_size, tc.seq_len, self.env.world_size)
+        try:
+            self.dataset = TokenDataset(cfg.data_dir)
+        except ShardError as e:
+            raise RefusedError(f"data.output_dir: {e}") from e
+        try:
+            self.dtype = precision.compute_dtype(tc.dtype, self.env.device, key="train.dtype")
+        except ValueError as e:
+            raise RefusedError(str(e)) from e
+
+    def _build_model(self) -> None:
+        """The model (identical init on every rank) and AdamW; then per-rank RNG streams."""
+        env, tc = self.env, self.cfg.train
+        precision.configure_matmul(env.device)
+        # identical init on every rank (DDP would broadcast rank 0's anyway); then per-rank RNG streams
+        seed_all(tc.seed)
+        try:
+            self.model = build_model(self.gpt_cfg, tc, env.device)
+        except ValueError as e:  # train.sdpa_backend that this device cannot run
+            raise RefusedError(str(e)) from e
+        seed_all(tc.seed + env.rank)
+        log0(env, self.model.summary())
+        self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, env.device.type)
+
+    def _build_data(self, loader_state: LoaderState) -> None:
+        env, tc = self.env, self.cfg.train
+        try:
+            self.loader = TrainLoader(self.dataset, tc.micro_batch_size, tc.seq_len, env.rank, env.world_size, tc.seed, loader_state)
+        except ValueError as e:
+            raise RefusedError(str(e)) from e
+        self.val = ValBatches(self.dataset, tc.micro_batch_size, tc.seq_len, env.rank, env.world_size, tc.val_batches) if tc.val_every > 0 else None
 
     def _resume(self) -> LoaderState | None:
         """Resume from the newest usable checkpoint, or start a new run.
@@ -238,23 +234,9 @@ class Trainer:
             if decision["path"] is None:
                 break
             ckpt = Path(decision["path"])
-            error = None
-            try:
-                loader_state = self._load_checkpoint(ckpt)
-            except (OSError, MemoryError, torch.OutOfMemoryError):
-                raise  # the machine, not the checkpoint (a retry may help): never discard a checkpoint for it
-            except Exception as e:  # noqa: BLE001 - any other failure to load = unusable checkpoint
-                error = f"{type(e).__name__}: {e}"
-                print(f"rank {env.rank}: cannot load {ckpt}: {error}", file=sys.stderr, flush=True)
+            loader_state, error = self._try_load(ckpt)
             if not any_rank(env, error is not None):
-                if env.is_main:
-                    for bad in unusable:
-                        moved = set_aside(bad, "unusable")
-                        log0(env, f"checkpoint: moved unusable {bad.name} aside to {moved.name} (kept for inspection)")
-                    dropped = self.metrics.truncate_after(self.step)
-                    if dropped:
-                        log0(env, f"metrics: dropped {dropped} lines past step {self.step} (steps re-run after the resume)")
-                log0(env, f"resumed from {ckpt} at step {self.step} ({self.tokens_seen:,} tokens seen), data position {loader_state}")
+                self._resumed(ckpt, unusable, loader_state)
                 return loader_state
             if env.is_main:
                 warnings.warn(f"checkpoint {ckpt.name} verifies but does not load ({error or 'failed on another rank'}); "
@@ -262,12 +244,35 @@ class Trainer:
                 log0(env, f"checkpoint: skipping {ckpt.name}: committed but unloadable; trying the previous one")
                 unusable.append(ckpt)
         log0(env, f"starting a new run in {self.run_dir}")
-        self.step, self.tokens_seen, self.skipped_in_row, self.run_id = 0, 0, 0, None
+        self.state.reset()
         if env.is_main:
             dropped = self.metrics.truncate_after(0)
             if dropped:
                 log0(env, f"metrics: dropped {dropped} lines of an earlier attempt that never checkpointed")
         return None
+
+    def _try_load(self, ckpt: Path) -> tuple[LoaderState | None, str | None]:
+        """``(loader state, None)``, or ``(None, why)`` when ``ckpt`` does not load on this rank."""
+        try:
+            return self._load_checkpoint(ckpt), None
+        except (OSError, MemoryError, torch.OutOfMemoryError):
+            raise  # the machine, not the checkpoint (a retry may help): never discard a checkpoint for it
+        except Exception as e:  # noqa: BLE001 - any other failure to load = unusable checkpoint
+            error = f"{type(e).__name__}: {e}"
+            print(f"rank {self.env.rank}: cannot load {ckpt}: {error}", file=sys.stderr, flush=True)
+            return None, error
+
+    def _resumed(self, ckpt: Path, unusable: list[Path], loader_state: LoaderState) -> None:
+        """Every rank loaded ``ckpt``: move the unusable newer ones aside, drop metrics past it."""
+        env, st = self.env, self.state
+        if env.is_main:
+            for bad in unusable:
+                moved = set_aside(bad, "unusable")
+                log0(env, f"checkpoint: moved unusable {bad.name} aside to {moved.name} (kept for inspection)")
+            dropped = self.metrics.truncate_after(st.step)
+            if dropped:
+                log0(env, f"metrics: dropped {dropped} lines past step {st.step} (steps re-run after the resume)")
+        log0(env, f"resumed from {ckpt} at step {st.step} ({st.tokens_seen:,} tokens seen), data position {loader_state}")
 
     def _pick_checkpoint(self, unusable: list[Path]) -> dict[str, Any]:
         """Rank 0: ``{"path": newest usable candidate or None, "error": refusal or None}``."""
@@ -312,27 +317,22 @@ class Trainer:
             log0(self.env, f"resume: continuing with changed hyper-parameters (--allow-changes): {'; '.join(changed)}")
         return []
 
+
     def _load_checkpoint(self, ckpt: Path) -> LoaderState:
         """Load weights, optimizer, step, RNG and data position of ``ckpt`` into this rank."""
         env = self.env
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        saved = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
         self.model.load_state_dict(torch.load(ckpt / MODEL_FILE, map_location=env.device, weights_only=True))
         self.optimizer.load_state_dict(torch.load(ckpt / OPTIM_FILE, map_location=env.device, weights_only=True))
-        rngs = state["rng_states"]
-        loaders = state["loader_states"]
-        step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        same_world = len(rngs) == env.world_size
-        # the loader position is global (identical on every rank), see trainer.data
-        loader_state = LoaderState.from_dict(loaders[env.rank if same_world else 0])
-        if same_world:
-            restore_rng(rngs[env.rank])
+        self.state.load_state_dict(saved)
+        loader_state, rng = self.state.position_for(env.rank, env.world_size)
+        if rng is not None:
+            restore_rng(rng)
         else:
             # RNG streams are per rank; with another world size they cannot all be restored
-            seed_all(self.cfg.train.seed + env.rank + step)
-            log0(env, f"resume: world size changed ({len(rngs)} -> {env.world_size}); RNG streams reseeded, data position kept")
-        self.step, self.tokens_seen = step, tokens_seen
-        self.skipped_in_row = int(state.get("skipped_in_row", 0))
-        self.run_id = state.get("mlflow_run_id")
+            seed_all(self.cfg.train.seed + env.rank + self.state.step)
+            log0(env, f"resume: world size changed ({len(self.state.rng_states)} -> {env.world_size}); "
+                      "RNG streams reseeded, data position kept")
         return loader_state
 
     def _start_tracking(self):
@@ -347,7 +347,7 @@ class Trainer:
             text = cfg.resolved_yaml()
             write_run_config(self.run_dir, text)
             try:
-                tracker = start_tracking(cfg.tracking.uri, cfg.tracking.experiment, self.run_dir, self.run_id, params,
+                tracker = start_tracking(cfg.tracking.uri, cfg.tracking.experiment, self.run_dir, self.state.run_id, params,
                                          data_dir=self.dataset.directory)
                 tracker.log_text(text, "config.yaml")
                 result["run_id"] = tracker.run_id
@@ -358,52 +358,37 @@ class Trainer:
             # the server refused the run (unknown run id, bad URI): rerunning cannot help. An unreachable
             # server is no error: rank 0 trains on and its tracker connects and replays in the background.
             raise RefusedError(result["error"])
-        self.run_id = result["run_id"]  # None until the run exists; rank 0 picks it up later (see _loop)
+        self.state.run_id = result["run_id"]  # None until the run exists; rank 0 picks it up later (see _publish)
         return tracker
 
-    # ------------------------------------------------------------------ pieces of a step
+    # ------------------------------------------------------------------ steps, val loss, samples
 
-    def _autocast(self):
-        if self.bf16:
-            return torch.autocast(device_type=self.device_type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return to_device(*self.loader.next_batch(), self.env.device)
 
-    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.device_type == "cuda":
-            return x.pin_memory().to(self.env.device, non_blocking=True), y.pin_memory().to(self.env.device, non_blocking=True)
-        return x, y
-
-    def train_step(self) -> tuple[float, float, float, bool]:
-        """One optimizer step; returns (mean loss over the global batch, grad norm before clipping, lr,
-        skipped). ``skipped``: the loss or grad norm was not finite on some rank, so no rank updated."""
-        tc = self.cfg.train
-        lr = lr_at(self.step, tc.lr, tc.min_lr, tc.warmup_steps, tc.max_steps)
-        set_lr(self.optimizer, lr)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=self.env.device)
-        for micro in range(self.grad_accum):
-            x, y = self._to_device(*self.loader.next_batch())
-            last = micro == self.grad_accum - 1
-            sync_ctx = self.ddp.no_sync() if (self.env.distributed and not last) else contextlib.nullcontext()
-            with sync_ctx:
-                with self._autocast():
-                    _, loss = self.ddp(x, y)
-                loss = loss / self.grad_accum
-                loss_sum += loss.detach()
-                loss.backward()
-        if self.step + 1 in self._nan_steps:
-            loss_sum = loss_sum * float("nan")  # test-only fault (FAULT_NAN_ENV): this rank's loss only
-        clip = tc.grad_clip if tc.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        # one collective, as before: [loss, "not finite here"], summed; every rank then decides alike
-        bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm.to(loss_sum.device)))
-        packed = torch.stack([loss_sum, bad.to(loss_sum.dtype)])
-        all_reduce_sum(self.env, packed)
-        skipped = bool(packed[1].item() > 0)
-        if not skipped:
-            self.optimizer.step()
-        loss_value = (packed[0] / self.env.world_size).item()
-        return loss_value, float(grad_norm.item()), lr, skipped
+    def _timed_step(self) -> dict[str, Any]:
+        """One optimizer step (``trainer.step``); advances the state, returns the step's metrics record."""
+        env, tc, st = self.env, self.cfg.train, self.state
+        t0 = time.time()
+        loss, grad_norm, lr, skipped = self.train_step(st.step, self._next_batch)
+        if env.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        st.step += 1
+        st.tokens_seen += tc.batch_tokens
+        tok_s = tc.batch_tokens / dt
+        mfu = self.flops_per_token * tok_s / (self.peak * env.world_size) if self.peak else None
+        record: dict[str, Any] = {
+            "step": st.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": st.tokens_seen,
+            "tokens_per_s": tok_s, "mfu": mfu, "dt": dt, "time": time.time(),
+        }
+        st.skipped_in_row = st.skipped_in_row + 1 if skipped else 0
+        if skipped:
+            record["skipped"] = True
+            print(f"rank {env.rank}: step {st.step} skipped: non-finite loss or gradient norm on some rank "
+                  f"(here loss {loss}, grad norm {grad_norm}); no update, {st.skipped_in_row} in a row "
+                  f"(limit train.max_skipped_steps={tc.max_skipped_steps})", file=sys.stderr, flush=True)
+        return record
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -417,8 +402,8 @@ class Trainer:
                 if any_rank(self.env, self.stop.is_set):
                     log0(self.env, "val: interrupted by a stop signal")
                     return None
-                x, y = self._to_device(x, y)
-                with self._autocast():
+                x, y = to_device(x, y, self.env.device)
+                with self.train_step.autocast():
                     _, loss = self.compiled(x, y)
                 total += loss.detach().float()
         finally:
@@ -442,12 +427,14 @@ class Trainer:
         enc = self._tokenizer
         prompt = enc.encode(tc.sample_prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
         idx = torch.tensor([prompt], dtype=torch.long, device=self.env.device)
-        gen = torch.Generator(device=self.env.device).manual_seed(tc.seed + self.step)
-        with self._autocast():
+        gen = torch.Generator(device=self.env.device).manual_seed(tc.seed + self.state.step)
+        with self.train_step.autocast():
             out = self.model.generate(idx, tc.sample_tokens, temperature=1.0, top_k=50, generator=gen,
                                       should_stop=lambda: self.stop.is_set)
         new = [t for t in out[0, len(prompt):].tolist() if t < enc.n_vocab]
         return tc.sample_prompt + enc.decode(new)
+
+    # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> None:
         """Collective: gathers every rank's loader and RNG state; rank 0 writes (maybe in the background).
@@ -455,13 +442,13 @@ class Trainer:
         A failed write (this one, or the previous background one) is raised on every rank alike
         (one broadcast per checkpoint), so all ranks stop with the same exit code.
         """
-        env = self.env
-        loader_states = all_gather_object(env, self.loader.state.to_dict())
-        rng_states = all_gather_object(env, capture_rng())
+        env, st = self.env, self.state
+        st.loader_states = all_gather_object(env, self.loader.state.to_dict())
+        st.rng_states = all_gather_object(env, capture_rng())
         failure = None
         if env.is_main:
             try:
-                self._write_checkpoint(loader_states, rng_states)
+                self._write_checkpoint()
             except Exception as e:  # noqa: BLE001 - reported on every rank by _agree_on_failure
                 failure = e
         self._agree_on_failure(failure)
@@ -485,53 +472,23 @@ class Trainer:
             raise failure
         raise (DiskFullError if report["disk_full"] else CheckpointError)(f"rank 0 failed to write a checkpoint: {report['message']}")
 
-    def _write_checkpoint(self, loader_states: list[Any], rng_states: list[Any]) -> None:
-        env = self.env
+    def _write_checkpoint(self) -> None:
         model_state = self.model.state_dict()
         optim_state = self.optimizer.state_dict()
         if self.writer.asynchronous:
             model_state, optim_state = to_cpu(model_state), to_cpu(optim_state)
-        config = self.cfg.resolved
-        trainer_state = {
-            "format_version": STATE_FORMAT,
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "world_size": env.world_size,
-            # the schedule is a pure function of the step (trainer.optim.lr_at); recorded for inspection
-            "schedule": {"next_step": self.step, "next_lr": lr_at(self.step, self.cfg.train.lr, self.cfg.train.min_lr,
-                                                                   self.cfg.train.warmup_steps, self.cfg.train.max_steps)},
-            "loader_states": loader_states,
-            "rng_states": rng_states,
-            "mlflow_run_id": self.run_id,
-            "data_fingerprint": self.dataset.fingerprint,
-            "model_shape": self.gpt_cfg.shape(),
-            "config": config,
-            "skipped_in_row": self.skipped_in_row,
-        }
-        meta = {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "world_size": env.world_size,
-            "model": dataclasses.asdict(self.gpt_cfg),
-            "model_shape": self.gpt_cfg.shape(),
-            "data_fingerprint": self.dataset.fingerprint,
-            "data_dir": str(self.dataset.directory),
-            "mlflow_run_id": self.run_id,
-            "loader_states": loader_states,
-            "config": config,
-            "time": time.time(),
-        }
-        self.writer.save(self.step, model_state, optim_state, trainer_state, meta)
+        st = self.state
+        self.writer.save(st.step, model_state, optim_state, st.state_dict(), st.meta())
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> int:
-        env, tc = self.env, self.cfg.train
+        env, tc, st = self.env, self.cfg.train, self.state
         log0(env, f"training: world size {env.world_size} on {env.device} ({env.backend or 'no process group'}), "
-                  f"grad_accum {self.grad_accum}, {tc.batch_tokens:,} tokens/step, steps {self.step}->{tc.max_steps}, "
-                  f"{'bf16' if self.bf16 else 'fp32'}{', compiled' if tc.compile else ''}")
-        if self.step >= tc.max_steps:
-            log0(env, f"already at step {self.step} >= train.max_steps {tc.max_steps}: nothing to do")
+                  f"grad_accum {self.grad_accum}, {tc.batch_tokens:,} tokens/step, steps {st.step}->{tc.max_steps}, "
+                  f"{precision.short_name(self.dtype)}{', compiled' if tc.compile else ''}")
+        if st.step >= tc.max_steps:
+            log0(env, f"already at step {st.step} >= train.max_steps {tc.max_steps}: nothing to do")
             self.tracker.finish("FINISHED")
             return EXIT_OK
         try:
@@ -542,80 +499,88 @@ class Trainer:
             raise
 
     def _loop(self) -> int:
-        env, tc = self.env, self.cfg.train
+        """Steps until ``train.max_steps``, a stop signal (exit 3) or divergence (exit 2); after each:
+        its metrics line (val loss / sample when due), a checkpoint when due, then the stop check."""
+        env, tc, st = self.env, self.cfg.train, self.state
         saved_at = -1
         timer = StepTimer()  # the step line's ETA: recent steps, the first ones (compile, warm-up) left out
-        while self.step < tc.max_steps:
-            t0 = time.time()
-            loss, grad_norm, lr, skipped = self.train_step()
-            if self.device_type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.time() - t0
-            self.step += 1
-            self.tokens_seen += tc.batch_tokens
-            tok_s = tc.batch_tokens / dt
-            mfu = self.flops_per_token * tok_s / (self.peak * env.world_size) if self.peak else None
-            record: dict[str, Any] = {
-                "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen,
-                "tokens_per_s": tok_s, "mfu": mfu, "dt": dt, "time": time.time(),
-            }
-            self.skipped_in_row = self.skipped_in_row + 1 if skipped else 0
-            if skipped:
-                record["skipped"] = True
-                print(f"rank {env.rank}: step {self.step} skipped: non-finite loss or gradient norm on some rank "
-                      f"(here loss {loss}, grad norm {grad_norm}); no update, {self.skipped_in_row} in a row "
-                      f"(limit train.max_skipped_steps={tc.max_skipped_steps})", file=sys.stderr, flush=True)
-            last = self.step == tc.max_steps
-            if tc.val_every > 0 and (self.step % tc.val_every == 0 or last):
-                val_loss = self.evaluate()
-                if val_loss is not None:
-                    record["val_loss"] = val_loss
-            if env.is_main and tc.sample_every > 0 and self.step % tc.sample_every == 0 and not self.stop.is_set:
-                text = self.sample()
-                if text is not None:
-                    record["sample"] = text
-                    self.tracker.log_text(text, f"samples/step_{self.step:08d}.txt")
+        while st.step < tc.max_steps:
+            record = self._timed_step()
+            last = st.step == tc.max_steps
+            self._add_val_and_sample(record, last)
             if env.is_main:
-                self.metrics.append(record)
-                self.tracker.log_record(record)  # enqueued only: MLflow never blocks the loop (trainer.tracking)
-                self.run_id = self.tracker.run_id or self.run_id  # a run created late still reaches the next checkpoint
-                timer.tick()
-                mfu_s = f" | mfu {mfu * 100:.1f}%" if mfu is not None else ""
-                val_s = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
-                eta = timer.eta_s(tc.max_steps - self.step)
-                eta_s = f" | eta {format_duration(eta)}" if eta is not None else ""
-                mem_s = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if self.device_type == "cuda" else ""
-                print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {self.step}/{tc.max_steps} | loss {loss:.6f}{val_s} | "
-                      f"lr {lr:.3e} | norm {grad_norm:.3f} | {tok_s:,.0f} tok/s{mfu_s} | {dt * 1000:.0f} ms{eta_s}{mem_s}", flush=True)
-            diverged = self.skipped_in_row >= tc.max_skipped_steps
-            if (tc.ckpt_every > 0 and self.step % tc.ckpt_every == 0) or last or diverged:
+                self._publish(record, timer)
+            diverged = st.skipped_in_row >= tc.max_skipped_steps
+            if (tc.ckpt_every > 0 and st.step % tc.ckpt_every == 0) or last or diverged:
                 self.save_checkpoint()
-                saved_at = self.step
+                saved_at = st.step
             if diverged:
-                self._wait_writer()
-                self.stop_reason = (
-                    f"{self.skipped_in_row} steps in a row (steps {self.step - self.skipped_in_row + 1}-{self.step}) had a "
-                    f"non-finite loss or gradient norm (train.max_skipped_steps={tc.max_skipped_steps}); checkpoint step "
-                    f"{self.step} is committed with the last good weights. Lower train.lr / raise train.warmup_steps or check "
-                    f"the data, then run the same command again (with --allow-changes if you changed hyper-parameters)"
-                )
-                log0(env, f"stopped: {self.stop_reason}")
-                self._finish("FAILED")
-                return EXIT_REFUSED
-            if self._parent is not None and os.getppid() != self._parent:
-                print(f"rank {env.rank}: torchrun (pid {self._parent}) is gone; exiting without a checkpoint", file=sys.stderr, flush=True)
-                os._exit(EXIT_FAILURE)
+                return self._stop_diverged()
+            self._exit_if_orphaned()
             if any_rank(env, self.stop.is_set):
-                if saved_at != self.step:
-                    self.save_checkpoint()
-                self._wait_writer()
-                log0(env, f"stopped by signal after step {self.step}: checkpoint committed, exit {EXIT_REQUEUE} (requeue me)")
-                self._finish("KILLED")
-                return EXIT_REQUEUE
+                return self._stop_on_signal(saved_at)
         self._wait_writer()
-        log0(env, f"finished: {self.step} steps, {self.tokens_seen:,} tokens")
+        log0(env, f"finished: {st.step} steps, {st.tokens_seen:,} tokens")
         self._finish("FINISHED")
         return EXIT_OK
+
+    def _add_val_and_sample(self, record: dict[str, Any], last: bool) -> None:
+        """The val loss (collective) and rank 0's sample, on the steps they are due."""
+        env, tc, step = self.env, self.cfg.train, self.state.step
+        if tc.val_every > 0 and (step % tc.val_every == 0 or last):
+            val_loss = self.evaluate()
+            if val_loss is not None:
+                record["val_loss"] = val_loss
+        if env.is_main and tc.sample_every > 0 and step % tc.sample_every == 0 and not self.stop.is_set:
+            text = self.sample()
+            if text is not None:
+                record["sample"] = text
+                self.tracker.log_text(text, f"samples/step_{step:08d}.txt")
+
+    def _publish(self, record: dict[str, Any], timer: StepTimer) -> None:
+        """Rank 0: the metrics line, the tracker (enqueued only: MLflow never blocks the loop) and the step line."""
+        tc, st = self.cfg.train, self.state
+        self.metrics.append(record)
+        self.tracker.log_record(record)
+        st.run_id = self.tracker.run_id or st.run_id  # a run created late still reaches the next checkpoint
+        timer.tick()
+        mfu, dt = record["mfu"], record["dt"]
+        mfu_s = f" | mfu {mfu * 100:.1f}%" if mfu is not None else ""
+        val_s = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
+        eta = timer.eta_s(tc.max_steps - st.step)
+        eta_s = f" | eta {format_duration(eta)}" if eta is not None else ""
+        mem_s = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if self.env.device.type == "cuda" else ""
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {st.step}/{tc.max_steps} | loss {record['loss']:.6f}{val_s} | "
+              f"lr {record['lr']:.3e} | norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s{mfu_s} | "
+              f"{dt * 1000:.0f} ms{eta_s}{mem_s}", flush=True)
+
+    def _stop_diverged(self) -> int:
+        """``train.max_skipped_steps`` non-finite steps in a row: checkpointed already; exit 2."""
+        tc, st = self.cfg.train, self.state
+        self._wait_writer()
+        self.stop_reason = (
+            f"{st.skipped_in_row} steps in a row (steps {st.step - st.skipped_in_row + 1}-{st.step}) had a "
+            f"non-finite loss or gradient norm (train.max_skipped_steps={tc.max_skipped_steps}); checkpoint step "
+            f"{st.step} is committed with the last good weights. Lower train.lr / raise train.warmup_steps or check "
+            f"the data, then run the same command again (with --allow-changes if you changed hyper-parameters)"
+        )
+        log0(self.env, f"stopped: {self.stop_reason}")
+        self._finish("FAILED")
+        return EXIT_REFUSED
+
+    def _stop_on_signal(self, saved_at: int) -> int:
+        """A stop signal on some rank: checkpoint (unless this step just was), exit 3."""
+        if saved_at != self.state.step:
+            self.save_checkpoint()
+        self._wait_writer()
+        log0(self.env, f"stopped by signal after step {self.state.step}: checkpoint committed, exit {EXIT_REQUEUE} (requeue me)")
+        self._finish("KILLED")
+        return EXIT_REQUEUE
+
+    def _exit_if_orphaned(self) -> None:
+        if self._parent is not None and os.getppid() != self._parent:
+            print(f"rank {self.env.rank}: torchrun (pid {self._parent}) is gone; exiting without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(EXIT_FAILURE)
 
     def _finish(self, status: str) -> None:
         if not self.env.is_main:
