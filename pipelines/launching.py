@@ -4,7 +4,6 @@ job is `pretrain train` and that its exit code 3 means "checkpointed, requeue me
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -15,7 +14,6 @@ from pipelines.config import ConfigError, PipelineConfig
 from slurm import validation
 from slurm.config import SlurmConfig
 from slurm.jobs import job_state
-from slurm.resources import check_fits
 from slurm.sbatch import render_sbatch
 from slurm.submit import recorded_jobs, submit_command
 from trainer import EXIT_REQUEUE
@@ -32,7 +30,7 @@ def train_argv(config_path: str, overrides: list[str], cfg: PipelineConfig, allo
     `train.nproc_per_node` (it asks for no GPU). `allow_changes`: resume even though
     hyper-parameters differ from the checkpoint's (`pretrain train --allow-changes`)."""
     extra = list(overrides)
-    gpus = _gpus(cfg)
+    gpus = train_gpus(cfg)
     if gpus and cfg.train.nproc_per_node != gpus:
         extra.append(f"train.nproc_per_node={gpus}")  # one rank per GPU
     flags = ["--allow-changes"] if allow_changes else []
@@ -46,17 +44,6 @@ def check_ready_to_train(cfg: PipelineConfig) -> None:
         TokenDataset(cfg.data.output_dir)
     except ShardError as e:
         raise ConfigError(f"data.output_dir: {e}") from e
-
-
-def submit_eval_watcher(config_path: str, overrides: list[str], cfg: PipelineConfig, executor: str, train_job_id: str):
-    """The eval watcher as its own small job, started with training, so every checkpoint gets
-    evaluated with no one at the keyboard (its eval jobs use `eval.slurm.*`)."""
-    run_dir = Path(cfg.run_dir).resolve()
-    argv = [*stage_argv("eval", config_path, overrides, run_dir, cfg)]
-    argv[argv.index("--executor") + 1] = executor
-    if executor == "slurm":
-        check_fits(*eval_job_request(cfg))
-    return submit_stage("eval", argv, cfg, f"after:{train_job_id}" if executor == "slurm" else "", cluster=executor)
 
 
 def check_run_dir_for_slurm(cfg: PipelineConfig) -> Path:
@@ -74,39 +61,20 @@ def submit_training(config_path: str, overrides: list[str], cfg: PipelineConfig,
     run_dir = check_run_dir_for_slurm(cfg)
     check_ready_to_train(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    gpus = _gpus(cfg)
-    return submit_command(
-        train_argv(config_path, overrides, cfg, allow_changes),
-        cfg.slurm,
-        RunDir(run_dir).slurm_logs / "%j",
-        cluster=executor,
-        name=f"pretrain-{run_dir.name}",
-        requeue_exit_code=EXIT_REQUEUE,
-        gpus_per_node=gpus,
-        record_in=slurm_dir(run_dir),
-    )
+    return submit_job(train_argv(config_path, overrides, cfg, allow_changes), cfg.slurm, train_gpus(cfg), run_dir,
+                      f"pretrain-{run_dir.name}", cluster=executor)
 
 
-def _gpus(cfg: PipelineConfig) -> int:
+def train_gpus(cfg: PipelineConfig) -> int:
+    """GPUs per node of the training job: ``slurm.gpus_per_node`` unless training runs on CPU."""
     return cfg.slurm.gpus_per_node if cfg.train.device != "cpu" else 0
 
 
-def stage_resources(stage: str, cfg: PipelineConfig) -> tuple[SlurmConfig, int]:
-    """(SLURM request, GPUs per node) of a workflow stage's job: only training gets the big allocation."""
-    s = cfg.slurm
-    if stage == "train":
-        return s, _gpus(cfg)
-    if stage == "data":  # Ray on one node, all its CPUs
-        return dataclasses.replace(s, nodes=1), 0
-    # the eval watcher (it submits the eval jobs, with eval.slurm.*) and the report are small
-    return dataclasses.replace(s, nodes=1, cpus_per_task=1, mem_gb=0, time=s.time if stage == "eval" else "00:30:00"), 0
-
-
-def check_slurm_request(cfg: PipelineConfig) -> None:
-    """Every stage's request, and each eval job's, must fit the cluster before the first job is queued."""
-    for stage in ("data", "train", "eval", "report"):
-        check_fits(*stage_resources(stage, cfg))
-    check_fits(*eval_job_request(cfg))
+def submit_job(argv: list[str], resources: SlurmConfig, gpus: int, run_dir: Path, name: str, dependency: str = "",
+               cluster: str = "slurm"):
+    """One job of a run: logs and the job record under ``RUN_DIR/slurm``, exit 3 requeues it."""
+    return submit_command(argv, resources, RunDir(run_dir).slurm_logs / "%j", cluster=cluster, name=name,
+                          requeue_exit_code=EXIT_REQUEUE, gpus_per_node=gpus, record_in=slurm_dir(run_dir), dependency=dependency)
 
 
 def eval_job_request(cfg: PipelineConfig) -> tuple[SlurmConfig, int]:
@@ -115,29 +83,6 @@ def eval_job_request(cfg: PipelineConfig) -> tuple[SlurmConfig, int]:
     job = SlurmConfig(nodes=1, gpus_per_node=e.gpus, cpus_per_task=e.cpus, mem_gb=e.mem_gb, partition=e.partition,
                       account=e.account, qos=e.qos, time=e.time)
     return job, e.gpus
-
-
-def stage_argv(stage: str, config_path: str, overrides: list[str], run_dir: Path, cfg: PipelineConfig) -> list[str]:
-    py = [sys.executable, "-m", "pipelines.cli"]
-    config = str(Path(config_path).resolve())
-    if stage == "data":
-        return [*py, "data", config, *overrides]
-    if stage == "train":
-        return train_argv(config, overrides, cfg)
-    if stage == "eval":
-        return [*py, "evals", "watch", str(run_dir), *overrides, "--executor", "slurm", "--config", config]
-    if stage == "report":
-        return [*py, "report", str(run_dir)]
-    raise ValueError(stage)
-
-
-def submit_stage(stage: str, argv: list[str], cfg: PipelineConfig, dependency: str, cluster: str = "slurm"):
-    run_dir = Path(cfg.run_dir).resolve()
-    resources, gpus = stage_resources(stage, cfg)
-    return submit_command(
-        argv, resources, RunDir(run_dir).slurm_logs / "%j", cluster=cluster, name=f"pretrain-{stage}-{run_dir.name}",
-        requeue_exit_code=EXIT_REQUEUE, gpus_per_node=gpus, record_in=slurm_dir(run_dir), dependency=dependency,
-    )  # fmt: skip
 
 
 def sbatch_script(config_path: str, overrides: list[str], cfg: PipelineConfig, allow_changes: bool = False) -> str:
@@ -150,7 +95,7 @@ def sbatch_script(config_path: str, overrides: list[str], cfg: PipelineConfig, a
         RunDir(run_dir).slurm_logs,
         name=f"pretrain-{run_dir.name}",
         requeue_exit_code=EXIT_REQUEUE,
-        gpus_per_node=_gpus(cfg),
+        gpus_per_node=train_gpus(cfg),
         chdir=Path.cwd(),
     )
     (RunDir(run_dir).slurm_logs).mkdir(parents=True, exist_ok=True)

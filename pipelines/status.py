@@ -88,12 +88,12 @@ def _workflow(run_dir: Path) -> dict[str, Any] | None:
             wf = json.loads(wf_path.read_text())
         except Exception as e:  # noqa: BLE001 - status must show what it can
             error = f"could not refresh SLURM states: {e}"
-    from pipelines.workflow import STAGES
+    from pipelines.stages import STAGE_NAMES
 
     keys = ("status", "attempts", "job_ids", "error", "started", "ended")
     return {
         "executor": wf.get("executor", "local"), "config_path": wf.get("config_path"), "overrides": wf.get("overrides", []),
-        "stages": {name: {k: wf["stages"][name].get(k) for k in keys} for name in STAGES if name in wf.get("stages", {})},
+        "stages": {name: {k: wf["stages"][name].get(k) for k in keys} for name in STAGE_NAMES if name in wf.get("stages", {})},
         "error": error,
     }
 

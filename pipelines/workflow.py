@@ -18,6 +18,11 @@ SLURM job chained to the previous one with ``--dependency`` and the command retu
 One workflow per run dir: ``RUN_DIR/.locks/workflow.lock`` (see :mod:`trainer.runlock`); a second
 ``pretrain run`` on the same run dir is refused (exit 2) naming the holder.
 
+The stages themselves are records in :mod:`pipelines.stages` (config they depend on, local runner,
+what "done" means, SLURM job); this module only drives them and keeps the state. A stage's local
+run *returns* its outcome; a stop signal that interrupts it (see :func:`stop_signals`) becomes a
+returned outcome at the stage boundary, never an exception that escapes the workflow.
+
 Exit codes (as everywhere): 0 all stages done; 1 a stage failed and a rerun may help; 2 refused (a
 config or data problem, or the run dir is in use); 3 stopped by SIGTERM/SIGUSR2 with everything
 resumable (training checkpointed), "requeue me"; 130 interrupted with Ctrl-C (also resumable).
@@ -38,59 +43,38 @@ from typing import Any, Callable
 
 from common.durable import atomic_write_json
 from common.rundir import RunDir
-from dataprep.shards import ShardError, TokenDataset
-from pipelines.config import ConfigError, PipelineConfig, flatten, load_config, to_dict
-from trainer.config import RESUME_RUNTIME_KEYS
+from pipelines.config import ConfigError, PipelineConfig, load_config
+from pipelines.stages import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_REFUSED,
+    EXIT_REQUEUE,
+    STAGE_NAMES,
+    STAGES,
+    Outcome,
+    Stage,
+    StageContext,
+    WorkflowError,
+)
 from trainer.runlock import RunLock, RunLockHeld
 
-STAGES = ("data", "train", "eval", "report")
 STATE_FORMAT = 1
-# Keys that change how a stage runs but not what it produces: changing them never invalidates it.
-RUNTIME_KEYS = {
-    "data": {"cache_dir", "download_retries", "keep_work"},
-    "train": set(RESUME_RUNTIME_KEYS),  # the trainer's own list of what a resume may change
-    "eval": {"slurm", "poll_s", "max_retries", "device", "batch_size", "max_parallel", "order", "tracking_uri"},
-}
+ACTIVE_JOB_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED")
+FAILED_JOB_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
-
-EXIT_OK, EXIT_FAILURE, EXIT_REFUSED, EXIT_REQUEUE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-
-
-class WorkflowError(RuntimeError):
-    """A stage failed or the workflow cannot proceed; the message says what to do.
-
-    ``code`` is the exit code it means: 1 (a rerun may help) or 2 (refused: fix the config/data)."""
-
-    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
-        super().__init__(message)
-        self.code = code
+__all__ = ["STAGE_NAMES", "StopRequested", "Workflow", "WorkflowError", "run_workflow", "stop_signals"]
 
 
 class StopRequested(KeyboardInterrupt):
-    """SIGTERM/SIGUSR2 reached the workflow: stop the running stage as an interruption (resumable).
+    """SIGTERM/SIGUSR2 reached the workflow while a stage ran: interrupt it where it is.
 
-    A KeyboardInterrupt so that every stage's interrupt handling (Ray shutdown, eval job
-    cancellation) runs, and no ``except Exception`` swallows it."""
+    A KeyboardInterrupt so that every stage's own interrupt handling runs (Ray shutdown, eval job
+    cancellation) and no ``except Exception`` swallows it; the workflow turns it into the stage's
+    returned :class:`~pipelines.stages.Outcome` (exit 3, "requeue me") at the stage boundary."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-def stage_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
-    """The config values a stage's outputs depend on (flattened)."""
-    d = to_dict(cfg)
-    if stage == "data":
-        values = {f"data.{k}": v for k, v in flatten(d["data"]).items() if k not in RUNTIME_KEYS["data"]}
-    elif stage == "train":
-        values = {f"model.{k}": v for k, v in flatten(d["model"]).items()}
-        values.update({f"train.{k}": v for k, v in flatten(d["train"]).items() if k not in RUNTIME_KEYS["train"]})
-        values.update(stage_config(cfg, "data"))
-    elif stage == "eval":
-        values = {f"eval.{k}": v for k, v in flatten(d["eval"]).items() if k.split(".")[0] not in RUNTIME_KEYS["eval"]}
-    else:
-        values = {}
-    return values
 
 
 def fingerprint(values: dict[str, Any]) -> str:
@@ -110,60 +94,58 @@ class StageState:
     error: str = ""
 
 
-class TrainingStopped(Exception):
-    """Training exited 3 (checkpointed on a stop signal); ``code`` is what the workflow exits with."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(f"exit {code}")
-        self.code = code
-
-
 class Workflow:
-    """The run dir's workflow state, and the stage implementations that update it."""
+    """The run dir's workflow state, and the driver that runs or submits the stages in order."""
 
     def __init__(self, config_path: str, overrides: list[str], cfg: PipelineConfig, log: Callable[[str], None] = print):
-        self.config_path = str(Path(config_path).resolve())
-        self.overrides = list(overrides)
-        self.stop_signal: int | None = None  # the first stop signal this process got (see stop_signals)
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir).resolve()
         self.log = log
-        self.stages: dict[str, StageState] = {s: StageState() for s in STAGES}
+        self.ctx = StageContext(cfg, self.run_dir, str(Path(config_path).resolve()), list(overrides), log)
+        self.stages: dict[str, StageState] = {s.name: StageState() for s in STAGES}
         self.executor = "local"
-        path = RunDir(self.run_dir).workflow_state
-        if path.is_file():
-            raw = json.loads(path.read_text())
-            if raw.get("format") != STATE_FORMAT:
-                raise WorkflowError(f"{path}: workflow state format {raw.get('format')} is not supported")
-            self.executor = raw.get("executor", "local")
-            for name, st in raw.get("stages", {}).items():
-                if name in self.stages:
-                    self.stages[name] = StageState(**st)
+        self._load_state()
+
+    @property
+    def stop_signal(self) -> int | None:
+        return self.ctx.stop_signal
 
     # ---------------------------------------------------------------- state
+
+    def _load_state(self) -> None:
+        path = RunDir(self.run_dir).workflow_state
+        if not path.is_file():
+            return
+        raw = json.loads(path.read_text())
+        if raw.get("format") != STATE_FORMAT:
+            raise WorkflowError(f"{path}: workflow state format {raw.get('format')} is not supported")
+        self.executor = raw.get("executor", "local")
+        for name, st in raw.get("stages", {}).items():
+            if name in self.stages:
+                self.stages[name] = StageState(**st)
 
     def save(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(RunDir(self.run_dir).workflow_state, {
-            "format": STATE_FORMAT, "config_path": self.config_path, "overrides": self.overrides,
+            "format": STATE_FORMAT, "config_path": self.ctx.config_path, "overrides": self.ctx.overrides,
             "executor": self.executor, "stages": {n: dataclasses.asdict(s) for n, s in self.stages.items()},
         })  # fmt: skip
 
     def check_config(self, restart_from: str | None) -> None:
         """Refuse a config that would invalidate a finished stage, unless restarting from it."""
-        first_restart = STAGES.index(restart_from) if restart_from else len(STAGES)
-        for i, name in enumerate(STAGES):
-            st = self.stages[name]
-            values = stage_config(self.cfg, name)
+        first_restart = STAGE_NAMES.index(restart_from) if restart_from else len(STAGES)
+        for i, stage in enumerate(STAGES):
+            st = self.stages[stage.name]
+            values = stage.depends_on(self.cfg)
             if i >= first_restart:
                 if st.status != "pending" or st.job_ids:
-                    self._reset(name)
+                    self._reset(stage.name)
                 continue
             if st.status in ("done", "submitted", "running", "interrupted") and st.fingerprint and st.fingerprint != fingerprint(values):
                 changed = sorted(k for k in set(values) | set(st.config) if values.get(k) != st.config.get(k))
                 raise ConfigError(
-                    f"the config changed since stage '{name}' ran ({', '.join(changed)}); "
-                    f"rerun with --restart-from {name} to redo it and what follows, or restore the old values"
+                    f"the config changed since stage '{stage.name}' ran ({', '.join(changed)}); "
+                    f"rerun with --restart-from {stage.name} to redo it and what follows, or restore the old values"
                 )
 
     def _reset(self, name: str) -> None:
@@ -182,194 +164,139 @@ class Workflow:
             )
         self.stages[name] = StageState()
 
-    # ---------------------------------------------------------------- verification
-
     def verify(self, name: str) -> str | None:
         """None if the stage's outputs are there and sound, else why not."""
-        from trainer.checkpoint import CheckpointError, list_committed, read_meta, verify
+        stage = next(s for s in STAGES if s.name == name)
+        return stage.verify(self.ctx, self.stages[name].outputs)
 
-        if name == "data":
-            try:
-                ds = TokenDataset(self.cfg.data.output_dir)
-            except ShardError as e:
-                return str(e)
-            want = self.stages["data"].outputs.get("manifest_fingerprint")
-            return None if not want or want == ds.fingerprint else "the shard manifest changed since the data stage ran"
-        if name == "train":
-            ckpts = list_committed(self.run_dir)
-            if not ckpts:
-                return "no committed checkpoint"
-            try:
-                verify(ckpts[-1])
-                step = int(read_meta(ckpts[-1])["step"])
-            except (CheckpointError, OSError, ValueError, KeyError) as e:
-                return f"newest checkpoint does not verify: {e}"
-            return None if step >= self.cfg.train.max_steps else f"newest checkpoint is step {step} of {self.cfg.train.max_steps}"
-        if name == "eval":
-            missing = self.unevaluated()
-            return f"checkpoints without eval results: {', '.join(missing)}" if missing else None
-        if name == "report":
-            from pipelines.report import report_paths
-
-            missing = [p.name for p in report_paths(self.run_dir) if not p.exists()]
-            return f"missing {', '.join(missing)}" if missing else None
-        raise ValueError(name)
-
-    def unevaluated(self) -> list[str]:
-        from evals.job import planned_tasks
-        from evals.results import checkpoint_id, is_complete
-        from trainer.checkpoint import list_committed
-
-        tasks = planned_tasks(self.cfg.eval)
-        return [c.name for c in list_committed(self.run_dir) if not all(is_complete(c, t, checkpoint_id(c), self.cfg.eval.limit) for t in tasks)]
-
-    # ---------------------------------------------------------------- local execution
-
-    def run_local(self) -> int:
-        self.executor = "local"
-        for name in STAGES:
-            st = self.stages[name]
-            if st.status == "done":
-                problem = self.verify(name)
-                if problem is None:
-                    self.log(f"workflow: {name}: done (outputs verified), skipping")
-                    continue
-                self.log(f"workflow: {name}: marked done but {problem}: running it again")
-            elif st.status in ("interrupted", "running"):
-                self.log(f"workflow: {name}: resuming an interrupted run")
-            elif st.status == "failed":
-                self.log(f"workflow: {name}: retrying after a failure ({st.error})")
-            self._begin(name)
-            try:
-                getattr(self, f"_local_{name}")()
-            except TrainingStopped as e:
-                self._end(name, "interrupted", "training checkpointed on a stop signal")
-                self.log("workflow: training checkpointed on a stop signal; run the same command again to resume")
-                return e.code
-            except KeyboardInterrupt:
-                if self.stop_signal not in (None, signal.SIGINT):
-                    how = signal.Signals(self.stop_signal).name
-                    self._end(name, "interrupted", f"stopped by {how}")
-                    self.log(f"workflow: stopped by {how} during '{name}' (exit {EXIT_REQUEUE}); run the same command again to resume")
-                    return EXIT_REQUEUE
-                self._end(name, "interrupted", "interrupted by the user")
-                self.log(f"workflow: interrupted during '{name}'; run the same command again to resume")
-                return EXIT_INTERRUPTED
-            except Exception as e:
-                self._end(name, "failed", f"{type(e).__name__}: {e}")
-                code = e.code if isinstance(e, WorkflowError) else EXIT_REFUSED if isinstance(e, RunLockHeld) else EXIT_FAILURE
-                advice = "fix the config or data, then run the same command again" if code == EXIT_REFUSED else \
-                    "fix the cause and run the same command again to resume"
-                raise WorkflowError(f"stage '{name}' failed: {e}\n{advice}", code) from e
-            self._end(name, "done")
-        self.log(f"workflow: all stages done for {self.run_dir}")
-        self.log(f"  overview:  pretrain status {self.run_dir}")
-        self.log(f"  curves:    {self.run_dir / 'report.png'} (data: report.csv)")
-        from trainer.tracking_mlflow import read_run_file
-
-        recorded = read_run_file(self.run_dir)  # a local store is found relative to the run dir
-        if recorded:
-            uri = recorded.get("uri", "")
-            if uri.startswith("sqlite:"):
-                self.log(f"  MLflow UI: mlflow ui --backend-store-uri {uri}")
-            elif uri:
-                self.log(f"  MLflow:    {uri}")
-        return 0
-
-    def _begin(self, name: str) -> None:
-        st = self.stages[name]
-        values = stage_config(self.cfg, name)
-        st.status, st.fingerprint, st.config = "running", fingerprint(values), values
+    def _begin(self, stage: Stage, status: str = "running") -> StageState:
+        st = self.stages[stage.name]
+        values = stage.depends_on(self.cfg)
+        st.status, st.fingerprint, st.config = status, fingerprint(values), values
         st.attempts += 1
         st.started, st.ended, st.error = time.time(), None, ""
-        self.save()
+        return st
 
     def _end(self, name: str, status: str, error: str = "") -> None:
         st = self.stages[name]
         st.status, st.ended, st.error = status, time.time(), error
         self.save()
 
-    def _local_data(self) -> None:
-        from dataprep.errors import DataError
-        from dataprep.pipeline import run_data_stage
+    # ---------------------------------------------------------------- local execution
 
+    def run_local(self) -> int:
+        self.executor = "local"
+        for stage in STAGES:
+            if not self._needs_run(stage.name):
+                continue
+            self._begin(stage)
+            self.save()
+            outcome = self._run_stage(stage)
+            if not outcome.done:
+                self._end(stage.name, "interrupted", outcome.why)
+                self._log_stopped(stage.name, outcome)
+                return outcome.code
+            self.stages[stage.name].outputs = outcome.outputs
+            self._end(stage.name, "done")
+        self._log_finished()
+        return 0
+
+    def _needs_run(self, name: str) -> bool:
+        st = self.stages[name]
+        if st.status == "done":
+            problem = self.verify(name)
+            if problem is None:
+                self.log(f"workflow: {name}: done (outputs verified), skipping")
+                return False
+            self.log(f"workflow: {name}: marked done but {problem}: running it again")
+        elif st.status in ("interrupted", "running"):
+            self.log(f"workflow: {name}: resuming an interrupted run")
+        elif st.status == "failed":
+            self.log(f"workflow: {name}: retrying after a failure ({st.error})")
+        return True
+
+    def _run_stage(self, stage: Stage) -> Outcome:
+        """The stage's outcome; a stop signal or Ctrl-C that interrupted it is one too (resumable).
+        A failure is recorded and raised as a WorkflowError carrying its exit code."""
         try:
-            run_data_stage(self.cfg.data, self.cfg.ray)
-        except DataError as e:
-            raise WorkflowError(str(e), getattr(e, "exit_code", EXIT_FAILURE)) from e
-        ds = TokenDataset(self.cfg.data.output_dir)
-        self.stages["data"].outputs = {"output_dir": str(Path(self.cfg.data.output_dir).resolve()), "manifest_fingerprint": ds.fingerprint,
-                                       "shards": len(ds.shards)}  # fmt: skip
+            return stage.run_local(self.ctx)
+        except KeyboardInterrupt:
+            if self.stop_signal in (None, signal.SIGINT):
+                return Outcome(EXIT_INTERRUPTED, why="interrupted by the user")
+            return Outcome(EXIT_REQUEUE, why=f"stopped by {signal.Signals(self.stop_signal).name}")
+        except Exception as e:
+            self._end(stage.name, "failed", f"{type(e).__name__}: {e}")
+            code = e.code if isinstance(e, WorkflowError) else EXIT_REFUSED if isinstance(e, RunLockHeld) else EXIT_FAILURE
+            advice = "fix the config or data, then run the same command again" if code == EXIT_REFUSED else \
+                "fix the cause and run the same command again to resume"
+            raise WorkflowError(f"stage '{stage.name}' failed: {e}\n{advice}", code) from e
 
-    def _local_train(self) -> None:
-        from trainer import EXIT_OK, EXIT_REQUEUE
-        from trainer.launch import train_command
+    def _log_stopped(self, name: str, outcome: Outcome) -> None:
+        if outcome.why.startswith("training checkpointed"):
+            self.log("workflow: training checkpointed on a stop signal; run the same command again to resume")
+        elif outcome.code == EXIT_REQUEUE:
+            self.log(f"workflow: {outcome.why} during '{name}' (exit {EXIT_REQUEUE}); run the same command again to resume")
+        else:
+            self.log(f"workflow: interrupted during '{name}'; run the same command again to resume")
 
-        rc = train_command(to_dict(self.cfg))
-        if rc == EXIT_REQUEUE:
-            # checkpointed on a stop signal: Ctrl-C (SIGINT seen here) keeps meaning 130, anything else 3
-            raise TrainingStopped(EXIT_INTERRUPTED if self.stop_signal == signal.SIGINT else EXIT_REQUEUE)
-        if rc != EXIT_OK:
-            raise WorkflowError(f"pretrain train exited with {rc}", EXIT_REFUSED if rc == EXIT_REFUSED else EXIT_FAILURE)
-        from trainer.checkpoint import latest_committed
+    def _log_finished(self) -> None:
+        from trainer.tracking_mlflow import read_run_file
 
-        self.stages["train"].outputs = {"final_checkpoint": str(latest_committed(self.run_dir))}
-
-    def _local_eval(self) -> None:
-        from evals.watch import Watcher
-
-        rc = Watcher(self.run_dir, self.cfg.eval, executor="local", log=self.log).run(once=True)
-        missing = self.unevaluated()
-        if rc != 0 or missing:
-            raise WorkflowError(f"evals failed for {', '.join(missing) or 'some checkpoints'} (see {self.run_dir / 'evals'})")
-        from trainer.checkpoint import list_committed
-
-        self.stages["eval"].outputs = {"checkpoints": len(list_committed(self.run_dir))}
-
-    def _local_report(self) -> None:
-        from pipelines.report import write_report
-
-        png, csv = write_report(self.run_dir, self.cfg, log=self.log)
-        self.stages["report"].outputs = {"png": str(png), "csv": str(csv)}
+        layout = RunDir(self.run_dir)
+        self.log(f"workflow: all stages done for {self.run_dir}")
+        self.log(f"  overview:  pretrain status {self.run_dir}")
+        self.log(f"  curves:    {layout.report_png} (data: {layout.report_csv.name})")
+        recorded = read_run_file(self.run_dir)  # a local store is found relative to the run dir
+        uri = (recorded or {}).get("uri", "")
+        if uri.startswith("sqlite:"):
+            self.log(f"  MLflow UI: mlflow ui --backend-store-uri {uri}")
+        elif uri:
+            self.log(f"  MLflow:    {uri}")
 
     # ---------------------------------------------------------------- SLURM execution
 
     def submit_slurm(self) -> int:
         """Submit the remaining stages as chained SLURM jobs and return."""
-        from pipelines.launching import check_slurm_request, stage_argv, submit_stage
-        from slurm.jobs import job_state
+        from pipelines.stages import check_slurm_request, submit_stage
 
         self.executor = "slurm"
         check_slurm_request(self.cfg)  # every problem before anything is queued
         previous = ""
-        for name in STAGES:
-            st = self.stages[name]
-            if st.status == "done" and self.verify(name) is None:
-                self.log(f"workflow: {name}: done (outputs verified), skipping")
+        for stage in STAGES:
+            keep = self._still_submitted(stage.name)
+            if keep is not None:
+                previous = keep or previous
                 continue
-            if st.status == "submitted" and st.job_ids:
-                state = job_state(st.job_ids[-1]).state
-                if state in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED"):
-                    self.log(f"workflow: {name}: job {st.job_ids[-1]} is {state}, leaving it")
-                    previous = st.job_ids[-1]
-                    continue
-                if state == "COMPLETED" and self.verify(name) is None:
-                    self._end(name, "done")
-                    continue
-                self.log(f"workflow: {name}: job {st.job_ids[-1]} ended {state}; submitting it again")
-            values = stage_config(self.cfg, name)
-            st.status, st.fingerprint, st.config = "submitted", fingerprint(values), values
-            st.attempts += 1
+            st = self._begin(stage, "submitted")
             # eval watches training while it runs; the others wait for their predecessor to succeed
-            dependency = f"{'after' if name == 'eval' else 'afterok'}:{previous}" if previous else ""
-            job = submit_stage(name, stage_argv(name, self.config_path, self.overrides, self.run_dir, self.cfg), self.cfg, dependency)
+            dependency = f"{stage.after}:{previous}" if previous else ""
+            job = submit_stage(stage, self.ctx, dependency)
             st.job_ids.append(str(job.job_id))
-            st.started = time.time()
             self.save()
-            self.log(f"workflow: {name}: submitted job {job.job_id}" + (f" ({dependency})" if dependency else ""))
+            self.log(f"workflow: {stage.name}: submitted job {job.job_id}" + (f" ({dependency})" if dependency else ""))
             previous = str(job.job_id)
         self.log(f"workflow: follow it with `pretrain status {self.run_dir}`")
         return 0
+
+    def _still_submitted(self, name: str) -> str | None:
+        """None if the stage must be submitted; otherwise the job id the next stage depends on
+        ("" when the stage is done)."""
+        from slurm.jobs import job_state
+
+        st = self.stages[name]
+        if st.status == "done" and self.verify(name) is None:
+            self.log(f"workflow: {name}: done (outputs verified), skipping")
+            return ""
+        if st.status == "submitted" and st.job_ids:
+            state = job_state(st.job_ids[-1]).state
+            if state in ACTIVE_JOB_STATES:
+                self.log(f"workflow: {name}: job {st.job_ids[-1]} is {state}, leaving it")
+                return st.job_ids[-1]
+            if state == "COMPLETED" and self.verify(name) is None:
+                self._end(name, "done")
+                return ""
+            self.log(f"workflow: {name}: job {st.job_ids[-1]} ended {state}; submitting it again")
+        return None
 
     def refresh_slurm(self) -> None:
         """Turn finished SLURM jobs into stage statuses (for `status` and reruns)."""
@@ -381,7 +308,7 @@ class Workflow:
                 state = job_state(st.job_ids[-1]).state
                 if state == "COMPLETED" and self.verify(name) is None:
                     st.status, st.ended, changed = "done", time.time(), True
-                elif state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+                elif state in FAILED_JOB_STATES:
                     st.status, st.error, changed = "failed", f"job {st.job_ids[-1]} {state}", True
         if changed:
             self.save()
@@ -398,11 +325,11 @@ def stop_signals(wf: Workflow) -> Any:
     recorded SIGINT is how the workflow still exits 130 for it."""
 
     def stop(signum: int, frame: Any) -> None:
-        wf.stop_signal = wf.stop_signal or signum
+        wf.ctx.stop_signal = wf.ctx.stop_signal or signum
         raise StopRequested(signum)
 
     def interrupt(signum: int, frame: Any) -> None:
-        wf.stop_signal = wf.stop_signal or signum
+        wf.ctx.stop_signal = wf.ctx.stop_signal or signum
         raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR2)}
@@ -416,8 +343,8 @@ def stop_signals(wf: Workflow) -> Any:
 
 def run_workflow(config_path: str, overrides: list[str], executor: str, restart_from: str | None) -> int:
     cfg = load_config(config_path, overrides)
-    if restart_from and restart_from not in STAGES:
-        raise ConfigError(f"--restart-from must be one of {', '.join(STAGES)}, got '{restart_from}'")
+    if restart_from and restart_from not in STAGE_NAMES:
+        raise ConfigError(f"--restart-from must be one of {', '.join(STAGE_NAMES)}, got '{restart_from}'")
     run_dir = Path(cfg.run_dir).resolve()
     try:
         lock = RunLock(run_dir, "workflow").acquire()

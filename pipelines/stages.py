@@ -1,0 +1,303 @@
+"""The workflow's stages, one record each: adding a stage to `pretrain run` is adding one record.
+
+A :class:`Stage` says everything the workflow needs to know about a stage, and nothing about the
+others:
+
+* ``depends_on``: which config values its outputs depend on (changing one invalidates a finished
+  stage; keys that only change *how* it runs are left out), read from the sections it names;
+* ``run_local``: run it here, in the foreground; it *returns* an :class:`Outcome` (done with its
+  outputs, or stopped: checkpointed / interrupted and resumable) and raises only for a failure;
+* ``verify``: what "done" means, checked from its outputs on disk before it is skipped;
+* ``resources`` and ``argv``: its SLURM job (the request and the command every node runs), and
+  ``after`` how it is chained to the stage before it (``afterok``, or ``after`` for a stage that
+  runs alongside its predecessor, like the eval watcher next to training).
+
+Stage runners receive the :class:`StageContext` (the resolved config, the run dir, the config
+path and overrides for the jobs' command lines, a log function, and the stop signal received so
+far), never the workflow object, so they stay plain functions that are easy to read and test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from common.rundir import RunDir
+from common.strict import flatten, to_dict
+from pipelines.config import PipelineConfig
+from slurm.config import SlurmConfig
+from pipelines.launching import eval_job_request, submit_job, train_argv, train_gpus
+from slurm.resources import check_fits
+from trainer.config import RESUME_RUNTIME_KEYS
+
+EXIT_OK, EXIT_FAILURE, EXIT_REFUSED, EXIT_REQUEUE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class WorkflowError(RuntimeError):
+    """A stage failed or the workflow cannot proceed; the message says what to do.
+
+    ``code`` is the exit code it means: 1 (a rerun may help) or 2 (refused: fix the config/data)."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What a stage's local run came to. ``code`` 0: done, with ``outputs`` recorded in the state;
+    3 (stopped by SIGTERM/SIGUSR2) or 130 (Ctrl-C): stopped, everything resumable; ``why`` says how."""
+
+    code: int = EXIT_OK
+    outputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    why: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.code == EXIT_OK
+
+
+@dataclasses.dataclass
+class StageContext:
+    """What a stage runner gets: the run, not the workflow that drives it."""
+
+    cfg: PipelineConfig
+    run_dir: Path
+    config_path: str
+    overrides: list[str]
+    log: Callable[[str], None] = print
+    stop_signal: int | None = None  # the first stop signal this process got (pipelines.workflow.stop_signals)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    depends_on: Callable[[PipelineConfig], dict[str, Any]]
+    run_local: Callable[[StageContext], Outcome]
+    verify: Callable[[StageContext, dict[str, Any]], str | None]  # (context, recorded outputs) -> None if done
+    resources: Callable[[PipelineConfig], tuple[SlurmConfig, int]]  # (SLURM request, GPUs per node)
+    argv: Callable[[StageContext], list[str]]
+    after: str = "afterok"
+
+
+# ------------------------------------------------------------------------------------ config each stage depends on
+
+# Keys that change how a stage runs but not what it produces: changing them never invalidates it.
+RUNTIME_KEYS = {
+    "data": {"cache_dir", "download_retries", "keep_work"},
+    "train": set(RESUME_RUNTIME_KEYS),  # the trainer's own list of what a resume may change
+    "eval": {"slurm", "poll_s", "max_retries", "device", "batch_size", "max_parallel", "order", "tracking_uri"},
+}
+
+
+def section_values(cfg: PipelineConfig, section: str) -> dict[str, Any]:
+    """``section.key`` -> value for the keys of ``section`` that shape its stage's outputs."""
+    skip = RUNTIME_KEYS.get(section, set())
+    values = flatten(to_dict(cfg)[section])
+    return {f"{section}.{k}": v for k, v in values.items() if k.split(".")[0] not in skip}
+
+
+def _data_depends(cfg: PipelineConfig) -> dict[str, Any]:
+    return section_values(cfg, "data")
+
+
+def _train_depends(cfg: PipelineConfig) -> dict[str, Any]:
+    return {**section_values(cfg, "model"), **section_values(cfg, "train"), **section_values(cfg, "data")}
+
+
+def _eval_depends(cfg: PipelineConfig) -> dict[str, Any]:
+    return section_values(cfg, "eval")
+
+
+# ------------------------------------------------------------------------------------ local runners
+
+
+def _run_data(ctx: StageContext) -> Outcome:
+    from dataprep.errors import DataError
+    from dataprep.pipeline import run_data_stage
+    from dataprep.shards import TokenDataset
+
+    try:
+        run_data_stage(ctx.cfg.data, ctx.cfg.ray)
+    except DataError as e:
+        raise WorkflowError(str(e), getattr(e, "exit_code", EXIT_FAILURE)) from e
+    ds = TokenDataset(ctx.cfg.data.output_dir)
+    return Outcome(outputs={"output_dir": str(Path(ctx.cfg.data.output_dir).resolve()),
+                            "manifest_fingerprint": ds.fingerprint, "shards": len(ds.shards)})  # fmt: skip
+
+
+def _run_train(ctx: StageContext) -> Outcome:
+    from trainer.checkpoint import latest_committed
+    from trainer.launch import train_command
+
+    rc = train_command(to_dict(ctx.cfg))
+    if rc == EXIT_REQUEUE:
+        # checkpointed on a stop signal: Ctrl-C (SIGINT seen here) keeps meaning 130, anything else 3
+        return Outcome(EXIT_INTERRUPTED if ctx.stop_signal == signal.SIGINT else EXIT_REQUEUE,
+                       why="training checkpointed on a stop signal")
+    if rc != EXIT_OK:
+        raise WorkflowError(f"pretrain train exited with {rc}", EXIT_REFUSED if rc == EXIT_REFUSED else EXIT_FAILURE)
+    return Outcome(outputs={"final_checkpoint": str(latest_committed(ctx.run_dir))})
+
+
+def unevaluated(ctx: StageContext) -> list[str]:
+    """Committed checkpoints that lack a complete result for some planned eval task."""
+    from evals.job import planned_tasks
+    from evals.results import checkpoint_id, is_complete
+    from trainer.checkpoint import list_committed
+
+    tasks = planned_tasks(ctx.cfg.eval)
+    return [c.name for c in list_committed(ctx.run_dir)
+            if not all(is_complete(c, t, checkpoint_id(c), ctx.cfg.eval.limit) for t in tasks)]  # fmt: skip
+
+
+def _run_eval(ctx: StageContext) -> Outcome:
+    from evals.watch import Watcher
+    from trainer.checkpoint import list_committed
+
+    rc = Watcher(ctx.run_dir, ctx.cfg.eval, executor="local", log=ctx.log).run(once=True)
+    missing = unevaluated(ctx)
+    if rc != 0 or missing:
+        raise WorkflowError(f"evals failed for {', '.join(missing) or 'some checkpoints'} (see {RunDir(ctx.run_dir).evals})")
+    return Outcome(outputs={"checkpoints": len(list_committed(ctx.run_dir))})
+
+
+def _run_report(ctx: StageContext) -> Outcome:
+    from pipelines.report import write_report
+
+    png, csv = write_report(ctx.run_dir, ctx.cfg, log=ctx.log)
+    return Outcome(outputs={"png": str(png), "csv": str(csv)})
+
+
+# ------------------------------------------------------------------------------------ what "done" means
+
+
+def _verify_data(ctx: StageContext, outputs: dict[str, Any]) -> str | None:
+    from dataprep.shards import ShardError, TokenDataset
+
+    try:
+        ds = TokenDataset(ctx.cfg.data.output_dir)
+    except ShardError as e:
+        return str(e)
+    want = outputs.get("manifest_fingerprint")
+    return None if not want or want == ds.fingerprint else "the shard manifest changed since the data stage ran"
+
+
+def _verify_train(ctx: StageContext, outputs: dict[str, Any]) -> str | None:
+    from trainer.checkpoint import CheckpointError, list_committed, read_meta, verify
+
+    ckpts = list_committed(ctx.run_dir)
+    if not ckpts:
+        return "no committed checkpoint"
+    try:
+        verify(ckpts[-1])
+        step = int(read_meta(ckpts[-1])["step"])
+    except (CheckpointError, OSError, ValueError, KeyError) as e:
+        return f"newest checkpoint does not verify: {e}"
+    max_steps = ctx.cfg.train.max_steps
+    return None if step >= max_steps else f"newest checkpoint is step {step} of {max_steps}"
+
+
+def _verify_eval(ctx: StageContext, outputs: dict[str, Any]) -> str | None:
+    missing = unevaluated(ctx)
+    return f"checkpoints without eval results: {', '.join(missing)}" if missing else None
+
+
+def _verify_report(ctx: StageContext, outputs: dict[str, Any]) -> str | None:
+    layout = RunDir(ctx.run_dir)
+    missing = [p.name for p in (layout.report_png, layout.report_csv) if not p.exists()]
+    return f"missing {', '.join(missing)}" if missing else None
+
+
+# ------------------------------------------------------------------------------------ SLURM jobs
+
+
+def _train_resources(cfg: PipelineConfig) -> tuple[SlurmConfig, int]:
+    return cfg.slurm, train_gpus(cfg)  # only training gets the big allocation
+
+
+def _data_resources(cfg: PipelineConfig) -> tuple[SlurmConfig, int]:
+    return dataclasses.replace(cfg.slurm, nodes=1), 0  # Ray on one node, all its CPUs
+
+
+def _watcher_resources(cfg: PipelineConfig) -> tuple[SlurmConfig, int]:
+    # the eval watcher submits the eval jobs (with eval.slurm.*) and is small itself
+    return dataclasses.replace(cfg.slurm, nodes=1, cpus_per_task=1, mem_gb=0), 0
+
+
+def _report_resources(cfg: PipelineConfig) -> tuple[SlurmConfig, int]:
+    return dataclasses.replace(cfg.slurm, nodes=1, cpus_per_task=1, mem_gb=0, time="00:30:00"), 0
+
+
+def cli_argv(*args: str) -> list[str]:
+    """``pretrain ARGS`` as a job runs it (this interpreter, so the job uses the same install)."""
+    return [sys.executable, "-m", "pipelines.cli", *args]
+
+
+def _config_arg(ctx: StageContext) -> str:
+    return str(Path(ctx.config_path).resolve())
+
+
+def _data_argv(ctx: StageContext) -> list[str]:
+    return cli_argv("data", _config_arg(ctx), *ctx.overrides)
+
+
+def _train_argv(ctx: StageContext) -> list[str]:
+    return train_argv(_config_arg(ctx), ctx.overrides, ctx.cfg)
+
+
+def _eval_argv(ctx: StageContext) -> list[str]:
+    return cli_argv("evals", "watch", str(ctx.run_dir), *ctx.overrides, "--executor", "slurm", "--config", _config_arg(ctx))
+
+
+def _report_argv(ctx: StageContext) -> list[str]:
+    return cli_argv("report", str(ctx.run_dir))
+
+
+def _nothing(cfg: PipelineConfig) -> dict[str, Any]:
+    return {}
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", _data_depends, _run_data, _verify_data, _data_resources, _data_argv),
+    Stage("train", _train_depends, _run_train, _verify_train, _train_resources, _train_argv),
+    Stage("eval", _eval_depends, _run_eval, _verify_eval, _watcher_resources, _eval_argv, after="after"),
+    Stage("report", _nothing, _run_report, _verify_report, _report_resources, _report_argv),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def stage(name: str) -> Stage:
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise ValueError(f"no stage '{name}' (stages: {', '.join(STAGE_NAMES)})")
+
+
+def check_slurm_request(cfg: PipelineConfig) -> None:
+    """Every stage's request, and each eval job's, must fit the cluster before the first job is queued."""
+    for s in STAGES:
+        check_fits(*s.resources(cfg))
+    check_fits(*eval_job_request(cfg))
+
+
+def submit_stage(s: Stage, ctx: StageContext, dependency: str, cluster: str = "slurm", argv: list[str] | None = None):
+    """Submit stage ``s`` as one job (``pretrain-<stage>-<run>``); returns the submitit job."""
+    resources, gpus = s.resources(ctx.cfg)
+    return submit_job(argv or s.argv(ctx), resources, gpus, ctx.run_dir, f"pretrain-{s.name}-{ctx.run_dir.name}", dependency, cluster)
+
+
+def submit_eval_watcher(config_path: str, overrides: list[str], cfg: PipelineConfig, executor: str, train_job_id: str):
+    """The eval watcher as its own small job, started with training, so every checkpoint gets
+    evaluated with no one at the keyboard (its eval jobs use `eval.slurm.*`)."""
+    ctx = StageContext(cfg, Path(cfg.run_dir).resolve(), config_path, list(overrides))
+    watcher = stage("eval")
+    argv = watcher.argv(ctx)
+    argv[argv.index("--executor") + 1] = executor
+    if executor == "slurm":
+        check_fits(*eval_job_request(cfg))
+    return submit_stage(watcher, ctx, f"after:{train_job_id}" if executor == "slurm" else "", cluster=executor, argv=argv)
