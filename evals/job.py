@@ -22,9 +22,9 @@ import socket
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
-
 
 from common.strict import ConfigError, apply_overrides, from_dict, section_problems
 from evals.config import EvalConfig
@@ -147,90 +147,134 @@ def evaluate_checkpoint(
         return _evaluate_locked(ckpt, cfg, tasks, limit, meta, log)
 
 
+@dataclass(frozen=True)
+class _Target:
+    """What one locked eval job is about: the checkpoint, its identity, and where metrics go."""
+
+    ckpt: Path
+    ckpt_id: str
+    step: int
+    limit: int
+    uri: str | None
+    run_id: str | None
+
+    def record(self, task: str, out: dict[str, Any], device: Any) -> dict[str, Any]:
+        """A fresh result file's content (``logged: false`` until MLflow has its metrics)."""
+        return {
+            "task": task,
+            "step": self.step,
+            "checkpoint": str(self.ckpt),
+            "checkpoint_id": self.ckpt_id,
+            "limit": self.limit or 0,
+            "device": str(device),
+            "host": socket.gethostname(),
+            "time": time.time(),
+            "mlflow": {"uri": self.uri, "run_id": self.run_id},
+            "logged": False,
+            **out,
+        }
+
+
 def _evaluate_locked(
     ckpt: Path, cfg: EvalConfig, tasks: list[str], limit: int, meta: dict[str, Any], log: Callable[[str], None]
 ) -> dict[str, Any]:
     """The body of :func:`evaluate_checkpoint`, run while holding the checkpoint's eval lock."""
-    import torch
-
-    from evals.scoring import resolve_device
-    from trainer.checkpoint import load_model_for_eval
-
-    ckpt_id = checkpoint_id(ckpt)
-    step = int(meta["step"])
     uri, run_id = tracking_target(meta, ckpt, cfg.tracking_uri)
-    todo = [t for t in tasks if not is_complete(ckpt, t, ckpt_id, limit)]
-    summary: dict[str, Any] = {"status": "done", "step": step, "tasks": {t: "already done" for t in tasks if t not in todo}}
+    target = _Target(ckpt, checkpoint_id(ckpt), int(meta["step"]), limit, uri, run_id)
+    todo = [t for t in tasks if not is_complete(ckpt, t, target.ckpt_id, limit)]
+    summary: dict[str, Any] = {"status": "done", "step": target.step, "tasks": {t: "already done" for t in tasks if t not in todo}}
     if not todo:
         log(f"eval: {ckpt.name}: all of {tasks} already evaluated and logged")
         return summary
 
-    # results computed earlier whose MLflow logging failed: log them, do not recompute
-    pending: dict[str, dict[str, Any]] = {}
-    for t in todo:
-        res = read_result(ckpt, t)
-        if res and res.get("checkpoint_id") == ckpt_id and res.get("logged") is False and int(res.get("limit") or 0) == (limit or 0):
-            pending[t] = res
+    pending = _unlogged_results(target, todo)
     compute = [t for t in todo if t not in pending]
     failures: dict[str, str] = {}
     if compute:
-        device = resolve_device(cfg.device)
-        t0 = time.time()
-        model, _ = load_model_for_eval(ckpt, device, check=False)  # verified above
-        from dataprep.tokenizer import get_gpt2
-
-        enc = get_gpt2()
-        log(f"eval: {ckpt.name} (step {step}) on {device}: {', '.join(compute)}" + (f" (limit {limit})" if limit else ""))
-        groups: list[tuple[str, Callable[[], dict[str, Any]]]] = []
-        if "hellaswag" in compute:
-            groups.append(("hellaswag", lambda: _ours_hellaswag(model, enc, cfg, limit, device)))
-        harness = [t for t in compute if t.startswith(HARNESS_PREFIX)]
-        if harness:
-            groups.append((", ".join(harness), lambda: _harness(model, enc, cfg, harness, limit, device)))
-        for what, fn in groups:
-            try:
-                with torch.inference_mode():
-                    outcomes = fn()
-            except Exception as e:  # noqa: BLE001 - one failing evaluator must not lose the others
-                failures[what] = f"{type(e).__name__}: {e}"
-                log(f"eval: {ckpt.name}: {what} failed: {failures[what]}\n{traceback.format_exc()}")
-                continue
-            for task, out in outcomes.items():
-                result = {
-                    "task": task,
-                    "step": step,
-                    "checkpoint": str(ckpt),
-                    "checkpoint_id": ckpt_id,
-                    "limit": limit or 0,
-                    "device": str(device),
-                    "host": socket.gethostname(),
-                    "time": time.time(),
-                    "mlflow": {"uri": uri, "run_id": run_id},
-                    "logged": False,
-                    **out,
-                }
-                save_result(ckpt, result, log)
-                pending[task] = result
-        log(f"eval: {ckpt.name}: computed in {time.time() - t0:.1f}s")
-
+        pending.update(_compute(target, cfg, compute, failures, log))
     for task, result in pending.items():
-        if uri is None:
-            result["logged"] = "disabled"
-        else:
-            try:
-                log_to_mlflow(uri, run_id, step, metric_names(task, result["metrics"], result.get("stderr", {})))
-                result["logged"] = True
-            except Exception as e:  # noqa: BLE001 - keep the result; a retry only re-logs it
-                failures[task] = f"MLflow logging to {uri} failed: {type(e).__name__}: {e}"
-                log(f"eval: {ckpt.name}: {failures[task]}")
-                continue
-        save_result(ckpt, result, log)
-        summary["tasks"][task] = result["metrics"]
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
-        log(f"eval: {ckpt.name} step {step} {task}: {shown} (n={result['n']}, {result['source']})")
+        if _log_result(target, task, result, failures, log):
+            summary["tasks"][task] = result["metrics"]
     if failures:
         raise EvalJobError(f"{ckpt.name}: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
     return summary
+
+
+def _unlogged_results(target: _Target, todo: list[str]) -> dict[str, dict[str, Any]]:
+    """Results computed earlier whose MLflow logging failed: they are logged, not recomputed."""
+    pending: dict[str, dict[str, Any]] = {}
+    for t in todo:
+        res = read_result(target.ckpt, t)
+        if (res and res.get("checkpoint_id") == target.ckpt_id and res.get("logged") is False
+                and int(res.get("limit") or 0) == (target.limit or 0)):
+            pending[t] = res
+    return pending
+
+
+def _evaluators(model: Any, enc: Any, cfg: EvalConfig, compute: list[str], limit: int, device: Any
+                ) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
+    """(what, run) per evaluator: ours for ``hellaswag``, one lm-eval call for all harness tasks."""
+    groups: list[tuple[str, Callable[[], dict[str, Any]]]] = []
+    if "hellaswag" in compute:
+        groups.append(("hellaswag", lambda: _ours_hellaswag(model, enc, cfg, limit, device)))
+    harness = [t for t in compute if t.startswith(HARNESS_PREFIX)]
+    if harness:
+        groups.append((", ".join(harness), lambda: _harness(model, enc, cfg, harness, limit, device)))
+    return groups
+
+
+def _compute(
+    target: _Target, cfg: EvalConfig, compute: list[str], failures: dict[str, str], log: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
+    """Run the evaluators for `compute` and save each result (not yet logged); an evaluator that
+    fails goes into `failures` without losing the others' results."""
+    import torch
+
+    from dataprep.tokenizer import get_gpt2
+    from evals.scoring import resolve_device
+    from trainer.checkpoint import load_model_for_eval
+
+    ckpt, limit = target.ckpt, target.limit
+    device = resolve_device(cfg.device)
+    t0 = time.time()
+    model, _ = load_model_for_eval(ckpt, device, check=False)  # verified above
+    enc = get_gpt2()
+    log(f"eval: {ckpt.name} (step {target.step}) on {device}: {', '.join(compute)}" + (f" (limit {limit})" if limit else ""))
+    computed: dict[str, dict[str, Any]] = {}
+    for what, fn in _evaluators(model, enc, cfg, compute, limit, device):
+        try:
+            with torch.inference_mode():
+                outcomes = fn()
+        except Exception as e:  # noqa: BLE001 - one failing evaluator must not lose the others
+            failures[what] = f"{type(e).__name__}: {e}"
+            log(f"eval: {ckpt.name}: {what} failed: {failures[what]}\n{traceback.format_exc()}")
+            continue
+        for task, out in outcomes.items():
+            result = target.record(task, out, device)
+            save_result(ckpt, result, log)
+            computed[task] = result
+    log(f"eval: {ckpt.name}: computed in {time.time() - t0:.1f}s")
+    return computed
+
+
+def _log_result(target: _Target, task: str, result: dict[str, Any], failures: dict[str, str],
+                log: Callable[[str], None]) -> bool:
+    """Send one result's metrics to MLflow, then rewrite its file as logged. False (the failure
+    noted, the file kept with ``logged: false`` so a retry only re-logs it) if MLflow refused."""
+    if target.uri is None:
+        result["logged"] = "disabled"
+    else:
+        try:
+            log_to_mlflow(target.uri, target.run_id, target.step, metric_names(task, result["metrics"], result.get("stderr", {})))
+            result["logged"] = True
+        except Exception as e:  # noqa: BLE001 - keep the result; a retry only re-logs it
+            failures[task] = f"MLflow logging to {target.uri} failed: {type(e).__name__}: {e}"
+            log(f"eval: {target.ckpt.name}: {failures[task]}")
+            return False
+    save_result(target.ckpt, result, log)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
+    log(f"eval: {target.ckpt.name} step {target.step} {task}: {shown} (n={result['n']}, {result['source']})")
+    return True
 
 
 def run_job(ckpt_dir: str, cfg: EvalConfig, cpu_threads: int = 0, status_path: str = "") -> dict[str, Any]:
