@@ -257,69 +257,77 @@ class Watcher:
         """Update entries from disk and jobs; submit what needs evaluating. Returns the checkpoints seen."""
         self._collect()
         committed = list_committed(self.run_dir)
-        names = {c.name for c in committed}
-        for name, e in self.entries.items():
-            if name not in names and e.status in ("new",) and name not in self.jobs:
-                e.status, e.updated = "skipped", time.time()
-                self.log(f"watch: {name} was deleted (retention) before it was evaluated: skipped")
-            if e.status == "running" and name not in self.jobs:
-                # a job submitted by an earlier watcher process: follow it rather than submit a twin
-                job = self._reattach(e.job_id)
-                if job is not None:
-                    self.jobs[name] = job
-                    self.log(f"watch: following {name}'s job {e.job_id} of an earlier watcher")
-                else:
-                    e.status = "new"
-        todo: list[Path] = []
-        for ckpt in committed:
-            if only is not None and ckpt.name not in only:
-                continue
-            try:
-                cid = checkpoint_id(ckpt)
-                step = int(read_meta(ckpt)["step"])
-            except (OSError, ValueError, KeyError):
-                continue  # deleted between listing and reading
-            e = self.entries.get(ckpt.name)
-            if e is None or e.ckpt_id != cid:  # new, or the step was re-written after a resume
-                e = self.entries[ckpt.name] = Entry(step=step, ckpt_id=cid, updated=time.time())
-            if ckpt.name in self.jobs:
-                continue
-            if self._complete(ckpt, cid):
-                if e.status != "done":
-                    e.status, e.updated = "done", time.time()
-                continue
-            if e.status == "done":  # its results were removed: a fresh start, with fresh retries
-                e.status, e.attempts, e.errors = "new", 0, []
-            if e.status == "failed":
-                continue
-            if e.status == "skipped":  # committed again (e.g. restored): evaluate it after all
-                e.status, e.attempts, e.errors = "new", 0, []
-            todo.append(ckpt)
+        self._follow_known({c.name for c in committed})
+        todo = [ckpt for ckpt in committed if (only is None or ckpt.name in only) and self._needs_eval(ckpt)]
         todo.sort(key=lambda p: p.name, reverse=self.cfg.order == "newest")
         if self.cfg.order not in ("newest", "oldest"):
             raise WatchError(f"eval.order must be newest or oldest, got {self.cfg.order!r}")
         for ckpt in todo:
             if len(self.jobs) >= max(1, self.cfg.max_parallel):
                 break
-            e = self.entries[ckpt.name]
-            e.attempts += 1
-            e.status_file = f"{ckpt.name}.attempt{e.attempts}.status.json"
-            status_path = self.layout.eval_jobs / e.status_file
-            status_path.parent.mkdir(parents=True, exist_ok=True)
-            status_path.unlink(missing_ok=True)  # never read an earlier job's words as this one's
-            self.executor.update_parameters(name=f"eval-{ckpt.name}")
-            try:
-                job = self.executor.submit(run_job, str(ckpt), self.cfg, self._cpu_threads(), str(status_path))
-            except Exception as ex:  # noqa: BLE001 - e.g. sbatch refusing the request: report, don't crash
-                e.errors.append(f"submission failed: {_error_line(ex)}")
-                e.status, e.updated = ("failed" if e.attempts > self.cfg.max_retries else "new"), time.time()
-                self.log(f"watch: could not submit {ckpt.name} (attempt {e.attempts}): {_error_line(ex)}")
-                continue
-            self.jobs[ckpt.name] = job
-            e.status, e.job_id, e.updated = "running", str(job.job_id), time.time()
-            self.log(f"watch: submitted {ckpt.name} (job {job.job_id}, attempt {e.attempts}/{self.cfg.max_retries + 1})")
+            self._submit(ckpt)
         self.save_state()
         return committed
+
+    def _follow_known(self, committed: set[str]) -> None:
+        """Entries from the state file: skip those whose checkpoint retention removed, and follow
+        the jobs an earlier watcher process submitted rather than submit twins."""
+        for name, e in self.entries.items():
+            if name not in committed and e.status in ("new",) and name not in self.jobs:
+                e.status, e.updated = "skipped", time.time()
+                self.log(f"watch: {name} was deleted (retention) before it was evaluated: skipped")
+            if e.status == "running" and name not in self.jobs:
+                job = self._reattach(e.job_id)
+                if job is not None:
+                    self.jobs[name] = job
+                    self.log(f"watch: following {name}'s job {e.job_id} of an earlier watcher")
+                else:
+                    e.status = "new"
+
+    def _needs_eval(self, ckpt: Path) -> bool:
+        """Bring `ckpt`'s entry up to date with its results on disk; True if a job should run for it."""
+        try:
+            cid = checkpoint_id(ckpt)
+            step = int(read_meta(ckpt)["step"])
+        except (OSError, ValueError, KeyError):
+            return False  # deleted between listing and reading
+        e = self.entries.get(ckpt.name)
+        if e is None or e.ckpt_id != cid:  # new, or the step was re-written after a resume
+            e = self.entries[ckpt.name] = Entry(step=step, ckpt_id=cid, updated=time.time())
+        if ckpt.name in self.jobs:
+            return False
+        if self._complete(ckpt, cid):
+            if e.status != "done":
+                e.status, e.updated = "done", time.time()
+            return False
+        if e.status == "done":  # its results were removed: a fresh start, with fresh retries
+            e.status, e.attempts, e.errors = "new", 0, []
+        if e.status == "failed":
+            return False
+        if e.status == "skipped":  # committed again (e.g. restored): evaluate it after all
+            e.status, e.attempts, e.errors = "new", 0, []
+        return True
+
+    def _submit(self, ckpt: Path) -> None:
+        """One attempt at `ckpt`: a fresh status file, then the job; a refused submission counts as
+        a failed attempt (retried up to ``eval.max_retries``) rather than stopping the watcher."""
+        e = self.entries[ckpt.name]
+        e.attempts += 1
+        e.status_file = f"{ckpt.name}.attempt{e.attempts}.status.json"
+        status_path = self.layout.eval_jobs / e.status_file
+        status_path.parent.mkdir(parents=True, exist_ok=True)
+        status_path.unlink(missing_ok=True)  # never read an earlier job's words as this one's
+        self.executor.update_parameters(name=f"eval-{ckpt.name}")
+        try:
+            job = self.executor.submit(run_job, str(ckpt), self.cfg, self._cpu_threads(), str(status_path))
+        except Exception as ex:  # noqa: BLE001 - e.g. sbatch refusing the request: report, don't crash
+            e.errors.append(f"submission failed: {_error_line(ex)}")
+            e.status, e.updated = ("failed" if e.attempts > self.cfg.max_retries else "new"), time.time()
+            self.log(f"watch: could not submit {ckpt.name} (attempt {e.attempts}): {_error_line(ex)}")
+            return
+        self.jobs[ckpt.name] = job
+        e.status, e.job_id, e.updated = "running", str(job.job_id), time.time()
+        self.log(f"watch: submitted {ckpt.name} (job {job.job_id}, attempt {e.attempts}/{self.cfg.max_retries + 1})")
 
     def pending(self, only: set[str] | None = None) -> bool:
         """Jobs in flight, or checkpoints still to evaluate (not done, failed or skipped)."""
