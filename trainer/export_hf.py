@@ -353,15 +353,8 @@ def verify_export(out: Path, model: GPT, enc, seed: int = 0) -> dict[str, Any]:
     return {"max_abs_logit_diff": diff, "logit_positions": int(idx.numel()), "tokenizer_check_tokens": len(ours_ids)}
 
 
-def export_hf(checkpoint: str | Path, out_dir: str | Path, log: Callable[[str], None] = print) -> Path:
-    """Write the Hugging Face directory of ``checkpoint`` (a committed checkpoint or a run dir) to
-    ``out_dir`` (absent or empty). Raises ExportError (refused, exit 2) or ExportFailed (exit 1)."""
-    require_hf()
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
-    ckpt = resolve_checkpoint(checkpoint)
+def _read_checkpoint(ckpt: Path) -> tuple[dict[str, Any], GPTConfig, dict[str, torch.Tensor]]:
+    """``(meta, model shape, weights)`` of a committed checkpoint that verifies, else ExportError."""
     try:
         verify(ckpt)
         meta = read_meta(ckpt)
@@ -369,6 +362,60 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, log: Callable[[str], 
         state = torch.load(ckpt / MODEL_FILE, map_location="cpu", weights_only=True)
     except (CheckpointError, OSError, ValueError, KeyError, TypeError) as e:
         raise ExportError(f"{ckpt}: cannot read the checkpoint: {e}") from e
+    return meta, cfg, state
+
+
+def _write_weights(tmp: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    weights = tmp / "model.safetensors"
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with open(weights, "rb+") as f:
+        os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights, 0o666 & ~umask)  # safetensors creates it 0600; readable like the other files
+
+
+def _write_rest_and_verify(tmp: Path, model: GPT, enc, meta: dict[str, Any], ckpt: Path) -> dict[str, Any]:
+    """Config, tokenizer and card files, the transformers round trip, then the provenance file
+    (which records the check's figures). Returns those figures."""
+    cfg = model.config
+    files = {
+        "config.json": json.dumps(model_config(cfg), indent=2) + "\n",
+        "generation_config.json": json.dumps(generation_config(), indent=2) + "\n",
+        **tokenizer_files(enc, cfg.block_size),
+        "README.md": _model_card(meta, ckpt, cfg),
+    }
+    for name, text in files.items():
+        _write_file(tmp / name, text)
+    checks = verify_export(tmp, model, enc)
+    info = {
+        "format": "pretrain-hf-export",
+        "format_version": 1,
+        "checkpoint": str(ckpt.resolve()),
+        "step": meta.get("step"),
+        "tokens_seen": meta.get("tokens_seen"),
+        "data_fingerprint": meta.get("data_fingerprint"),
+        "model_sha256": json.loads((ckpt / MARKER).read_text())["files"][MODEL_FILE],
+        "tokenizer_ranks_sha256": check_gpt2(enc),
+        "shape": cfg.shape(),
+        "verified": checks,
+        "time": time.time(),
+    }
+    _write_file(tmp / EXPORT_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
+    fsync_dir(tmp)
+    return checks
+
+
+def export_hf(checkpoint: str | Path, out_dir: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Write the Hugging Face directory of ``checkpoint`` (a committed checkpoint or a run dir) to
+    ``out_dir`` (absent or empty). Raises ExportError (refused, exit 2) or ExportFailed (exit 1)."""
+    require_hf()
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
+    ckpt = resolve_checkpoint(checkpoint)
+    meta, cfg, state = _read_checkpoint(ckpt)
     tensors = hf_state_dict(state, cfg, source=str(ckpt))
     model = GPT(cfg)
     model.load_state_dict(state)
@@ -379,40 +426,11 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, log: Callable[[str], 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{int(time.time() * 1000)}"
     tmp.mkdir()
+    t0 = time.time()
     try:
-        t0 = time.time()
-        weights = tmp / "model.safetensors"
-        save_file(tensors, str(weights), metadata={"format": "pt"})
-        with open(weights, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(weights, 0o666 & ~umask)  # safetensors creates it 0600; readable like the other files
+        _write_weights(tmp, tensors)
         del tensors
-        files = {
-            "config.json": json.dumps(model_config(cfg), indent=2) + "\n",
-            "generation_config.json": json.dumps(generation_config(), indent=2) + "\n",
-            **tokenizer_files(enc, cfg.block_size),
-            "README.md": _model_card(meta, ckpt, cfg),
-        }
-        for name, text in files.items():
-            _write_file(tmp / name, text)
-        checks = verify_export(tmp, model, enc)
-        info = {
-            "format": "pretrain-hf-export",
-            "format_version": 1,
-            "checkpoint": str(ckpt.resolve()),
-            "step": meta.get("step"),
-            "tokens_seen": meta.get("tokens_seen"),
-            "data_fingerprint": meta.get("data_fingerprint"),
-            "model_sha256": json.loads((ckpt / MARKER).read_text())["files"][MODEL_FILE],
-            "tokenizer_ranks_sha256": check_gpt2(enc),
-            "shape": cfg.shape(),
-            "verified": checks,
-            "time": time.time(),
-        }
-        _write_file(tmp / EXPORT_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
-        fsync_dir(tmp)
+        checks = _write_rest_and_verify(tmp, model, enc, meta, ckpt)
         try:
             os.rename(tmp, out_dir)  # replaces an empty OUT_DIR; fails if one appeared with contents
         except OSError as e:

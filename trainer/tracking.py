@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,20 @@ class NullTracker:
 
 def _warn(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+
+@dataclass
+class _Outbox:
+    """Metric points not sent yet (one ``log_batch`` each flush) and when the last batch went out."""
+
+    batch: list[Point] = field(default_factory=list)
+    n_metrics: int = 0
+    last_send: float = field(default_factory=time.monotonic)
+
+    def flush(self, session: MlflowRun) -> None:
+        session.send(self.batch)
+        self.batch, self.n_metrics, self.last_send = [], 0, time.monotonic()
 
 
 class MlflowTracker:
@@ -252,10 +267,8 @@ class MlflowTracker:
 
     def _run(self) -> None:
         backoff = BACKOFF_S[0]
-        batch: list[Point] = []
-        n_metrics = 0
+        out = _Outbox()
         held: tuple[str, Any] | None = None  # a text/artifact whose send failed: first thing after reconnecting
-        last_send = time.monotonic()
         while not self._dead:
             if not self._connected:
                 if not self._connect():
@@ -265,54 +278,58 @@ class MlflowTracker:
                     backoff = min(backoff * 2, BACKOFF_S[1])
                     continue
                 backoff = BACKOFF_S[0]
-                batch, n_metrics = [], 0  # the catch-up sent everything metrics.jsonl holds
-                last_send = time.monotonic()
+                out = _Outbox()  # the catch-up sent everything metrics.jsonl holds
             session = self._session
             try:
                 if held is not None:
                     self._send_item(session, held)
                     held = None
                 finishing = self._finish_status is not None
-                wait = 0.1 if finishing else max(0.05, min(0.5, last_send + self.flush_every_s - time.monotonic()))
+                wait = 0.1 if finishing else max(0.05, min(0.5, out.last_send + self.flush_every_s - time.monotonic()))
                 try:
                     item = self._queue.get(timeout=wait)
                 except queue.Empty:
                     item = None
                 if item is None:
-                    if batch and (finishing or time.monotonic() - last_send >= self.flush_every_s):
-                        session.send(batch)
-                        batch, n_metrics, last_send = [], 0, time.monotonic()
-                    if finishing and self._queue.empty():
-                        session.send(batch)
-                        session.catch_up(self.metrics_path)  # points dropped from a full queue
-                        if self._system_metrics is not None:
-                            self._system_metrics.stop()
-                        session.terminate(self._finish_status)
-                        self._finished.set()
+                    if self._idle(session, out, finishing):
                         return
                     continue
-                kind, payload = item
-                if kind == "point":
-                    last = batch[-1].step if batch else session.cursor
-                    if payload.step <= last:
-                        continue  # in MLflow already (replayed, or re-run after a resume: identical values)
-                    if payload.step > last + 1:  # dropped from a full queue meanwhile: take them from the file
-                        batch.extend(read_points(self.metrics_path, last, payload.step - 1))
-                    batch.append(payload)
-                    n_metrics += len(payload.values)
-                    if n_metrics >= MAX_BATCH_METRICS:
-                        session.send(batch)
-                        batch, n_metrics, last_send = [], 0, time.monotonic()
+                if item[0] == "point":
+                    self._add_point(session, out, item[1])
                 else:
                     held = item
-                    session.send(batch)  # keep the order the trainer logged in
-                    batch, n_metrics, last_send = [], 0, time.monotonic()
+                    out.flush(session)  # keep the order the trainer logged in
                     self._send_item(session, item)
                     held = None
             except Exception as e:  # noqa: BLE001 - an outage: reconnect, then replay from metrics.jsonl
                 self._failed(e)
                 if self._dead:
                     return
+
+    def _idle(self, session: MlflowRun, out: _Outbox, finishing: bool) -> bool:
+        """Nothing queued: send a batch that is due; when finishing and drained, end the run (True)."""
+        if out.batch and (finishing or time.monotonic() - out.last_send >= self.flush_every_s):
+            out.flush(session)
+        if not (finishing and self._queue.empty()):
+            return False
+        out.flush(session)
+        session.catch_up(self.metrics_path)  # points dropped from a full queue
+        if self._system_metrics is not None:
+            self._system_metrics.stop()
+        session.terminate(self._finish_status)
+        self._finished.set()
+        return True
+
+    def _add_point(self, session: MlflowRun, out: _Outbox, point: Point) -> None:
+        last = out.batch[-1].step if out.batch else session.cursor
+        if point.step <= last:
+            return  # in MLflow already (replayed, or re-run after a resume: identical values)
+        if point.step > last + 1:  # dropped from a full queue meanwhile: take them from the file
+            out.batch.extend(read_points(self.metrics_path, last, point.step - 1))
+        out.batch.append(point)
+        out.n_metrics += len(point.values)
+        if out.n_metrics >= MAX_BATCH_METRICS:
+            out.flush(session)
 
     def _send_item(self, session: MlflowRun, item: tuple[str, Any]) -> None:
         """A text or an artifact; one the server refuses is skipped (metrics go on)."""
