@@ -6,7 +6,8 @@
 #      runs above measured it on (the default), so these give its effect on this GPU;
 #   3. HellaSwag scorer: fp32 vs bf16 (pinned attention kernel) vs bf16 with PyTorch's own kernel
 #      choice, 1000 HellaSwag-shaped rows (RESULT_DTYPES), then the batched-vs-loop bench in bf16;
-#   4. the real trainer (torchrun, 1 rank, synthetic shards, async checkpoints every 8 steps), 25 steps;
+#   4. the real trainer (torchrun, 1 rank, synthetic shards, async checkpoints every 8 steps), 25 steps,
+#      on the config `pretrain config show` resolves (the worker takes a resolved config);
 #   5. SDPA backends pinned (train.sdpa_backend=flash|cudnn), eager;
 #   6. exact stop/resume of a tiny run on the GPU (eager).
 # Usage (repo root, on the GPU machine; copy ../shared/anchors/ to .anchors/ first, it is git-ignored):
@@ -107,7 +108,12 @@ train: {nproc_per_node: 1, micro_batch_size: $trainer_b, seq_len: $trainer_t, ba
         ckpt_every: 8, keep_last: 2}
 tracking: {uri: none}
 EOF
-run "trainer $trainer_steps steps" "$t_big" $py -m torch.distributed.run --standalone --nproc_per_node 1 -m trainer.train "$work/train.yaml"
+# the worker takes a resolved config (what `pretrain train` hands it): resolve the file first
+if $py -m pipelines.cli config show "$work/train.yaml" > "$work/resolved.yaml" 2>> "$log"; then
+  run "trainer $trainer_steps steps" "$t_big" $py -m torch.distributed.run --standalone --nproc_per_node 1 -m trainer.train "$work/resolved.yaml"
+else
+  echo "=== trainer $trainer_steps steps: exit 2 (pretrain config show failed, see the log)" | tee -a "$log"
+fi
 
 # 5. SDPA backends, eager (auto = the side-by-side compile-off project run)
 for b in flash cudnn; do

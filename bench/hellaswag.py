@@ -46,7 +46,8 @@ import torch  # noqa: E402
 
 from evals import scoring  # noqa: E402
 from evals.hellaswag import predictions, score_example_unbatched  # noqa: E402
-from evals.scoring import Group, Score, autocast_for, resolve_device, score_groups  # noqa: E402
+from evals.scoring import Group, Score, resolve_device, score_groups  # noqa: E402
+from trainer import precision  # noqa: E402
 from trainer.model import GPT, PRESETS, GPTConfig  # noqa: E402
 
 
@@ -76,7 +77,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def main() -> int:
+def _parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gpt2", choices=sorted(PRESETS), help="model shape preset (random init)")
     ap.add_argument("--rows", type=int, default=48)
@@ -90,44 +91,43 @@ def main() -> int:
     ap.add_argument("--dtypes", default="", help="e.g. float32,bfloat16: compare the batched scorer across dtypes instead")
     ap.add_argument("--eval-sdpa", default="pinned", choices=("pinned", "auto", "both"),
                     help="attention kernel of the masked forward on CUDA: the scorer's pinned one, PyTorch's choice, or both (--dtypes)")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+
+def load_groups(args: argparse.Namespace) -> tuple[list[Group], str]:
+    """Real HellaSwag rows when available (or asked for), else synthetic ones of the same shape."""
     if args.data == "synthetic":
-        groups, source = synthetic_groups(args.rows), "synthetic tokens"
-    else:
-        try:
-            groups, source = real_groups(args.rows, "" if args.data == "auto" else args.data)
-        except Exception as e:  # noqa: BLE001 - no tokenizer/data here: the length profile is what matters
-            if args.data != "auto":
-                raise
-            groups, source = synthetic_groups(args.rows), f"synthetic tokens (real rows unavailable: {type(e).__name__})"
+        return synthetic_groups(args.rows), "synthetic tokens"
+    try:
+        return real_groups(args.rows, "" if args.data == "auto" else args.data)
+    except Exception as e:  # noqa: BLE001 - no tokenizer/data here: the length profile is what matters
+        if args.data != "auto":
+            raise
+        return synthetic_groups(args.rows), f"synthetic tokens (real rows unavailable: {type(e).__name__})"
+
+
+def load_model(args: argparse.Namespace, device: torch.device) -> GPT:
+    """The checkpoint's model, or a random init of the preset (seeded), in eval mode."""
     torch.manual_seed(0)
     if args.checkpoint:
         from trainer.checkpoint import load_model_for_eval
 
-        model, _ = load_model_for_eval(args.checkpoint, device)
-    else:
-        n_layer, n_head, n_embd, block = PRESETS[args.model]
-        model = GPT(GPTConfig(n_layer, n_head, n_embd, block)).to(device).eval()
-    if args.eval_sdpa == "auto":
-        scoring.CUDA_MASKED_SDPA = None
-    print(f"{model.summary()}\ndevice {device}, dtype {args.dtype}, {len(groups)} rows from {source}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads", flush=True)
+        return load_model_for_eval(args.checkpoint, device)[0]
+    n_layer, n_head, n_embd, block = PRESETS[args.model]
+    return GPT(GPTConfig(n_layer, n_head, n_embd, block)).to(device).eval()
 
-    if args.dtypes:
-        return compare_dtypes(model, groups, device, args)
 
+def time_both(model: GPT, groups: list[Group], device: torch.device, args: argparse.Namespace) -> tuple[list[list[Score]], list[list[Score]], float, float]:
+    """Baseline and batched scores of every row and the seconds each path took.
+
+    Interleaved rounds (baseline on a chunk of rows, then batched on the same chunk): on a shared
+    machine, load that drifts during the run hits both paths alike."""
+    dtype = precision.compute_dtype(args.dtype, device, key="--dtype")
     # warm-up both paths (allocator, kernels, autotuning)
     score_groups(model, groups[:4], batch_size=4, device=device, dtype=args.dtype)
-    with torch.inference_mode(), autocast_for(device, args.dtype):
+    with torch.inference_mode(), precision.autocast(device, dtype):
         score_example_unbatched(model, groups[0], device)
     sync(device)
-
-    # Interleaved rounds (baseline on a chunk of rows, then batched on the same chunk): on a shared
-    # machine, load that drifts during the run hits both paths alike.
     base: list[list[Score]] = []
     batched: list[list[Score]] = []
     t_base = t_batched = 0.0
@@ -136,7 +136,7 @@ def main() -> int:
     for lo, hi in zip(bounds, bounds[1:]):
         chunk = groups[lo:hi]
         t0 = time.perf_counter()
-        with torch.inference_mode(), autocast_for(device, args.dtype):
+        with torch.inference_mode(), precision.autocast(device, dtype):
             for g in chunk:
                 base.append([Score(lp, n, False) for lp, n in score_example_unbatched(model, g, device)])
         sync(device)
@@ -145,7 +145,24 @@ def main() -> int:
         batched.extend(score_groups(model, chunk, batch_size=args.batch_size, device=device, dtype=args.dtype))
         sync(device)
         t_batched += time.perf_counter() - t0
+    return base, batched, t_base, t_batched
 
+
+def main() -> int:
+    args = _parse()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    groups, source = load_groups(args)
+    model = load_model(args, device)
+    if args.eval_sdpa == "auto":
+        scoring.CUDA_MASKED_SDPA = None
+    print(f"{model.summary()}\ndevice {device}, dtype {args.dtype}, {len(groups)} rows from {source}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads", flush=True)
+    if args.dtypes:
+        return compare_dtypes(model, groups, device, args)
+
+    base, batched, t_base, t_batched = time_both(model, groups, device, args)
     same = predictions(base) == predictions(batched)
     diff = max(abs(a.logprob - b.logprob) for ra, rb in zip(base, batched) for a, b in zip(ra, rb))
     r_base, r_batched = len(groups) / t_base, len(groups) / t_batched

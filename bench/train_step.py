@@ -4,13 +4,16 @@
     python bench/train_step.py configs/gpt2-124m.yaml train.compile=false train.dtype=float32
     python bench/train_step.py configs/smoke.yaml model.name=tiny --steps 5 --warmup 1   # CPU, seconds
 
-It builds the model, AdamW and the step exactly as the trainer configures them (same presets,
-parameter groups, fused AdamW on CUDA, bf16 autocast, TF32, optional torch.compile, gradient
-accumulation of ``batch_tokens / (micro_batch_size * seq_len)`` micro-steps, global-norm
-clipping), but feeds random tokens, so no dataset, tokenizer, Ray or MLflow is needed: a bare
-GPU machine with torch and numpy is enough (PyYAML is used when present; a minimal reader for
-our flat config files is used otherwise). One process, one device; multiply by the GPU count
-for a DDP estimate (DDP overlaps its all-reduce with the backward pass).
+It times the trainer's own step, :class:`trainer.step.TrainStep` (the code ``trainer.train``
+runs: the learning-rate schedule, gradient accumulation of ``batch_tokens / (micro_batch_size *
+seq_len)`` micro-steps, global-norm clipping, the non-finite check, the AdamW update), on the
+model and optimizer built as the trainer builds them (``trainer.step.build_model``, same presets,
+parameter groups, fused AdamW on CUDA, ``trainer.precision``'s dtype and TF32 choice, optional
+torch.compile), but feeds random tokens, so no dataset, tokenizer, Ray or MLflow is needed: a
+bare GPU machine with the package's dependencies is enough. The config loads through
+``pipelines.config.load_config``, as with ``pretrain``. One process, one device, no process
+group; multiply by the GPU count for a DDP estimate (DDP overlaps its all-reduce with the
+backward pass).
 
 Prints one line starting with ``RESULT`` (time per optimizer step, tokens/s, MFU on GPUs).
 
@@ -30,94 +33,29 @@ CPU; a config whose dtype differs from that is refused in this mode.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import itertools
 import re
 import statistics
 import subprocess
 import sys
 import time
-import types
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def _install_minimal_yaml() -> None:
-    """A stand-in for PyYAML good enough for configs/*.yaml (mappings, scalars, [a, b] lists)."""
-    import json
-
-    class YAMLError(ValueError):
-        pass
-
-    def scalar(text: str):
-        text = text.strip()
-        if text == "" or text in ("~", "null"):
-            return None
-        if text[0] in "'\"" and text[-1] == text[0]:
-            return text[1:-1]
-        if text.startswith("[") and text.endswith("]"):
-            return [scalar(t) for t in text[1:-1].split(",") if t.strip()]
-        low = text.lower()
-        if low in ("true", "false"):
-            return low == "true"
-        for cast in (int, float):
-            try:
-                return cast(text.replace("_", ""))
-            except ValueError:
-                pass
-        return text
-
-    def strip_comment(line: str) -> str:
-        quote = None
-        for i, ch in enumerate(line):
-            if ch in "'\"":
-                quote = None if quote == ch else (quote or ch)
-            elif ch == "#" and quote is None and (i == 0 or line[i - 1] in " \t"):
-                return line[:i]
-        return line
-
-    def safe_load(text: str):
-        root: dict = {}
-        stack = [(-1, root)]
-        for raw in text.splitlines():
-            line = strip_comment(raw).rstrip()
-            if not line.strip():
-                continue
-            indent = len(line) - len(line.lstrip())
-            key, sep, value = line.strip().partition(":")
-            if not sep:
-                raise YAMLError(f"unsupported YAML line: {raw!r}")
-            while stack[-1][0] >= indent:
-                stack.pop()
-            parent = stack[-1][1]
-            if value.strip() == "":
-                parent[key.strip()] = {}
-                stack.append((indent, parent[key.strip()]))
-            else:
-                parent[key.strip()] = scalar(value)
-        return root
-
-    mod = types.ModuleType("yaml")
-    mod.YAMLError = YAMLError  # type: ignore[attr-defined]
-    mod.safe_load = safe_load  # type: ignore[attr-defined]
-    mod.safe_dump = lambda obj, sort_keys=False: json.dumps(obj, indent=2, sort_keys=sort_keys)  # type: ignore[attr-defined]
-    sys.modules["yaml"] = mod
-
-
-try:
-    import yaml  # noqa: F401
-except ImportError:
-    _install_minimal_yaml()
-
 import torch  # noqa: E402
 
-from pipelines.config import ConfigError, load_config  # noqa: E402
-from trainer.model import GPT, resolve_config, sdpa_backend_problem  # noqa: E402
+from pipelines.config import ConfigError, PipelineConfig, load_config  # noqa: E402
+from trainer import precision  # noqa: E402
+from trainer.dist import DistEnv  # noqa: E402
+from trainer.model import GPT, resolve_config  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
+from trainer.step import TrainStep, build_model, wrap_model  # noqa: E402
 from trainer.train import RefusedError, grad_accum_steps, peak_flops  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config", help="run config (e.g. configs/gpt2-124m.yaml)")
     p.add_argument("overrides", nargs="*", help="section.key=value (e.g. train.compile=false model.name=tiny)")
@@ -125,84 +63,99 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator, autotuning)")
     p.add_argument("--anchor", default="", help="path of build_nanogpt_step.py: run it side by side and print ratios")
     p.add_argument("--compile-settings", default="", help="with --anchor: comma-separated on/off (default: the config's train.compile)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def bench_device(device_setting: str) -> torch.device:
+    """``train.device`` for one process: auto = the first GPU if there is one."""
+    use_cuda = torch.cuda.is_available() if device_setting == "auto" else device_setting == "cuda"
+    return torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+
+
+@dataclass
+class Bench:
+    """The trainer's step on synthetic batches, ready to time."""
+
+    cfg: PipelineConfig
+    model: GPT
+    step: TrainStep
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    device: torch.device
+
+    @classmethod
+    def build(cls, config: str, overrides: list[str]) -> Bench:
+        """Raises ConfigError, RefusedError or ValueError for what the trainer would refuse."""
+        cfg = load_config(config, overrides)
+        gpt_cfg, tc = resolve_config(cfg.model), cfg.train
+        accum = grad_accum_steps(tc.batch_tokens, tc.micro_batch_size, tc.seq_len, 1)
+        if tc.seq_len > gpt_cfg.block_size:
+            raise ValueError(f"train.seq_len {tc.seq_len} > block_size {gpt_cfg.block_size}")
+        device = bench_device(tc.device)
+        env = DistEnv(0, 0, 1, device, None)
+        precision.configure_matmul(device)
+        torch.manual_seed(tc.seed)
+        model = build_model(gpt_cfg, tc, device)
+        optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, device.type)
+        _, forward = wrap_model(model, tc, env)
+        step = TrainStep(model, forward, optimizer, tc, env, accum)
+        gen = torch.Generator(device=device).manual_seed(tc.seed)
+        B, T = tc.micro_batch_size, tc.seq_len
+        bufs = [torch.randint(0, 50257, (B, T + 1), device=device, generator=gen) for _ in range(min(accum, 4))]
+        batches = [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in bufs]
+        return cls(cfg, model, step, batches, device)
+
+    def run(self, warmup: int, steps: int) -> tuple[list[float], float]:
+        """``warmup`` untimed steps, then the seconds of each of ``steps`` steps and the last loss.
+        Each step ends with ``.item()`` on its loss, which waits for the device."""
+        cycle = itertools.cycle(self.batches)
+        index = itertools.count()
+        t0 = time.time()
+        for _ in range(warmup):
+            self.step(next(index), lambda: next(cycle))
+        print(f"bench: {warmup} warmup steps in {time.time() - t0:.1f}s", flush=True)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        times, loss = [], float("nan")
+        for _ in range(steps):
+            t = time.perf_counter()
+            loss = self.step(next(index), lambda: next(cycle)).loss
+            times.append(time.perf_counter() - t)
+        return times, loss
+
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+    def result_line(self, times: list[float], loss: float) -> str:
+        """The ``RESULT`` line (median step time, tokens/s, MFU on known GPUs, peak memory on CUDA)."""
+        tc, dtype = self.cfg.train, self.step.dtype
+        step_s = statistics.median(times)
+        tok_s = tc.batch_tokens / step_s
+        peak = peak_flops(tc.peak_flops, self.device, dtype == torch.bfloat16)
+        mfu = f"{self.model.flops_per_token(tc.seq_len) * tok_s / peak * 100:.1f}%" if peak else "n/a"
+        mem = f" peak_mem={torch.cuda.max_memory_allocated(self.device) / 2**30:.1f}GiB" if self.device.type == "cuda" else ""
+        return (
+            f"RESULT device={self.device_name()!r} model={self.cfg.model.name} params={self.model.num_params() / 1e6:.1f}M "
+            f"B={tc.micro_batch_size} T={tc.seq_len} accum={self.step.grad_accum} dtype={precision.short_name(dtype)} "
+            f"compile={'on' if tc.compile else 'off'} loss_chunk={tc.loss_chunk_tokens} sdpa={tc.sdpa_backend} "
+            f"step_s={step_s:.4f} (mean {statistics.mean(times):.4f}, min {min(times):.4f}) tok_s={tok_s:,.0f} mfu={mfu}{mem} loss={loss:.4f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
     if args.anchor:
         return side_by_side(args)
     try:
-        cfg = load_config(args.config, args.overrides)
-        gpt_cfg = resolve_config(cfg.model)
-        tc = cfg.train
-        accum = grad_accum_steps(tc.batch_tokens, tc.micro_batch_size, tc.seq_len, 1)
+        bench = Bench.build(args.config, args.overrides)
     except (ConfigError, RefusedError, ValueError) as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
-    if tc.seq_len > gpt_cfg.block_size:
-        print(f"bench: error: train.seq_len {tc.seq_len} > block_size {gpt_cfg.block_size}", file=sys.stderr)
-        return 2
-
-    use_cuda = torch.cuda.is_available() if tc.device == "auto" else tc.device == "cuda"
-    device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
-    bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.set_float32_matmul_precision("high")
-    torch.manual_seed(tc.seed)
-
-    problem = sdpa_backend_problem(tc.sdpa_backend, device.type)
-    if problem:
-        print(f"bench: error: {problem}", file=sys.stderr)
-        return 2
-    model = GPT(gpt_cfg).to(device)
-    model.set_runtime(loss_chunk_tokens=tc.loss_chunk_tokens, sdpa_backend=tc.sdpa_backend)
-    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, device.type)
-    fwd = torch.compile(model, mode=tc.compile_mode, fullgraph=tc.compile_fullgraph) if tc.compile else model
-    B, T = tc.micro_batch_size, tc.seq_len
-    gen = torch.Generator(device=device).manual_seed(tc.seed)
-    bufs = [torch.randint(0, 50257, (B, T + 1), device=device, generator=gen) for _ in range(min(accum, 4))]
-    batches = [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in bufs]
-    autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-
-    def step() -> float:
-        optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=device)
-        for i in range(accum):
-            x, y = batches[i % len(batches)]
-            with autocast():
-                _, loss = fwd(x, y)
-            loss = loss / accum
-            total += loss.detach()
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        return total.item()  # syncs the device
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"bench: {name}; {model.summary()}; B={B} T={T} grad_accum={accum} ({tc.batch_tokens:,} tokens/step) "
-          f"dtype={'bfloat16' if bf16 else 'float32'} compile={tc.compile}", flush=True)
-    t0 = time.time()
-    for _ in range(args.warmup):
-        step()
-    print(f"bench: {args.warmup} warmup steps in {time.time() - t0:.1f}s", flush=True)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times, loss = [], float("nan")
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t)
-    step_s = statistics.median(times)
-    tok_s = tc.batch_tokens / step_s
-    peak = peak_flops(tc.peak_flops, device, bf16)
-    mfu = f"{model.flops_per_token(T) * tok_s / peak * 100:.1f}%" if peak else "n/a"
-    mem = f" peak_mem={torch.cuda.max_memory_allocated(device) / 2**30:.1f}GiB" if device.type == "cuda" else ""
-    print(
-        f"RESULT device={name!r} model={cfg.model.name} params={model.num_params() / 1e6:.1f}M B={B} T={T} accum={accum} "
-        f"dtype={'bf16' if bf16 else 'fp32'} compile={'on' if tc.compile else 'off'} loss_chunk={tc.loss_chunk_tokens} "
-        f"sdpa={tc.sdpa_backend} "
-        f"step_s={step_s:.4f} (mean {statistics.mean(times):.4f}, min {min(times):.4f}) tok_s={tok_s:,.0f} mfu={mfu}{mem} loss={loss:.4f}",
-        flush=True,
-    )
+    tc = bench.cfg.train
+    print(f"bench: {bench.device_name()}; {bench.model.summary()}; B={tc.micro_batch_size} T={tc.seq_len} "
+          f"grad_accum={bench.step.grad_accum} ({tc.batch_tokens:,} tokens/step) "
+          f"dtype={str(bench.step.dtype).removeprefix('torch.')} compile={tc.compile}", flush=True)
+    times, loss = bench.run(args.warmup, args.steps)
+    print(bench.result_line(times, loss), flush=True)
     return 0
 
 
@@ -255,11 +208,10 @@ def side_by_side(args: argparse.Namespace) -> int:
     except (ConfigError, RefusedError, ValueError) as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
-    use_cuda = torch.cuda.is_available() if tc.device == "auto" else tc.device == "cuda"
-    bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and use_cuda)
-    if bf16 != use_cuda:
-        print(f"bench: error: the anchor trains in {'bf16' if use_cuda else 'fp32'} here; train.dtype={tc.dtype} "
-              "would not compare like with like", file=sys.stderr)
+    device = bench_device(tc.device)
+    if precision.compute_dtype(tc.dtype, device) != precision.compute_dtype("auto", device):
+        print(f"bench: error: the anchor trains in {precision.short_name(precision.compute_dtype('auto', device))} here; "
+              f"train.dtype={tc.dtype} would not compare like with like", file=sys.stderr)
         return 2
     status = 0
     for setting in settings:
