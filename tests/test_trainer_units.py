@@ -190,3 +190,29 @@ def test_metrics_truncation_drops_rerun_steps_and_torn_lines(tmp_path):
     recs = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     assert recs[2]["loss"] == 1.0 / 3.0 * 3  # floats round-trip exactly
+
+
+def test_train_state_files_keep_their_keys_and_old_states_load():
+    """trainer_state.pt and meta.json are views of one TrainState; their keys are the on-disk format."""
+    from trainer.state import TrainState
+
+    config = {"train": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2, "max_steps": 10}}
+    st = TrainState(world_size=2, model={"n_layer": 2}, model_shape={"n_layer": 2}, data_fingerprint="ab",
+                    data_dir="/d", config=config, step=4, tokens_seen=512, skipped_in_row=1, run_id="r",
+                    loader_states=[{"epoch": 0, "shard_index": 1, "offset": 64}] * 2, rng_states=[capture_rng(), capture_rng()])
+    saved = st.state_dict()
+    assert set(saved) == {"format_version", "step", "tokens_seen", "world_size", "schedule", "loader_states", "rng_states",
+                          "mlflow_run_id", "data_fingerprint", "model_shape", "config", "skipped_in_row"}
+    assert saved["schedule"] == {"next_step": 4, "next_lr": lr_at(4, 1e-3, 1e-4, 2, 10)}
+    meta = st.meta()
+    assert set(meta) == {"step", "tokens_seen", "world_size", "model", "model_shape", "data_fingerprint", "data_dir",
+                         "mlflow_run_id", "loader_states", "config", "time"}
+    json.dumps(meta)  # no tensors in meta.json
+    # an older trainer_state.pt (no streak, no run id) loads; identity stays this run's
+    old = {k: v for k, v in saved.items() if k not in ("skipped_in_row", "mlflow_run_id")}
+    fresh = TrainState(world_size=1, config={"x": 1})
+    fresh.load_state_dict(old)
+    assert (fresh.step, fresh.tokens_seen, fresh.skipped_in_row, fresh.run_id, fresh.world_size) == (4, 512, 0, None, 1)
+    loader, rng = fresh.position_for(0, 1)  # another world size: the global data position, no RNG stream
+    assert loader == LoaderState(0, 1, 64) and rng is None
+    assert fresh.position_for(1, 2)[1] is saved["rng_states"][1]

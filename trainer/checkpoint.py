@@ -6,7 +6,9 @@ Layout::
         model.pt            model state_dict (unwrapped, uncompiled names = HF GPT-2 names)
         optimizer.pt        AdamW state_dict
         trainer_state.pt    step, loader state and RNG state of every rank, MLflow run id, ...
+                            (trainer.state.TrainState.state_dict)
         meta.json           human-readable: step, model shape, data fingerprint, run id, config
+                            (TrainState.meta, a projection of the same state)
         COMMITTED.json      written LAST: sha256 of every other file
 
 A checkpoint exists for readers only once ``COMMITTED.json`` is in place: a crash at any moment
