@@ -78,15 +78,30 @@ class DataConfig:
 
 @dataclass
 class RayConfig:
-    """Ray cluster used by the data stage."""
+    """Ray cluster used by the data stage, and the SLURM job it runs in (`pretrain data --executor slurm`)."""
 
     # Empty: start a local Ray instance; otherwise an existing cluster ("auto", "ray://host:10001").
     address: str = ""
     # CPUs for a local instance (0 = all of this machine's).
     num_cpus: int = 0
 
+    # The data stage's SLURM job: `nodes` > 1 starts a Ray cluster across the allocation (the head
+    # on the first node, workers on the others); 1 runs a local instance on the one node.
+    nodes: int = 1
+    cpus_per_node: int = 0  # 0 = slurm.cpus_per_task
+    mem_gb: int = 0  # per node; 0 = slurm.mem_gb (0 there too: the partition's default)
+    partition: str = ""  # "" = slurm.partition; several separated by ","
+    account: str = ""  # "" = slurm.account
+    qos: str = ""  # "" = slurm.qos
+    time: str = "24:00:00"
+
     def validate(self) -> None:
+        """Numbers here; the names and the time reach the ``#SBATCH`` lines of the data job and get
+        the ``slurm.*`` rules where the config is composed (``pipelines.config``: dataprep does not
+        import slurm/)."""
         if self.num_cpus < 0:
             raise ValueError(f"num_cpus must be >= 0 (0 = all of this machine's), got {self.num_cpus}")
         if self.address and not RAY_ADDRESS_RE.match(self.address):
             raise ValueError(f"address must be empty (a local instance), auto, HOST:PORT or ray://HOST:PORT, got '{self.address}'")
+        _at_least(self, 1, "nodes")
+        _at_least(self, 0, "cpus_per_node", "mem_gb")

@@ -437,11 +437,21 @@ def _build(cfg: DataConfig, ranks_sha256: str, waves: _Waves, listed: list[tuple
         },
         "removed_ids": {"path": "removed.jsonl", "count": removed_count, "sha256": removed_sha},
         "shards": shards,
+        "ray_cluster": _ray_cluster(),  # where it was built; the only entry that depends on the cluster
     }
     atomic_write_json(output_dir / MANIFEST_NAME, manifest)  # commit point
     if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+def _ray_cluster() -> dict[str, int]:
+    """The Ray cluster this run used: alive nodes and their CPUs (empty without Ray)."""
+    import ray
+
+    if not ray.is_initialized():
+        return {}
+    return {"nodes": sum(1 for n in ray.nodes() if n["Alive"]), "cpus": int(ray.cluster_resources().get("CPU", 0))}
 
 
 def _write_removed(output_dir: Path, work: Path, chunks: list[Chunk], sources: list[SourceFile]) -> tuple[int, str]:

@@ -42,12 +42,41 @@ def cmd_data(args: argparse.Namespace) -> int:
     from dataprep.pipeline import DataError, run_data_stage
 
     cfg = _load(args)
+    if args.executor == "slurm":
+        return _submit_data(args, cfg)
     try:
         run_data_stage(cfg.data, cfg.ray)
     except DataError as e:
         print(f"pretrain data: error: {e}", file=sys.stderr)
         return e.exit_code
     return 0
+
+
+def _submit_data(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    """`pretrain data --executor slurm`: one job over `ray.nodes` nodes (see pipelines.data_job);
+    a request the cluster can never run is refused (exit 2) before anything is queued."""
+    from pipelines.data_job import check_submittable, request_error, wait_for_data
+    from pipelines.launching import check_run_dir_for_slurm
+    from pipelines.stages import StageContext, stage, submit_stage
+    from slurm.resources import SlurmError, check_fits
+
+    data = stage("data")
+    try:
+        check_submittable(cfg)
+        run_dir = check_run_dir_for_slurm(cfg)
+        check_fits(*data.resources(cfg))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        job = submit_stage(data, StageContext(cfg, run_dir, args.config, list(args.overrides)), "")
+    except SlurmError as e:
+        print(f"pretrain data: error: {request_error(str(e))}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(f"submitted job {job.job_id} (slurm, {cfg.ray.nodes} node(s))\n  output:  {cfg.data.output_dir}\n"
+          f"  stdout:  {job.paths.stdout}\n  stderr:  {job.paths.stderr}")  # fmt: skip
+    if not args.wait:
+        return 0
+    code, outcome = wait_for_data(job, cfg)
+    print(f"job {job.job_id} {outcome}", file=sys.stderr if code else sys.stdout)
+    return code
 
 
 def cmd_tokenizer_fetch(args: argparse.Namespace) -> int:
@@ -335,6 +364,9 @@ def _add_stage_commands(sub: argparse._SubParsersAction) -> None:
     """`data`, `train`, `submit`, `sbatch`, `jobs`: one stage at a time, here or on SLURM."""
     p = sub.add_parser("data", help="download, dedup, tokenize and shard the corpus (Ray)")
     _config_args(p)
+    p.add_argument("--executor", choices=("local", "slurm"), default="local",
+                   help="slurm: one job over ray.nodes nodes, a Ray cluster across them (default: here)")
+    p.add_argument("--wait", action="store_true", help="with --executor slurm: follow the job until it finishes")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("train", help="train or resume GPT-2 with torchrun DDP (exit 3: checkpointed, requeue)")

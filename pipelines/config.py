@@ -80,11 +80,28 @@ def validate(cfg: PipelineConfig, where: str) -> None:
                     problems.append(f"'{dotted}' contains a control character ({bad[0]!r}); not allowed in config values")
                     break
     failed = validate_sections(cfg, "", problems)
+    problems.extend(ray_job_problems(cfg) if "ray." not in failed else [])
     problems.extend(geometry_problems(cfg, world_size=1, check_block="model." not in failed))
     if len(problems) == 1:
         raise ConfigError(f"{where}: {problems[0]}")
     if problems:
         raise ConfigError(f"{where}: {len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def ray_job_problems(cfg: PipelineConfig) -> list[str]:
+    """The ``ray`` section's SLURM names and time reach the data job's ``#SBATCH`` lines: the same
+    rules as ``slurm.*`` (checked here because dataprep/, which owns the section, does not import slurm/)."""
+    from slurm import validation
+
+    r = cfg.ray
+    try:
+        validation.check_name("partition", r.partition, allow_list=True)
+        validation.check_name("account", r.account)
+        validation.check_name("qos", r.qos)
+        validation.time_minutes("time", r.time)
+    except ValueError as e:
+        return [f"ray.{e}"]
+    return []
 
 
 def geometry_problems(cfg: PipelineConfig, world_size: int, check_block: bool = True) -> list[str]:

@@ -29,6 +29,7 @@ from typing import Any
 from common.rundir import RunDir
 from common.strict import flatten, to_dict
 from pipelines.config import PipelineConfig
+from pipelines.data_job import data_argv, data_resources
 from slurm.config import SlurmConfig
 from pipelines.launching import eval_job_request, submit_job, train_argv, train_gpus
 from slurm.resources import check_fits
@@ -221,7 +222,7 @@ def _train_resources(cfg: PipelineConfig) -> tuple[SlurmConfig, int]:
 
 
 def _data_resources(cfg: PipelineConfig) -> tuple[SlurmConfig, int]:
-    return dataclasses.replace(cfg.slurm, nodes=1), 0  # Ray on one node, all its CPUs
+    return data_resources(cfg)  # the `ray` section: one node (local Ray) or a Ray cluster across ray.nodes
 
 
 def _watcher_resources(cfg: PipelineConfig) -> tuple[SlurmConfig, int]:
@@ -243,7 +244,7 @@ def _config_arg(ctx: StageContext) -> str:
 
 
 def _data_argv(ctx: StageContext) -> list[str]:
-    return cli_argv("data", _config_arg(ctx), *ctx.overrides)
+    return data_argv(ctx.config_path, ctx.overrides, ctx.cfg)
 
 
 def _train_argv(ctx: StageContext) -> list[str]:

@@ -44,7 +44,16 @@ def read_all_tokens(out: Path) -> np.ndarray:
 
 
 def tree_digest(out: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
+    """sha256 of every file; the manifest's without its ``ray_cluster`` entry (nodes and CPUs of the
+    cluster that built it: the one entry that differs between runs on different clusters, by design)."""
+    def content(p: Path) -> bytes:
+        if p.name != "manifest.json":
+            return p.read_bytes()
+        manifest = json.loads(p.read_text())
+        assert set(manifest.pop("ray_cluster")) == {"nodes", "cpus"}
+        return json.dumps(manifest, sort_keys=True).encode()
+
+    return {p.name: hashlib.sha256(content(p)).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

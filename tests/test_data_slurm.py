@@ -1,0 +1,70 @@
+"""The data stage as one SLURM job over two nodes: a Ray cluster across the allocation, started by
+the tool (`pretrain data --executor slurm --wait`), on the real throw-away cluster of test_slurm.py
+(two slurmd "nodes" n1, n2 at 127.0.1.1 and 127.0.1.2, each in its own UTS namespace)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.test_data import run_cli, tree_digest
+from tests.test_slurm import cluster  # noqa: F401  (the module-scoped cluster fixture)
+from tests.corpus import make_corpus
+
+pytestmark = pytest.mark.slow
+
+
+def write_config(path: Path, source: Path, out: Path, ranks: str, run_dir: Path, **ray) -> Path:
+    cfg = {"run_dir": str(run_dir),
+           "data": dict(source=str(source), output_dir=str(out), tokenizer_file=ranks, chunk_docs=100, shard_tokens=60_000,
+                        val_tokens=20_000, cache_dir=str(path.parent / "cache")),
+           "ray": {"num_cpus": 2, **ray},
+           "slurm": {"cpus_per_task": 2, "gpus_per_node": 0, "time": "10:00", "signal_delay_s": 15}}  # fmt: skip
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    make_corpus(d, n_unique=600, n_exact=40, n_near=40, n_files=2)
+    return d
+
+
+def test_two_node_ray_cluster_job_makes_the_local_bytes(cluster, corpus_dir, tmp_path, gpt2_ranks):  # noqa: F811
+    """One job, two nodes: the Ray head on n1, a worker on n2, the stage against that cluster. The
+    shards are the bytes of a local run; the manifest records the 2 nodes and their 4 CPUs."""
+    local = write_config(tmp_path / "local.yaml", corpus_dir, tmp_path / "local", gpt2_ranks, tmp_path / "run-local")
+    r = run_cli("data", str(local))
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    out = tmp_path / "slurm"
+    cfg = write_config(tmp_path / "slurm.yaml", corpus_dir, out, gpt2_ranks, tmp_path / "run", nodes=2, cpus_per_node=2)
+    r = run_cli("data", str(cfg), "--executor", "slurm", "--wait", timeout=240)
+    logs = "\n".join(p.read_text(errors="replace") for p in sorted((tmp_path / "run" / "slurm").rglob("*")) if p.suffix in (".out", ".err"))
+    assert r.returncode == 0, r.stdout + r.stderr + logs[-6000:]
+    assert "submitted job" in r.stdout and "2 node(s)" in r.stdout
+    assert "2 node(s), 4 CPUs joined the head at 127.0.1.1:" in logs, logs[-4000:]
+    assert tree_digest(out) == tree_digest(tmp_path / "local")
+    assert json.loads((out / "manifest.json").read_text())["ray_cluster"] == {"nodes": 2, "cpus": 4}
+    assert json.loads((tmp_path / "local" / "manifest.json").read_text())["ray_cluster"] == {"nodes": 1, "cpus": 2}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("ray.partition=debug;id", "ray.partition must be a SLURM name"),  # refused when the config loads
+        ("ray.nodes=3", "ray.nodes=3 does not fit partition 'debug', which has 2 node(s)"),  # refused by sinfo
+        ("ray.address=127.0.0.1:6379", "ray.address='127.0.0.1:6379' joins a running cluster"),
+    ],
+)
+def test_bad_ray_value_is_refused_before_anything_is_queued(cluster, corpus_dir, tmp_path, gpt2_ranks, override, message):  # noqa: F811
+    cfg = write_config(tmp_path / "c.yaml", corpus_dir, tmp_path / "out", gpt2_ranks, tmp_path / "run")
+    r = run_cli("data", str(cfg), override, "--executor", "slurm", "--wait", timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr, r.stderr
+    assert "submitted job" not in r.stdout and not (tmp_path / "run" / "slurm").exists()
+    assert not (tmp_path / "out").exists()
