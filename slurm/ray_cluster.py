@@ -67,7 +67,7 @@ def _on_stop(signum: int, frame: object) -> None:
 
 
 def log(message: str) -> None:
-    print(f"[ray_cluster] {message}", flush=True)
+    print(f"[ray_cluster {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def node_address(head_host: str, rank: int) -> str:
@@ -113,8 +113,17 @@ def temp_dir(job_id: str, rank: int) -> str:
 
 
 def ray_env(tmp: str) -> dict[str, str]:
-    """Every Ray process this starts (and the driver) uses token auth and this node's temp dir."""
-    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": tmp}
+    """Every Ray process this starts (and the driver) uses token auth and this node's temp dir. No
+    drain on SIGTERM (Ray waits up to 30 s for a node to drain; when we stop a node the driver is
+    done, or stopped, and a worker whose head is gone cannot drain at all)."""
+    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": tmp,
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+
+
+def start_ray(argv: list[str], tmp: str) -> subprocess.Popen:
+    """``ray start --block`` in a session of its own: if it dies, Ray's reaper kills its process
+    group, which must not be this wrapper's (nor the SLURM task's)."""
+    return subprocess.Popen(argv, env=ray_env(tmp), start_new_session=True)
 
 
 def start_argv(args: argparse.Namespace, ip: str, rank: int, tmp: str) -> list[str]:
@@ -159,7 +168,7 @@ def wait_for_nodes(address: str, nodes: int, timeout: float, tmp: str) -> dict:
     ``{"nodes": n, "cpus": c}`` as the cluster reports them."""
     import json
 
-    out = subprocess.run([sys.executable, "-c", _WAIT_NODES, address, str(nodes), str(timeout)], env=ray_env(tmp),
+    out = subprocess.run([sys.executable, "-c", _WAIT_NODES, address, str(nodes), str(timeout)], env=ray_env(tmp), check=False,
                          capture_output=True, text=True, timeout=timeout + 120)  # fmt: skip
     if out.returncode != 0:
         raise RuntimeError(f"could not query the Ray cluster at {address}: {out.stderr.strip()[-2000:]}")
@@ -189,7 +198,7 @@ def run_head(args: argparse.Namespace, ip: str, tmp: str) -> int:
     address = f"{ip}:{port}"
     ray_proc = driver = None
     try:
-        ray_proc = subprocess.Popen(start_argv(args, ip, 0, tmp), env=ray_env(tmp))
+        ray_proc = start_ray(start_argv(args, ip, 0, tmp), tmp)
         wait_for_port(ip, port, args.join_timeout, ray_proc)
         found = wait_for_nodes(address, args.nnodes, args.join_timeout, tmp)
         log(f"{found['nodes']} node(s), {found['cpus']:g} CPUs joined the head at {address}")
@@ -198,6 +207,8 @@ def run_head(args: argparse.Namespace, ip: str, tmp: str) -> int:
         driver = subprocess.Popen(argv, env={**ray_env(tmp), "RAY_ADDRESS": address})
         rc = driver.wait()
         log(f"driver exited with {rc}")
+        if rc < 0 and -rc in STOP_SIGNALS:  # the stop signal reached the driver before us
+            return args.stopped_exit_code
         return rc
     except _Stop as e:
         log(f"{e}: stopping the driver and Ray; exit {args.stopped_exit_code}")
@@ -215,7 +226,7 @@ def run_worker(args: argparse.Namespace, ip: str, rank: int, tmp: str) -> int:
     ray_proc = None
     try:
         wait_for_port(head_ip, int(port), args.join_timeout)
-        ray_proc = subprocess.Popen(start_argv(args, ip, rank, tmp), env=ray_env(tmp))
+        ray_proc = start_ray(start_argv(args, ip, rank, tmp), tmp)
         while ray_proc.poll() is None and port_open(head_ip, int(port)):
             time.sleep(1)
         log(f"node {rank}: the head at {head_ip}:{port} is gone; leaving")

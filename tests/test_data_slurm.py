@@ -5,22 +5,33 @@ the tool (`pretrain data --executor slurm --wait`), on the real throw-away clust
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.test_data import run_cli, tree_digest
-from tests.test_slurm import cluster  # noqa: F401  (the module-scoped cluster fixture)
 from tests.corpus import make_corpus
+from tests.test_data import REPO, run_cli, tree_digest
+from tests.test_slurm import (  # noqa: F401  (cluster: the module's fixture)
+    FINAL,
+    cluster,
+    job_id_of,
+    sacct_state,
+    scontrol_restarts,
+    wait_final,
+)
 
 pytestmark = pytest.mark.slow
 
 
 def write_config(path: Path, source: Path, out: Path, ranks: str, run_dir: Path, **ray) -> Path:
     cfg = {"run_dir": str(run_dir),
-           "data": dict(source=str(source), output_dir=str(out), tokenizer_file=ranks, chunk_docs=100, shard_tokens=60_000,
-                        val_tokens=20_000, cache_dir=str(path.parent / "cache")),
+           "data": {"source": str(source), "output_dir": str(out), "tokenizer_file": ranks, "chunk_docs": 100,
+                    "shard_tokens": 60_000, "val_tokens": 20_000, "cache_dir": str(path.parent / "cache")},
            "ray": {"num_cpus": 2, **ray},
            "slurm": {"cpus_per_task": 2, "gpus_per_node": 0, "time": "10:00", "signal_delay_s": 15}}  # fmt: skip
     path.write_text(yaml.safe_dump(cfg))
@@ -34,20 +45,34 @@ def corpus_dir(tmp_path_factory) -> Path:
     return d
 
 
-def test_two_node_ray_cluster_job_makes_the_local_bytes(cluster, corpus_dir, tmp_path, gpt2_ranks):  # noqa: F811
-    """One job, two nodes: the Ray head on n1, a worker on n2, the stage against that cluster. The
-    shards are the bytes of a local run; the manifest records the 2 nodes and their 4 CPUs."""
+def test_two_node_ray_cluster_job_requeued_midway_makes_the_local_bytes(cluster, corpus_dir, tmp_path, gpt2_ranks):  # noqa: F811
+    """One job, two nodes: the Ray head on n1, a worker on n2, the stage against that cluster,
+    requeued (`scontrol requeue`: every process killed) once the first tasks finished. The rerun
+    keeps them; the shards are the bytes of a local run; the manifest records 2 nodes, 4 CPUs."""
     local = write_config(tmp_path / "local.yaml", corpus_dir, tmp_path / "local", gpt2_ranks, tmp_path / "run-local")
     r = run_cli("data", str(local))
     assert r.returncode == 0, r.stderr[-3000:]
 
     out = tmp_path / "slurm"
     cfg = write_config(tmp_path / "slurm.yaml", corpus_dir, out, gpt2_ranks, tmp_path / "run", nodes=2, cpus_per_node=2)
-    r = run_cli("data", str(cfg), "--executor", "slurm", "--wait", timeout=240)
+    waiting = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "data", str(cfg), "--executor", "slurm", "--wait"], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    first = waiting.stdout.readline()
+    assert "2 node(s)" in first, first + waiting.communicate()[1]
+    job = job_id_of(first)
+    scan = out / ".work" / "scan"
+    deadline = time.time() + 180
+    while not (scan.is_dir() and any(p.suffix == ".npz" for p in scan.iterdir())):
+        assert time.time() < deadline and sacct_state(job) not in FINAL, f"no finished task before the job ended: {sacct_state(job)}"
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True)
+    state = wait_final(job, timeout=300)
+    rest, err = waiting.communicate(timeout=60)
     logs = "\n".join(p.read_text(errors="replace") for p in sorted((tmp_path / "run" / "slurm").rglob("*")) if p.suffix in (".out", ".err"))
-    assert r.returncode == 0, r.stdout + r.stderr + logs[-6000:]
-    assert "submitted job" in r.stdout and "2 node(s)" in r.stdout
-    assert "2 node(s), 4 CPUs joined the head at 127.0.1.1:" in logs, logs[-4000:]
+    assert state == "COMPLETED", logs[-6000:]
+    assert scontrol_restarts(job) == 1
+    assert waiting.returncode == 0 and f"job {job} finished: " in rest, rest + err  # --wait follows it through the requeue
+    assert "] 2 node(s), 4 CPUs joined the head at 127.0.1.1:" in logs, logs[-4000:]
     assert tree_digest(out) == tree_digest(tmp_path / "local")
     assert json.loads((out / "manifest.json").read_text())["ray_cluster"] == {"nodes": 2, "cpus": 4}
     assert json.loads((tmp_path / "local" / "manifest.json").read_text())["ray_cluster"] == {"nodes": 1, "cpus": 2}
