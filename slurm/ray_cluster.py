@@ -229,7 +229,10 @@ def run_worker(args: argparse.Namespace, ip: str, rank: int, tmp: str) -> int:
         ray_proc = start_ray(start_argv(args, ip, rank, tmp), tmp)
         while ray_proc.poll() is None and port_open(head_ip, int(port)):
             time.sleep(1)
-        log(f"node {rank}: the head at {head_ip}:{port} is gone; leaving")
+        if ray_proc.poll() is None:
+            log(f"node {rank}: the head at {head_ip}:{port} is gone; leaving")
+        else:  # the head's driver sees its tasks there fail and decides; this node has nothing left to do
+            log(f"node {rank}: ray start exited with {ray_proc.returncode}; leaving")
         return 0
     except _Stop as e:
         log(f"node {rank}: {e}: stopping Ray")

@@ -93,3 +93,22 @@ def test_bad_ray_value_is_refused_before_anything_is_queued(cluster, corpus_dir,
     assert message in r.stderr, r.stderr
     assert "submitted job" not in r.stdout and not (tmp_path / "run" / "slurm").exists()
     assert not (tmp_path / "out").exists()
+
+
+def test_data_job_request_and_command_come_from_the_ray_section():
+    """No cluster needed: what the data job asks for and what its nodes run."""
+    from pipelines.config import load_config
+    from pipelines.data_job import data_argv, data_resources
+
+    base = ["slurm.partition=gpu", "slurm.account=proj", "slurm.cpus_per_task=32", "slurm.mem_gb=500", "slurm.extra=[--exclusive]"]
+    one, gpus = data_resources(load_config(None, base))
+    assert (one.nodes, one.cpus_per_task, one.mem_gb, one.partition, one.account, one.extra, gpus) == (1, 32, 500, "gpu", "proj", [], 0)
+    cfg = load_config(None, [*base, "ray.nodes=4", "ray.cpus_per_node=64", "ray.mem_gb=100", "ray.partition=cpu", "ray.time=2:00:00"])
+    job, _ = data_resources(cfg)
+    assert (job.nodes, job.cpus_per_task, job.mem_gb, job.partition, job.account, job.time) == (4, 64, 100, "cpu", "proj", "2:00:00")
+    argv = data_argv("c.yaml", ["ray.nodes=4"], cfg)
+    assert argv[1:3] == ["-m", "slurm.ray_cluster"] and argv[-1] == "ray.address={ray_address}"
+    wrapper = argv[: argv.index("--")]
+    assert {"{nnodes}", "{rdzv_endpoint}", "{job_id}"} <= set(wrapper)
+    assert wrapper[wrapper.index("--cpus") + 1] == "64" and wrapper[wrapper.index("--object-store-gb") + 1] == "30.0"
+    assert data_argv("c.yaml", [], load_config(None, base))[-3:] == ["data", str(Path("c.yaml").resolve()), "ray.num_cpus=32"]
