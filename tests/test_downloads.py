@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +36,7 @@ def payload() -> bytes:
 
 
 class Server:
-    """A ThreadingHTTPServer in a thread; ``behave(handler, start)`` answers each GET."""
+    """A ThreadingHTTPServer in a thread serving ``payload``; ``mode`` says how (see ``answer``)."""
 
     def __init__(self, payload: bytes, mode: str, sha_header: str | None = None, delay_s: float = 0.0, etag: str = "cdn-etag-1") -> None:
         self.payload, self.mode, self.sha_header, self.delay_s, self.etag = payload, mode, sha_header, delay_s, etag
@@ -47,7 +51,8 @@ class Server:
                 pass
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/data/file.parquet"
+        self.root = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.url = f"{self.root}/data/file.parquet"
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def answer(self, h: http.server.BaseHTTPRequestHandler) -> None:
@@ -90,13 +95,51 @@ class Server:
         entry["sent"] = n
         h.close_connection = True
 
-    def __enter__(self) -> Server:
+    def __enter__(self):
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class FakeHub(Server):
+    """The Hub's API for one dataset repo ``org/ds`` (repo info, tree listing with LFS sha256, resolve
+    redirects) in front of a CDN that cuts every transfer (``Server`` in mode ``ranges``).
+
+    The redirect carries no ``X-Linked-Etag``: the only sha256 is the one in the listing.
+    """
+
+    def __init__(self, payload: bytes, listed_sha256: dict[str, str]) -> None:
+        super().__init__(payload, "ranges")
+        self.listed_sha256 = listed_sha256
+        self.api_log: list[tuple[str, str | None]] = []  # (path, Authorization) of the API and resolve calls
+
+    def answer(self, h: http.server.BaseHTTPRequestHandler) -> None:
+        path = h.path.split("?")[0]
+        if path.startswith("/cdn/"):
+            return super().answer(h)
+        self.api_log.append((path, h.headers.get("Authorization")))
+        if path.startswith("/datasets/org/ds/resolve/main/data/"):
+            return self._send(h, 302, b"", Location=f"/cdn/{path.rsplit('/', 1)[1]}", **{"X-Repo-Commit": "a" * 40})
+        if path in ("/api/datasets/org/ds", "/api/datasets/org/ds/revision/main"):
+            return self._send(h, 200, json.dumps({"id": "org/ds", "sha": "a" * 40, "private": False}).encode())
+        if path == "/api/datasets/org/ds/tree/main/data":
+            files = [
+                {"type": "file", "oid": "b" * 40, "size": len(self.payload), "path": f"data/{name}", "lfs": {"oid": sha, "size": len(self.payload), "pointerSize": 134}}
+                for name, sha in self.listed_sha256.items()
+            ]  # fmt: skip
+            return self._send(h, 200, json.dumps(files).encode())
+        return self._send(h, 404, b"")
+
+    @staticmethod
+    def _send(h: http.server.BaseHTTPRequestHandler, status: int, body: bytes, **headers: str) -> None:
+        h.send_response(status)
+        for k, v in {"Content-Length": str(len(body)), "Content-Type": "application/json", **headers}.items():
+            h.send_header(k, v)
+        h.end_headers()
+        h.wfile.write(body)
 
 
 @pytest.fixture
@@ -235,3 +278,39 @@ def test_a_server_that_keeps_failing_is_a_transient_error_naming_the_url(tmp_pat
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+_HF_CLIENT = """
+import json, sys
+from pathlib import Path
+from dataprep.errors import TransientDataError
+from dataprep.sources import download
+out = {}
+for name in ("good.parquet", "bad.parquet"):
+    try:
+        got = download(f"hf://datasets/org/ds/data/{name}", name, Path(sys.argv[1]), retries=1, backoff_s=0.01)
+        out[name] = {"path": got.path, "sha256": got.sha256}
+    except TransientDataError as e:
+        out[name] = {"error": str(e), "exit_code": e.exit_code}
+print(json.dumps(out))
+"""
+
+
+def test_hf_urls_resume_through_the_hub_redirect_and_check_the_listed_sha256(payload, tmp_path) -> None:
+    """The ``hf://`` path end to end against a local stand-in for the Hub (HF_ENDPOINT), in a fresh
+    interpreter because huggingface_hub reads HF_ENDPOINT when it is imported."""
+    sha = hashlib.sha256(payload).hexdigest()
+    wrong = hashlib.sha256(b"what the Hub lists for another revision").hexdigest()
+    with FakeHub(payload, {"good.parquet": sha, "bad.parquet": wrong}) as hub:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+        env.update(HF_ENDPOINT=hub.root, HF_TOKEN="hf_test_token", HF_HUB_DISABLE_TELEMETRY="1", HF_HOME=str(tmp_path / "hf"))
+        proc = subprocess.run([sys.executable, "-c", _HF_CLIENT, str(tmp_path / "cache")], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(out["good.parquet"]["path"]).read_bytes() == payload and out["good.parquet"]["sha256"] == sha
+    good_ranges = [e["range"] for e in hub.log if e["path"] == "/cdn/good.parquet"]
+    assert len(good_ranges) >= 4 and good_ranges[0] is None and all(r for r in good_ranges[1:])  # resumed at the CDN
+    assert ("/datasets/org/ds/resolve/main/data/good.parquet", "Bearer hf_test_token") in hub.api_log
+    bad = out["bad.parquet"]
+    assert bad.get("exit_code") == 1 and "bad.parquet" in bad["error"] and wrong in bad["error"], bad
+    assert _only_final_files(tmp_path / "cache") == ["good.parquet", "good.parquet.meta.json"]
