@@ -15,7 +15,9 @@ listing or the server says it is (its size, and its sha256 where one is known) b
 
 The sha256 comes from the listing (the Hub's LFS ``sha256``) or from the Hub's own headers
 (``X-Linked-Etag``, or the ``ETag`` of a Hub response, for LFS files). Another server's ETag is not
-read as a checksum: nothing says what it hashes.
+read as a checksum: nothing says what it hashes. So from such a server a partial is trusted to be
+a prefix of the file: within one process a continued body with another strong ETag starts again
+from byte 0, but a file replaced between a kill and the rerun is caught only by its size.
 """
 
 from __future__ import annotations

@@ -195,13 +195,19 @@ def _cached(url: str, name: str, dest: Path) -> SourceFile | None:
 
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock on ``path`` (left in place: deleting a lock file races with its next holder)."""
+    """An exclusive flock on ``path`` (left in place: deleting a lock file races with its next holder).
+
+    A filesystem without flock (Lustre mounted without ``-o flock``) gets a warning and no lock: two
+    runs sharing that cache must not fetch the same file at the same moment.
+    """
     with open(path, "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             print(f"pretrain data: waiting for another process downloading {path.name.removesuffix('.lock')}", file=sys.stderr)
             fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:
+            print(f"pretrain data: warning: cannot lock {path} ({e}); downloading without a lock", file=sys.stderr)
         yield
 
 

@@ -38,8 +38,11 @@ def payload() -> bytes:
 class Server:
     """A ThreadingHTTPServer in a thread serving ``payload``; ``mode`` says how (see ``answer``)."""
 
-    def __init__(self, payload: bytes, mode: str, sha_header: str | None = None, delay_s: float = 0.0, etag: str = "cdn-etag-1") -> None:
+    def __init__(
+        self, payload: bytes, mode: str, sha_header: str | None = None, delay_s: float = 0.0, etag: str = "cdn-etag-1", replaced_by: bytes | None = None
+    ) -> None:  # fmt: skip
         self.payload, self.mode, self.sha_header, self.delay_s, self.etag = payload, mode, sha_header, delay_s, etag
+        self.replaced_by = replaced_by  # served, with another ETag, from the second request on
         self.log: list[dict] = []  # one entry per GET: path, range start (None: no Range), status, bytes sent
         server = self
 
@@ -61,6 +64,8 @@ class Server:
         start = int(m.group(1)) if m else None
         entry = {"path": h.path, "range": start, "status": None, "sent": 0}
         self.log.append(entry)
+        if self.replaced_by is not None and len(self.log) == 2:
+            self.payload, self.etag = self.replaced_by, "cdn-etag-2"
         if self.mode == "hub" and h.path == "/data/file.parquet":  # the Hub: a redirect to its CDN
             entry["status"] = 302
             h.send_response(302)
@@ -81,7 +86,7 @@ class Server:
         honour = self.mode in ("ranges", "ranges-whole") and start is not None
         body_from = start if honour else 0
         rest = len(self.payload) - body_from
-        cut = self.mode == "ranges" or (self.mode == "ignores-range" and len(self.log) == 1)
+        cut = self.mode in ("ranges", "ignores-range-cuts") or (self.mode == "ignores-range" and len(self.log) == 1)
         n = min(rest, max(rest // 2, MIN_PIECE)) if cut else rest
         entry["status"] = 206 if honour else 200
         h.send_response(entry["status"])
@@ -182,6 +187,22 @@ def test_a_server_that_ignores_range_still_gives_the_whole_file(serve, payload, 
     assert Path(got.path).read_bytes() == payload
     assert [(e["range"], e["status"]) for e in server.log] == [(None, 200), (SIZE // 2, 200)]  # asked to resume, got it all
     assert _only_final_files(tmp_path) == ["file.parquet", "file.parquet.meta.json"]
+
+
+def test_a_server_that_ignores_range_and_always_cuts_fails_after_the_retries(serve, tmp_path) -> None:
+    server = serve("ignores-range-cuts")  # every attempt restarts at 0 and stops at the same byte: no progress
+    with pytest.raises(TransientDataError, match=r"file\.parquet.*after 3 attempts"):
+        download(server.url, "file.parquet", tmp_path, retries=2, backoff_s=0.01)
+    assert len(server.log) == 4  # the first cut counts as progress, the next three do not
+    assert _only_final_files(tmp_path) == ["file.parquet.part"]  # kept for a rerun
+
+
+def test_a_file_replaced_during_the_download_is_fetched_again_from_zero(serve, payload, tmp_path) -> None:
+    newer = payload[::-1]
+    server = serve("ranges", replaced_by=newer)
+    got = download(server.url, "file.parquet", tmp_path, retries=1, backoff_s=0.01)  # the restart costs one retry
+    assert Path(got.path).read_bytes() == newer
+    assert [e["range"] for e in server.log[:3]] == [None, SIZE // 2, None]  # its ETag changed: from byte 0
 
 
 def test_a_partial_left_by_a_killed_run_is_continued(serve, payload, tmp_path) -> None:
