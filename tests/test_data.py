@@ -206,7 +206,7 @@ def test_row_level_problems_are_skipped_and_counted(tmp_path, gpt2_ranks, ray_cl
     with gzip.open(src / "a.jsonl.gz", "wb") as f:
         f.write(b"\n".join(lines) + b"\n")
     out = tmp_path / "out"
-    m = run_data_stage(data_cfg(src, out, gpt2_ranks, shard_tokens=300, val_tokens=0, minhash_dedup=False), RayConfig())
+    m = run_data_stage(data_cfg(src, out, gpt2_ranks, shard_tokens=300, val_tokens=0, minhash_dedup=False, shuffle_seed=-1), RayConfig())
     assert m["stats"]["removed"] == {"empty": 2, "invalid_utf8": 2, "exact_duplicate": 0, "near_duplicate": 0, "too_long": 1}
     assert m["stats"]["docs_kept"] == 3
     reasons = {json.loads(l)["id"]: json.loads(l)["reason"] for l in (out / "removed.jsonl").read_text().splitlines()}

@@ -154,3 +154,11 @@ def test_shuffled_shards_respect_the_size_limit_and_hold_every_token_once():
     assert all(0 < p.tokens <= 1000 and p.tokens == int((p.pieces[:, 2] - p.pieces[:, 1]).sum()) for p in plans)
     assert sum(p.docs for p in plans) == sum(len(l) for l in lengths)
     assert [p.split for p in plans] == sorted((p.split for p in plans), key=lambda s: s != "val")
+
+
+def test_a_bad_shuffle_seed_is_refused_when_the_config_loads():
+    from pipelines.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape("data.shuffle_seed must be -1 (off, corpus order) or between 0 and 2**63-1, got -2")):
+        load_config(REPO / "configs" / "smoke.yaml", ["data.shuffle_seed=-2"])
+    assert load_config(REPO / "configs" / "smoke.yaml", ["data.shuffle_seed=-1"]).data.shuffle_seed == -1
