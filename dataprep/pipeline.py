@@ -1,14 +1,16 @@
 """`pretrain data`: the data stage as a sequence of Ray task waves over fixed chunks.
 
     sources ─► plan (row counts → chunks) ─► scan (validate, exact-dedup keys) ─► exact dedup (driver)
-      ─► MinHash signatures ─► buckets ─► cluster ─► tokenize (filter + GPT-2) ─► pack (driver) ─► shards
+      ─► MinHash signatures ─► buckets ─► cluster ─► tokenize (filter + GPT-2, streamed to chunk token files)
+      ─► pack (driver: validation sample, seeded document order; dataprep/packing.py) ─► shards
       ─► removed.jsonl ─► manifest.json (commit marker)
 
 Restartability: every task writes its result under `OUTPUT_DIR/.work/` atomically and is skipped
 when that result exists, so a killed run resumes where it was. The work directory is tied to a
 fingerprint of the inputs and config; the manifest, written last, is the only thing that makes a
 shard directory valid. Determinism: work units and their order depend only on the input and the
-config, results are combined in chunk order, and the manifest holds no timestamps.
+config, results are combined in chunk order, the shuffle is a function of `data.shuffle_seed` and
+the documents' corpus positions, and the manifest holds no timestamps.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from tests.corpus import make_corpus
 from tests.test_data import REPO, data_cfg, run_cli, tree_digest, write_config
 
 # Small shards, so that the shard wave has many tasks (and a kill can land inside it).
-SETTINGS = dict(chunk_docs=100, shard_tokens=600, val_tokens=20_000, minhash_dedup=False)
+SETTINGS = {"chunk_docs": 100, "shard_tokens": 600, "val_tokens": 20_000, "minhash_dedup": False}
 
 
 @pytest.fixture(scope="module")
