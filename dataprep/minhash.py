@@ -51,10 +51,10 @@ _CACHEABLE_RUN = 16  # bytes; longer non-ASCII runs (whole sentences of a non-La
 def _simplify_run(run: bytes) -> bytes:
     """datatrove's punctuation removal + NFD + combining-mark removal of non-ASCII characters, with
     every non-word character turned into a space (so ``bytes.split`` then finds the words)."""
-    text = run.decode("utf-8").translate(PUNCTUATION_TRANS)
+    text = run.decode("utf-8", "surrogatepass").translate(PUNCTUATION_TRANS)
     text = unicodedata.normalize("NFD", text)
     text = "".join(c for c in text if unicodedata.category(c) != "Mn")
-    return _NON_WORD.sub(" ", text).encode("utf-8")
+    return _NON_WORD.sub(" ", text).encode("utf-8", "surrogatepass")
 
 
 _run_cache: dict[bytes, bytes] = {}
@@ -67,7 +67,7 @@ def _map_runs(data: bytes) -> bytes:
         return data
     high = np.frombuffer(data, np.uint8) >= 0x80
     bounds = [0, *(np.flatnonzero(high[1:] != high[:-1]) + 1).tolist(), len(data)]
-    pieces = [data[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]  # alternately ASCII and not
+    pieces = [data[lo:hi] for lo, hi in itertools.pairwise(bounds)]  # alternately ASCII and not
     first = 0 if high[0] else 1
     runs = pieces[first::2]
     cache = _run_cache
@@ -86,8 +86,10 @@ def _map_runs(data: bytes) -> bytes:
 
 def _doc_bytes(text: str) -> bytes:
     """Lowercase and numbers → 0 (datatrove's first steps, on the whole text), then ASCII
-    punctuation → space on UTF-8 bytes; non-ASCII characters are left for :func:`_map_runs`."""
-    return NUMBERS_PATTERN.sub("0", text.lower()).encode("utf-8").translate(_ASCII_TABLE)
+    punctuation → space on UTF-8 bytes; non-ASCII characters are left for :func:`_map_runs`.
+    (A lone surrogate, which only reaches here from a caller that did not decode strictly, is
+    carried through and becomes a separator, as it never is part of a datatrove word.)"""
+    return NUMBERS_PATTERN.sub("0", text.lower()).encode("utf-8", "surrogatepass").translate(_ASCII_TABLE)
 
 
 def exact_words(text: str) -> list[bytes]:
@@ -102,7 +104,7 @@ def words(text: str) -> list[bytes]:
 
 def normalised_batch(texts: list[str]) -> bytes:
     """Every document's words (see :func:`words`), separated by spaces (runs of them), each
-    document ended by a newline: the input of :func:`word_spans`."""
+    document ended by a newline: the input of :func:`shingle_spans`."""
     return _map_runs(b"\n".join([_doc_bytes(t) for t in texts]) + b"\n")
 
 

@@ -30,7 +30,7 @@ logger.disable("datatrove")
 SPECIALS = [
     "é", "è", "ç", "ñ", "ø", "ß", "Æ", "Œ", "ü", "İ", "ﬁ", "e\u0301", "a\u0308\u0327", "ΑΣ", "σας", "Σ", "яблоко", "中文字符",
     "한국", "٣٤٫٥", "١٢", "１２", "3,5", "4.25", "²", "Ⅻ", "“", "”", "‘", "’", "—", "–", "…", "«", "»", "\u00a0", "\u2009",
-    "\u3000", "\u2000", "\x85", "\x9f", "\x7f", "\u037e", "\u1fef", "🙂", "_", "a_b", "x+y", "\t", "\n\n", "\r\n",
+    "\u3000", "\u2000", "\x85", "\x9f", "\x7f", "\u037e", "\u1fef", "🙂", "_", "a_b", "x+y", "\t", "\n\n", "\r\n", "\udc80",
 ]  # fmt: skip
 # NFD reorders these combining marks (canonical classes 226 > 216, 230 > 220): spacing ones survive
 # the normalisation (as word separators), nonspacing ones are dropped; U+1D15F decomposes into a
