@@ -55,8 +55,13 @@ class DataConfig:
 
     # Tokens per uint16 shard (documents never straddle shards, so shards hold at most this).
     shard_tokens: int = 100_000_000
-    # The first documents, up to this many tokens, go into the validation shard(s).
+    # Documents, at least this many tokens, go into the validation shard(s): a seeded random
+    # sample of whole documents (with shuffle_seed -1: the first documents in corpus order).
     val_tokens: int = 100_000_000
+    # The train documents are packed in a seeded random order (and validation is sampled with the
+    # same seed), so consecutive training batches are not neighbours in the corpus. -1 = off:
+    # corpus order (source file order, then row order), as datasets built before this key.
+    shuffle_seed: int = 1234
     # Delete the intermediate work directory once the manifest is committed.
     keep_work: bool = False
 
@@ -70,6 +75,8 @@ class DataConfig:
         _at_least(self, 1, "chunk_docs", "minhash_ngrams", "minhash_buckets", "minhash_hashes_per_bucket")
         if not 1 <= self.shard_tokens <= MAX_SHARD_TOKENS:
             raise ValueError(f"shard_tokens must be between 1 and {MAX_SHARD_TOKENS}, got {self.shard_tokens}")
+        if not -1 <= self.shuffle_seed < 2**63:
+            raise ValueError(f"shuffle_seed must be -1 (off, corpus order) or between 0 and 2**63-1, got {self.shuffle_seed}")
         if self.minhash_seed >= 2**32:
             raise ValueError(f"minhash_seed must be < 2**32, got {self.minhash_seed}")
         if self.tokenizer not in TOKENIZERS:

@@ -112,7 +112,9 @@ def read_chunk(src: SourceFile, chunk: Chunk, text_column: str, id_column: str) 
     yield from reader(src, chunk, text_column, id_column)
 
 
-def _read_parquet(src: SourceFile, chunk: Chunk, text_column: str, id_column: str) -> Iterator[Row]:
+def _read_parquet(src: SourceFile, chunk: Chunk, text_column: str, id_column: str, batch_rows: int = 1024) -> Iterator[Row]:
+    """Rows of the chunk's row groups, decoded ``batch_rows`` at a time: a reader holds one batch of
+    Python strings (and Arrow's buffers of one row group), not the whole chunk."""
     try:
         pf = pq.ParquetFile(src.path)
         groups, first, rows = [], None, 0
@@ -122,24 +124,36 @@ def _read_parquet(src: SourceFile, chunk: Chunk, text_column: str, id_column: st
                 groups.append(g)
                 first = rows if first is None else first
             rows += n
-        columns = [text_column] + ([id_column] if id_column in pf.schema_arrow.names else [])
-        table = pf.read_row_groups(groups, columns=columns)
+        names = pf.schema_arrow.names
+        text_type = pf.schema_arrow.field(text_column).type if text_column in names else None
+        columns = [text_column] + ([id_column] if id_column in names else [])
+        batches = pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns, use_threads=False)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{src.name}: cannot read rows {chunk.row_start}-{chunk.row_end}: {e}") from e
-    table = table.slice(chunk.row_start - (first or 0), chunk.row_end - chunk.row_start)
-    text_col = table.column(text_column)
+    if text_type is None:
+        raise DataError(f"{src.name}: no '{text_column}' column (columns: {', '.join(names)}); set data.text_column")
     # Read text as raw bytes: invalid UTF-8 becomes a per-row status instead of an Arrow error.
-    if pa.types.is_large_string(text_col.type) or pa.types.is_large_binary(text_col.type):
-        texts = text_col.cast(pa.large_binary()).to_pylist()
-    elif pa.types.is_string(text_col.type) or pa.types.is_binary(text_col.type):
-        texts = text_col.cast(pa.binary()).to_pylist()
+    if pa.types.is_large_string(text_type) or pa.types.is_large_binary(text_type):
+        as_bytes = pa.large_binary()
+    elif pa.types.is_string(text_type) or pa.types.is_binary(text_type):
+        as_bytes = pa.binary()
     else:
-        raise DataError(f"{src.name}: column '{text_column}' has type {text_col.type}, expected string")
-    ids = table.column(id_column).to_pylist() if id_column in table.column_names else [None] * len(texts)
-    for i, (raw, doc_id) in enumerate(zip(texts, ids)):
-        row = chunk.row_start + i
-        text, status = _decode(raw)
-        yield Row(row, str(doc_id) if doc_id is not None else f"{src.name}:{row}", text, status)
+        raise DataError(f"{src.name}: column '{text_column}' has type {text_type}, expected string")
+    row = first or 0
+    while row < chunk.row_end:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{src.name}: cannot read rows {chunk.row_start}-{chunk.row_end}: {e}") from e
+        if batch is None:
+            raise DataError(f"{src.name}: ended at row {row}, expected {chunk.row_end} rows (changed while reading?)")
+        texts = batch.column(text_column).cast(as_bytes).to_pylist()
+        ids = batch.column(id_column).to_pylist() if id_column in batch.schema.names else [None] * len(texts)
+        for raw, doc_id in zip(texts, ids):
+            if chunk.row_start <= row < chunk.row_end:
+                text, status = _decode(raw)
+                yield Row(row, str(doc_id) if doc_id is not None else f"{src.name}:{row}", text, status)
+            row += 1
 
 
 def _read_jsonl(src: SourceFile, chunk: Chunk, text_column: str, id_column: str) -> Iterator[Row]:

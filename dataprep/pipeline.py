@@ -1,14 +1,16 @@
 """`pretrain data`: the data stage as a sequence of Ray task waves over fixed chunks.
 
     sources ─► plan (row counts → chunks) ─► scan (validate, exact-dedup keys) ─► exact dedup (driver)
-      ─► MinHash signatures ─► buckets ─► cluster ─► tokenize (filter + GPT-2) ─► pack (driver) ─► shards
+      ─► MinHash signatures ─► buckets ─► cluster ─► tokenize (filter + GPT-2, streamed to chunk token files)
+      ─► pack (driver: validation sample, seeded document order; dataprep/packing.py) ─► shards
       ─► removed.jsonl ─► manifest.json (commit marker)
 
 Restartability: every task writes its result under `OUTPUT_DIR/.work/` atomically and is skipped
 when that result exists, so a killed run resumes where it was. The work directory is tied to a
 fingerprint of the inputs and config; the manifest, written last, is the only thing that makes a
 shard directory valid. Determinism: work units and their order depend only on the input and the
-config, results are combined in chunk order, and the manifest holds no timestamps.
+config, results are combined in chunk order, the shuffle is a function of `data.shuffle_seed` and
+the documents' corpus positions, and the manifest holds no timestamps.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import signal
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -28,9 +32,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from common.durable import atomic_output, atomic_write_bytes, atomic_write_json
 from dataprep import dedup
 from dataprep.config import DataConfig, RayConfig
-from dataprep.documents import REASONS, Chunk, RowStatus, plan_file, read_chunk
+from dataprep.documents import REASONS, Chunk, Row, RowStatus, plan_file, read_chunk
 from dataprep.errors import DataError, TransientDataError
 from dataprep.packing import ShardPlan, pack_documents
 from dataprep.shards import (
@@ -44,9 +49,14 @@ from dataprep.shards import (
     read_header,
     write_shard,
 )
-from common.durable import atomic_output, atomic_write_bytes, atomic_write_json
-from dataprep.sources import SourceFile, describe_local, download, is_remote, resolve_sources
-from dataprep.tokenize import tokenize_documents
+from dataprep.sources import (
+    SourceFile,
+    describe_local,
+    download,
+    is_remote,
+    resolve_sources,
+)
+from dataprep.tokenize import TokenFileWriter, batched_by_chars
 from dataprep.tokenizer import TokenizerUnavailable, check_gpt2, get_gpt2
 
 __all__ = ["DataError", "TransientDataError", "run_data_stage"]
@@ -56,7 +66,9 @@ WORK_DIR = ".work"
 OUTPUT_KEYS = (
     "text_column", "id_column", "chunk_docs", "exact_dedup", "minhash_dedup", "minhash_ngrams",
     "minhash_buckets", "minhash_hashes_per_bucket", "minhash_seed", "tokenizer", "shard_tokens", "val_tokens",
+    "shuffle_seed",
 )  # fmt: skip
+REMOVAL_REASONS = ("empty", "invalid_utf8", "exact_duplicate", "near_duplicate", "too_long")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,26 +136,10 @@ def task_cluster(cfg: DataConfig, work: Path) -> None:
     atomic_write_bytes(done, b"")
 
 
-def task_tokenize(
-    src: SourceFile,
-    chunk: Chunk,
-    cfg: DataConfig,
-    exact_dup_rows: np.ndarray,
-    exact_origins: np.ndarray,
-    near_dup_positions: np.ndarray,
-    work: Path,
-) -> dict[str, int]:
-    """Drop invalid/duplicate rows, tokenize the rest, write the chunk's tokens, lengths and removals."""
-    base = work / "tokens" / f"{chunk.index:06d}"
-    stats_path = base.with_suffix(".stats.json")
-    if stats_path.exists():
-        return json.loads(stats_path.read_text())
-    near = set(near_dup_positions.tolist())
-    exact = {int(r): (int(c), int(o)) for r, (c, o) in zip(exact_dup_rows, exact_origins)}
-    removed: list[dict[str, Any]] = []
-    stats = {"docs_in": 0, "kept": 0, "tokens": 0, **{k: 0 for k in ("empty", "invalid_utf8", "exact_duplicate", "near_duplicate", "too_long")}}
-    kept_rows, kept_ids, texts = [], [], []
-    stream_pos = 0
+def _kept_rows(src: SourceFile, chunk: Chunk, cfg: DataConfig, exact: dict[int, tuple[int, int]], near: set[int],
+               stats: dict[str, int], removed: list[dict[str, Any]]) -> Iterator[Row]:
+    """The rows of a chunk that survive validation and dedup; the others are counted and listed."""
+    stream_pos = 0  # position among rows that reached MinHash (valid, not exact copies)
     for row in read_chunk(src, chunk, cfg.text_column, cfg.id_column):
         stats["docs_in"] += 1
         record = {"file": src.name, "row": row.row, "id": row.doc_id}
@@ -154,49 +150,96 @@ def task_tokenize(
             record["duplicate_of"] = exact[row.row]
         else:
             pos, stream_pos = stream_pos, stream_pos + 1
-            if pos in near:
-                reason = "near_duplicate"
-            else:
-                kept_rows.append(row.row)
-                kept_ids.append(row.doc_id)
-                texts.append(row.text)
+            if pos not in near:
+                yield row
                 continue
+            reason = "near_duplicate"
         stats[reason] += 1
         removed.append({**record, "reason": reason})
-    enc = get_gpt2(cfg.tokenizer_file)
-    tokens, lengths = tokenize_documents(enc, texts)
-    too_long = lengths > cfg.shard_tokens  # could never fit a shard: dropped and reported
-    if too_long.any():
-        tokens = tokens[np.repeat(~too_long, lengths)]
-        for i in np.flatnonzero(too_long):
-            removed.append({"file": src.name, "row": kept_rows[i], "id": kept_ids[i], "reason": "too_long", "tokens": int(lengths[i])})
-        removed.sort(key=lambda r: r["row"])
-        stats["too_long"] = int(too_long.sum())
-        lengths = lengths[~too_long]
-    stats["kept"] = int(len(lengths))
+
+
+def task_tokenize(
+    src: SourceFile,
+    chunk: Chunk,
+    cfg: DataConfig,
+    exact_dup_rows: np.ndarray,
+    exact_origins: np.ndarray,
+    near_dup_positions: np.ndarray,
+    work: Path,
+) -> dict[str, int]:
+    """Drop invalid/duplicate rows, tokenize the rest, write the chunk's tokens, lengths and removals.
+
+    Tokens are streamed to the chunk's token file batch by batch (see dataprep.tokenize), so the
+    worker's memory does not grow with the chunk's token count.
+    """
+    base = work / "tokens" / f"{chunk.index:06d}"
+    stats_path = base.with_suffix(".stats.json")
+    if stats_path.exists():
+        return json.loads(stats_path.read_text())
+    exact = {int(r): (int(c), int(o)) for r, (c, o) in zip(exact_dup_rows, exact_origins)}
+    removed: list[dict[str, Any]] = []
+    stats = {"docs_in": 0, "kept": 0, "tokens": 0, **dict.fromkeys(REMOVAL_REASONS, 0)}
+    rows = _kept_rows(src, chunk, cfg, exact, set(near_dup_positions.tolist()), stats, removed)
+    with TokenFileWriter(base.with_suffix(".bin"), get_gpt2(cfg.tokenizer_file), cfg.shard_tokens) as writer:
+        for batch in batched_by_chars(rows, lambda r: r.text):
+            for i, n in writer.add([r.text for r in batch]):  # too long to fit any shard: dropped, reported
+                removed.append({"file": src.name, "row": batch[i].row, "id": batch[i].doc_id, "reason": "too_long", "tokens": n})
+                stats["too_long"] += 1
+        lengths = writer.lengths
+        writer.commit()
+    removed.sort(key=lambda r: r["row"])
+    stats["kept"] = len(lengths)
     stats["tokens"] = int(lengths.sum())
-    with atomic_output(base.with_suffix(".bin")) as f:
-        tokens.astype("<u2").tofile(f)
     _atomic_save_npz(base.with_suffix(".lens.npz"), lengths=lengths)
     atomic_write_bytes(base.with_suffix(".removed.jsonl"), "".join(json.dumps(r, sort_keys=True) + "\n" for r in removed).encode())
     atomic_write_json(stats_path, stats)  # the task's commit marker
     return stats
 
 
+class _ChunkFiles:
+    """Positioned reads from the chunks' token files, with at most ``limit`` of them open at once."""
+
+    def __init__(self, work: Path, limit: int = 128):
+        self.work, self.limit = work, limit
+        self.fds: OrderedDict[int, int] = OrderedDict()
+
+    def read(self, chunk: int, start: int, end: int, block: int = 1 << 23) -> Iterator[bytes]:
+        """Tokens [start, end) of a chunk's token file, as little-endian bytes, in blocks of ``block`` tokens."""
+        fd = self.fds.pop(chunk, None)
+        if fd is None:
+            fd = os.open(self.work / "tokens" / f"{chunk:06d}.bin", os.O_RDONLY)
+            if len(self.fds) >= self.limit:
+                os.close(self.fds.popitem(last=False)[1])
+        self.fds[chunk] = fd
+        for pos in range(start, end, block):
+            n = 2 * (min(end, pos + block) - pos)
+            data = os.pread(fd, n, 2 * pos)
+            while len(data) < n:  # a short read is legal; an early end of file is a damaged work dir
+                more = os.pread(fd, n - len(data), 2 * pos + len(data))
+                if not more:
+                    raise DataError(f"{self.work}/tokens/{chunk:06d}.bin: ends before token {end}; delete {self.work} and rerun")
+                data += more
+            yield data
+
+    def close(self) -> None:
+        while self.fds:
+            os.close(self.fds.popitem()[1])
+
+
 def task_write_shard(plan: ShardPlan, output_dir: Path, work: Path) -> dict[str, Any]:
+    """Stream the plan's token ranges into one shard (the writer holds one range at a time)."""
     record_path = work / "shards" / f"{plan.name}.json"
     target = output_dir / plan.name
     if record_path.exists() and target.exists():
         record = json.loads(record_path.read_text())
         if read_header(target) == record["tokens"]:
             return record
-    pieces = []
-    for chunk, lo, hi in plan.pieces:
-        base = work / "tokens" / f"{chunk:06d}"
-        lengths = np.load(base.with_suffix(".lens.npz"))["lengths"]
-        start, end = int(lengths[:lo].sum()), int(lengths[:hi].sum())
-        pieces.append(np.fromfile(base.with_suffix(".bin"), dtype="<u2", count=end - start, offset=2 * start))
-    tokens, digest = write_shard(target, pieces)
+    files = _ChunkFiles(work)
+    try:
+        pieces = (data for chunk, start, end in plan.pieces.tolist() for data in files.read(chunk, start, end))
+        tokens, digest = write_shard(target, pieces, plan.tokens)
+    finally:
+        files.close()
     record = {"path": plan.name, "split": plan.split, "tokens": tokens, "docs": plan.docs, "sha256": digest}
     atomic_write_json(record_path, record)
     return record
@@ -242,9 +285,18 @@ class _Waves:
         return results
 
 
+def _output_config(cfg: DataConfig) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in OUTPUT_KEYS}
+
+
 def _fingerprint(cfg: DataConfig, sources: list[SourceFile], ranks_sha256: str) -> str:
+    config = _output_config(cfg)
+    if cfg.shuffle_seed < 0:
+        # Corpus order is what every dataset built before shuffling existed holds: leaving the key
+        # out keeps their fingerprint, so they still count as complete with data.shuffle_seed=-1.
+        del config["shuffle_seed"]
     payload = {
-        "config": {k: getattr(cfg, k) for k in OUTPUT_KEYS},
+        "config": config,
         "sources": [(s.name, s.bytes, s.sha256) for s in sources],
         "tokenizer": ranks_sha256,
         "format": [MANIFEST_FORMAT, MANIFEST_VERSION, SHARD_VERSION],
@@ -252,7 +304,20 @@ def _fingerprint(cfg: DataConfig, sources: list[SourceFile], ranks_sha256: str) 
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _prepare_output(output_dir: Path, fingerprint: str) -> tuple[Path, dict | None]:
+def _differences(manifest: dict[str, Any], config: dict[str, Any]) -> str:
+    """What differs between a finished dataset and this run's settings, in words, for the refusal."""
+    recorded = manifest.get("config") or {}
+    changed = [f"{k} {recorded[k]!r} -> {v!r}" if k in recorded else f"{k} (not recorded) -> {v!r}"
+               for k, v in config.items() if recorded.get(k) != v and not (k == "shuffle_seed" and k not in recorded and v < 0)]
+    if not changed:
+        return "its source files or tokenizer differ"
+    hint = ""
+    if "shuffle_seed" not in recorded and config.get("shuffle_seed", -1) >= 0:
+        hint = "; it was built before shuffled shards, in corpus order: data.shuffle_seed=-1 uses it as it is"
+    return "settings differ: " + ", ".join(changed) + hint
+
+
+def _prepare_output(output_dir: Path, fingerprint: str, config: dict[str, Any]) -> tuple[Path, dict | None]:
     """Return the work dir; or the existing manifest if this exact dataset is already complete.
 
     A finished dataset built from other inputs is never overwritten. Leftovers of an unfinished run
@@ -264,8 +329,8 @@ def _prepare_output(output_dir: Path, fingerprint: str) -> tuple[Path, dict | No
         if manifest.get("plan_fingerprint") == fingerprint:
             return output_dir / WORK_DIR, manifest
         raise DataError(
-            f"{output_dir}: already holds a finished dataset built from other inputs or settings; "
-            "set data.output_dir to a new directory, or delete this one to rebuild it"
+            f"{output_dir}: already holds a finished dataset built from other inputs or settings "
+            f"({_differences(manifest, config)}); set data.output_dir to a new directory, or delete this one to rebuild it"
         )
     work = output_dir / WORK_DIR
     stamp = work / "fingerprint"
@@ -352,33 +417,62 @@ def run_data_stage(cfg: DataConfig, ray_cfg: RayConfig) -> dict[str, Any]:
 
 
 def _build(cfg: DataConfig, ranks_sha256: str, waves: _Waves, listed: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Every wave of the stage, in order; each wave skips the tasks a previous (killed) run finished."""
     output_dir = Path(cfg.output_dir).expanduser()
     output_dir.mkdir(parents=True, exist_ok=True)
-    if listed is None:
-        listed = resolve_sources(cfg.source, cfg.source_config, cfg.cache_dir, cfg.max_files, cfg.download_retries)
-
-    remote = is_remote(cfg.source)
-    sources: list[SourceFile] = waves.run(
-        "download" if remote else "checksum", task_fetch, [(n, loc, remote, cfg.cache_dir, cfg.download_retries) for n, loc in listed], unit="file"
-    )
+    sources = _fetch_sources(cfg, waves, listed)
     fingerprint = _fingerprint(cfg, sources, ranks_sha256)
-    work, finished = _prepare_output(output_dir, fingerprint)
+    work, finished = _prepare_output(output_dir, fingerprint, _output_config(cfg))
     if finished is not None:
         print(f"pretrain data: {output_dir} is already complete for these inputs; nothing to do", file=sys.stderr)
         return finished
 
-    planned = waves.run("plan", task_plan, [(i, s, cfg.chunk_docs, cfg.text_column) for i, s in enumerate(sources)], unit="file")
-    rows_per_source = [rows for rows, _ in planned]
-    chunks = [Chunk(0, si, a, b, off) for si, (_, cuts) in enumerate(planned) for a, b, off in cuts]
-    chunks = [Chunk(i, c.source, c.row_start, c.row_end, c.byte_offset) for i, c in enumerate(chunks)]
-    if not chunks:
-        raise DataError(f"data.source: {cfg.source} holds no rows")
+    chunks, rows_per_source = _plan_chunks(cfg, sources, waves)
     n_rows = [c.row_end - c.row_start for c in chunks]
     src_of = [sources[c.source] for c in chunks]
-
     waves.run("scan", task_scan, [(src_of[c.index], c, cfg, work / "scan" / f"{c.index:06d}.npz") for c in chunks], unit="doc", weights=n_rows)
+    exact_rows, exact_origin_rows = _exact_dedup(cfg, chunks, work)
+    near = _near_dedup(cfg, chunks, src_of, n_rows, exact_rows, work, waves)
+    stats = waves.run(
+        "tokenize",
+        task_tokenize,
+        [(src_of[c.index], c, cfg, exact_rows[c.index], exact_origin_rows[c.index], near[c.index], work) for c in chunks],
+        unit="doc",
+        weights=n_rows,
+    )
+    shards = _pack_and_write(cfg, chunks, output_dir, work, waves)
+    removed = _write_removed(output_dir, work, chunks, sources)
+    manifest = _manifest(cfg, fingerprint, ranks_sha256, sources, rows_per_source, stats, shards, removed)
+    atomic_write_json(output_dir / MANIFEST_NAME, manifest)  # commit point
+    if not cfg.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return manifest
 
-    # Exact dedup over the whole corpus, in the driver: 8 bytes per document.
+
+def _fetch_sources(cfg: DataConfig, waves: _Waves, listed: list[tuple[str, str]] | None) -> list[SourceFile]:
+    """Download remote files into the cache (or checksum local ones): the inputs of the fingerprint."""
+    if listed is None:
+        listed = resolve_sources(cfg.source, cfg.source_config, cfg.cache_dir, cfg.max_files, cfg.download_retries)
+    remote = is_remote(cfg.source)
+    calls = [(n, loc, remote, cfg.cache_dir, cfg.download_retries) for n, loc in listed]
+    return waves.run("download" if remote else "checksum", task_fetch, calls, unit="file")
+
+
+def _plan_chunks(cfg: DataConfig, sources: list[SourceFile], waves: _Waves) -> tuple[list[Chunk], list[int]]:
+    """Cut every file into chunks (the work units of every later wave); return them and each file's row count."""
+    planned = waves.run("plan", task_plan, [(i, s, cfg.chunk_docs, cfg.text_column) for i, s in enumerate(sources)], unit="file")
+    cuts = [(si, a, b, off) for si, (_, file_cuts) in enumerate(planned) for a, b, off in file_cuts]
+    chunks = [Chunk(i, si, a, b, off) for i, (si, a, b, off) in enumerate(cuts)]
+    if not chunks:
+        raise DataError(f"data.source: {cfg.source} holds no rows")
+    return chunks, [rows for rows, _ in planned]
+
+
+def _exact_dedup(cfg: DataConfig, chunks: list[Chunk], work: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Exact dedup over the whole corpus, in the driver (8 bytes per document).
+
+    Returns, per chunk, the rows that are exact copies and the (file, row) of each one's first copy.
+    """
     scans = [np.load(work / "scan" / f"{c.index:06d}.npz") for c in chunks]
     valid_rows = [np.flatnonzero(s["status"] == RowStatus.OK) for s in scans]
     keys = [s["keys"][v] for s, v in zip(scans, valid_rows)]
@@ -387,62 +481,66 @@ def _build(cfg: DataConfig, ranks_sha256: str, waves: _Waves, listed: list[tuple
     else:
         dup_masks = [np.zeros(len(k), bool) for k in keys]
         origins = [np.zeros((0, 2), np.int64) for _ in keys]
-    # Rows (within each chunk) that are exact copies, and the (file, row) of their first copy.
     exact_rows = [c.row_start + v[m] for c, v, m in zip(chunks, valid_rows, dup_masks)]
     exact_origin_rows = [
         np.array([[chunks[oc].source, chunks[oc].row_start + valid_rows[oc][oi]] for oc, oi in o], np.int64).reshape(-1, 2)
         for o in origins
     ]
+    return exact_rows, exact_origin_rows
 
-    if cfg.minhash_dedup:
-        n = len(chunks)
-        waves.run("minhash signatures", task_signatures, [(src_of[c.index], c, n, cfg, exact_rows[c.index], work) for c in chunks], unit="doc", weights=n_rows)
-        waves.run("minhash buckets", task_buckets, [(b, cfg, work) for b in range(cfg.minhash_buckets)], unit="bucket")
-        waves.run("minhash clusters", task_cluster, [(cfg, work)])
-        near = dedup.near_duplicates(work / "minhash" / "clusters", len(chunks))
-    else:
-        near = [np.zeros(0, np.int64) for _ in chunks]
 
-    stats = waves.run(
-        "tokenize",
-        task_tokenize,
-        [(src_of[c.index], c, cfg, exact_rows[c.index], exact_origin_rows[c.index], near[c.index], work) for c in chunks],
-        unit="doc",
-        weights=n_rows,
-    )
+def _near_dedup(cfg: DataConfig, chunks: list[Chunk], src_of: list[SourceFile], n_rows: list[int],
+                exact_rows: list[np.ndarray], work: Path, waves: _Waves) -> list[np.ndarray]:
+    """MinHash waves; per chunk, the positions (in its dedup stream) of near duplicates to drop."""
+    if not cfg.minhash_dedup:
+        return [np.zeros(0, np.int64) for _ in chunks]
+    n = len(chunks)
+    waves.run("minhash signatures", task_signatures, [(src_of[c.index], c, n, cfg, exact_rows[c.index], work) for c in chunks], unit="doc", weights=n_rows)
+    waves.run("minhash buckets", task_buckets, [(b, cfg, work) for b in range(cfg.minhash_buckets)], unit="bucket")
+    waves.run("minhash clusters", task_cluster, [(cfg, work)])
+    return dedup.near_duplicates(work / "minhash" / "clusters", n)
+
+
+def _pack_and_write(cfg: DataConfig, chunks: list[Chunk], output_dir: Path, work: Path, waves: _Waves) -> list[dict[str, Any]]:
+    """Plan the shards from every kept document's length (validation sample, shuffled order), write them."""
     lengths = [np.load(work / "tokens" / f"{c.index:06d}.lens.npz")["lengths"] for c in chunks]
-    plans = pack_documents(lengths, cfg.shard_tokens, cfg.val_tokens)
+    plans = pack_documents(lengths, cfg.shard_tokens, cfg.val_tokens, cfg.shuffle_seed)
     if not any(p.split == "train" for p in plans):
         total = sum(int(l.sum()) for l in lengths)
         raise DataError(f"{cfg.source}: only {total} tokens survive cleaning, all taken by validation (data.val_tokens={cfg.val_tokens}); lower data.val_tokens")
-    shards = waves.run("shards", task_write_shard, [(p, output_dir, work) for p in plans], unit="shard")
+    del lengths
+    return waves.run("shards", task_write_shard, [(p, output_dir, work) for p in plans], unit="shard")
 
-    removed_count, removed_sha = _write_removed(output_dir, work, chunks, sources)
+
+def _manifest(cfg: DataConfig, fingerprint: str, ranks_sha256: str, sources: list[SourceFile], rows_per_source: list[int],
+              stats: list[dict[str, int]], shards: list[dict[str, Any]], removed: tuple[int, str]) -> dict[str, Any]:
     totals = {k: sum(s[k] for s in stats) for k in stats[0]}
-    manifest = {
+    shuffled = cfg.shuffle_seed >= 0
+    return {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
         "plan_fingerprint": fingerprint,
         "tokenizer": {"name": cfg.tokenizer, "ranks_sha256": ranks_sha256, "eot_token": 50256, "n_vocab": 50257},
         "dtype": "uint16",
         "shard_header": {"magic": MAGIC, "version": SHARD_VERSION, "bytes": HEADER_BYTES},
-        "config": {k: getattr(cfg, k) for k in OUTPUT_KEYS},
+        "config": _output_config(cfg),
+        "order": {  # how documents were placed (dataprep/packing.py)
+            "shuffle_seed": cfg.shuffle_seed if shuffled else None,
+            "val": "seeded sample of whole documents, in draw order" if shuffled else "first documents in corpus order",
+            "train": "the other documents in a seeded permutation" if shuffled else "the other documents in corpus order",
+        },
         "sources": [{**{k: v for k, v in asdict(s).items() if k != "path"}, "rows": r} for s, r in zip(sources, rows_per_source)],
         "stats": {
             "docs_in": totals["docs_in"],
             "docs_kept": totals["kept"],
-            "removed": {k: totals[k] for k in ("empty", "invalid_utf8", "exact_duplicate", "near_duplicate", "too_long")},
+            "removed": {k: totals[k] for k in REMOVAL_REASONS},
             "tokens": {split: sum(s["tokens"] for s in shards if s["split"] == split) for split in ("train", "val")},
             "shards": {split: sum(1 for s in shards if s["split"] == split) for split in ("train", "val")},
         },
-        "removed_ids": {"path": "removed.jsonl", "count": removed_count, "sha256": removed_sha},
+        "removed_ids": {"path": "removed.jsonl", "count": removed[0], "sha256": removed[1]},
         "shards": shards,
         "ray_cluster": _ray_cluster(),  # where it was built; the only entry that depends on the cluster
     }
-    atomic_write_json(output_dir / MANIFEST_NAME, manifest)  # commit point
-    if not cfg.keep_work:
-        shutil.rmtree(work, ignore_errors=True)
-    return manifest
 
 
 def _ray_cluster() -> dict[str, int]:

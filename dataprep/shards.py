@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,19 +59,31 @@ def shard_header(n_tokens: int) -> bytes:
     return header.tobytes()
 
 
-def write_shard(path: Path, pieces: list[np.ndarray]) -> tuple[int, str]:
-    """Atomically write the concatenation of ``pieces`` as one shard; returns (tokens, sha256 of the file)."""
+def write_shard(path: Path, pieces: Iterable[np.ndarray | bytes], n_tokens: int | None = None) -> tuple[int, str]:
+    """Atomically write the concatenation of ``pieces`` (uint16 arrays or their little-endian bytes)
+    as one shard; returns (tokens, sha256 of the file).
+
+    With ``n_tokens`` given, ``pieces`` may be a generator: it is streamed to disk, so a writer
+    holds one piece at a time, not the shard (a count that does not match is an error, and no
+    file is left behind).
+    """
     path = Path(path)
-    n_tokens = sum(len(p) for p in pieces)
+    if n_tokens is None:
+        pieces = list(pieces)
+        n_tokens = sum(len(p) // 2 if isinstance(p, (bytes, bytearray, memoryview)) else len(p) for p in pieces)
     h = hashlib.sha256()
+    written = 0
     with atomic_output(path) as f:
         header = shard_header(n_tokens)
         f.write(header)
         h.update(header)
         for p in pieces:
-            b = np.ascontiguousarray(p, dtype="<u2").tobytes()
+            b = p if isinstance(p, (bytes, bytearray, memoryview)) else np.ascontiguousarray(p, dtype="<u2").tobytes()
             f.write(b)
             h.update(b)
+            written += len(b) // 2
+        if written != n_tokens:
+            raise ShardError(f"{path}: {written} tokens written, the header says {n_tokens}")
     return n_tokens, h.hexdigest()
 
 

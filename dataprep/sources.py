@@ -1,25 +1,31 @@
 """Finding and fetching source files: HF datasets, URLs, local paths, and the built-in corpus.
 
 Local paths are read in place. Anything named by URL (``hf://``, ``https://``, ``file://``, or a
-bare HF repo id) is first downloaded into a cache, one file at a time with retries, written
-under a temporary name and renamed when complete; a sidecar records its size and sha256, so a
-re-run skips what is already there and the manifest can name exactly what was read.
+bare HF repo id) is first downloaded into a cache, one file at a time with retries that continue
+the partial file (HTTP Range, :mod:`dataprep.downloads`); only a file whose size and sha256 verify
+is renamed into place. A sidecar records its size and sha256, so a re-run skips what is already
+there and the manifest can name exactly what was read.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import fcntl
 import glob
 import hashlib
 import json
 import os
+import sys
 import sysconfig
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from dataprep.downloads import Expected, Mismatch, Partial, fetch_fsspec, fetch_http, hub_target, verify
 from dataprep.errors import DataError, TransientDataError
-from common.durable import atomic_output, atomic_write_json, file_sha256
+from common.durable import atomic_output, atomic_write_json, file_sha256, fsync_dir
 
 SUPPORTED_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
 URL_SCHEMES = ("hf://", "http://", "https://", "file://", "s3://", "gs://")
@@ -130,44 +136,121 @@ def list_remote(source: str, config: str) -> list[tuple[str, str]]:
     return files
 
 
-def download(url: str, name: str, cache_dir: Path, retries: int, backoff_s: float = 1.0) -> SourceFile:
-    """Fetch ``url`` into the cache (skipping it when a complete copy is recorded); retry on failure."""
-    import fsspec
+def download(
+    url: str,
+    name: str,
+    cache_dir: Path,
+    retries: int,
+    backoff_s: float = 1.0,
+    expected_size: int | None = None,
+    expected_sha256: str | None = None,
+) -> SourceFile:
+    """Fetch ``url`` into the cache, resuming a partial file; skip it when a complete copy is recorded.
 
+    The bytes go to ``<file>.part`` next to the final name and each attempt continues it (see
+    :mod:`dataprep.downloads`); only a file of the expected size and sha256 (given here, listed by the
+    Hub for ``hf://`` files, or stated by the server) is renamed into place. An attempt cut short after
+    progress resumes at once and does not use up one of the ``retries``; a failed one waits
+    ``backoff_s * 2**k``; a finished file that does not verify is thrown away and fetched again.
+    A lock file serialises processes fetching the same file into the same cache.
+    """
     key = hashlib.sha1(url.encode()).hexdigest()[:16]
     dest = cache_dir / f"{key}-{Path(name).name}"
-    meta_path = dest.with_name(dest.name + ".meta.json")
-    if meta_path.is_file() and dest.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("url") == url and meta.get("bytes") == dest.stat().st_size:
-            return SourceFile(name=name, uri=url, path=str(dest), bytes=meta["bytes"], sha256=meta["sha256"])
+    if (done := _cached(url, name, dest)) is not None:
+        return done
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part.{os.getpid()}")
-    last_error: Exception | None = None
-    for attempt in range(retries + 1):
+    with _file_lock(dest.with_name(dest.name + ".lock")):
+        if (done := _cached(url, name, dest)) is not None:  # another process fetched it while we waited
+            return done
+        part = Partial(dest.with_name(dest.name + ".part"))
+        if part.n:
+            print(f"pretrain data: {name}: continuing the partial download at byte {part.n}", file=sys.stderr)
         try:
-            fs, path = fsspec.core.url_to_fs(url)
-            expected = fs.info(path).get("size")
-            h = hashlib.sha256()
-            n = 0
-            with fs.open(path, "rb") as src, open(tmp, "wb") as out:
-                while block := src.read(1 << 22):
-                    out.write(block)
-                    h.update(block)
-                    n += len(block)
-                out.flush()
-                os.fsync(out.fileno())
-            if expected is not None and n != expected:
-                raise OSError(f"short read: got {n} of {expected} bytes")
-            os.replace(tmp, dest)
-            atomic_write_json(meta_path, {"url": url, "bytes": n, "sha256": h.hexdigest()})
-            return SourceFile(name=name, uri=url, path=str(dest), bytes=n, sha256=h.hexdigest())
-        except Exception as e:  # noqa: BLE001 - every failure of a fetch is retried the same way
-            last_error = e
-            tmp.unlink(missing_ok=True)
-            if attempt < retries:
-                time.sleep(backoff_s * 2**attempt)
-    raise TransientDataError(f"{url}: download failed after {retries + 1} attempts: {type(last_error).__name__}: {last_error}")
+            _fetch_verified(url, part, Expected(expected_size, expected_sha256 and expected_sha256.lower()), retries, backoff_s)
+        except BaseException:
+            part.close()  # kept: a rerun resumes it (one that failed to verify is already gone)
+            raise
+        part.close()
+        os.replace(part.path, dest)
+        fsync_dir(cache_dir)
+        sha = part.sha.hexdigest()
+        atomic_write_json(_meta_path(dest), {"url": url, "bytes": part.n, "sha256": sha})  # under the lock: a waiter reads it
+    return SourceFile(name=name, uri=url, path=str(dest), bytes=part.n, sha256=sha)
+
+
+def _meta_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".meta.json")
+
+
+def _cached(url: str, name: str, dest: Path) -> SourceFile | None:
+    """The recorded complete copy of ``url``, if its sidecar matches the file."""
+    meta_path = _meta_path(dest)
+    if not (meta_path.is_file() and dest.is_file()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("url") != url or meta.get("bytes") != dest.stat().st_size:
+        return None
+    return SourceFile(name=name, uri=url, path=str(dest), bytes=meta["bytes"], sha256=meta["sha256"])
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` (left in place: deleting a lock file races with its next holder).
+
+    A filesystem without flock (Lustre mounted without ``-o flock``) gets a warning and no lock: two
+    runs sharing that cache must not fetch the same file at the same moment.
+    """
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"pretrain data: waiting for another process downloading {path.name.removesuffix('.lock')}", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:
+            print(f"pretrain data: warning: cannot lock {path} ({e}); downloading without a lock", file=sys.stderr)
+        yield
+
+
+def _fetch_verified(url: str, part: Partial, listed: Expected, retries: int, backoff_s: float) -> None:
+    """Attempts until ``part`` holds the verified file; TransientDataError after ``retries`` failed ones."""
+    target: tuple[str | None, dict[str, str], Expected] | None = None
+    failures = 0
+    while True:
+        before = part.n
+        try:
+            if target is None:
+                target = _target(url, listed)
+            http_url, headers, expected = target
+            if http_url is None:
+                served = fetch_fsspec(url, part, expected)
+            else:
+                served = fetch_http(http_url, headers, part, expected)
+            verify(part, served, url)
+            return
+        except Mismatch as e:
+            part.restart()
+            error: Exception = e
+        except Exception as e:  # noqa: BLE001 - network errors of every library mean "try again"
+            if part.n > before:
+                continue  # cut short after progress: resume at once
+            error = e
+        failures += 1
+        if failures > retries:
+            if isinstance(error, Mismatch):
+                part.discard()
+            raise TransientDataError(f"{url}: download failed after {failures} attempts: {type(error).__name__}: {error}") from error
+        print(f"pretrain data: {url}: attempt {failures} failed ({type(error).__name__}: {error}); retrying", file=sys.stderr)
+        time.sleep(backoff_s * 2 ** (failures - 1))
+
+
+def _target(url: str, listed: Expected) -> tuple[str | None, dict[str, str], Expected]:
+    """Where to fetch ``url`` over HTTP (None: through fsspec), with which headers, expecting what."""
+    if url.startswith(("http://", "https://")):
+        return url, {}, listed
+    if url.startswith("hf://"):
+        http_url, headers, hub = hub_target(url)
+        return http_url, headers, listed.filled_from(hub)
+    return None, {}, listed
 
 
 def describe_local(name: str, path: str) -> SourceFile:
@@ -226,8 +309,6 @@ def resolve_sources(source: str, config: str, cache_dir: str, max_files: int, re
         which = source.removeprefix(BUILTIN_PREFIX)
         if which not in BUILTIN_CORPORA:
             raise DataError(f"data.source: unknown built-in corpus '{which}' (known: {', '.join(BUILTIN_CORPORA)})")
-        import sys
-
         tag = f"py{sys.version_info.major}{sys.version_info.minor}"
         path = BUILTIN_CORPORA[which](cache / "builtin" / f"{which}-{tag}.parquet")
         files = [(f"{which}.parquet", str(path))]
