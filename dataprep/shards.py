@@ -51,6 +51,21 @@ class ShardError(ValueError):
     """A shard or manifest that is missing, truncated, corrupt or of an unknown version."""
 
 
+# Manifest entries that describe where the data was built, not what it is.
+BUILD_ONLY_KEYS = ("ray_cluster",)
+
+
+def manifest_fingerprint(manifest: dict[str, Any], raw: bytes) -> str:
+    """Identifies the data a checkpoint was trained on (a resume on other data is refused): the
+    sha256 of the manifest as written, less the entries that only say where it was built (the Ray
+    cluster's nodes and CPUs), so the same data rebuilt on another cluster keeps its fingerprint.
+    A manifest without them (older ones) hashes to the sha256 of its own bytes, as before."""
+    if not any(k in manifest for k in BUILD_ONLY_KEYS):
+        return hashlib.sha256(raw).hexdigest()
+    data = {k: v for k, v in manifest.items() if k not in BUILD_ONLY_KEYS}
+    return hashlib.sha256((json.dumps(data, indent=2, sort_keys=True) + "\n").encode()).hexdigest()
+
+
 def shard_header(n_tokens: int) -> bytes:
     if not 0 <= n_tokens <= MAX_SHARD_TOKENS:
         raise ShardError(f"a shard holds at most {MAX_SHARD_TOKENS} tokens, got {n_tokens}")
@@ -192,8 +207,7 @@ class TokenDataset:
                 f"{manifest_path}: manifest version {self.manifest.get('format_version')} is not supported "
                 f"(this reader knows {MANIFEST_VERSION})"
             )
-        # Identifies the data a checkpoint was trained on (refuse to resume on other data).
-        self.fingerprint = hashlib.sha256(raw).hexdigest()
+        self.fingerprint = manifest_fingerprint(self.manifest, raw)
         try:
             self.shards = [
                 ShardInfo(self._inside(s["path"], manifest_path), s["split"], int(s["tokens"]), int(s["docs"]), str(s["sha256"]))

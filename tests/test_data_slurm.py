@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.corpus import make_corpus
-from tests.test_data import REPO, run_cli, tree_digest
+from tests.test_data import REPO, identity, run_cli
 from tests.test_slurm import (  # noqa: F401  (cluster: the module's fixture)
     FINAL,
     cluster,
@@ -73,7 +73,7 @@ def test_two_node_ray_cluster_job_requeued_midway_makes_the_local_bytes(cluster,
     assert scontrol_restarts(job) == 1
     assert waiting.returncode == 0 and f"job {job} finished: " in rest, rest + err  # --wait follows it through the requeue
     assert "] 2 node(s), 4 CPUs joined the head at 127.0.1.1:" in logs, logs[-4000:]
-    assert tree_digest(out) == tree_digest(tmp_path / "local")
+    assert identity(out) == identity(tmp_path / "local")  # shards and fingerprint: the cluster is not part of the data
     assert json.loads((out / "manifest.json").read_text())["ray_cluster"] == {"nodes": 2, "cpus": 4}
     assert json.loads((tmp_path / "local" / "manifest.json").read_text())["ray_cluster"] == {"nodes": 1, "cpus": 2}
 
