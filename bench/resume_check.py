@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.rundir import RunDir  # noqa: E402
 from dataprep.shards import write_shard  # noqa: E402
 
 CONFIG = """\
@@ -48,7 +49,7 @@ def make_data(path: Path, tokens: int = 400_000) -> None:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r and "step" in r}
+    return {r["step"]: r["loss"] for r in map(json.loads, RunDir(run_dir).metrics.read_text().splitlines()) if "loss" in r and "step" in r}
 
 
 def main() -> int:
@@ -77,7 +78,7 @@ def main() -> int:
         print(f"straight run: {time.time() - t0:.1f}s", flush=True)
         cfg, run_dir = runs["resumed"]
         proc = subprocess.Popen(cmd(cfg), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        while not (run_dir / "metrics.jsonl").exists() or len(losses(run_dir)) < steps // 2:
+        while not RunDir(run_dir).metrics.exists() or len(losses(run_dir)) < steps // 2:
             if proc.poll() is not None:
                 print(proc.stderr.read()[-4000:])
                 return 1

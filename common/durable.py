@@ -55,6 +55,15 @@ def atomic_output(path: str | Path, mode: str = "wb", create_parents: bool = Fal
     fsync_dir(path.parent)
 
 
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Rename a finished temp file or directory (its contents already fsynced by the writer that
+    streamed it) to ``path`` and make the rename durable. For writers that build their output over
+    many calls (a chunk's token file, a download, a checkpoint directory) and cannot use
+    :func:`atomic_output`'s single ``with`` block."""
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, create_parents: bool = False) -> None:
     """Replace ``path`` with ``data`` atomically and durably."""
     with atomic_output(path, "wb", create_parents) as f:

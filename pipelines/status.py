@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from common.rundir import RunDir
+from slurm.submit import JOBS_FILE
 
 
 def _ago(t: float | None) -> str:
@@ -49,7 +50,7 @@ def _max_steps(run_dir: Path, newest_meta: dict[str, Any] | None) -> int | None:
     import yaml
 
     try:
-        return int(yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_steps"])
+        return int(yaml.safe_load(RunDir(run_dir).config.read_text())["train"]["max_steps"])
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
         pass
     try:
@@ -73,7 +74,7 @@ def _results(directory: Path) -> dict[str, dict[str, Any]]:
 
 
 def _workflow(run_dir: Path) -> dict[str, Any] | None:
-    wf_path = run_dir / "workflow.json"
+    wf_path = RunDir(run_dir).workflow_state
     if not wf_path.is_file():
         return None
     wf = json.loads(wf_path.read_text())
@@ -165,11 +166,11 @@ def status_data(run_dir: str | Path) -> dict[str, Any]:
             f"{uri.rstrip('/')}/#/runs/{run_id}" if uri.startswith("http") else None
         data["mlflow"] = {"run_id": run_id, "uri": uri, "ui": ui}
     data["slurm_jobs"] = None
-    if (run_dir / "slurm" / "jobs.jsonl").is_file():
+    if (RunDir(run_dir).slurm / JOBS_FILE).is_file():
         from pipelines.launching import list_jobs
 
         data["slurm_jobs"] = [{k: j.get(k) for k in ("job_id", "name", "state", "restarts", "stdout")} for j in list_jobs(run_dir)]
-    report = run_dir / "report.png"
+    report = RunDir(run_dir).report_png
     data["report"] = str(report) if report.exists() else None
     return data
 

@@ -50,7 +50,7 @@ from typing import Any, Callable
 
 import torch
 
-from common.durable import atomic_write_json, file_sha256, fsync_dir
+from common.durable import atomic_write_json, file_sha256, fsync_dir, publish
 from common.rundir import RunDir, step_dirname
 from trainer.model import GPT, GPTConfig
 
@@ -228,8 +228,7 @@ def set_aside(path: Path, prefix: str) -> Path:
     """Rename ``path`` (a checkpoint dir, a file or a link) to ``<prefix>-<name>-<ms>`` next to it:
     out of the readers' and the writer's way, nothing deleted."""
     target = path.with_name(f"{prefix}-{path.name}-{int(time.time() * 1000)}")
-    os.rename(path, target)
-    fsync_dir(path.parent)
+    publish(path, target)
     return target
 
 
@@ -289,8 +288,7 @@ def _write_and_commit(root: Path, final: Path, tmp: Path, step: int, model_state
             _remove_tree(final)
         else:
             set_aside(final, "stray")  # a file or link in the way: keep it, out of the way
-    os.rename(tmp, final)
-    fsync_dir(root)
+    publish(tmp, final)
     _fault("renamed", step)
     files = {name: file_sha256(final / name) for name in (MODEL_FILE, OPTIM_FILE, STATE_FILE, META_FILE)}
     marker = {"format_version": FORMAT_VERSION, "step": step, "files": files, "time": time.time()}
