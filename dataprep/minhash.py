@@ -1,4 +1,5 @@
-"""MinHash signatures, bit for bit those of datatrove's ``MinhashDedupSignature``, 4-6x faster.
+"""MinHash signatures and LSH buckets, bit for bit those of datatrove's ``MinhashDedupSignature``
+and ``MinhashDedupBuckets``, with about a quarter of the CPU time (bench/dataprep.py --signatures).
 
 datatrove spends its time, per document, in Python: ``simplify_text`` removes diacritics one
 character at a time, every shingle is joined, encoded and SHA-1-hashed by its own ``hashlib`` call,
@@ -20,8 +21,10 @@ p = 2**61 - 1 with a hardware divide. This module computes the same values in ba
   for a Mersenne prime, checked for the rare sum ≥ p), and a segmented minimum per document.
 
 The files written are datatrove's (``bucket_XXX/RANK.minhash.sig``: sorted records of
-``hashes_per_bucket`` little-endian uint64 and the uint32 document index), so its bucket and
-cluster steps read them unchanged. tests/test_minhash.py compares the bytes with datatrove's.
+``hashes_per_bucket`` little-endian uint64 and the uint32 document index; ``BUCKET_00.dups``: uint32
+quadruples), so its cluster step reads them unchanged. tests/test_minhash.py compares the bytes
+with datatrove's. Only the configuration the data stage uses is implemented: SHA-1 shingle hashes
+of 64 bits, datatrove's default text normalisation, one bucket worker, no index.
 """
 
 from __future__ import annotations
@@ -290,8 +293,8 @@ class MinhashSigner:
         """Per document (shingles ``doc_starts[d]:doc_starts[d+1]``, none empty) and hash function j,
         ``min((h * a_j + b_j) mod 2**64 mod p)`` over its shingles h: (hashes, docs) uint64.
 
-        numpy runs same-shape contiguous operands about twice as fast as broadcast ones, hence
-        the parameters spread over whole blocks."""
+        numpy runs a loop over contiguous rows about twice as fast as one with a broadcast column,
+        hence the parameters spread over whole blocks."""
         shape = (len(self.a), self.BLOCK)
         a_full, b_full = np.broadcast_to(self.a, shape).copy(), np.broadcast_to(self.b, shape).copy()
         out = np.full((shape[0], len(doc_starts) - 1), np.iinfo(np.uint64).max, np.uint64)
@@ -302,8 +305,7 @@ class MinhashSigner:
         lasts = np.searchsorted(doc_starts, highs, side="left")
         for lo, hi, first, last in zip(lows.tolist(), highs.tolist(), firsts.tolist(), lasts.tolist()):
             xb, hb = x[:, : hi - lo], high[:, : hi - lo]
-            np.copyto(hb, hashes[None, lo:hi])
-            np.multiply(hb, a_full[:, : hi - lo], out=xb)  # wraps mod 2**64, as datatrove's
+            np.multiply(a_full[:, : hi - lo], hashes[None, lo:hi], out=xb)  # wraps mod 2**64, as datatrove's
             xb += b_full[:, : hi - lo]
             np.right_shift(xb, 61, out=hb)  # x mod p = (x & p) + (x >> 61), less p once if that is >= p
             xb &= MERSENNE
