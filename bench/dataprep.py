@@ -297,37 +297,43 @@ def run_datatrove(corpus: Path, work: Path, workers: int, tokenizer_file: str) -
 SIDES = {"ours": run_ours, "datatrove": run_datatrove}
 
 
-def run_side(name: str, corpus: Path, work: Path, workers: int, tokenizer_file: str) -> tuple[dict, dict]:
-    """Run one side in a fresh process; sample the RSS of its process tree while it runs."""
+def _sample_tree(proc: subprocess.Popen, memory: dict) -> None:
+    """Until ``proc`` exits: every 0.25 s, the RSS of it and all its descendants (peak of the sum,
+    peak of one process), and the CPU time of every process seen (its last reading)."""
     import psutil
 
+    root, cpu = psutil.Process(proc.pid), {}
+    while proc.poll() is None:
+        rss = []
+        try:
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            break
+        for p in tree:
+            try:
+                with p.oneshot():
+                    rss.append(p.memory_info().rss / 2**20)
+                    times = p.cpu_times()
+                    cpu[(p.pid, p.create_time())] = times.user + times.system
+            except psutil.Error:
+                pass
+        memory["peak_total_mb"] = max(memory["peak_total_mb"], sum(rss))
+        memory["peak_process_mb"] = max([memory["peak_process_mb"], *rss])
+        memory["cpu_s"] = sum(cpu.values())
+        time.sleep(0.25)
+
+
+def run_side(name: str, corpus: Path, work: Path, workers: int, tokenizer_file: str) -> tuple[dict, dict]:
+    """Run one side in a fresh process; sample its process tree's memory and CPU while it runs."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--side", name, "--corpus", str(corpus), "--work", str(work),
            "--workers", str(workers), "--tokenizer-file", tokenizer_file]
-    log = open(work / f"{name}.stderr.log", "w")  # progress bars and datatrove's task logs
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-    memory = {"peak_total_mb": 0.0, "peak_process_mb": 0.0}
-
-    def sample() -> None:
-        root = psutil.Process(proc.pid)
-        while proc.poll() is None:
-            rss = []
-            try:
-                for p in [root, *root.children(recursive=True)]:
-                    try:
-                        rss.append(p.memory_info().rss / 2**20)
-                    except psutil.Error:
-                        pass
-            except psutil.Error:
-                break
-            memory["peak_total_mb"] = max(memory["peak_total_mb"], sum(rss))
-            memory["peak_process_mb"] = max([memory["peak_process_mb"], *rss])
-            time.sleep(0.25)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, _ = proc.communicate()
-    sampler.join()
-    log.close()
+    memory = {"peak_total_mb": 0.0, "peak_process_mb": 0.0, "cpu_s": 0.0}
+    with open(work / f"{name}.stderr.log", "w") as log:  # progress bars and datatrove's task logs
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        sampler = threading.Thread(target=_sample_tree, args=(proc, memory), daemon=True)
+        sampler.start()
+        out, _ = proc.communicate()
+        sampler.join()
     if proc.returncode != 0:
         sys.stderr.write((work / f"{name}.stderr.log").read_text()[-5000:])
         raise SystemExit(f"{name} side failed (exit {proc.returncode})")
@@ -359,32 +365,42 @@ def _sign_part(side: str, rank: int, workers: int, out: str) -> None:
         step.run((Document(text=t, id=str(i)) for i, t in enumerate(part)), rank=rank, world_size=workers)
 
 
-def _time_signatures(side: str, workers: int, out: Path) -> float:
+def _time_signatures(side: str, workers: int, out: Path) -> tuple[float, float]:
+    """Wall and CPU seconds (the worker processes' user + system time) of one side."""
     import multiprocessing
+    import resource
 
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         pool.starmap(_sign_part, [(side, r, workers, str(out)) for r in range(workers)])
-    return time.perf_counter() - t0
+        pool.close()
+        pool.join()
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
 
 def signatures_mode(args: argparse.Namespace, corpus: Path, tmp: Path) -> None:
-    """The MinHash signature step alone, both sides on the same in-memory documents."""
+    """The MinHash signature step alone, both sides on the same in-memory documents, in
+    ``--rounds`` alternating rounds (on a shared machine the load changes between them)."""
     _TEXTS[:] = corpus_texts(corpus)
     import datatrove.pipeline.dedup.minhash  # noqa: F401  (imported before the fork, as ours)
 
     mb = sum(len(t.encode()) for t in _TEXTS) / 1e6
-    seconds = {}
-    for side in ("datatrove", "ours"):
-        seconds[side] = _time_signatures(side, args.workers, tmp / side)
-    files = sorted(p.relative_to(tmp / "ours") for p in (tmp / "ours").rglob("*.minhash.sig"))
-    same = all((tmp / "ours" / f).read_bytes() == (tmp / "datatrove" / f).read_bytes() for f in files)
-    same = same and len(files) == len(list((tmp / "datatrove").rglob("*.minhash.sig")))
     print(f"signatures: {len(_TEXTS)} docs, {mb:.1f} MB, {args.workers} worker processes per side; cpus {os.cpu_count()}")
-    print(f"datatrove MinhashDedupSignature : {seconds['datatrove']:8.2f} s  ({mb / seconds['datatrove']:.2f} MB/s)")
-    print(f"dataprep.minhash                : {seconds['ours']:8.2f} s  ({mb / seconds['ours']:.2f} MB/s)")
-    print(f"files identical                 : {same} ({len(files)} files)")
-    print(f"ratio datatrove/ours            : {seconds['datatrove'] / seconds['ours']:.2f}  (goal >= 3)")
+    ratios = []
+    for r in range(args.rounds):
+        (wall_dt, cpu_dt), (wall_ours, cpu_ours) = (_time_signatures(side, args.workers, tmp / f"{side}{r}") for side in ("datatrove", "ours"))
+        print(f"round {r + 1}: datatrove MinhashDedupSignature {wall_dt:7.2f} s wall ({mb / wall_dt:.2f} MB/s), {cpu_dt:7.2f} s CPU")
+        print(f"         dataprep.minhash               {wall_ours:7.2f} s wall ({mb / wall_ours:.2f} MB/s), {cpu_ours:7.2f} s CPU")
+        print(f"         ratio datatrove/ours: wall {wall_dt / wall_ours:.2f}, CPU {cpu_dt / cpu_ours:.2f}")
+        ratios.append(wall_dt / wall_ours)
+    files = sorted(p.relative_to(tmp / "ours0") for p in (tmp / "ours0").rglob("*.minhash.sig"))
+    same = len(files) == len(list((tmp / "datatrove0").rglob("*.minhash.sig"))) == args.workers * DataConfig().minhash_buckets
+    same = same and all((tmp / "ours0" / f).read_bytes() == (tmp / "datatrove0" / f).read_bytes() for f in files)
+    print(f"files identical: {same} ({len(files)} files)")
+    print(f"ratio datatrove/ours (wall, median of {args.rounds} rounds): {float(np.median(ratios)):.2f}  (goal >= 3)")
     if not same:
         raise SystemExit("signature files differ")
 
@@ -401,14 +417,15 @@ def e2e_mode(args: argparse.Namespace, corpus: Path, tmp: Path) -> None:
     for side, (res, mem) in results.items():
         stages = ", ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items())
         print(f"{side:>9}: {res['total_s']:7.1f} s  [{stages}]")
-        print(f"{'':>9}  docs kept {res['docs_kept']}, tokens {res['tokens']}; peak RSS all processes "
-              f"{mem['peak_total_mb'] / 1024:.2f} GB, largest process {mem['peak_process_mb'] / 1024:.2f} GB")
+        print(f"{'':>9}  docs kept {res['docs_kept']}, tokens {res['tokens']}; CPU {mem['cpu_s']:.0f} s (sampled); peak RSS all "
+              f"processes {mem['peak_total_mb'] / 1024:.2f} GB, largest process {mem['peak_process_mb'] / 1024:.2f} GB")
     ours, theirs = results["ours"], results["datatrove"]
     print(f"removed by ours: {ours[0]['removed']}")
     print(f"same docs kept: {ours[0]['docs_kept'] == theirs[0]['docs_kept']}")
     sig_ratio = theirs[0]["seconds"]["minhash signatures"] / ours[0]["seconds"]["minhash signatures"]
     print(f"ratio minhash signatures (datatrove/ours): {sig_ratio:.2f}  (goal >= 3)")
     print(f"ratio end to end (datatrove/ours): {theirs[0]['total_s'] / ours[0]['total_s']:.2f}  (goal >= 2.5)")
+    print(f"ratio CPU time, sampled (datatrove/ours): {theirs[1]['cpu_s'] / ours[1]['cpu_s']:.2f}")
     print(f"ratio peak memory (datatrove/ours): {theirs[1]['peak_total_mb'] / ours[1]['peak_total_mb']:.2f}")
 
 
@@ -422,6 +439,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="Ray workers = tiktoken threads = datatrove workers")
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--chunk-docs", type=int, default=4000, help="default mode only")
+    ap.add_argument("--rounds", type=int, default=1, help="--signatures: alternating rounds of both sides")
     ap.add_argument("--corpus", default="", help="--e2e/--signatures: corpus directory, generated there if empty (kept)")
     ap.add_argument("--work", default="", help=argparse.SUPPRESS)
     ap.add_argument("--tokenizer-file", default="", help="GPT-2 ranks file (default: the usual lookup)")

@@ -4,8 +4,8 @@ Exact dedup keeps the first occurrence in corpus order (source file order, then 
 records which document each removed one duplicated. MinHash uses datatrove's four dedup blocks
 (signature → buckets → cluster → remove lists) with each chunk as a datatrove "rank", so a chunk's
 signatures and remove list are its own files and every block can run as independent Ray tasks.
-The signature block is :mod:`dataprep.minhash`: the same files as datatrove's
-``MinhashDedupSignature``, bit for bit, computed several times faster.
+The signature and bucket blocks are :mod:`dataprep.minhash`: the same files as datatrove's
+``MinhashDedupSignature`` and ``MinhashDedupBuckets``, bit for bit, computed several times faster.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from datatrove.data import Document
-from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster
+from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupCluster
 from datatrove.utils.hashing import HashConfig
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from dataprep import minhash
 from dataprep.config import DataConfig
+from dataprep.shards import atomic_write_bytes
 
 
 def exact_key(text: str) -> int:
@@ -101,10 +101,11 @@ def write_signatures(texts: Iterable[str], chunk_index: int, n_chunks: int, sig_
 
 
 def find_bucket_matches(bucket: int, sig_dir: Path, dups_dir: Path, cfg: DataConfig) -> None:
-    """Block 2: candidate duplicate pairs within one LSH bucket."""
-    _quiet_datatrove()
-    step = MinhashDedupBuckets(input_folder=str(sig_dir), output_folder=str(dups_dir), config=minhash_config(cfg))
-    step.run(None, rank=bucket, world_size=cfg.minhash_buckets)
+    """Block 2: candidate duplicate pairs within one LSH bucket: the file datatrove's
+    ``MinhashDedupBuckets`` (one worker per bucket) writes, computed with numpy."""
+    dups_dir.mkdir(parents=True, exist_ok=True)
+    pairs = minhash.bucket_pairs(sig_dir, bucket, cfg.minhash_hashes_per_bucket)
+    atomic_write_bytes(dups_dir / f"{bucket:05d}_00.dups", pairs)
 
 
 def cluster_duplicates(dups_dir: Path, cluster_dir: Path, cfg: DataConfig) -> None:

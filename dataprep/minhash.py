@@ -1,4 +1,5 @@
-"""MinHash signatures, bit for bit those of datatrove's ``MinhashDedupSignature``, 4-6x faster.
+"""MinHash signatures and LSH buckets, bit for bit those of datatrove's ``MinhashDedupSignature``
+and ``MinhashDedupBuckets``, with about a quarter of the CPU time (bench/dataprep.py --signatures).
 
 datatrove spends its time, per document, in Python: ``simplify_text`` removes diacritics one
 character at a time, every shingle is joined, encoded and SHA-1-hashed by its own ``hashlib`` call,
@@ -20,12 +21,15 @@ p = 2**61 - 1 with a hardware divide. This module computes the same values in ba
   for a Mersenne prime, checked for the rare sum ≥ p), and a segmented minimum per document.
 
 The files written are datatrove's (``bucket_XXX/RANK.minhash.sig``: sorted records of
-``hashes_per_bucket`` little-endian uint64 and the uint32 document index), so its bucket and
-cluster steps read them unchanged. tests/test_minhash.py compares the bytes with datatrove's.
+``hashes_per_bucket`` little-endian uint64 and the uint32 document index; ``BUCKET_00.dups``: uint32
+quadruples), so its cluster step reads them unchanged. tests/test_minhash.py compares the bytes
+with datatrove's. Only the configuration the data stage uses is implemented: SHA-1 shingle hashes
+of 64 bits, datatrove's default text normalisation, one bucket worker, no index.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import itertools
@@ -116,7 +120,7 @@ _SHA1_INIT = (0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0)
 _SHA1_K = (0x5A827999, 0x6ED9EBA1, 0x8F1BBCDC, 0xCA62C1D6)
 MAX_ONE_BLOCK = 55  # longest message whose padding fits one 64-byte block
 MIN_VECTOR_BATCH = 4096  # below this many messages, hashlib's per-call cost beats numpy's per-pass cost
-_SHA1_LANES = 8192  # messages per numpy pass: ~24 arrays of 32 KiB, which stay in L2
+_SHA1_LANES = 16384  # messages per numpy pass: the ~11 arrays of 64 KiB a round touches stay in L2
 
 
 def _sha1_rounds(w: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -263,7 +267,7 @@ class MinhashSigner:
     """datatrove's MinhashDedupSignature with 64-bit SHA-1 shingle hashes and its default text
     normalisation, for batches of documents."""
 
-    BLOCK = 512  # shingles per permutation block: a (hashes, BLOCK) uint64 array stays in L2
+    BLOCK = 256  # shingles per permutation block: the four (hashes, BLOCK) uint64 arrays stay in L2
 
     def __init__(self, n_grams: int, num_buckets: int, hashes_per_bucket: int, seed: int) -> None:
         self.n_grams, self.num_buckets, self.hashes_per_bucket = n_grams, num_buckets, hashes_per_bucket
@@ -289,25 +293,25 @@ class MinhashSigner:
         """Per document (shingles ``doc_starts[d]:doc_starts[d+1]``, none empty) and hash function j,
         ``min((h * a_j + b_j) mod 2**64 mod p)`` over its shingles h: (hashes, docs) uint64.
 
-        numpy runs same-shape contiguous operands about twice as fast as broadcast ones, hence
-        the parameters spread over whole blocks."""
+        numpy runs a loop over contiguous rows about twice as fast as one with a broadcast column,
+        hence the parameters spread over whole blocks."""
         shape = (len(self.a), self.BLOCK)
         a_full, b_full = np.broadcast_to(self.a, shape).copy(), np.broadcast_to(self.b, shape).copy()
         out = np.full((shape[0], len(doc_starts) - 1), np.iinfo(np.uint64).max, np.uint64)
         x, high = np.empty(shape, np.uint64), np.empty(shape, np.uint64)
-        for lo in range(0, len(hashes), self.BLOCK):
-            n = min(self.BLOCK, len(hashes) - lo)
-            xb, hb = x[:, :n], high[:, :n]
-            np.copyto(hb, hashes[None, lo : lo + n])
-            np.multiply(hb, a_full[:, :n], out=xb)  # wraps mod 2**64, as datatrove's
-            xb += b_full[:, :n]
+        lows = np.arange(0, len(hashes), self.BLOCK)
+        highs = np.minimum(lows + self.BLOCK, len(hashes))
+        firsts = np.searchsorted(doc_starts, lows, side="right") - 1  # documents each block touches
+        lasts = np.searchsorted(doc_starts, highs, side="left")
+        for lo, hi, first, last in zip(lows.tolist(), highs.tolist(), firsts.tolist(), lasts.tolist()):
+            xb, hb = x[:, : hi - lo], high[:, : hi - lo]
+            np.multiply(a_full[:, : hi - lo], hashes[None, lo:hi], out=xb)  # wraps mod 2**64, as datatrove's
+            xb += b_full[:, : hi - lo]
             np.right_shift(xb, 61, out=hb)  # x mod p = (x & p) + (x >> 61), less p once if that is >= p
             xb &= MERSENNE
             xb += hb
             if xb.max() >= MERSENNE:  # about once in 2**58 values
                 xb[xb >= MERSENNE] -= MERSENNE
-            first = np.searchsorted(doc_starts, lo, side="right") - 1
-            last = np.searchsorted(doc_starts, lo + n, side="left")  # exclusive
             cuts = np.maximum(doc_starts[first:last], lo) - lo
             part = out[:, first:last]
             np.minimum(part, np.minimum.reduceat(xb, cuts, axis=1), out=part)
@@ -356,3 +360,49 @@ def write_signatures(texts: Iterable[str], rank: int, sig_dir: Path, signer: Min
     signatures = np.concatenate(sigs) if sigs else np.zeros((0, signer.num_buckets * signer.hashes_per_bucket), np.uint64)
     write_signature_files(sig_dir, rank, doc_index, signatures, signer.num_buckets, signer.hashes_per_bucket)
     return count
+
+
+# ---------------------------------------------------------------------------------------------
+# LSH buckets: datatrove's MinhashDedupBuckets (one worker per bucket, no index), vectorised
+
+SLICE_RECORDS = 2_000_000  # signature records sorted at once: ~200 MB, whatever the corpus size
+
+
+def _signature_files(sig_dir: Path, bucket: int, hashes_per_bucket: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """The bucket's signature files in datatrove's order (sorted names; a file's position is its
+    ``file_id``), memory-mapped, and each one's rank (the number its name starts with)."""
+    dtype = np.dtype([("sig", "<u8", (hashes_per_bucket,)), ("doc", "<u4")])
+    paths = sorted(p for p in (sig_dir / f"bucket_{bucket:03d}").iterdir() if p.name.endswith(".minhash.sig") and not p.name.startswith("."))
+    files = [np.memmap(p, dtype, mode="r") if p.stat().st_size else np.zeros(0, dtype) for p in paths]
+    return files, np.array([int(p.name.removesuffix(".minhash.sig")) for p in paths], np.uint32)
+
+
+def bucket_pairs(sig_dir: Path, bucket: int, hashes_per_bucket: int) -> bytes:
+    """What ``MinhashDedupBuckets`` writes for one bucket: its records merged in order (signature,
+    then file, then document), and for every record equal in signature to the one before it the
+    pair ``(rank, doc, rank, doc)`` of the two, as little-endian uint32.
+
+    Every file is sorted by signature, so the merge is done one range of first hash values at a
+    time (equal signatures share their first value): memory stays bounded on a large corpus.
+    """
+    files, ranks = _signature_files(sig_dir, bucket, hashes_per_bucket)
+    if not files:
+        return b""
+    n_slices = max(1, -(-sum(map(len, files)) // SLICE_RECORDS))
+    bounds = [int(MERSENNE) * k // n_slices for k in range(n_slices + 1)]  # every hash is < p
+    out = []
+    for lo, hi in itertools.pairwise(bounds):
+        parts, file_ids = [], []
+        for file_id, records in enumerate(files):
+            first = records["sig"][:, 0]
+            a, b = bisect.bisect_left(first, lo), bisect.bisect_left(first, hi)
+            parts.append(np.asarray(records[a:b]))
+            file_ids.append(np.full(b - a, file_id, np.int64))
+        rec, fid = np.concatenate(parts), np.concatenate(file_ids)
+        sig = rec["sig"]
+        order = np.lexsort([rec["doc"], fid, *(sig[:, i] for i in reversed(range(hashes_per_bucket)))])
+        sig, doc, fid = sig[order], rec["doc"][order], fid[order]
+        second = np.flatnonzero(np.all(sig[1:] == sig[:-1], axis=1)) + 1
+        pairs = np.stack([ranks[fid[second - 1]], doc[second - 1], ranks[fid[second]], doc[second]], axis=1)
+        out.append(pairs.astype("<u4").tobytes())
+    return b"".join(out)
