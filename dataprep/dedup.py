@@ -21,9 +21,9 @@ from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupCluster
 from datatrove.utils.hashing import HashConfig
 from datatrove.utils.word_tokenizers import WordTokenizer
 
+from common.durable import atomic_write_bytes
 from dataprep import minhash
 from dataprep.config import DataConfig
-from dataprep.shards import atomic_write_bytes
 
 
 def exact_key(text: str) -> int:
