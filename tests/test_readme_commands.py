@@ -45,6 +45,10 @@ def test_smoke_workflow_runs_end_to_end(tmp_path, gpt2_ranks):
 def test_benchmark_scripts_run(gpt2_ranks):
     r = run("bench/dataprep.py", "--mb", "0.5", "--workers", "1", "--tokenizer-file", gpt2_ranks)
     assert r.returncode == 0 and "ratio stage/raw" in r.stdout, r.stderr[-2000:]
+    r = run("bench/dataprep.py", "--signatures", "--mb", "0.3", "--workers", "1", "--rounds", "1", "--tokenizer-file", gpt2_ranks)
+    assert r.returncode == 0 and "files identical: True" in r.stdout, r.stdout + r.stderr[-2000:]
+    r = run("bench/tokenize_memory.py", "--docs", "200", "--tokenizer-file", gpt2_ranks)
+    assert r.returncode == 0 and "token files identical: True" in r.stdout, r.stdout + r.stderr[-2000:]
     r = run("bench/train_step.py", "configs/smoke.yaml", "--steps", "1", "--warmup", "0")
     assert r.returncode == 0 and r.stdout.count("RESULT") == 1, r.stderr[-2000:]
     r = run("bench/hellaswag.py", "--model", "micro", "--rows", "8", "--device", "cpu", "--data", "synthetic")
