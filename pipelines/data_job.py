@@ -13,12 +13,12 @@ requeued; the rerun skips the data tasks that finished.
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
 import time
 from pathlib import Path
 
 from pipelines.config import ConfigError, PipelineConfig
+from pipelines.launching import last_exit_code
 from slurm.config import SlurmConfig
 from trainer import EXIT_REQUEUE
 
@@ -85,14 +85,6 @@ def wait_for_data(job, cfg: PipelineConfig, poll_s: float = 2.0) -> tuple[int, s
         return 0, f"finished: {len(ds.shards)} shards in {cfg.data.output_dir}"
     except ShardError:
         pass
-    code = None
-    for path in (job.paths.stderr, job.paths.stdout):
-        try:
-            found = re.findall(r"exited with code (-?\d+)", Path(path).read_text(errors="replace"))
-        except OSError:
-            continue
-        if found:
-            code = int(found[-1])
-            break
+    code = last_exit_code(job, r"exited with code (-?\d+)")
     reason = f"the data stage exited {code}" if code is not None else "no exit line in its log"
     return (2 if code == 2 else 1), f"ended without a finished dataset ({reason}); see {job.paths.stdout}"

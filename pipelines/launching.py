@@ -121,6 +121,19 @@ def list_jobs(run_dir: str | Path) -> list[dict]:
     return out
 
 
+def last_exit_code(job, pattern: str) -> int | None:
+    """The exit code in the last line of a finished job's log (stderr first) matching ``pattern``
+    (one group: the code), or None. How a job's outcome is read without its result pickle."""
+    for path in (job.paths.stderr, job.paths.stdout):
+        try:
+            found = re.findall(pattern, Path(path).read_text(errors="replace"))
+        except OSError:
+            continue
+        if found:
+            return int(found[-1])
+    return None
+
+
 def wait_for_training(job, cfg: PipelineConfig, poll_s: float = 2.0) -> tuple[int, str]:
     """Follow a submitted training job to its end; return (exit code, what happened).
 
@@ -137,14 +150,6 @@ def wait_for_training(job, cfg: PipelineConfig, poll_s: float = 2.0) -> tuple[in
     newest = latest_committed(cfg.run_dir)
     if newest is not None and int(read_meta(newest)["step"]) >= cfg.train.max_steps:
         return 0, f"finished: {newest}"
-    code = None
-    for path in (job.paths.stderr, job.paths.stdout):
-        try:
-            found = re.findall(r"pretrain train: exit (\d+)", Path(path).read_text(errors="replace"))
-        except OSError:
-            continue
-        if found:
-            code = int(found[-1])
-            break
+    code = last_exit_code(job, r"pretrain train: exit (\d+)")
     reason = f"training exited {code}" if code is not None else "no exit line in its log"
     return (2 if code == 2 else 1), f"ended before train.max_steps ({reason}); see {job.paths.stdout}"
