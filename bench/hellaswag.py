@@ -27,7 +27,8 @@ pick the same endings; the script says so and exits 1 otherwise. Prints one ``RE
 bf16 against fp32 (``--dtypes float32,bfloat16``; no one-example loop): the batched scorer on the
 same rows once per dtype, plus, with ``--eval-sdpa both``, bf16 with PyTorch's own attention-kernel
 choice instead of the scorer's pinned one (see ``evals.scoring``: on Hopper that choice is cuDNN,
-which builds a graph per new shape). Prints examples/s for each, the ratio to the first dtype and
+which builds a graph per new shape), and with ``--eval-head both``, bf16 with the LM head in bf16
+instead of the scorer's fp32 head (``evals.scoring.HEAD_FP32``). Prints examples/s for each, the ratio to the first dtype and
 the share of rows whose chosen ending (sum log-prob and per-token) equals the first dtype's, in one
 ``RESULT_DTYPES`` line. Agreement means something only for a trained model: ``--checkpoint DIR``.
 """
@@ -91,6 +92,8 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--dtypes", default="", help="e.g. float32,bfloat16: compare the batched scorer across dtypes instead")
     ap.add_argument("--eval-sdpa", default="pinned", choices=("pinned", "auto", "both"),
                     help="attention kernel of the masked forward on CUDA: the scorer's pinned one, PyTorch's choice, or both (--dtypes)")
+    ap.add_argument("--eval-head", default="fp32", choices=("fp32", "autocast", "both"),
+                    help="LM head of the scorer: fp32 (the scorer's default), the autocast dtype, or both (--dtypes)")
     return ap.parse_args()
 
 
@@ -175,25 +178,30 @@ def main() -> int:
 
 def compare_dtypes(model: GPT, groups: list[Group], device: torch.device, args: argparse.Namespace) -> int:
     """Batched scorer per dtype on the same rows: speed and agreement with the first dtype."""
-    runs = [(d.strip(), "pinned" if args.eval_sdpa == "both" else args.eval_sdpa) for d in args.dtypes.split(",") if d.strip()]
+    sdpa0 = "pinned" if args.eval_sdpa == "both" else args.eval_sdpa
+    head0 = "fp32" if args.eval_head == "both" else args.eval_head
+    runs = [(d.strip(), sdpa0, head0) for d in args.dtypes.split(",") if d.strip()]
     if args.eval_sdpa == "both":
-        runs += [(d, "auto") for d, _ in runs if d == "bfloat16"]
+        runs += [(d, "auto", head0) for d, _, _ in runs if d == "bfloat16"]
+    if args.eval_head == "both":
+        runs += [(d, sdpa0, "autocast") for d, sdpa, _ in runs if d == "bfloat16" and sdpa == sdpa0]
     pinned = scoring.CUDA_MASKED_SDPA or [torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION, torch.nn.attention.SDPBackend.MATH]
     results = []
-    for dtype, sdpa in runs:
+    for dtype, sdpa, head in runs:
         scoring.CUDA_MASKED_SDPA = pinned if sdpa == "pinned" else None
+        scoring.HEAD_FP32 = head == "fp32"
         score_groups(model, groups[:8], batch_size=args.batch_size, device=device, dtype=dtype)  # warm-up
         sync(device)
         t0 = time.perf_counter()
         scores = score_groups(model, groups, batch_size=args.batch_size, device=device, dtype=dtype)
         sync(device)
-        results.append((f"{dtype}/{sdpa}", len(groups) / (time.perf_counter() - t0), predictions(scores)))
+        results.append((f"{dtype}/{sdpa}/head-{head}", len(groups) / (time.perf_counter() - t0), predictions(scores)))
     ref_name, ref_rate, (ref_acc, ref_norm) = results[0]
     fields = []
     for name, rate, (acc, norm) in results:
         same_acc = sum(a == b for a, b in zip(acc, ref_acc)) / len(acc)
         same_norm = sum(a == b for a, b in zip(norm, ref_norm)) / len(norm)
-        print(f"{name:>18}: {rate:8.2f} examples/s, {rate / ref_rate:.2f}x {ref_name}; same ending as {ref_name}: "
+        print(f"{name:>32}: {rate:8.2f} examples/s, {rate / ref_rate:.2f}x {ref_name}; same ending as {ref_name}: "
               f"{same_acc:.2%} (sum), {same_norm:.2%} (per token)", flush=True)
         fields.append(f"{name}={rate:.2f}/s,{rate / ref_rate:.2f}x,same={same_acc:.4f}/{same_norm:.4f}")
     print(f"RESULT_DTYPES model={args.checkpoint or args.model} device={device} rows={len(groups)} " + " ".join(fields), flush=True)

@@ -58,6 +58,12 @@ CPU_BATCH_TOKENS = 2048
 # SDPA kernels for masked (packed / KV-cached) forwards on CUDA, in order of preference; None =
 # PyTorch's own choice (cuDNN first for bf16 on Hopper: a graph build per new shape, see above).
 CUDA_MASKED_SDPA: list[SDPBackend] | None = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# The LM head at the scored positions in fp32 even under bf16 autocast. Why: a bf16 logit of
+# magnitude ~10 is rounded by up to ~0.03, and a continuation's score sums ~30 such log-probs, so
+# bf16 rounding alone can flip the pick between two close endings; in fp32 only the (smaller)
+# error of the bf16 hidden states is left. It costs little: the head runs only where a scored
+# token is predicted, a fraction of the forward. False = the autocast dtype (as training).
+HEAD_FP32 = True
 
 
 @dataclass(frozen=True)
@@ -192,12 +198,16 @@ def _head_scores(model: GPT, hidden: torch.Tensor, rows: torch.Tensor, tokens: t
     # the padded vocabulary entries are not tokens: leave them out of the distribution (and the
     # matmul), and keep the logits contiguous (reductions over a strided slice are much slower)
     weight = model.lm_head.weight[:vocab]
-    if torch.is_autocast_enabled(hidden.device.type):
+    device_type = hidden.device.type
+    if HEAD_FP32:
+        h, weight = h.float(), weight.float()
+    elif torch.is_autocast_enabled(device_type):
         # cast the head once per batch: autocast does not cache casts of a slice (a view), so
         # each chunk's F.linear would otherwise convert the whole 50k x C matrix again
-        weight = weight.to(torch.get_autocast_dtype(hidden.device.type))
+        weight = weight.to(torch.get_autocast_dtype(device_type))
     for s in range(0, len(uniq), HEAD_CHUNK):
-        logits = F.linear(h[s : s + HEAD_CHUNK], weight).float()
+        with torch.autocast(device_type, enabled=False) if HEAD_FP32 else contextlib.nullcontext():
+            logits = F.linear(h[s : s + HEAD_CHUNK], weight).float()
         lse = torch.logsumexp(logits, dim=-1)
         best = logits.argmax(dim=-1)
         sel = (inverse >= s) & (inverse < s + HEAD_CHUNK)

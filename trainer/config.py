@@ -131,6 +131,9 @@ class TrainConfig:
     # Training loss over chunks of this many tokens, never materialising the (B*T x vocab) fp32 logits
     # (trainer.loss); 0 = plain F.cross_entropy over the full logits. Same loss to fp32 rounding.
     loss_chunk_tokens: int = 8192
+    # FP8 (e4m3/e5m2, dynamic per-tensor scales) matmuls in the blocks' linear layers (trainer.fp8);
+    # needs compute capability >= 8.9 on CUDA. Changes the math (FP8 rounding): a resume compares it.
+    fp8: bool = False
     val_every: int = 250
     val_batches: int = 20
     sample_every: int = 1000

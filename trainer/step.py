@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from trainer import precision
 from trainer.config import TrainConfig
 from trainer.dist import DistEnv, all_reduce_sum
+from trainer.fp8 import convert_to_fp8, fp8_problem
 from trainer.model import GPT, GPTConfig, sdpa_backend_problem
 from trainer.optim import lr_at, set_lr
 
@@ -37,15 +38,18 @@ class StepResult(NamedTuple):
 
 
 def build_model(gpt_cfg: GPTConfig, tc: TrainConfig, device: torch.device) -> GPT:
-    """The model on ``device`` with the configured runtime choices (loss chunking, SDPA backend).
+    """The model on ``device`` with the configured runtime choices (loss chunking, SDPA backend)
+    and, with ``train.fp8``, FP8 matmuls in its blocks (``trainer.fp8``).
 
     Seeding is the caller's (the trainer seeds identically on every rank first). Raises
     ValueError when ``train.sdpa_backend`` cannot run on this device."""
-    problem = sdpa_backend_problem(tc.sdpa_backend, device.type)
+    problem = sdpa_backend_problem(tc.sdpa_backend, device.type) or (fp8_problem(device) if tc.fp8 else None)
     if problem:
         raise ValueError(problem)
     model = GPT(gpt_cfg).to(device)
     model.set_runtime(loss_chunk_tokens=tc.loss_chunk_tokens, sdpa_backend=tc.sdpa_backend)
+    if tc.fp8:
+        convert_to_fp8(model.transformer.h)
     return model
 
 
