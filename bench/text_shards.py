@@ -75,6 +75,9 @@ def main() -> int:
     ap.add_argument("--doc-lines", type=int, default=40, help="lines per document cut from a text file")
     ap.add_argument("--val-tokens", type=int, default=65_536)
     args = ap.parse_args()
+    if args.out.exists():
+        print(f"text_shards: error: {args.out} exists; give a new directory", file=sys.stderr)
+        return 2
     docs = [d for t in args.texts for d in text_documents(t, args.doc_lines)]
     if args.python_docs:
         docs += python_docs()
