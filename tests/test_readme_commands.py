@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -43,17 +44,30 @@ def test_smoke_workflow_runs_end_to_end(tmp_path, gpt2_ranks):
 
 @pytest.mark.slow
 def test_benchmark_scripts_run(gpt2_ranks):
-    r = run("bench/dataprep.py", "--mb", "0.5", "--workers", "1", "--tokenizer-file", gpt2_ranks)
+    # Independent scripts (own temp dirs, own Ray instance): two at a time, since each one spends much of
+    # its time starting Python, importing torch/Ray and waiting on a single worker.
+    commands = {
+        "dataprep": ("bench/dataprep.py", "--mb", "0.5", "--workers", "1", "--tokenizer-file", gpt2_ranks),
+        "signatures": ("bench/dataprep.py", "--signatures", "--mb", "0.3", "--workers", "1", "--rounds", "1", "--tokenizer-file", gpt2_ranks),
+        "tokenize_memory": ("bench/tokenize_memory.py", "--docs", "200", "--tokenizer-file", gpt2_ranks),
+        "train_step": ("bench/train_step.py", "configs/smoke.yaml", "--steps", "1", "--warmup", "0"),
+        "hellaswag": ("bench/hellaswag.py", "--model", "micro", "--rows", "8", "--device", "cpu", "--data", "synthetic"),
+        "resume_check": ("bench/resume_check.py", "--steps", "10", "train.device=cpu", "model.name=micro", "train.seq_len=32"),
+    }
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run, *args) for name, args in commands.items()}
+        res = {name: f.result() for name, f in futures.items()}
+    r = res["dataprep"]
     assert r.returncode == 0 and "ratio stage/raw" in r.stdout, r.stderr[-2000:]
-    r = run("bench/dataprep.py", "--signatures", "--mb", "0.3", "--workers", "1", "--rounds", "1", "--tokenizer-file", gpt2_ranks)
+    r = res["signatures"]
     assert r.returncode == 0 and "files identical: True" in r.stdout, r.stdout + r.stderr[-2000:]
-    r = run("bench/tokenize_memory.py", "--docs", "200", "--tokenizer-file", gpt2_ranks)
+    r = res["tokenize_memory"]
     assert r.returncode == 0 and "token files identical: True" in r.stdout, r.stdout + r.stderr[-2000:]
-    r = run("bench/train_step.py", "configs/smoke.yaml", "--steps", "1", "--warmup", "0")
+    r = res["train_step"]
     assert r.returncode == 0 and r.stdout.count("RESULT") == 1, r.stderr[-2000:]
-    r = run("bench/hellaswag.py", "--model", "micro", "--rows", "8", "--device", "cpu", "--data", "synthetic")
+    r = res["hellaswag"]
     assert r.returncode == 0 and "same_predictions=True" in r.stdout, r.stdout + r.stderr[-2000:]
-    r = run("bench/resume_check.py", "--steps", "10", "train.device=cpu", "model.name=micro", "train.seq_len=32")
+    r = res["resume_check"]
     assert r.returncode == 0 and "bitwise-different losses: 0" in r.stdout, r.stdout + r.stderr[-2000:]
 
 
