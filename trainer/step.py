@@ -42,7 +42,7 @@ def build_model(gpt_cfg: GPTConfig, tc: TrainConfig, device: torch.device) -> GP
     and, with ``train.fp8``, FP8 matmuls in its blocks (``trainer.fp8``).
 
     Seeding is the caller's (the trainer seeds identically on every rank first). Raises
-    ValueError when ``train.sdpa_backend`` cannot run on this device."""
+    ValueError when ``train.sdpa_backend`` or ``train.fp8`` cannot run on this device."""
     problem = sdpa_backend_problem(tc.sdpa_backend, device.type) or (fp8_problem(device) if tc.fp8 else None)
     if problem:
         raise ValueError(problem)

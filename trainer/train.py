@@ -199,7 +199,7 @@ class Trainer:
         seed_all(tc.seed)
         try:
             self.model = build_model(self.gpt_cfg, tc, env.device)
-        except ValueError as e:  # train.sdpa_backend that this device cannot run
+        except ValueError as e:  # train.sdpa_backend or train.fp8 that this device cannot run
             raise RefusedError(str(e)) from e
         seed_all(tc.seed + env.rank)
         log0(env, self.model.summary())
