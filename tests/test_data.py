@@ -154,6 +154,28 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+def sigkill_data_run(cfg: Path, out: Path, work_step: str, records: int) -> None:
+    """Start `pretrain data CFG` and SIGKILL its whole process group once ``records`` work records
+    exist under ``out/.work/<work_step>``; then check that it left no manifest and no partial
+    shard under a final name (every ``*.bin`` present has a complete header and size)."""
+    from dataprep.shards import read_header
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "data", str(cfg)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    marker_dir = out / ".work" / work_step
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if marker_dir.is_dir() and sum(1 for p in marker_dir.iterdir() if not p.name.startswith(".")) >= records:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    for shard in out.glob("*.bin"):
+        read_header(shard)
+
+
 @pytest.fixture(scope="module")
 def cli_reference(corpus, tmp_path_factory, gpt2_ranks) -> dict[str, str]:
     """Digests of an uninterrupted `pretrain data` run with 2 Ray workers."""
@@ -182,23 +204,7 @@ def test_killed_run_resumes_to_identical_bytes(corpus, tmp_path, gpt2_ranks, kil
     src, _ = corpus
     out = tmp_path / "killed"
     cfg = write_config(tmp_path / "k.yaml", src, out, gpt2_ranks, 2)
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "data", str(cfg)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    marker_dir = out / ".work" / ("scan" if kill_when == "scan" else "tokens")
-    deadline = time.time() + 120
-    want = random.Random(kill_when).randint(1, 4)
-    while time.time() < deadline and proc.poll() is None:
-        if marker_dir.is_dir() and len([p for p in marker_dir.iterdir() if not p.name.startswith(".")]) >= want:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "manifest.json").exists()
-    # No partial file under a final name: every shard present is complete.
-    for shard in out.glob("*.bin"):
-        from dataprep.shards import read_header
-        read_header(shard)
+    sigkill_data_run(cfg, out, "scan" if kill_when == "scan" else "tokens", random.Random(kill_when).randint(1, 4))
 
     r = run_cli("data", str(cfg))
     assert r.returncode == 0, r.stderr[-3000:]

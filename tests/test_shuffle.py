@@ -8,12 +8,7 @@ kill and rerun), and a changed seed never mixes with a finished dataset.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +18,17 @@ from dataprep.config import RayConfig
 from dataprep.errors import DataError
 from dataprep.packing import pack_documents, split_order
 from dataprep.pipeline import run_data_stage
-from dataprep.shards import TokenDataset, read_header
+from dataprep.shards import TokenDataset
 from dataprep.tokenizer import EOT_TOKEN, get_gpt2
 from tests.corpus import make_corpus
-from tests.test_data import REPO, data_cfg, run_cli, tree_digest, write_config
+from tests.test_data import (
+    REPO,
+    data_cfg,
+    run_cli,
+    sigkill_data_run,
+    tree_digest,
+    write_config,
+)
 
 # Small shards, so that the shard wave has many tasks (and a kill can land inside it).
 SETTINGS = {"chunk_docs": 100, "shard_tokens": 600, "val_tokens": 20_000, "minhash_dedup": False}
@@ -108,20 +110,7 @@ def test_one_worker_killed_in_the_shard_wave_resumes_to_the_bytes_of_two_workers
     ref, _ = builds[1234]
     out = tmp_path / "killed"
     cfg = write_config(tmp_path / "k.yaml", src, out, gpt2_ranks, 1, **SETTINGS)
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "data", str(cfg)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    records = out / ".work" / "shards"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if records.is_dir() and sum(1 for p in records.iterdir() if not p.name.startswith(".")) >= 1:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "manifest.json").exists()
-    for shard in out.glob("*.bin"):  # no partial file under a final name
-        read_header(shard)
+    sigkill_data_run(cfg, out, "shards", 1)
     r = run_cli("data", str(cfg))
     assert r.returncode == 0, r.stderr[-3000:]
     assert tree_digest(out) == tree_digest(ref)
