@@ -16,7 +16,11 @@
 #                   configs/gpt2-124m.yaml has it off: measured faster compiled, at more memory);
 #   sdpa            SDPA backends pinned (train.sdpa_backend=flash|cudnn), eager;
 #   resume          exact stop/resume of a tiny run on the GPU (eager);
-#   eval-loop       the batched scorer against build-nanogpt's one-example loop (random init, bf16).
+#   eval-loop       the batched scorer against build-nanogpt's one-example loop (random init, bf16);
+#   compile-modes   the project bench compiled with train.compile_mode=max-autotune-no-cudagraphs and
+#                   =reduce-overhead (CUDA graphs), against the anchor-compile part's figures;
+#   micro-batch     the project bench compiled at train.micro_batch_size=32 and =128 (chunked loss on,
+#                   which is what frees the memory for 128), same 524,288 tokens/step.
 # Usage (repo root, on the GPU machine; .anchors/ = a copy of ../shared/anchors/, git-ignored):
 #   bash bench/device_run.sh [OUT_DIR]
 # Env: ANCHOR=path of build_nanogpt_step.py (default .anchors/build_nanogpt_step.py);
@@ -36,12 +40,13 @@ py=${PYTHON:-python3}
 anchor=${ANCHOR:-.anchors/build_nanogpt_step.py}
 data=${DEVICE_RUN_DATA:-$PWD/.devicecarry/data}
 hellaswag=${DEVICE_RUN_HELLASWAG:-$PWD/.devicecarry/hellaswag_val.jsonl}
-parts=${DEVICE_RUN_PARTS:-anchor-compile,fp8,trainer,eval,eval-dtypes,anchor-eager,chunk-on,sdpa,resume,eval-loop}
+parts=${DEVICE_RUN_PARTS:-anchor-compile,fp8,trainer,eval,eval-dtypes,anchor-eager,chunk-on,sdpa,resume,eval-loop,compile-modes,micro-batch}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 if [ "${DEVICE_RUN_TINY:-0}" = 1 ]; then
   shape=(model.name=micro train.micro_batch_size=2 train.seq_len=32 train.batch_tokens=128)
+  micro_batches=(1 4)
   steps=(--steps 1 --warmup 1); csteps=(--steps 1 --warmup 1)
   compile=off; hs_model=micro; hs_rows=12; hs_loop_rows=8
   trainer_model=micro; trainer_b=2; trainer_t=32; trainer_tokens=128; trainer_steps=3; trainer_ckpt=2
@@ -50,6 +55,7 @@ if [ "${DEVICE_RUN_TINY:-0}" = 1 ]; then
   t_big=300; t_small=200
 else
   shape=(train.nproc_per_node=1)
+  micro_batches=(32 128)
   steps=(--steps 6 --warmup 3); csteps=(--steps 6 --warmup 2)
   compile=on; hs_model=gpt2; hs_rows=1000; hs_loop_rows=200
   trainer_model=gpt2; trainer_b=64; trainer_t=1024; trainer_tokens=524288; trainer_steps=30; trainer_ckpt=10
@@ -152,7 +158,17 @@ for part in "${order[@]}"; do
     resume) run "resume check" "$t_small" $py bench/resume_check.py "${resume_args[@]}" ;;
     eval-loop) run "hellaswag bf16 batched-vs-loop" "$t_small" $py bench/hellaswag.py --model "$hs_model" --rows "$hs_loop_rows" \
                  --data synthetic --dtype auto ;;
-    *) echo "=== $part: unknown part (known: anchor-compile fp8 trainer eval eval-dtypes anchor-eager chunk-on sdpa resume eval-loop)" | tee -a "$log" ;;
+    compile-modes) if [ "$compile" = on ]; then
+                     for m in max-autotune-no-cudagraphs reduce-overhead; do
+                       run "compile_mode=$m" "$t_big" $py bench/train_step.py configs/gpt2-124m.yaml "${shape[@]}" \
+                         train.compile=true train.compile_mode="$m" "${csteps[@]}"
+                     done
+                   fi ;;
+    micro-batch) for b in "${micro_batches[@]}"; do
+                   run "micro_batch_size=$b compile=$compile" "$t_big" $py bench/train_step.py configs/gpt2-124m.yaml "${shape[@]}" \
+                     train.compile="$compile_flag" train.micro_batch_size="$b" train.loss_chunk_tokens=8192 "${csteps[@]}"
+                 done ;;
+    *) echo "=== $part: unknown part (known: anchor-compile fp8 trainer eval eval-dtypes anchor-eager chunk-on sdpa resume eval-loop compile-modes micro-batch)" | tee -a "$log" ;;
   esac
 done
 
