@@ -14,13 +14,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import submitit
+from typing import TYPE_CHECKING
 
 from slurm import validation
 from slurm.resources import SlurmError
 
 KINDS = ("local", "slurm")
+if TYPE_CHECKING:  # imported in build_executor: see slurm.submit
+    import submitit
+
 _NAMED = ("partition", "account", "qos", "constraint")
 
 
@@ -68,6 +70,8 @@ def build_executor(kind: str, folder: Path, resources: JobResources, name: str) 
     ``--output``/``--error`` lines and ``srun`` command, so callers hand over checked values only."""
     if kind not in KINDS:
         raise SlurmError(f"--executor must be local or slurm, got {kind!r}")
+    import submitit
+
     ctor = {} if resources.max_requeues is None else {"slurm_max_num_timeout": resources.max_requeues}
     executor = submitit.AutoExecutor(folder=str(folder), cluster=kind, **ctor)
     params: dict = {"name": validation.job_name(name), "timeout_min": resources.timeout_min, "tasks_per_node": 1,

@@ -8,14 +8,15 @@ import os
 import re
 import time
 from pathlib import Path
-
-import submitit
+from typing import TYPE_CHECKING
 
 from slurm import validation
 from slurm.config import SlurmConfig
 from slurm.executor import JobResources, build_executor
-from slurm.node_command import NodeCommand
 from slurm.resources import SlurmError, check_fits, extra_parameters, parse_time_minutes
+
+if TYPE_CHECKING:  # submitit is imported where a job is built, so commands that submit nothing
+    import submitit  # (`pretrain eval`, `config show`) run where it is not installed, e.g. a bare GPU image
 
 JOBS_FILE = "jobs.jsonl"
 # "afterok:12", "after:12:13,afterany:14", "singleton"
@@ -75,6 +76,8 @@ def submit_command(
 
     `dependency` is SLURM's (e.g. "afterok:123"), for chaining jobs. `argv` never meets a shell:
     it travels pickled to the job, which starts it with subprocess (no quoting to get wrong)."""
+    from slurm.node_command import NodeCommand  # it subclasses a submitit class: see TYPE_CHECKING above
+
     if dependency and not _DEPENDENCY.fullmatch(dependency):
         raise SlurmError(f"not a SLURM job dependency: {dependency!r}")
     if cluster == "slurm":

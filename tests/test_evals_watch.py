@@ -321,3 +321,21 @@ def test_eval_logs_into_the_run_created_after_the_checkpoint(tmp_path):
     assert run_id == "abc123" and uri == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
     assert tracking_target({**meta, "mlflow_run_id": "own"}, ckpt)[1] == "own"  # the checkpoint's own id wins
     assert tracking_target(meta, ckpt, override="none") == (None, None)
+
+
+def test_eval_by_hand_runs_where_submitit_is_not_installed(run, tmp_path):
+    """`pretrain eval` submits nothing, so it must run on a machine without submitit (a bare GPU image
+    with torch only): only the commands that build jobs import it."""
+    copy = _copy_run(run, tmp_path / "run")
+    ckpt = copy / "checkpoints" / STEPS[1]
+    shutil.rmtree(ckpt / "evals", ignore_errors=True)
+    blocker = tmp_path / "no_submitit" / "submitit"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('submitit is not installed (blocked by the test)')\n")
+    env = {"PYTHONPATH": str(blocker.parent)}
+    log = tmp_path / "eval.log"
+    rc, out = run_cli("eval", str(ckpt), "--limit", "6", "eval.tracking_uri=none", log=log, env=env)
+    assert rc == 0 and "hellaswag: acc" in out, out
+    assert read_result(ckpt, "hellaswag")["n"] == 6
+    rc, out = run_cli("evals", "watch", str(copy), "--once", log=log, env=env)  # this one builds jobs: it needs submitit
+    assert rc != 0 and "submitit is not installed" in out, out
