@@ -44,6 +44,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: first.get(xdist_group(item.nodeid), len(first)))
 
 
+@pytest.hookimpl(optionalhook=True)  # a known hook only where pytest-xdist is installed
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """xdist's per-scope scheduler with our groups as scopes, handed out in collection order.
     (Not `--dist loadgroup`: with pytest 9 its `xdist_group` marks no longer change the test ids
