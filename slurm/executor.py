@@ -14,15 +14,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from slurm import validation
 from slurm.resources import SlurmError
 
-KINDS = ("local", "slurm")
-if TYPE_CHECKING:  # imported in build_executor: see slurm.submit
+if TYPE_CHECKING:  # imported where a job is built: see require_submitit
     import submitit
 
+KINDS = ("local", "slurm")
 _NAMED = ("partition", "account", "qos", "constraint")
 
 
@@ -63,6 +64,17 @@ class JobResources:
         return params
 
 
+def require_submitit() -> ModuleType:
+    """The submitit module, or a SlurmError saying how to get it. It is imported only where a job is
+    built, so the commands that build none (`pretrain eval`, `config show`) run without it."""
+    try:
+        import submitit
+    except ImportError as e:
+        raise SlurmError(f"submitting a job (local or SLURM) needs submitit, which cannot be imported here: {e}; "
+                         "pip install submitit") from e
+    return submitit
+
+
 def build_executor(kind: str, folder: Path, resources: JobResources, name: str) -> submitit.Executor:
     """A submitit executor for `kind` ("slurm" or "local") running one task per node.
 
@@ -70,8 +82,7 @@ def build_executor(kind: str, folder: Path, resources: JobResources, name: str) 
     ``--output``/``--error`` lines and ``srun`` command, so callers hand over checked values only."""
     if kind not in KINDS:
         raise SlurmError(f"--executor must be local or slurm, got {kind!r}")
-    import submitit
-
+    submitit = require_submitit()
     ctor = {} if resources.max_requeues is None else {"slurm_max_num_timeout": resources.max_requeues}
     executor = submitit.AutoExecutor(folder=str(folder), cluster=kind, **ctor)
     params: dict = {"name": validation.job_name(name), "timeout_min": resources.timeout_min, "tasks_per_node": 1,

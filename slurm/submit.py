@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from slurm import validation
 from slurm.config import SlurmConfig
-from slurm.executor import JobResources, build_executor
+from slurm.executor import JobResources, build_executor, require_submitit
 from slurm.resources import SlurmError, check_fits, extra_parameters, parse_time_minutes
 
 if TYPE_CHECKING:  # submitit is imported where a job is built, so commands that submit nothing
@@ -76,7 +76,8 @@ def submit_command(
 
     `dependency` is SLURM's (e.g. "afterok:123"), for chaining jobs. `argv` never meets a shell:
     it travels pickled to the job, which starts it with subprocess (no quoting to get wrong)."""
-    from slurm.node_command import NodeCommand  # it subclasses a submitit class: see TYPE_CHECKING above
+    require_submitit()  # NodeCommand subclasses a submitit class: see TYPE_CHECKING above
+    from slurm.node_command import NodeCommand
 
     if dependency and not _DEPENDENCY.fullmatch(dependency):
         raise SlurmError(f"not a SLURM job dependency: {dependency!r}")
