@@ -15,8 +15,8 @@ from slurm.config import SlurmConfig
 from slurm.executor import JobResources, build_executor, require_submitit
 from slurm.resources import SlurmError, check_fits, extra_parameters, parse_time_minutes
 
-if TYPE_CHECKING:  # submitit is imported where a job is built, so commands that submit nothing
-    import submitit  # (`pretrain eval`, `config show`) run where it is not installed, e.g. a bare GPU image
+if TYPE_CHECKING:  # imported where a job is built: see slurm.executor.require_submitit
+    import submitit
 
 JOBS_FILE = "jobs.jsonl"
 # "afterok:12", "after:12:13,afterany:14", "singleton"
@@ -76,7 +76,7 @@ def submit_command(
 
     `dependency` is SLURM's (e.g. "afterok:123"), for chaining jobs. `argv` never meets a shell:
     it travels pickled to the job, which starts it with subprocess (no quoting to get wrong)."""
-    require_submitit()  # NodeCommand subclasses a submitit class: see TYPE_CHECKING above
+    require_submitit()  # NodeCommand subclasses a submitit class
     from slurm.node_command import NodeCommand
 
     if dependency and not _DEPENDENCY.fullmatch(dependency):
