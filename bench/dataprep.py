@@ -214,18 +214,17 @@ def normalised_text(doc) -> str:
 def run_ours(corpus: Path, work: Path, workers: int, tokenizer_file: str) -> dict:
     """``pretrain data`` on the corpus (exact + MinHash dedup on, the default config otherwise, but
     a 1M-token validation split) with a local Ray of ``workers`` CPUs; seconds per wave."""
-    import ray
-
     from dataprep.config import RayConfig
+    from dataprep.local_ray import start_ray, stop_ray
 
     t0 = time.perf_counter()
     ranks = check_gpt2(get_gpt2(tokenizer_file))
     cfg = DataConfig(source=str(corpus), output_dir=str(work / "out"), tokenizer_file=tokenizer_file, val_tokens=1_000_000)
-    pipeline._init_ray(RayConfig(num_cpus=workers))
+    start_ray(RayConfig(num_cpus=workers))
     seconds = {"start ray": time.perf_counter() - t0}
     waves = pipeline._Waves()
     manifest = pipeline._build(cfg, ranks, waves)
-    ray.shutdown()
+    stop_ray()
     seconds.update(waves.seconds)
     stats = manifest["stats"]
     return {"seconds": seconds, "total_s": time.perf_counter() - t0, "docs_kept": stats["docs_kept"],

@@ -15,12 +15,10 @@ the documents' corpus positions, and the manifest holds no timestamps.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from collections import OrderedDict
@@ -37,6 +35,7 @@ from dataprep import dedup
 from dataprep.config import DataConfig, RayConfig
 from dataprep.documents import REASONS, Chunk, Row, RowStatus, plan_file, read_chunk
 from dataprep.errors import DataError, TransientDataError
+from dataprep.local_ray import start_ray, stop_ray
 from dataprep.packing import ShardPlan, pack_documents
 from dataprep.shards import (
     HEADER_BYTES,
@@ -269,7 +268,10 @@ class _Waves:
         pending = list(refs)
         with tqdm(total=sum(weights), desc=f"data: {desc}", unit=unit, unit_scale=True, file=sys.stderr, mininterval=1.0) as bar:
             while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
+                # bounded, so that a stop signal is handled within a second, not when a task ends
+                ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+                if not ready:
+                    continue
                 i = index[ready[0]]
                 try:
                     results[i] = ray.get(ready[0])
@@ -344,52 +346,6 @@ def _prepare_output(output_dir: Path, fingerprint: str, config: dict[str, Any]) 
     return work, None
 
 
-@contextlib.contextmanager
-def _loopback_node() -> Iterator[None]:
-    """Make the local Ray instance about to start take 127.0.0.1 as its node address.
-
-    Ray (2.5x+) binds its servers (GCS, raylet, object manager, every worker's gRPC server, the
-    runtime-env agent) to the node address, and ``ray.init`` derives that from the route to the
-    outside (``_node_ip_address="127.0.0.1"`` is deliberately turned back into that external
-    address). Its only switch is the check below, meant for single-machine OSX/Windows, that
-    makes the node address loopback. A local instance is one machine, so nothing needs to reach
-    it from outside; joining a cluster (``ray.address``) does not come through here.
-    """
-    from ray._private import ray_constants
-
-    saved = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
-
-
-def _init_ray(ray_cfg: RayConfig) -> bool:
-    """Start (or join) Ray; return True if we started it and must shut it down.
-
-    A local instance listens on 127.0.0.1 only (see :func:`_loopback_node`).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
-    # Ray's core worker installs a C++ failure handler for SIGTERM in the driver that aborts the
-    # process (exit -6, a stack dump) instead of letting the caller stop cleanly; keep ours.
-    sigterm = signal.getsignal(signal.SIGTERM)
-    if ray_cfg.address:
-        ray.init(address=ray_cfg.address, **kwargs)
-    else:
-        # Progress is shown once, by the driver; datatrove's own bars inside workers are noise.
-        with _loopback_node():
-            ray.init(num_cpus=ray_cfg.num_cpus or None, runtime_env={"env_vars": {"TQDM_DISABLE": "1"}},
-                     _node_ip_address="127.0.0.1", **kwargs)
-    if sigterm is not None:
-        signal.signal(signal.SIGTERM, sigterm)
-    return True
-
-
 def run_data_stage(cfg: DataConfig, ray_cfg: RayConfig) -> dict[str, Any]:
     """Build (or finish building) the shard directory `cfg.output_dir`; return its manifest."""
     if not 0 < cfg.shard_tokens <= MAX_SHARD_TOKENS:
@@ -404,14 +360,12 @@ def run_data_stage(cfg: DataConfig, ray_cfg: RayConfig) -> dict[str, Any]:
         raise (DataError if cfg.tokenizer_file else TransientDataError)(str(e)) from e
     # before Ray starts: a missing path or an unlistable source fails in seconds, not after a cluster start
     listed = resolve_sources(cfg.source, cfg.source_config, cfg.cache_dir, cfg.max_files, cfg.download_retries)
-    started = _init_ray(ray_cfg)
+    started = start_ray(ray_cfg)
     try:
         manifest = _build(cfg, ranks_sha256, _Waves(), listed)
     finally:
         if started:
-            import ray
-
-            ray.shutdown()
+            stop_ray()
     _print_summary(manifest, cfg.output_dir, time.time() - t0)
     return manifest
 

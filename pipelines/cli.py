@@ -7,6 +7,7 @@ dependencies (Ray, torch, MLflow) load only when that stage runs.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -38,17 +39,28 @@ def _eval_section(config: str | None, overrides: list[str], ckpt: Path | None) -
 
 def cmd_data(args: argparse.Namespace) -> int:
     """Build the shard directory. Exit 2: bad input or config (fix it first); 1: a network failure
-    or anything else a rerun may get past (finished work is kept either way)."""
+    or anything else a rerun may get past; 3: stopped by SIGTERM/SIGUSR2 (the single-node SLURM data
+    job requeues on it); 130: Ctrl-C. Finished work is kept in every case, and a rerun resumes."""
     from dataprep.pipeline import DataError, run_data_stage
+    from pipelines.stages import EXIT_REQUEUE
+    from pipelines.stopping import stop_signals
 
     cfg = _load(args)
     if args.executor == "slurm":
         return _submit_data(args, cfg)
+    received: list[int] = []
     try:
-        run_data_stage(cfg.data, cfg.ray)
+        with stop_signals(received.append):
+            run_data_stage(cfg.data, cfg.ray)
     except DataError as e:
         print(f"pretrain data: error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        if not received or received[0] == signal.SIGINT:
+            raise  # main(): "interrupted", 130
+        print(f"pretrain data: stopped by {signal.Signals(received[0]).name}; finished work is kept, "
+              "run the same command again to resume", file=sys.stderr)
+        return EXIT_REQUEUE
     return 0
 
 

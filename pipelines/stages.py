@@ -71,7 +71,7 @@ class StageContext:
     config_path: str
     overrides: list[str]
     log: Callable[[str], None] = print
-    stop_signal: int | None = None  # the first stop signal this process got (pipelines.workflow.stop_signals)
+    stop_signal: int | None = None  # the first stop signal this process got (pipelines.stopping.stop_signals)
 
 
 @dataclasses.dataclass(frozen=True)

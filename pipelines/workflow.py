@@ -20,7 +20,7 @@ One workflow per run dir: ``RUN_DIR/.locks/workflow.lock`` (see :mod:`trainer.ru
 
 The stages themselves are records in :mod:`pipelines.stages` (config they depend on, local runner,
 what "done" means, SLURM job); this module only drives them and keeps the state. A stage's local
-run *returns* its outcome; a stop signal that interrupts it (see :func:`stop_signals`) becomes a
+run *returns* its outcome; a stop signal that interrupts it (see :mod:`pipelines.stopping`) becomes a
 returned outcome at the stage boundary, never an exception that escapes the workflow.
 
 Exit codes (as everywhere): 0 all stages done; 1 a stage failed and a rerun may help; 2 refused (a
@@ -30,7 +30,6 @@ resumable (training checkpointed), "requeue me"; 130 interrupted with Ctrl-C (al
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -56,25 +55,14 @@ from pipelines.stages import (
     StageContext,
     WorkflowError,
 )
+from pipelines.stopping import stop_signals
 from trainer.runlock import RunLock, RunLockHeld
 
 STATE_FORMAT = 1
 ACTIVE_JOB_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED")
 FAILED_JOB_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
-__all__ = ["STAGE_NAMES", "StopRequested", "Workflow", "WorkflowError", "run_workflow", "stop_signals"]
-
-
-class StopRequested(KeyboardInterrupt):
-    """SIGTERM/SIGUSR2 reached the workflow while a stage ran: interrupt it where it is.
-
-    A KeyboardInterrupt so that every stage's own interrupt handling runs (Ray shutdown, eval job
-    cancellation) and no ``except Exception`` swallows it; the workflow turns it into the stage's
-    returned :class:`~pipelines.stages.Outcome` (exit 3, "requeue me") at the stage boundary."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+__all__ = ["STAGE_NAMES", "Workflow", "WorkflowError", "run_workflow"]
 
 
 def fingerprint(values: dict[str, Any]) -> str:
@@ -109,6 +97,10 @@ class Workflow:
     @property
     def stop_signal(self) -> int | None:
         return self.ctx.stop_signal
+
+    def record_stop(self, signum: int) -> None:
+        """Keep the first stop signal or Ctrl-C (see :func:`pipelines.stopping.stop_signals`)."""
+        self.ctx.stop_signal = self.ctx.stop_signal or signum
 
     # ---------------------------------------------------------------- state
 
@@ -314,33 +306,6 @@ class Workflow:
             self.save()
 
 
-@contextlib.contextmanager
-def stop_signals(wf: Workflow) -> Any:
-    """While the local stages run: SIGTERM/SIGUSR2 raise :class:`StopRequested` in the main thread,
-    and SIGINT a KeyboardInterrupt; both are also recorded on ``wf`` because a library in between
-    may turn the exception into another interruption (Ray re-raises a plain KeyboardInterrupt).
-
-    During training the launcher installs its own SIGTERM/SIGUSR2 handlers (it forwards them to the
-    workers, which checkpoint and exit 3) and swallows the KeyboardInterrupt of a Ctrl-C; the
-    recorded SIGINT is how the workflow still exits 130 for it."""
-
-    def stop(signum: int, frame: Any) -> None:
-        wf.ctx.stop_signal = wf.ctx.stop_signal or signum
-        raise StopRequested(signum)
-
-    def interrupt(signum: int, frame: Any) -> None:
-        wf.ctx.stop_signal = wf.ctx.stop_signal or signum
-        raise KeyboardInterrupt
-
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR2)}
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 def run_workflow(config_path: str, overrides: list[str], executor: str, restart_from: str | None) -> int:
     cfg = load_config(config_path, overrides)
     if restart_from and restart_from not in STAGE_NAMES:
@@ -359,7 +324,7 @@ def run_workflow(config_path: str, overrides: list[str], executor: str, restart_
         wf.save()
         if executor == "slurm":
             return wf.submit_slurm()
-        with stop_signals(wf):
+        with stop_signals(wf.record_stop):
             try:
                 return wf.run_local()
             except WorkflowError as e:

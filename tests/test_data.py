@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -154,26 +155,55 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+def start_data_run(cfg: Path, ready: Callable[[int], bool], stderr: Path | None = None) -> subprocess.Popen:
+    """Start `pretrain data CFG` in its own session and return once ``ready(pid)`` holds."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "data", str(cfg)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=open(stderr, "wb") if stderr else subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not ready(proc.pid):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before the signal could be sent"
+    return proc
+
+
+def work_records(out: Path, work_step: str, records: int) -> Callable[[int], bool]:
+    """Ready once ``records`` work records exist under ``out/.work/<work_step>``: inside that wave."""
+    marker_dir = out / ".work" / work_step
+    return lambda pid: marker_dir.is_dir() and sum(1 for p in marker_dir.iterdir() if not p.name.startswith(".")) >= records
+
+
+def ray_starting(pid: int) -> bool:
+    """Ready once the local Ray instance's first daemon runs: ``ray.init`` is under way."""
+    return any(p.endswith(" gcs_server") for p in session_processes(pid))
+
+
 def sigkill_data_run(cfg: Path, out: Path, work_step: str, records: int) -> None:
-    """Start `pretrain data CFG` and SIGKILL its whole process group once ``records`` work records
-    exist under ``out/.work/<work_step>``; then check that it left no manifest and no partial
-    shard under a final name (every ``*.bin`` present has a complete header and size)."""
+    """SIGKILL the whole process group of `pretrain data CFG` inside a wave (see start_data_run);
+    then check that it left no manifest and no partial shard under a final name (every ``*.bin``
+    present has a complete header and size)."""
     from dataprep.shards import read_header
 
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "data", str(cfg)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    marker_dir = out / ".work" / work_step
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if marker_dir.is_dir() and sum(1 for p in marker_dir.iterdir() if not p.name.startswith(".")) >= records:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
+    proc = start_data_run(cfg, work_records(out, work_step, records))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
     for shard in out.glob("*.bin"):
         read_header(shard)
+
+
+def session_processes(sid: int) -> list[str]:
+    """``pid name`` of every live process of session ``sid`` (Ray's daemons and workers stay in it)."""
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+            if int(fields[3]) == sid and fields[0] != "Z":  # fields: state ppid pgrp session ...
+                found.append(f"{d} {name}")
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +235,38 @@ def test_killed_run_resumes_to_identical_bytes(corpus, tmp_path, gpt2_ranks, kil
     out = tmp_path / "killed"
     cfg = write_config(tmp_path / "k.yaml", src, out, gpt2_ranks, 2)
     sigkill_data_run(cfg, out, "scan" if kill_when == "scan" else "tokens", random.Random(kill_when).randint(1, 4))
+
+    r = run_cli("data", str(cfg))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert identity(out) == cli_reference
+
+
+@pytest.mark.parametrize(("sig", "when"), [("SIGTERM", "ray-start"), ("SIGTERM", "tokens"), ("SIGUSR2", "tokens")])
+def test_stop_signal_to_the_whole_job_exits_3_at_once_and_a_rerun_makes_the_same_bytes(corpus, tmp_path, gpt2_ranks, sig, when, cli_reference):
+    """A stop signal reaches every process of the job, Ray's own daemons included: a terminal or
+    `kill -- -PGID` signals the process group, SLURM (preemption, the time-limit warning) every
+    process of the step. `pretrain data` must still stop cleanly with exit 3, "requeue me" (the
+    single-node SLURM data job requeues only on it), within seconds, not after Ray gives up on a GCS
+    that died of the same signal (60 s, then exit 1); leave nothing running; and a rerun must
+    finish with the bytes of an uninterrupted run. While Ray starts, too: there, Ray's own SIGTERM
+    handler would abort the process (exit 134)."""
+    src, _ = corpus
+    out = tmp_path / "stopped"
+    cfg = write_config(tmp_path / "s.yaml", src, out, gpt2_ranks, 2)
+    log = tmp_path / "stderr.txt"
+    proc = start_data_run(cfg, ray_starting if when == "ray-start" else work_records(out, when, 1), stderr=log)
+    t0 = time.time()
+    os.killpg(proc.pid, getattr(signal, sig))
+    rc = proc.wait(timeout=120)
+    took = time.time() - t0
+    assert rc == 3, f"exit {rc} after {took:.0f} s: {log.read_text()[-3000:]}"
+    assert took < 30, f"the stop took {took:.0f} s"
+    assert f"stopped by {sig}; finished work is kept" in log.read_text()
+    assert not (out / "manifest.json").exists()
+    deadline = time.time() + 20  # Ray's agents notice their raylet is gone within a few seconds
+    while session_processes(proc.pid) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not session_processes(proc.pid), "Ray processes left running after the stop"
 
     r = run_cli("data", str(cfg))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -515,9 +577,9 @@ RAY_PROBE = r"""
 import json, os, sys
 import ray
 from dataprep.config import RayConfig
-from dataprep.pipeline import _init_ray
+from dataprep.local_ray import start_ray
 
-assert _init_ray(RayConfig(num_cpus=2)), "Ray was already running"
+assert start_ray(RayConfig(num_cpus=2)), "Ray was already running"
 
 @ray.remote
 def pid():

@@ -1,0 +1,138 @@
+"""The Ray instance the data stage runs on: an existing cluster it joins (``ray.address``), or a
+local one it starts, owns and stops.
+
+A local instance is private to this process in two ways:
+
+* it listens on 127.0.0.1 only (:func:`_loopback_node`);
+* its daemons (GCS, raylet, agents and, through the raylet, the task workers) do not hear the
+  job's stop signals (:func:`_deaf_to_stop_signals`). SIGTERM and SIGUSR2 reach every process of
+  the job at once: a terminal or ``kill -- -PGID`` signals the process group, SLURM (preemption,
+  ``--signal`` before the time limit, ``scancel``) every process of the step. Were the GCS to die of
+  it, the driver would find it gone while it shuts down, and Ray's core worker ends a driver that
+  cannot reach its GCS for 60 s with exit 1, which is final, where the stop must give exit 3
+  ("requeue me"). So only the driver hears the signal; it stops its work where it is and takes Ray
+  down with :func:`stop_ray`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from dataprep.config import RayConfig
+
+__all__ = ["start_ray", "stop_ray"]
+
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR2}
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Make the local Ray instance about to start take 127.0.0.1 as its node address.
+
+    Ray (2.5x+) binds its servers (GCS, raylet, object manager, every worker's gRPC server, the
+    runtime-env agent) to the node address, and ``ray.init`` derives that from the route to the
+    outside (``_node_ip_address="127.0.0.1"`` is deliberately turned back into that external
+    address). Its only switch is the check below, meant for single-machine OSX/Windows, that
+    makes the node address loopback. A local instance is one machine, so nothing needs to reach
+    it from outside; joining a cluster (``ray.address``) does not come through here.
+    """
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+@contextlib.contextmanager
+def _deaf_to_stop_signals() -> Iterator[None]:
+    """Hold SIGTERM and SIGUSR2 back in the calling thread and in every process or thread it starts
+    meanwhile.
+
+    Ray's daemons started in this window never hear them: a blocked signal stays blocked across
+    fork and exec, and they do not unblock it (Ray itself starts them with SIGINT blocked, for
+    Ctrl-C). They still stop when this process shuts them down, after a 1-second wait each for the
+    SIGTERM they do not hear (about 4 s in all), and die with it if it is killed (Ray's
+    fate-sharing SIGKILL). In this process, a stop signal that arrives meanwhile stays pending and
+    is handled as soon as the window closes.
+    """
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def start_ray(ray_cfg: RayConfig) -> bool:
+    """Start (or join) Ray; return True if we started it and must stop it (:func:`stop_ray`)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
+    if ray_cfg.address:
+        with _handlers_kept():
+            ray.init(address=ray_cfg.address, **kwargs)
+        return True
+    # Progress is shown once, by the driver; datatrove's own bars inside workers are noise.
+    with _loopback_node(), _deaf_to_stop_signals(), _handlers_kept():
+        ray.init(num_cpus=ray_cfg.num_cpus or None, runtime_env={"env_vars": {"TQDM_DISABLE": "1"}},
+                 _node_ip_address="127.0.0.1", **kwargs)
+    return True
+
+
+def stop_ray() -> None:
+    """Disconnect from Ray and stop the local instance's processes, if this process started them.
+
+    Stop signals stay with the caller's handlers throughout: the main thread holds them back while
+    Ray shuts down, and the handlers come back as soon as Ray's core worker is down, before its
+    daemons are stopped (seconds, see :func:`_deaf_to_stop_signals`), not after."""
+    import ray
+
+    with _deaf_to_stop_signals(), _handlers_kept() as put_back:
+        _before_daemons_stop(put_back)
+        ray.shutdown()
+
+
+def _before_daemons_stop(action: Callable[[], None]) -> None:
+    """Run ``action`` inside ``ray.shutdown``, between the core worker's end (which resets SIGTERM
+    to the default action, "terminate") and the stopping of the local daemons."""
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    kill = getattr(node, "kill_all_processes", None)
+    if kill is None:  # joined a cluster (nothing of ours to stop), or another Ray: no early hook
+        return
+
+    def kill_all_processes(*args: Any, **kwargs: Any) -> Any:
+        action()
+        return kill(*args, **kwargs)
+
+    node.kill_all_processes = kill_all_processes
+
+
+@contextlib.contextmanager
+def _handlers_kept() -> Iterator[Callable[[], None]]:
+    """Put this process's signal handlers back after Ray has replaced them; yields the function
+    that does it, to do it early as well.
+
+    ``ray.init`` installs a C++ failure handler for SIGTERM in the driver that aborts the process
+    (exit -6, a stack dump) and ``ray.shutdown`` resets it to the default (exit 143), where the
+    caller's handler must stop it cleanly. Restored inside :func:`_deaf_to_stop_signals`, so a
+    signal held back meanwhile finds the caller's handler."""
+    saved = {s: signal.getsignal(s) for s in (*STOP_SIGNALS, signal.SIGINT)}
+
+    def put_back() -> None:
+        for signum, handler in saved.items():
+            if handler is not None:  # None: set outside Python; nothing to put back
+                signal.signal(signum, handler)
+
+    try:
+        yield put_back
+    finally:
+        put_back()

@@ -1,0 +1,54 @@
+"""Stop signals in the foreground commands that run a stage in this process (`pretrain run`'s local
+stages, `pretrain data`): SIGTERM/SIGUSR2 (preemption, SLURM's time-limit warning, ``kill``) and
+Ctrl-C interrupt the work where it is; everything finished so far is on disk, so the command
+exits 3 ("requeue me") for a stop signal and 130 for Ctrl-C, and the same command resumes.
+
+Training is the exception: its launcher installs its own handlers (it forwards the signal to the
+workers, which checkpoint and exit 3) and swallows the KeyboardInterrupt of a Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Callable, Iterator
+from typing import Any
+
+__all__ = ["StopRequested", "stop_signals"]
+
+
+class StopRequested(KeyboardInterrupt):
+    """SIGTERM/SIGUSR2 arrived while a stage ran: interrupt it where it is.
+
+    A KeyboardInterrupt so that every stage's own interrupt handling runs (Ray shutdown, eval job
+    cancellation) and no ``except Exception`` swallows it; the caller turns it into exit 3 ("requeue
+    me") at the stage boundary."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_signals(record: Callable[[int], None]) -> Iterator[None]:
+    """While the block runs: SIGTERM/SIGUSR2 raise :class:`StopRequested` in the main thread and
+    SIGINT a KeyboardInterrupt; ``record(signum)`` is called first for each.
+
+    The record is what tells a stop from a Ctrl-C afterwards: a library in between may turn the
+    exception into another interruption (Ray re-raises a plain KeyboardInterrupt)."""
+
+    def stop(signum: int, frame: Any) -> None:
+        record(signum)
+        raise StopRequested(signum)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        record(signum)
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
