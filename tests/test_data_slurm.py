@@ -1,6 +1,7 @@
-"""The data stage as one SLURM job over two nodes: a Ray cluster across the allocation, started by
-the tool (`pretrain data --executor slurm --wait`), on the real throw-away cluster of test_slurm.py
-(two slurmd "nodes" n1, n2 at 127.0.1.1 and 127.0.1.2, each in its own UTS namespace)."""
+"""The data stage as one SLURM job (`pretrain data --executor slurm --wait`) on the real throw-away
+cluster of test_slurm.py (two slurmd "nodes" n1, n2 at 127.0.1.1 and 127.0.1.2, each in its own UTS
+namespace): over two nodes, a Ray cluster across the allocation started by the tool; on one, a local
+Ray instance as on a workstation. Either is stopped midway and requeued."""
 
 from __future__ import annotations
 
@@ -49,46 +50,64 @@ def test_two_node_ray_cluster_job_requeued_midway_makes_the_local_bytes(cluster,
     """One job, two nodes: the Ray head on n1, a worker on n2, the stage against that cluster,
     requeued (`scontrol requeue`: every process killed) once the first tasks finished. The rerun
     keeps them; the shards are the bytes of a local run; the manifest records 2 nodes, 4 CPUs."""
-    # The local reference builds meanwhile (its own Ray instance): the job spends much of its time
-    # starting Ray on two nodes and waiting to be requeued, and the bytes do not depend on timing.
+    logs = _job_stopped_midway_beside_a_local_run(corpus_dir, tmp_path, gpt2_ranks, 2, ["scontrol", "requeue"])
+    assert "] 2 node(s), 4 CPUs joined the head at 127.0.1.1:" in logs, logs[-4000:]
+    assert json.loads((tmp_path / "slurm" / "manifest.json").read_text())["ray_cluster"] == {"nodes": 2, "cpus": 4}
+
+
+def test_one_node_job_stopped_by_the_time_limit_signal_is_requeued_and_makes_the_local_bytes(cluster, corpus_dir, tmp_path, gpt2_ranks):  # noqa: F811
+    """``ray.nodes: 1``: the node runs `pretrain data` with its own local Ray instance. SLURM's
+    time-limit warning (USR2 to every process of the step, Ray's daemons included) must stop it with
+    exit 3, the only code the job is requeued on; the requeued run keeps the finished tasks and ends
+    with the bytes of a local run."""
+    logs = _job_stopped_midway_beside_a_local_run(corpus_dir, tmp_path, gpt2_ranks, 1, ["scancel", "--signal=USR2"])
+    assert "pretrain data: stopped by SIGUSR2; finished work is kept" in logs, logs[-4000:]
+    assert "[node_command] command exited with 3 after the requeue signal" in logs, logs[-4000:]
+    assert json.loads((tmp_path / "slurm" / "manifest.json").read_text())["ray_cluster"] == {"nodes": 1, "cpus": 2}
+
+
+def _job_stopped_midway_beside_a_local_run(corpus_dir: Path, tmp_path: Path, gpt2_ranks: str, nodes: int, stop: list[str]) -> str:
+    """The data job over ``nodes`` nodes, stopped with ``stop + [job id]`` once its first tasks
+    finished, followed to its end; a local run of the same data builds meanwhile (its own Ray
+    instance: the job spends much of its time starting Ray and being requeued, and the bytes do not
+    depend on timing). Checks that both make the same data; returns the job's logs."""
     local = write_config(tmp_path / "local.yaml", corpus_dir, tmp_path / "local", gpt2_ranks, tmp_path / "run-local")
     local_log = tmp_path / "local.log"
     with open(local_log, "wb") as local_out:
         local_proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "data", str(local)], cwd=REPO, stdout=local_out,
                                       stderr=subprocess.STDOUT)
     try:
-        _two_node_job_requeued_midway(corpus_dir, tmp_path, gpt2_ranks)
+        logs = _job_stopped_midway(corpus_dir, tmp_path, gpt2_ranks, nodes, stop)
         assert local_proc.wait(timeout=300) == 0, local_log.read_text(errors="replace")[-3000:]
     finally:
         if local_proc.poll() is None:
             local_proc.kill()
-    out = tmp_path / "slurm"
-    assert identity(out) == identity(tmp_path / "local")  # shards and fingerprint: the cluster is not part of the data
-    assert json.loads((out / "manifest.json").read_text())["ray_cluster"] == {"nodes": 2, "cpus": 4}
+    assert identity(tmp_path / "slurm") == identity(tmp_path / "local")  # shards and fingerprint: the cluster is not part of the data
     assert json.loads((tmp_path / "local" / "manifest.json").read_text())["ray_cluster"] == {"nodes": 1, "cpus": 2}
+    return logs
 
 
-def _two_node_job_requeued_midway(corpus_dir: Path, tmp_path: Path, gpt2_ranks: str) -> None:
+def _job_stopped_midway(corpus_dir: Path, tmp_path: Path, gpt2_ranks: str, nodes: int, stop: list[str]) -> str:
     out = tmp_path / "slurm"
-    cfg = write_config(tmp_path / "slurm.yaml", corpus_dir, out, gpt2_ranks, tmp_path / "run", nodes=2, cpus_per_node=2)
+    cfg = write_config(tmp_path / "slurm.yaml", corpus_dir, out, gpt2_ranks, tmp_path / "run", nodes=nodes, cpus_per_node=2)
     waiting = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "data", str(cfg), "--executor", "slurm", "--wait"], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     first = waiting.stdout.readline()
-    assert "2 node(s)" in first, first + waiting.communicate()[1]
+    assert f"{nodes} node(s)" in first, first + waiting.communicate()[1]
     job = job_id_of(first)
     scan = out / ".work" / "scan"
     deadline = time.time() + 180
     while not (scan.is_dir() and any(p.suffix == ".npz" for p in scan.iterdir())):
         assert time.time() < deadline and sacct_state(job) not in FINAL, f"no finished task before the job ended: {sacct_state(job)}"
         time.sleep(0.2)
-    subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True)
+    subprocess.run([*stop, job], check=True, capture_output=True)
     state = wait_final(job, timeout=300)
     rest, err = waiting.communicate(timeout=60)
     logs = "\n".join(p.read_text(errors="replace") for p in sorted((tmp_path / "run" / "slurm").rglob("*")) if p.suffix in (".out", ".err"))
     assert state == "COMPLETED", logs[-6000:]
     assert scontrol_restarts(job) == 1
     assert waiting.returncode == 0 and f"job {job} finished: " in rest, rest + err  # --wait follows it through the requeue
-    assert "] 2 node(s), 4 CPUs joined the head at 127.0.1.1:" in logs, logs[-4000:]
+    return logs
 
 
 @pytest.mark.parametrize(
