@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -191,19 +191,23 @@ def sigkill_data_run(cfg: Path, out: Path, work_step: str, records: int) -> None
         read_header(shard)
 
 
-def session_processes(sid: int) -> list[str]:
-    """``pid name`` of every live process of session ``sid`` (Ray's daemons and workers stay in it)."""
-    found = []
+def live_processes() -> Iterator[tuple[int, str, list[str]]]:
+    """(pid, name, the /proc/PID/stat fields after the name: state ppid pgrp session ...) of every
+    process that is not a zombie."""
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
                 stat = Path(f"/proc/{d}/stat").read_text()
             except OSError:
                 continue
-            name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
-            if int(fields[3]) == sid and fields[0] != "Z":  # fields: state ppid pgrp session ...
-                found.append(f"{d} {name}")
-    return found
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if fields[0] != "Z":
+                yield int(d), stat[stat.index("(") + 1 : stat.rindex(")")], fields
+
+
+def session_processes(sid: int) -> list[str]:
+    """``pid name`` of every live process of session ``sid`` (Ray's daemons and workers stay in it)."""
+    return [f"{pid} {name}" for pid, name, fields in live_processes() if int(fields[3]) == sid]
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +253,7 @@ def test_stop_signal_to_the_whole_job_exits_3_at_once_and_a_rerun_makes_the_same
     single-node SLURM data job requeues only on it), within seconds, not after Ray gives up on a GCS
     that died of the same signal (60 s, then exit 1); leave nothing running; and a rerun must
     finish with the bytes of an uninterrupted run. While Ray starts, too: there, Ray's own SIGTERM
-    handler would abort the process (exit 134)."""
+    handlers would end the process (exit 15, or 134 from its C++ failure handler)."""
     src, _ = corpus
     out = tmp_path / "stopped"
     cfg = write_config(tmp_path / "s.yaml", src, out, gpt2_ranks, 2)
@@ -593,13 +597,8 @@ ray.shutdown()
 
 def _process_tree(root: int) -> set[int]:
     children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d))
+    for pid, _, fields in live_processes():
+        children.setdefault(int(fields[1]), []).append(pid)
     tree, todo = set(), [root]
     while todo:
         p = todo.pop()
