@@ -43,7 +43,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     job requeues on it); 130: Ctrl-C. Finished work is kept in every case, and a rerun resumes."""
     from dataprep.pipeline import DataError, run_data_stage
     from pipelines.stages import EXIT_REQUEUE
-    from pipelines.stopping import stop_signals
+    from pipelines.stopping import is_stop_signal, stop_signals
 
     cfg = _load(args)
     if args.executor == "slurm":
@@ -56,8 +56,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"pretrain data: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        if not received or received[0] == signal.SIGINT:
-            raise  # main(): "interrupted", 130
+        if not (received and is_stop_signal(received[0])):
+            raise  # Ctrl-C; main(): "interrupted", 130
         print(f"pretrain data: stopped by {signal.Signals(received[0]).name}; finished work is kept, "
               "run the same command again to resume", file=sys.stderr)
         return EXIT_REQUEUE

@@ -14,7 +14,7 @@ import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["StopRequested", "stop_signals"]
+__all__ = ["StopRequested", "is_stop_signal", "stop_signals"]
 
 
 class StopRequested(KeyboardInterrupt):
@@ -27,6 +27,11 @@ class StopRequested(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+def is_stop_signal(signum: int | None) -> bool:
+    """Whether the recorded interruption was a stop signal (exit 3) rather than Ctrl-C (130)."""
+    return signum in (signal.SIGTERM, signal.SIGUSR2)
 
 
 @contextlib.contextmanager

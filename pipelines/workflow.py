@@ -55,7 +55,7 @@ from pipelines.stages import (
     StageContext,
     WorkflowError,
 )
-from pipelines.stopping import stop_signals
+from pipelines.stopping import is_stop_signal, stop_signals
 from trainer.runlock import RunLock, RunLockHeld
 
 STATE_FORMAT = 1
@@ -213,7 +213,7 @@ class Workflow:
         try:
             return stage.run_local(self.ctx)
         except KeyboardInterrupt:
-            if self.stop_signal in (None, signal.SIGINT):
+            if not is_stop_signal(self.stop_signal):
                 return Outcome(EXIT_INTERRUPTED, why="interrupted by the user")
             return Outcome(EXIT_REQUEUE, why=f"stopped by {signal.Signals(self.stop_signal).name}")
         except Exception as e:
