@@ -43,12 +43,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     job requeues on it); 130: Ctrl-C. Finished work is kept in every case, and a rerun resumes."""
     from dataprep.pipeline import DataError, run_data_stage
     from pipelines.stages import EXIT_REQUEUE
-    from pipelines.stopping import is_stop_signal, stop_signals
+    from pipelines.stopping import ignore_stop_signals, is_stop_signal, stop_signals
 
     cfg = _load(args)
     if args.executor == "slurm":
         return _submit_data(args, cfg)
     received: list[int] = []
+    ignore_stop_signals()  # what they are once the outcome is decided: stop_signals puts this back
     try:
         with stop_signals(received.append):
             run_data_stage(cfg.data, cfg.ray)
@@ -118,13 +119,27 @@ def cmd_evals_fetch_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train (or resume) under torchrun; exit 3 means "checkpointed on a stop signal, requeue me"."""
+    """Train (or resume) under torchrun; exit 3 means "checkpointed on a stop signal, requeue me",
+    and also "stopped before training started" (nothing to save yet: a rerun starts it)."""
+    from pipelines.stages import EXIT_REQUEUE
+    from pipelines.stopping import ignore_stop_signals, is_stop_signal, stop_signals
     from trainer.launch import train_command, under_torchrun
 
-    cfg = _load(args)
-    if not under_torchrun():  # refuse before torchrun starts (the workers check their real world size too)
-        check_geometry(cfg, on_slurm=False, nnodes=args.nnodes)
-    return train_command(to_dict(cfg), args.nnodes, args.rdzv_endpoint, args.rdzv_id, allow_changes=args.allow_changes)
+    received: list[int] = []
+    ignore_stop_signals()  # what they are once the outcome is decided: stop_signals puts this back
+    try:
+        # until the launcher (or the worker) takes the stop signals over, and again once it returns
+        with stop_signals(received.append):
+            cfg = _load(args)
+            if not under_torchrun():  # refuse before torchrun starts (the workers check their real world size too)
+                check_geometry(cfg, on_slurm=False, nnodes=args.nnodes)
+            return train_command(to_dict(cfg), args.nnodes, args.rdzv_endpoint, args.rdzv_id, allow_changes=args.allow_changes)
+    except KeyboardInterrupt:
+        if not (received and is_stop_signal(received[0])):
+            raise  # Ctrl-C; main(): "interrupted", 130
+        print(f"pretrain train: stopped by {signal.Signals(received[0]).name} before or after training; "
+              "run the same command again to continue", file=sys.stderr)
+        return EXIT_REQUEUE
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

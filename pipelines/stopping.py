@@ -14,7 +14,7 @@ import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["StopRequested", "is_stop_signal", "stop_signals"]
+__all__ = ["StopRequested", "ignore_stop_signals", "is_stop_signal", "stop_signals"]
 
 
 class StopRequested(KeyboardInterrupt):
@@ -57,3 +57,12 @@ def stop_signals(record: Callable[[int], None]) -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def ignore_stop_signals() -> None:
+    """The command's outcome is decided: from here to the process's end, SIGTERM/SIGUSR2 have
+    nothing left to stop. Their default action would turn "done" (0) or "requeue me" (3) into
+    "killed", which a SLURM job reports as a failure; SLURM's time-limit signal can come at any
+    moment, including the last one."""
+    for s in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(s, signal.SIG_IGN)

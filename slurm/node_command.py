@@ -10,6 +10,9 @@ train``) does the real work; this wrapper only turns its exit code into SLURM ac
 * SIGTERM alone (clusters without a user signal, ``scontrol requeue``): submitit ignores it, the
   command saves and exits with ``requeue_exit_code``, and we requeue the job ourselves.
 * ``max_requeues``: after that many restarts the job fails instead of coming back forever.
+* The command killed by SIGTERM/SIGUSR2 (a stop signal that found no handler: the command was
+  starting or exiting) counts as stopped, not failed: it is requeued like ``requeue_exit_code``,
+  and the next run resumes from the newest committed checkpoint, as after any stop.
 * Any other exit code is final: the job fails and is never requeued, whatever signal came
   before. 2 means "refused, fix the config or the data" and 1 "failed": a requeue would repeat
   it, and under SLURM it would loop until ``max_requeues``.
@@ -66,7 +69,7 @@ class NodeCommand(submitit.helpers.Checkpointable):
         rc = self._wait(None)
         if rc == 0:
             return 0
-        if rc == self.requeue_exit_code:
+        if self.stopped(rc):
             self._requeue_self(job, restarts)
         raise RuntimeError(f"{argv[0]} exited with code {rc}{final_exit_note(rc)}")
 
@@ -111,15 +114,19 @@ class NodeCommand(submitit.helpers.Checkpointable):
         is not requeued from here as failed, while the requeued run finds the work done and ends
         COMPLETED, which is what ``--dependency=afterok`` chains wait for.
         Never after 2 (refused) or 1 (failed): a rerun would repeat them."""
-        return rc is None or rc in (0, self.requeue_exit_code)
+        return rc is None or rc == 0 or self.stopped(rc)
+
+    def stopped(self, rc: int | None) -> bool:
+        """The command checkpointed on a stop signal (``requeue_exit_code``) or was killed by one."""
+        return rc == self.requeue_exit_code or rc in (-signal.SIGTERM, -signal.SIGUSR2)
 
     def _requeue_self(self, job: submitit.JobEnvironment, restarts: int) -> None:
         if "SLURM_JOB_ID" not in os.environ:
-            raise UncompletedJobError("the command checkpointed on a stop signal; run it again to resume")
+            raise UncompletedJobError("the command stopped on a signal; run it again to resume")
         if job.global_rank != 0:
             sys.exit(-1)  # the first task requeues the whole job
         if restarts >= self.max_requeues:
-            raise UncompletedJobError(f"checkpointed, but not requeued: {restarts} restarts reached slurm.max_requeues")
+            raise UncompletedJobError(f"stopped on a signal, but not requeued: {restarts} restarts reached slurm.max_requeues")
         subprocess.run(["scontrol", "requeue", str(job.job_id)], check=False, timeout=60)
-        print(f"[node_command] checkpointed; requeued job {job.job_id} (restart {restarts + 1})", flush=True)
+        print(f"[node_command] stopped on a signal; requeued job {job.job_id} (restart {restarts + 1})", flush=True)
         sys.exit(-1)  # no result file: the job is coming back

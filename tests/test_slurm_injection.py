@@ -315,26 +315,32 @@ def test_node_command_rendezvous(monkeypatch):
     assert NodeCommand(argv, 3, 5).filled_argv(submitit.JobEnvironment())[4] == "127.0.0.1:20077"
 
 
-@pytest.mark.parametrize("rc, requeued", [(3, True), (2, False), (1, False)])
-def test_node_command_requeues_only_on_exit_3(stubs, monkeypatch, rc, requeued):
-    """The command's exit code decides, with a real subprocess: 3 → `scontrol requeue` (and no
-    result, the job is coming back); 2 (refused) and 1 (failed) → the job fails, no requeue."""
+@pytest.mark.parametrize("how, requeued", [("exit 3", True), ("exit 2", False), ("exit 1", False),
+                                           ("kill -TERM $$", True), ("kill -USR2 $$", True), ("kill -KILL $$", False)])
+def test_node_command_requeues_only_a_stopped_command(stubs, monkeypatch, how, requeued):
+    """The command's exit code decides, with a real subprocess: 3, or killed by a stop signal
+    (SIGTERM, SIGUSR2: it was starting or exiting) → `scontrol requeue` (and no result, the job is
+    coming back); 2 (refused), 1 (failed) and SIGKILL (the OOM killer) → the job fails, no requeue."""
     _slurm_env(monkeypatch, nodes=1)
-    cmd = NodeCommand(["sh", "-c", f"exit {rc}"], requeue_exit_code=3, max_requeues=5)
+    cmd = NodeCommand(["sh", "-c", how], requeue_exit_code=3, max_requeues=5)
     with pytest.raises(SystemExit if requeued else RuntimeError) as info:
         cmd()
     requeues = [c for c in calls(stubs, "scontrol") if c[:1] == ["requeue"]]
     assert requeues == ([["requeue", "77"]] if requeued else [])
-    if rc == 2:
+    if how == "exit 2":
         assert "refused" in str(info.value) and "not requeued" in str(info.value)
 
 
-@pytest.mark.parametrize("exit_on_signal, requeued", [(3, True), (2, False), (1, False)])
+@pytest.mark.parametrize("exit_on_signal, requeued", [(3, True), (2, False), (1, False), (None, True)])
 def test_checkpoint_signal_requeues_only_if_the_command_checkpointed(tmp_path, exit_on_signal, requeued):
     """submitit's requeue signal path (NodeCommand.checkpoint): the command gets USR2 and its exit
-    code decides; a command that refuses (2) after the signal is not brought back."""
+    code decides; a command that refuses (2) after the signal is not brought back. One without a
+    handler yet (None: killed by the USR2) stopped, it did not fail: it comes back."""
     ready = tmp_path / "ready"
-    script = f'trap \'kill $!; exit {exit_on_signal}\' USR2; touch {ready}; sleep 30 & wait'
+    if exit_on_signal is None:
+        script = f"touch {ready}; exec sleep 30"
+    else:
+        script = f'trap \'kill $!; exit {exit_on_signal}\' USR2; touch {ready}; sleep 30 & wait'
     cmd = NodeCommand(["sh", "-c", script], requeue_exit_code=3, max_requeues=5, grace_s=20)
     cmd._proc = subprocess.Popen(cmd.argv)
     deadline = time.monotonic() + 20
@@ -346,7 +352,7 @@ def test_checkpoint_signal_requeues_only_if_the_command_checkpointed(tmp_path, e
     finally:
         if cmd._proc.poll() is None:
             cmd._proc.send_signal(signal.SIGKILL)
-    assert cmd._proc.wait(timeout=10) == exit_on_signal
+    assert cmd._proc.wait(timeout=10) == (-signal.SIGUSR2 if exit_on_signal is None else exit_on_signal)
     assert (again is not None) == requeued
     if requeued:
         assert again.function is cmd

@@ -259,6 +259,59 @@ def test_sigterm_checkpoints_exits_requeue_and_resumes_exactly(workdir, data_dir
     assert_same_run(run_dir, baseline)
 
 
+def signal_every_process(launcher: subprocess.Popen, signum: int) -> None:
+    """What SLURM does at a time limit or a preemption: the signal to every process of the step
+    (the launcher, torchrun and the workers, which live in sessions of their own)."""
+    for pid in [launcher.pid, *descendants(launcher.pid)]:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def last_committed_step(run_dir: Path) -> int:
+    committed = list_committed(run_dir)
+    return read_meta(committed[-1])["step"] if committed else 0
+
+
+@pytest.mark.parametrize("when", ["workers-starting", "run-ending"])
+@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM], ids=["SIGUSR2", "SIGTERM"])
+def test_stop_signal_to_every_process_at_either_end_of_a_run_is_a_stop_not_a_failure(workdir, data_dir, baseline, when, signum):
+    """A stop signal that comes while the workers are still importing torch, or while everything
+    exits after the last checkpoint, must end the run with 3 (or 0 once finished), never as a
+    failure, which a SLURM job does not requeue; and it must not be lost. Without the fix:
+    SIGUSR2 while the workers started was discarded (the run went on to the end), SIGTERM killed
+    them (exit 1), and a SIGUSR2 during the exit killed a finished worker or the launcher (1, -12)."""
+    run_dir, config, log = fresh(workdir, data_dir, f"{when}-{signal.Signals(signum).name}")
+    proc = start(pretrain_cmd("train", str(config)), log)
+    try:
+        if when == "workers-starting":
+            deadline = time.time() + 60
+            while not _rank_pids(proc):  # the workers exist (exec'd, with RANK set) and are importing torch
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.005)
+            signal_every_process(proc, signum)
+        else:
+            deadline = time.time() + 120
+            while last_committed_step(run_dir) < MAX_STEPS:  # the final checkpoint is committed
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.01)
+            while proc.poll() is None:  # and again and again while every process exits
+                signal_every_process(proc, signum)
+                time.sleep(0.003)
+        rc = proc.wait(timeout=90)
+    finally:
+        kill_tree(proc)
+    text = log.read_text()
+    if when == "workers-starting":
+        assert rc == EXIT_REQUEUE, text[-3000:]
+        assert last_committed_step(run_dir) < MAX_STEPS, "the stop was lost: the run went on to the end"
+    else:
+        assert rc in (EXIT_OK, EXIT_REQUEUE), text[-3000:]
+    assert train(config, log) == EXIT_OK, log.read_text()[-3000:]
+    assert_same_run(run_dir, baseline)
+
+
 def test_corrupt_newest_checkpoint_is_skipped(workdir, baseline):
     run_dir = workdir / "corrupt"
     shutil.copytree(baseline, run_dir)

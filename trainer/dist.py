@@ -35,11 +35,16 @@ class DistEnv:
         return self.backend is not None
 
 
-def init_distributed(device_pref: str) -> DistEnv:
-    """Pick the device (`train.device`: auto|cpu|cuda) and join the process group if under torchrun."""
+def uses_cuda(device_pref: str) -> bool:
+    """Whether `train.device` (auto|cpu|cuda) means CUDA on this machine (NCCL across ranks)."""
     if device_pref not in ("auto", "cpu", "cuda"):
         raise ValueError(f"train.device must be auto, cpu or cuda, got '{device_pref}'")
-    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
+    return torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
+
+
+def init_distributed(device_pref: str) -> DistEnv:
+    """Pick the device (`train.device`: auto|cpu|cuda) and join the process group if under torchrun."""
+    use_cuda = uses_cuda(device_pref)
     if use_cuda and not torch.cuda.is_available():
         raise ValueError("train.device=cuda but no CUDA device is available")
     if not under_torchrun():

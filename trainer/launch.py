@@ -7,11 +7,15 @@ itself) and train in-process. Otherwise we run
 front of it, for two reasons:
 
 * Signals. torchrun starts each worker in its own session, reacts to SIGTERM by terminating
-  them (SIGKILL after 30 s) and would die of SIGUSR1/2 (so it is started with those ignored).
-  We forward SIGTERM/SIGUSR2/SIGUSR1 straight to the worker processes, which agree on a step,
-  checkpoint and exit with 3; torchrun is left alone and simply sees its workers finish.
+  them (SIGKILL after 30 s) and would die of SIGUSR1/2 (so it is started with those ignored and
+  blocked, which its workers inherit: see ``trainer.signals``). We forward SIGTERM/SIGUSR2/SIGUSR1
+  straight to the worker processes, which agree on a step, checkpoint and exit with 3; torchrun
+  is left alone and simply sees its workers finish. A stop that comes before the workers exist
+  reaches them as they start; one before torchrun starts means it never does (exit 3).
 * Exit codes. torchrun reports any worker failure as 1, which would hide "checkpointed, requeue
-  me" (3) and "refused" (2); rank 0 writes its code to a file we name, and we return that.
+  me" (3) and "refused" (2); rank 0 writes its code to a file we name, and we return that. After
+  a stop signal, a failure is a stop too (3): a worker killed by the signal before its handler
+  existed has nothing to lose, the rerun resumes from the newest committed checkpoint.
 
 On one node nothing listens beyond loopback: torchrun runs as ``trainer.torchrun_local``
 (its stores bound to 127.0.0.1), with ``--local-addr=127.0.0.1`` (the workers' MASTER_ADDR) and
@@ -27,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,7 @@ from typing import Any
 from common.strict import ConfigError
 from trainer import EXIT_FILE_ENV, EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE, under_torchrun
 from trainer.config import TrainJob
+from trainer.signals import block_user_signals
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1)
 
@@ -101,14 +107,6 @@ def train_command(resolved: dict[str, Any], nnodes: int = 1, rdzv_endpoint: str 
         os.unlink(config_file)
 
 
-def _ignore_user_signals() -> None:
-    """In torchrun's process (before exec): SLURM signals every process of a job step, and SIGUSR1/2
-    would kill torchrun outright. Ignored dispositions survive exec; the workers install their own
-    handlers, so they still get the signal and checkpoint."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-
-
 def launch_torchrun(config: str, nproc: int, rdzv: list[str] | None = None, allow_changes: bool = False) -> int:
     if nproc < 1:  # load_config refuses it already; kept for direct callers
         print(f"pretrain train: train.nproc_per_node must be >= 1, got {nproc}", file=sys.stderr)
@@ -124,42 +122,62 @@ def launch_torchrun(config: str, nproc: int, rdzv: list[str] | None = None, allo
         sys.executable, "-m", "trainer.torchrun_local" if local else "torch.distributed.run", *rdzv, f"--nproc_per_node={nproc}",
         "-m", "trainer.train", *(["--allow-changes"] if allow_changes else []), config,
     ]
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=_ignore_user_signals)  # noqa: PLW1509
+    stops: list[int] = []  # the stop signals this launcher got, first first
+    told: set[int] = set()  # the workers that were given one
+    proc: subprocess.Popen | None = None
 
     def forward(signum: int, frame) -> None:  # noqa: ANN001 - signal API
+        stops.append(signum)
+        if proc is None:
+            return  # torchrun is not started (and will not be)
+        workers = tell_workers(signum)
+        if not workers and signum == signal.SIGTERM and proc.poll() is None:
+            proc.send_signal(signum)  # torchrun will terminate the workers itself
+        print(f"pretrain train: forwarded {signal.Signals(signum).name} to workers {workers}", file=sys.stderr, flush=True)
+
+    def tell_workers(signum: int) -> list[int]:
+        assert proc is not None
         workers = child_pids(proc.pid)
         for pid in workers:
             try:
                 os.kill(pid, signum)
+                told.add(pid)
             except ProcessLookupError:
                 pass
-        if not workers and signum == signal.SIGTERM:
-            proc.send_signal(signum)  # torchrun will terminate the workers itself
-        print(f"pretrain train: forwarded {signal.Signals(signum).name} to workers {workers}", file=sys.stderr, flush=True)
+        return workers
 
-    previous = {s: signal.signal(s, forward) for s in FORWARDED}
+    previous = {s: signal.signal(s, forward) for s in FORWARDED}  # from before torchrun starts until we return
     try:
-        while True:
-            try:
-                rc = proc.wait()
-                break
-            except KeyboardInterrupt:
-                # Ctrl-C: ask the workers to checkpoint and stop (SIGTERM), whether or not the
-                # terminal also signalled torchrun, then wait for them.
-                forward(signal.SIGTERM, None)
-                print("pretrain train: interrupted; the workers checkpoint and stop", file=sys.stderr, flush=True)
+        if stops:
+            code, reason = EXIT_REQUEUE, "stopped before torchrun started"
+        else:
+            proc = subprocess.Popen(cmd, env=env, preexec_fn=block_user_signals)  # noqa: PLW1509
+            while (rc := proc.poll()) is None:
+                try:
+                    if stops and set(child_pids(proc.pid)) - told:
+                        tell_workers(stops[0])  # workers that started after the signal: they hold it until ready
+                    time.sleep(0.2)
+                except KeyboardInterrupt:
+                    # Ctrl-C: ask the workers to checkpoint and stop (SIGTERM), whether or not the
+                    # terminal also signalled torchrun, then wait for them.
+                    forward(signal.SIGTERM, None)
+                    print("pretrain train: interrupted; the workers checkpoint and stop", file=sys.stderr, flush=True)
+            code, reason = _exit_code(exit_file, rc)
+            if stops and code not in (EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE):
+                # a worker died of the signal before its handler existed or after its outcome was
+                # written, or torchrun ended on it: nothing committed is lost, the rerun resumes
+                code, reason = EXIT_REQUEUE, f"stopped by {signal.Signals(stops[0]).name} (torchrun exited with {rc})"
+        explain = {
+            EXIT_OK: "finished",
+            EXIT_REFUSED: f"refused: {reason or 'see the error above'}. Running it again unchanged will not help (committed checkpoints are kept)",
+            EXIT_REQUEUE: f"{reason or 'checkpoint committed on a stop signal'}; requeue / rerun the same command to continue",
+        }.get(code, "failed; rerun the same command to resume from the last committed checkpoint")
+        # torchrun reports any non-zero worker exit as a failure with a traceback; this is the real outcome
+        print(f"pretrain train: exit {code}: {explain}", file=sys.stderr, flush=True)
+        return code
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    code, reason = _exit_code(exit_file, rc)
-    explain = {
-        EXIT_OK: "finished",
-        EXIT_REFUSED: f"refused: {reason or 'see the error above'}. Running it again unchanged will not help (committed checkpoints are kept)",
-        EXIT_REQUEUE: "checkpoint committed on a stop signal; requeue / rerun the same command to continue",
-    }.get(code, "failed; rerun the same command to resume from the last committed checkpoint")
-    # torchrun reports any non-zero worker exit as a failure with a traceback; this is the real outcome
-    print(f"pretrain train: exit {code}: {explain}", file=sys.stderr, flush=True)
-    return code
 
 
 def _exit_code(exit_file: str, rc: int) -> tuple[int, str]:

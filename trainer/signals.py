@@ -4,6 +4,17 @@ A signal handler must not checkpoint (it can fire inside a collective or a CUDA 
 only records the signal. Ranks agree on the flag with one all-reduce per step boundary, because
 SLURM/torchrun may signal ranks at slightly different times and every rank must stop after the
 same step for the checkpoint to be consistent.
+
+A stop signal must neither be lost nor kill a worker at either end of its life, because SLURM
+signals every process of a job step whenever the time limit or a preemption comes:
+
+* Before the handlers exist (interpreter start, ``import torch``, rendezvous), the launcher keeps
+  SIGUSR1/SIGUSR2 *blocked* for torchrun and so for the workers it spawns (:func:`block_user_signals`):
+  a signal sent then waits, pending, and :meth:`StopFlag.install` receives it as soon as it
+  unblocks them. Ignoring them instead, as torchrun itself must, would discard the signal.
+* After the outcome is decided (:meth:`StopFlag.settle`), the signals are ignored: Python puts
+  its handlers back to the default action while the interpreter exits, and a SIGUSR2 then would
+  kill a worker that has finished, which torchrun reports as a failure.
 """
 
 from __future__ import annotations
@@ -11,19 +22,38 @@ from __future__ import annotations
 import signal
 import sys
 
+USER_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+def block_user_signals() -> None:
+    """For torchrun's process, before exec (``preexec_fn``): SIGUSR1/2 would kill torchrun, so they
+    are ignored there, and blocked, so that the workers it spawns inherit them pending, not lost."""
+    for s in USER_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, USER_SIGNALS)
+
 
 class StopFlag:
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._signals: list[int] = []
 
     def install(self, include_usr1: bool) -> None:
+        """Record stop signals from now on, including one that arrived, blocked, before this."""
         # SIGINT too: Ctrl-C in a terminal reaches every rank, and should save, not crash mid-step.
-        sigs = [signal.SIGTERM, signal.SIGUSR2, signal.SIGINT]
+        self._signals = [signal.SIGTERM, signal.SIGUSR2, signal.SIGINT]
         if include_usr1:
             # NCCL builds use SIGUSR1 for their own purposes (e.g. flight-recorder dumps); on CPU it is ours.
-            sigs.append(signal.SIGUSR1)
-        for s in sigs:
+            self._signals.append(signal.SIGUSR1)
+        for s in self._signals:
             signal.signal(s, self._handle)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, USER_SIGNALS)  # a pending one is handled here
+
+    def settle(self) -> None:
+        """The exit code is decided and written: a stop signal from now on has nothing to stop,
+        and must not turn a finished (or checkpointed) worker into a killed one."""
+        for s in self._signals:
+            signal.signal(s, signal.SIG_IGN)
 
     def _handle(self, signum: int, frame) -> None:  # noqa: ANN001 - signal API
         if self.signum is None:

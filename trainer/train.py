@@ -72,6 +72,7 @@ from trainer.dist import (
     broadcast_object,
     init_distributed,
     shutdown,
+    uses_cuda,
 )
 from trainer.metrics import MetricsLog
 from trainer.model import GPTConfig, resolve_config
@@ -635,16 +636,18 @@ def run_worker(resolved: dict[str, Any], allow_changes: bool = False, where: str
     except ConfigError as e:
         print(f"train: config error: {e}", file=sys.stderr, flush=True)
         return EXIT_REFUSED
+    stop = StopFlag()
     try:
+        # before the rendezvous, which can wait minutes for other nodes: a stop then is kept
+        stop.install(include_usr1=not uses_cuda(cfg.train.device))
         env = init_distributed(cfg.train.device)
     except ValueError as e:  # e.g. train.device=cuda where no GPU is visible
         print(f"train: error: {e}", file=sys.stderr, flush=True)
         _write_exit_status(DistEnv(0, int(os.environ.get("LOCAL_RANK", "0")), 1, torch.device("cpu"), None), EXIT_REFUSED, str(e))
+        stop.settle()
         return EXIT_REFUSED
     if env.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and env.world_size > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world_size))
-    stop = StopFlag()
-    stop.install(include_usr1=env.backend != "nccl")
     code, reason, healthy = EXIT_FAILURE, "", False
     lock = None
     try:
@@ -674,6 +677,7 @@ def run_worker(resolved: dict[str, Any], allow_changes: bool = False, where: str
         raise
     finally:
         _write_exit_status(env, code, reason)
+        stop.settle()
     if healthy:
         # nobody leaves before the checkpoint is committed (torchrun kills the rest once one rank exits)
         barrier(env)
