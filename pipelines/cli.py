@@ -488,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.func is None:  # `pretrain` or `pretrain evals` alone: say what there is to run
         args.help_parser.print_help(sys.stderr)
         return EXIT_CONFIG_ERROR
+    # `pretrain train`/`data` leave SIGTERM/SIGUSR2 ignored once their outcome is decided, until the
+    # process exits (pipelines.stopping.ignore_stop_signals); a caller in the same process
+    # (main([...])) gets its own handlers back.
+    callers_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)} if argv is not None else {}
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
@@ -496,6 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"pretrain {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        for s, h in callers_handlers.items():
+            if h is not None:  # None: set outside Python, nothing we could put back
+                signal.signal(s, h)
 
 
 if __name__ == "__main__":
