@@ -107,14 +107,45 @@ def train_command(resolved: dict[str, Any], nnodes: int = 1, rdzv_endpoint: str 
         os.unlink(config_file)
 
 
-def launch_torchrun(config: str, nproc: int, rdzv: list[str] | None = None, allow_changes: bool = False) -> int:
-    if nproc < 1:  # load_config refuses it already; kept for direct callers
-        print(f"pretrain train: train.nproc_per_node must be >= 1, got {nproc}", file=sys.stderr)
-        return EXIT_REFUSED
-    fd, exit_file = tempfile.mkstemp(prefix="pretrain-exit-", suffix=".json")
-    os.close(fd)
-    os.unlink(exit_file)
-    rdzv = local_rendezvous_args() if rdzv is None else rdzv
+class _StopForwarder:
+    """The launcher's SIGTERM/SIGUSR2/SIGUSR1 handler, from before torchrun starts until it has
+    exited: each signal goes to the workers (torchrun's children); one that comes before they
+    exist reaches them as they appear (:meth:`catch_up`), and the first one is remembered."""
+
+    def __init__(self) -> None:
+        self.stops: list[int] = []  # the stop signals received, first first
+        self.told: set[int] = set()  # the workers that were given one
+        self.proc: subprocess.Popen | None = None  # torchrun, once started
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.stops.append(signum)
+        if self.proc is None:
+            return  # torchrun is not started (and will not be)
+        workers = self._tell_workers(signum)
+        if not workers and signum == signal.SIGTERM and self.proc.poll() is None:
+            self.proc.send_signal(signum)  # torchrun will terminate the workers itself
+        # os.write, not print: a handler that prints while the main thread prints raises "reentrant call"
+        os.write(2, f"pretrain train: forwarded {signal.Signals(signum).name} to workers {workers}\n".encode())
+
+    def catch_up(self) -> None:
+        """Workers that started after the signal get it too: they hold it until their handler exists."""
+        if self.stops and self.proc is not None and set(child_pids(self.proc.pid)) - self.told:
+            self._tell_workers(self.stops[0])
+
+    def _tell_workers(self, signum: int) -> list[int]:
+        assert self.proc is not None
+        workers = child_pids(self.proc.pid)
+        for pid in workers:
+            try:
+                os.kill(pid, signum)
+                self.told.add(pid)
+            except ProcessLookupError:
+                pass
+        return workers
+
+
+def torchrun_command(config: str, nproc: int, rdzv: list[str], allow_changes: bool, exit_file: str) -> tuple[list[str], dict[str, str]]:
+    """torchrun's command line and environment: loopback-only on one node (``trainer.torchrun_local``)."""
     local = f"--rdzv-endpoint={LOCAL_ENDPOINT}" in rdzv
     env = loopback_env(dict(os.environ)) if local else dict(os.environ)
     env[EXIT_FILE_ENV] = exit_file
@@ -122,40 +153,27 @@ def launch_torchrun(config: str, nproc: int, rdzv: list[str] | None = None, allo
         sys.executable, "-m", "trainer.torchrun_local" if local else "torch.distributed.run", *rdzv, f"--nproc_per_node={nproc}",
         "-m", "trainer.train", *(["--allow-changes"] if allow_changes else []), config,
     ]
-    stops: list[int] = []  # the stop signals this launcher got, first first
-    told: set[int] = set()  # the workers that were given one
-    proc: subprocess.Popen | None = None
+    return cmd, env
 
-    def forward(signum: int, frame) -> None:  # noqa: ANN001 - signal API
-        stops.append(signum)
-        if proc is None:
-            return  # torchrun is not started (and will not be)
-        workers = tell_workers(signum)
-        if not workers and signum == signal.SIGTERM and proc.poll() is None:
-            proc.send_signal(signum)  # torchrun will terminate the workers itself
-        print(f"pretrain train: forwarded {signal.Signals(signum).name} to workers {workers}", file=sys.stderr, flush=True)
 
-    def tell_workers(signum: int) -> list[int]:
-        assert proc is not None
-        workers = child_pids(proc.pid)
-        for pid in workers:
-            try:
-                os.kill(pid, signum)
-                told.add(pid)
-            except ProcessLookupError:
-                pass
-        return workers
-
-    previous = {s: signal.signal(s, forward) for s in FORWARDED}  # from before torchrun starts until we return
+def launch_torchrun(config: str, nproc: int, rdzv: list[str] | None = None, allow_changes: bool = False) -> int:
+    if nproc < 1:  # load_config refuses it already; kept for direct callers
+        print(f"pretrain train: train.nproc_per_node must be >= 1, got {nproc}", file=sys.stderr)
+        return EXIT_REFUSED
+    fd, exit_file = tempfile.mkstemp(prefix="pretrain-exit-", suffix=".json")
+    os.close(fd)
+    os.unlink(exit_file)
+    cmd, env = torchrun_command(config, nproc, local_rendezvous_args() if rdzv is None else rdzv, allow_changes, exit_file)
+    forward = _StopForwarder()
+    previous = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
-        if stops:
+        if forward.stops:
             code, reason = EXIT_REQUEUE, "stopped before torchrun started"
         else:
-            proc = subprocess.Popen(cmd, env=env, preexec_fn=block_user_signals)  # noqa: PLW1509
+            forward.proc = proc = subprocess.Popen(cmd, env=env, preexec_fn=block_user_signals)  # noqa: PLW1509
             while (rc := proc.poll()) is None:
                 try:
-                    if stops and set(child_pids(proc.pid)) - told:
-                        tell_workers(stops[0])  # workers that started after the signal: they hold it until ready
+                    forward.catch_up()
                     time.sleep(0.2)
                 except KeyboardInterrupt:
                     # Ctrl-C: ask the workers to checkpoint and stop (SIGTERM), whether or not the
@@ -163,21 +181,24 @@ def launch_torchrun(config: str, nproc: int, rdzv: list[str] | None = None, allo
                     forward(signal.SIGTERM, None)
                     print("pretrain train: interrupted; the workers checkpoint and stop", file=sys.stderr, flush=True)
             code, reason = _exit_code(exit_file, rc)
-            if stops and code not in (EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE):
+            if forward.stops and code not in (EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE):
                 # a worker died of the signal before its handler existed or after its outcome was
                 # written, or torchrun ended on it: nothing committed is lost, the rerun resumes
-                code, reason = EXIT_REQUEUE, f"stopped by {signal.Signals(stops[0]).name} (torchrun exited with {rc})"
-        explain = {
-            EXIT_OK: "finished",
-            EXIT_REFUSED: f"refused: {reason or 'see the error above'}. Running it again unchanged will not help (committed checkpoints are kept)",
-            EXIT_REQUEUE: f"{reason or 'checkpoint committed on a stop signal'}; requeue / rerun the same command to continue",
-        }.get(code, "failed; rerun the same command to resume from the last committed checkpoint")
+                code, reason = EXIT_REQUEUE, f"stopped by {signal.Signals(forward.stops[0]).name} (torchrun exited with {rc})"
         # torchrun reports any non-zero worker exit as a failure with a traceback; this is the real outcome
-        print(f"pretrain train: exit {code}: {explain}", file=sys.stderr, flush=True)
+        print(f"pretrain train: exit {code}: {_explain(code, reason)}", file=sys.stderr, flush=True)
         return code
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def _explain(code: int, reason: str) -> str:
+    return {
+        EXIT_OK: "finished",
+        EXIT_REFUSED: f"refused: {reason or 'see the error above'}. Running it again unchanged will not help (committed checkpoints are kept)",
+        EXIT_REQUEUE: f"{reason or 'checkpoint committed on a stop signal'}; requeue / rerun the same command to continue",
+    }.get(code, "failed; rerun the same command to resume from the last committed checkpoint")
 
 
 def _exit_code(exit_file: str, rc: int) -> tuple[int, str]:

@@ -19,8 +19,8 @@ signals every process of a job step whenever the time limit or a preemption come
 
 from __future__ import annotations
 
+import os
 import signal
-import sys
 
 USER_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
@@ -56,8 +56,8 @@ class StopFlag:
             signal.signal(s, signal.SIG_IGN)
 
     def _handle(self, signum: int, frame) -> None:  # noqa: ANN001 - signal API
-        if self.signum is None:
-            print(f"received {signal.Signals(signum).name}: will checkpoint at the next step boundary and exit", file=sys.stderr, flush=True)
+        if self.signum is None:  # os.write: a print here could interrupt one of the main thread's
+            os.write(2, f"received {signal.Signals(signum).name}: will checkpoint at the next step boundary and exit\n".encode())
         self.signum = signum
 
     @property

@@ -622,6 +622,23 @@ def _take_run_lock(env: DistEnv, run_dir: str) -> RunLock | None:
     return lock
 
 
+def _join(cfg: TrainJob, stop: StopFlag) -> DistEnv | None:
+    """Hear stop signals, then pick the device and join the process group; None (refused, and
+    reported) where the configured device cannot be used."""
+    try:
+        # before the rendezvous, which can wait minutes for other nodes: a stop then is kept
+        stop.install(include_usr1=not uses_cuda(cfg.train.device))
+        env = init_distributed(cfg.train.device)
+    except ValueError as e:  # e.g. train.device=cuda where no GPU is visible
+        print(f"train: error: {e}", file=sys.stderr, flush=True)
+        _write_exit_status(DistEnv(0, int(os.environ.get("LOCAL_RANK", "0")), 1, torch.device("cpu"), None), EXIT_REFUSED, str(e))
+        stop.settle()
+        return None
+    if env.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and env.world_size > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world_size))
+    return env
+
+
 def run_worker(resolved: dict[str, Any], allow_changes: bool = False, where: str = "resolved config") -> int:
     """Run this process as one rank (torchrun env) or as a single process. Returns the exit code.
 
@@ -637,17 +654,9 @@ def run_worker(resolved: dict[str, Any], allow_changes: bool = False, where: str
         print(f"train: config error: {e}", file=sys.stderr, flush=True)
         return EXIT_REFUSED
     stop = StopFlag()
-    try:
-        # before the rendezvous, which can wait minutes for other nodes: a stop then is kept
-        stop.install(include_usr1=not uses_cuda(cfg.train.device))
-        env = init_distributed(cfg.train.device)
-    except ValueError as e:  # e.g. train.device=cuda where no GPU is visible
-        print(f"train: error: {e}", file=sys.stderr, flush=True)
-        _write_exit_status(DistEnv(0, int(os.environ.get("LOCAL_RANK", "0")), 1, torch.device("cpu"), None), EXIT_REFUSED, str(e))
-        stop.settle()
+    env = _join(cfg, stop)
+    if env is None:
         return EXIT_REFUSED
-    if env.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and env.world_size > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world_size))
     code, reason, healthy = EXIT_FAILURE, "", False
     lock = None
     try:
