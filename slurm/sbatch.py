@@ -1,7 +1,10 @@
 """A self-contained sbatch script for people who submit by hand, with the same requeue behaviour
 as the submitit route: `srun` runs the command once per node, the batch shell traps the warning
 signal (and SIGTERM), forwards it to the step, and requeues the job only when the command exits
-with the "checkpointed, requeue me" code (never on a refusal or a failure).
+with the "checkpointed, requeue me" code or was killed by a stop signal (srun reports 128 + the
+signal: 143 for SIGTERM, 140 for SIGUSR2; the command was starting or exiting, and the next run
+resumes from the newest committed checkpoint), as ``slurm.node_command`` does; never on a refusal
+or a failure.
 
 Two readers see the script, so values are quoted for each: ``#SBATCH`` lines are read by sbatch's
 own parser (:func:`slurm.validation.sbatch_quote`), the command line by bash (``shlex.quote``).
@@ -45,16 +48,16 @@ done
 wait "$step" 2>/dev/null; rc=$?
 echo "[sbatch] training step exited with $rc"
 
-if [ "$rc" -eq {requeue_code} ]; then
+if [ "$rc" -eq {requeue_code} ] || [ "$rc" -eq 143 ] || [ "$rc" -eq 140 ]; then
   if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {max_requeues} ]; then
-    echo "[sbatch] checkpointed: requeueing job $SLURM_JOB_ID"
+    echo "[sbatch] checkpointed or stopped by a signal: requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
   fi
-  echo "[sbatch] checkpointed, but slurm.max_requeues={max_requeues} restarts reached: not requeued"
+  echo "[sbatch] stopped, but slurm.max_requeues={max_requeues} restarts reached: not requeued"
 elif [ "$rc" -ne 0 ]; then
   # 2 = refused (fix the config or the data), 1 = failed: a requeue would only repeat it
-  echo "[sbatch] not requeued: only exit {requeue_code} (checkpointed on a signal) is"
+  echo "[sbatch] not requeued: only exit {requeue_code} (checkpointed on a signal) or a stop signal's death is"
 fi
 exit "$rc"
 """

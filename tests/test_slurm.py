@@ -373,6 +373,46 @@ def test_refused_job_fails_once_and_is_never_requeued(cluster, work):
     assert "exited with code 2 (refused" in out and "requeued job" not in out, out
 
 
+def test_a_command_killed_by_the_stop_signal_is_requeued_on_both_routes(cluster, work):
+    """A stop signal that finds the command without a handler (it is starting or exiting) kills
+    it: that is a stop, not a failure, and both routes requeue the job (submitit's NodeCommand
+    sees -12; the sbatch script sees srun's 140). The command here has no handler at all: its
+    first run is killed by the USR2, its second (SLURM_RESTART_COUNT=1) completes. Without the
+    rule both jobs ended FAILED."""
+    from slurm.config import SlurmConfig
+    from slurm.sbatch import render_sbatch
+    from slurm.submit import submit_command
+
+    folder = work / "killed-by-signal"
+    folder.mkdir()
+
+    def argv(route: str) -> list[str]:
+        first_run = f"touch {folder}/ready-{route}; exec sleep 300"
+        return ["bash", "-c", f'if [ "${{SLURM_RESTART_COUNT:-0}}" -eq 0 ]; then {first_run}; fi; echo "{route}: second run done"']
+
+    cfg = SlurmConfig(nodes=1, gpus_per_node=0, cpus_per_task=1, time="10:00", signal_delay_s=15, max_requeues=3)
+    jobs = {"submitit": str(submit_command(argv("submitit"), cfg, folder / "submitit", "slurm", "killed-submitit", 3).job_id)}
+    script = folder / "killed.sbatch"
+    script.write_text(render_sbatch(argv("sbatch"), cfg, folder, "killed-sbatch", 3))
+    sub = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, cwd=folder)
+    assert sub.returncode == 0, sub.stderr
+    jobs["sbatch"] = sub.stdout.strip().split(";")[0]
+    deadline = time.time() + 120
+    while not all((folder / f"ready-{route}").exists() for route in jobs):
+        assert time.time() < deadline, f"the jobs did not start: {[sacct_state(j) for j in jobs.values()]}"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", jobs["submitit"]], check=True)  # the step's processes
+    subprocess.run(["scancel", "--batch", "--signal=USR2", jobs["sbatch"]], check=True)  # the batch shell, as B:USR2
+    out = lambda: "\n".join(p.read_text(errors="replace") for p in folder.rglob("*.out")) + "\n".join(
+        p.read_text(errors="replace") for p in folder.rglob("*.err"))  # fmt: skip
+    for route, job in jobs.items():
+        assert wait_final(job, timeout=240) == "COMPLETED", f"{route}: {out()[-4000:]}"
+        assert scontrol_restarts(job) == 1, route
+    text = out()
+    assert "submitit: second run done" in text and "sbatch: second run done" in text, text[-4000:]
+    assert "[sbatch] training step exited with 140" in text, text[-4000:]
+
+
 def test_workflow_on_slurm_runs_as_chained_jobs(cluster, tmp_path_factory, gpt2_ranks):
     """`pretrain run --executor slurm`: data → train → eval watcher (its eval jobs on SLURM too) →
     report, as jobs chained with --dependency; the command returns at once."""
