@@ -21,11 +21,10 @@ import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from common.stop_signals import STOP_SIGNALS
 from dataprep.config import RayConfig
 
 __all__ = ["start_ray", "stop_ray"]
-
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR2}
 
 
 @contextlib.contextmanager

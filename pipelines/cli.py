@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from common.rundir import RunDir
+from common.stop_signals import STOP_SIGNALS
 from evals.config import EvalConfig
 from pipelines.config import ConfigError, PipelineConfig, check_geometry, dump_yaml, load_config, to_dict
 
@@ -43,7 +44,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     job requeues on it); 130: Ctrl-C. Finished work is kept in every case, and a rerun resumes."""
     from dataprep.pipeline import DataError, run_data_stage
     from pipelines.stages import EXIT_REQUEUE
-    from pipelines.stopping import ignore_stop_signals, is_stop_signal, stop_signals
+    from common.stop_signals import ignore_stop_signals
+    from pipelines.stopping import is_stop_signal, stop_signals
 
     cfg = _load(args)
     if args.executor == "slurm":
@@ -122,7 +124,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) under torchrun; exit 3 means "checkpointed on a stop signal, requeue me",
     and also "stopped before training started" (nothing to save yet: a rerun starts it)."""
     from pipelines.stages import EXIT_REQUEUE
-    from pipelines.stopping import ignore_stop_signals, is_stop_signal, stop_signals
+    from common.stop_signals import ignore_stop_signals
+    from pipelines.stopping import is_stop_signal, stop_signals
     from trainer.launch import train_command, under_torchrun
 
     received: list[int] = []
@@ -489,9 +492,9 @@ def main(argv: list[str] | None = None) -> int:
         args.help_parser.print_help(sys.stderr)
         return EXIT_CONFIG_ERROR
     # `pretrain train`/`data` leave SIGTERM/SIGUSR2 ignored once their outcome is decided, until the
-    # process exits (pipelines.stopping.ignore_stop_signals); a caller in the same process
+    # process exits (common.stop_signals.ignore_stop_signals); a caller in the same process
     # (main([...])) gets its own handlers back.
-    callers_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)} if argv is not None else {}
+    callers_handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS} if argv is not None else {}
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

@@ -14,7 +14,9 @@ import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["StopRequested", "ignore_stop_signals", "is_stop_signal", "stop_signals"]
+from common.stop_signals import STOP_SIGNALS
+
+__all__ = ["StopRequested", "is_stop_signal", "stop_signals"]
 
 
 class StopRequested(KeyboardInterrupt):
@@ -31,7 +33,7 @@ class StopRequested(KeyboardInterrupt):
 
 def is_stop_signal(signum: int | None) -> bool:
     """Whether the recorded interruption was a stop signal (exit 3) rather than Ctrl-C (130)."""
-    return signum in (signal.SIGTERM, signal.SIGUSR2)
+    return signum in STOP_SIGNALS
 
 
 @contextlib.contextmanager
@@ -50,7 +52,7 @@ def stop_signals(record: Callable[[int], None]) -> Iterator[None]:
         record(signum)
         raise KeyboardInterrupt
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)
     try:
         yield
@@ -58,11 +60,3 @@ def stop_signals(record: Callable[[int], None]) -> Iterator[None]:
         for s, h in previous.items():
             signal.signal(s, h)
 
-
-def ignore_stop_signals() -> None:
-    """The command's outcome is decided: from here to the process's end, SIGTERM/SIGUSR2 have
-    nothing left to stop. Their default action would turn "done" (0) or "requeue me" (3) into
-    "killed", which a SLURM job reports as a failure; SLURM's time-limit signal can come at any
-    moment, including the last one."""
-    for s in (signal.SIGTERM, signal.SIGUSR2):
-        signal.signal(s, signal.SIG_IGN)

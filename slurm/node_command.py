@@ -29,6 +29,8 @@ import time
 import submitit
 from submitit.core.utils import UncompletedJobError
 
+from common.stop_signals import STOP_SIGNALS
+
 
 def rendezvous_port(job_id: str) -> int:
     digits = "".join(c for c in str(job_id) if c.isdigit()) or "0"
@@ -118,7 +120,7 @@ class NodeCommand(submitit.helpers.Checkpointable):
 
     def stopped(self, rc: int | None) -> bool:
         """The command checkpointed on a stop signal (``requeue_exit_code``) or was killed by one."""
-        return rc == self.requeue_exit_code or rc in (-signal.SIGTERM, -signal.SIGUSR2)
+        return rc == self.requeue_exit_code or (rc is not None and -rc in STOP_SIGNALS)
 
     def _requeue_self(self, job: submitit.JobEnvironment, restarts: int) -> None:
         if "SLURM_JOB_ID" not in os.environ:

@@ -44,7 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+from common.stop_signals import STOP_SIGNALS, ignore_stop_signals
+
 _WAIT_NODES = """
 import json, sys, time, ray
 ray.init(address=sys.argv[1], logging_level="ERROR", include_dashboard=False)
@@ -214,7 +215,7 @@ def run_head(args: argparse.Namespace, ip: str, tmp: str) -> int:
         log(f"{e}: stopping the driver and Ray; exit {args.stopped_exit_code}")
         return args.stopped_exit_code
     finally:
-        _ignore_stop_signals()
+        ignore_stop_signals()
         stop(driver, grace_s=30.0)
         stop(ray_proc)
 
@@ -238,13 +239,8 @@ def run_worker(args: argparse.Namespace, ip: str, rank: int, tmp: str) -> int:
         log(f"node {rank}: {e}: stopping Ray")
         return 0
     finally:
-        _ignore_stop_signals()
+        ignore_stop_signals()
         stop(ray_proc)
-
-
-def _ignore_stop_signals() -> None:
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
