@@ -42,10 +42,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     """Build the shard directory. Exit 2: bad input or config (fix it first); 1: a network failure
     or anything else a rerun may get past; 3: stopped by SIGTERM/SIGUSR2 (the single-node SLURM data
     job requeues on it); 130: Ctrl-C. Finished work is kept in every case, and a rerun resumes."""
-    from dataprep.pipeline import DataError, run_data_stage
-    from pipelines.stages import EXIT_REQUEUE
     from common.stop_signals import ignore_stop_signals
-    from pipelines.stopping import is_stop_signal, stop_signals
+    from dataprep.pipeline import DataError, run_data_stage
+    from pipelines.stopping import stop_signals
 
     cfg = _load(args)
     if args.executor == "slurm":
@@ -59,12 +58,20 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"pretrain data: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        if not (received and is_stop_signal(received[0])):
-            raise  # Ctrl-C; main(): "interrupted", 130
-        print(f"pretrain data: stopped by {signal.Signals(received[0]).name}; finished work is kept, "
-              "run the same command again to resume", file=sys.stderr)
-        return EXIT_REQUEUE
+        return _stopped(received, "pretrain data", "finished work is kept, run the same command again to resume")
     return 0
+
+
+def _stopped(received: list[int], command: str, advice: str) -> int:
+    """For a command's ``except KeyboardInterrupt:`` around :func:`pipelines.stopping.stop_signals`:
+    a stop signal is exit 3 ("requeue me", said on stderr); a Ctrl-C goes on up (main(): 130)."""
+    from pipelines.stages import EXIT_REQUEUE
+    from pipelines.stopping import is_stop_signal
+
+    if not (received and is_stop_signal(received[0])):
+        raise KeyboardInterrupt
+    print(f"{command}: stopped by {signal.Signals(received[0]).name}; {advice}", file=sys.stderr)
+    return EXIT_REQUEUE
 
 
 def _submit_data(args: argparse.Namespace, cfg: PipelineConfig) -> int:
@@ -123,9 +130,8 @@ def cmd_evals_fetch_data(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) under torchrun; exit 3 means "checkpointed on a stop signal, requeue me",
     and also "stopped before training started" (nothing to save yet: a rerun starts it)."""
-    from pipelines.stages import EXIT_REQUEUE
     from common.stop_signals import ignore_stop_signals
-    from pipelines.stopping import is_stop_signal, stop_signals
+    from pipelines.stopping import stop_signals
     from trainer.launch import train_command, under_torchrun
 
     received: list[int] = []
@@ -138,11 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 check_geometry(cfg, on_slurm=False, nnodes=args.nnodes)
             return train_command(to_dict(cfg), args.nnodes, args.rdzv_endpoint, args.rdzv_id, allow_changes=args.allow_changes)
     except KeyboardInterrupt:
-        if not (received and is_stop_signal(received[0])):
-            raise  # Ctrl-C; main(): "interrupted", 130
-        print(f"pretrain train: stopped by {signal.Signals(received[0]).name} before or after training; "
-              "run the same command again to continue", file=sys.stderr)
-        return EXIT_REQUEUE
+        return _stopped(received, "pretrain train", "training had not started or had ended; run the same command again to continue")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
