@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from common.durable import atomic_output, atomic_write_bytes, atomic_write_json
+from common.durable import atomic_output, atomic_write_bytes, atomic_write_json, fsync_dir
 from dataprep import dedup
 from dataprep.config import DataConfig, RayConfig
 from dataprep.documents import REASONS, Chunk, Row, RowStatus, plan_file, read_chunk
@@ -231,7 +231,7 @@ def task_write_shard(plan: ShardPlan, output_dir: Path, work: Path) -> dict[str,
     target = output_dir / plan.name
     if record_path.exists() and target.exists():
         record = json.loads(record_path.read_text())
-        if read_header(target) == record["tokens"]:
+        if record.pop("plan", None) == _plan_digest(plan) and read_header(target) == record["tokens"]:
             return record
     files = _ChunkFiles(work)
     try:
@@ -240,8 +240,16 @@ def task_write_shard(plan: ShardPlan, output_dir: Path, work: Path) -> dict[str,
     finally:
         files.close()
     record = {"path": plan.name, "split": plan.split, "tokens": tokens, "docs": plan.docs, "sha256": digest}
-    atomic_write_json(record_path, record)
+    atomic_write_json(record_path, {**record, "plan": _plan_digest(plan)})
     return record
+
+
+def _plan_digest(plan: ShardPlan) -> str:
+    """What a shard was written from: a record is reused only for the very same plan (not, say,
+    a shard of the same name and size cut with another shuffle seed)."""
+    h = hashlib.sha256(json.dumps([plan.name, plan.split, plan.tokens, plan.docs]).encode())
+    h.update(np.ascontiguousarray(plan.pieces, dtype="<i8").tobytes())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,11 +327,23 @@ def _differences(manifest: dict[str, Any], config: dict[str, Any]) -> str:
     return "settings differ: " + ", ".join(changed) + hint
 
 
+def _discard_work(output_dir: Path) -> None:
+    """Delete the work dir as a whole or not at all: renamed away first (one atomic step), then deleted.
+
+    ``rmtree`` alone deletes ``fingerprint`` among the first files; a kill after that left
+    intermediates with no stamp, which the next run would have taken for its own.
+    """
+    trash = output_dir / f"{WORK_DIR}.trash.{os.getpid()}.{time.time_ns()}"
+    os.replace(output_dir / WORK_DIR, trash)
+    fsync_dir(output_dir)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def _prepare_output(output_dir: Path, fingerprint: str, config: dict[str, Any]) -> tuple[Path, dict | None]:
     """Return the work dir; or the existing manifest if this exact dataset is already complete.
 
     A finished dataset built from other inputs is never overwritten. Leftovers of an unfinished run
-    of another fingerprint (uncommitted shards, intermediates) are cleared.
+    of another fingerprint, or of none (uncommitted shards, intermediates), are cleared.
     """
     manifest_path = output_dir / MANIFEST_NAME
     if manifest_path.exists():
@@ -336,10 +356,12 @@ def _prepare_output(output_dir: Path, fingerprint: str, config: dict[str, Any]) 
         )
     work = output_dir / WORK_DIR
     stamp = work / "fingerprint"
-    if stamp.exists() and stamp.read_text() != fingerprint:
-        shutil.rmtree(work)
-        for stale in output_dir.glob("*_*.bin"):
+    if work.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
+        for stale in output_dir.glob("*_*.bin"):  # first: until the work dir goes, its stamp says they are stale
             stale.unlink()
+        _discard_work(output_dir)
+    for trash in output_dir.glob(f"{WORK_DIR}.trash.*"):  # what a killed discard left
+        shutil.rmtree(trash, ignore_errors=True)
     for sub in ("scan", "tokens", "shards", "minhash/sigs.done", "minhash/buckets.done"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(stamp, fingerprint.encode())
@@ -399,7 +421,7 @@ def _build(cfg: DataConfig, ranks_sha256: str, waves: _Waves, listed: list[tuple
     manifest = _manifest(cfg, fingerprint, ranks_sha256, sources, rows_per_source, stats, shards, removed)
     atomic_write_json(output_dir / MANIFEST_NAME, manifest)  # commit point
     if not cfg.keep_work:
-        shutil.rmtree(work, ignore_errors=True)
+        _discard_work(output_dir)
     return manifest
 
 

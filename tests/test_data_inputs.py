@@ -1,0 +1,73 @@
+"""The data stage against leftovers and awkward inputs: a work dir a kill left half-deleted, an
+edited local source, ids that are not encodable text, corrupt compressed files, missing paths.
+
+Each test builds its own small corpus in ``tmp_path`` and runs the real stage (in-process Ray).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dataprep.config import RayConfig
+from dataprep.packing import ShardPlan
+from dataprep.pipeline import run_data_stage, task_write_shard
+from tests.corpus import Corpus, write_files
+from tests.test_data import data_cfg, tree_digest
+
+
+def small_corpus(directory: Path, n: int = 40, n_files: int = 2) -> Corpus:
+    """``n`` short distinct documents in ``n_files`` files (parquet, jsonl)."""
+    c = Corpus(docs=[{"id": f"d{i}", "text": f"Document {i} is about the river number {i * 7} and its {i} hills."} for i in range(n)])
+    write_files(directory, c, n_files)
+    return c
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*_*.bin"))}
+
+
+# --- 1. a work dir that lost its fingerprint ----------------------------------------------------
+
+
+def test_a_work_dir_without_its_fingerprint_is_not_reused_for_other_settings(tmp_path, gpt2_ranks, ray_cluster):
+    """What a kill during the old ``rmtree(.work)`` left: intermediates and shard records with no
+    ``fingerprint``. The rerun with another shuffle seed must not take them for its own (it kept
+    the old seed's shards while the manifest said seed 7)."""
+    src = tmp_path / "src"
+    small_corpus(src)
+    kw = dict(val_tokens=0, minhash_dedup=False)  # one train shard holding every document, in either order
+    out = tmp_path / "out"
+    run_data_stage(data_cfg(src, out, gpt2_ranks, keep_work=True, **kw), RayConfig())
+    (out / "manifest.json").unlink()
+    (out / ".work" / "fingerprint").unlink()
+    (out / ".work.trash.1.2" / "scan").mkdir(parents=True)  # a discard killed after its rename
+    m = run_data_stage(data_cfg(src, out, gpt2_ranks, shuffle_seed=7, **kw), RayConfig())
+    fresh = tmp_path / "fresh"
+    run_data_stage(data_cfg(src, fresh, gpt2_ranks, shuffle_seed=7, **kw), RayConfig())
+    assert m["config"]["shuffle_seed"] == 7
+    assert shard_bytes(out) == shard_bytes(fresh) and tree_digest(out) == tree_digest(fresh)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def _token_work(work: Path, tokens: np.ndarray) -> None:
+    (work / "tokens").mkdir(parents=True)
+    (work / "shards").mkdir()
+    tokens.astype("<u2").tofile(work / "tokens" / "000000.bin")
+
+
+def test_a_shard_record_of_another_plan_is_not_reused(tmp_path):
+    """Same name, split, size and document count, other order: the shard is written again."""
+    work, out = tmp_path / ".work", tmp_path
+    _token_work(work, np.arange(100, 130))
+    first = ShardPlan("train_000000.bin", "train", np.array([[0, 0, 10], [0, 10, 30]], np.int64), 30, 2)
+    other = ShardPlan("train_000000.bin", "train", np.array([[0, 10, 30], [0, 0, 10]], np.int64), 30, 2)
+    task_write_shard(first, out, work)
+    record = task_write_shard(other, out, work)
+    body = np.fromfile(out / "train_000000.bin", "<u2")[-30:]
+    assert body.tolist() == list(range(110, 130)) + list(range(100, 110))
+    assert "plan" not in record and json.loads((work / "shards" / "train_000000.bin.json").read_text())["sha256"] == record["sha256"]
+    assert task_write_shard(other, out, work) == record  # the same plan: skipped, same record
