@@ -162,6 +162,7 @@ def download(
     with _file_lock(dest.with_name(dest.name + ".lock")):
         if (done := _cached(url, name, dest)) is not None:  # another process fetched it while we waited
             return done
+        stamp = _local_stamp(url)  # before the copy: an edit during it shows as a change next time
         part = Partial(dest.with_name(dest.name + ".part"))
         if part.n:
             print(f"pretrain data: {name}: continuing the partial download at byte {part.n}", file=sys.stderr)
@@ -173,7 +174,8 @@ def download(
         part.close()
         publish(part.path, dest)
         sha = part.sha.hexdigest()
-        atomic_write_json(_meta_path(dest), {"url": url, "bytes": part.n, "sha256": sha})  # under the lock: a waiter reads it
+        meta = {"url": url, "bytes": part.n, "sha256": sha, **({"source": stamp} if stamp else {})}
+        atomic_write_json(_meta_path(dest), meta)  # under the lock: a waiter reads it
     return SourceFile(name=name, uri=url, path=str(dest), bytes=part.n, sha256=sha)
 
 
@@ -189,7 +191,24 @@ def _cached(url: str, name: str, dest: Path) -> SourceFile | None:
     meta = json.loads(meta_path.read_text())
     if meta.get("url") != url or meta.get("bytes") != dest.stat().st_size:
         return None
+    if url.startswith("file://") and meta.get("source") != _local_stamp(url):
+        return None  # the local file was edited (or replaced) since it was copied: copy it again
     return SourceFile(name=name, uri=url, path=str(dest), bytes=meta["bytes"], sha256=meta["sha256"])
+
+
+def _local_stamp(url: str) -> list[int] | None:
+    """[mtime_ns, size] of a ``file://`` source (None for other URLs, or a file that is gone).
+
+    A remote file's URL stands for fixed bytes (the Hub's are content-addressed); a local file can be
+    edited in place, keeping its size, so its copy is trusted only while this stamp is unchanged.
+    """
+    if not url.startswith("file://"):
+        return None
+    try:
+        st = os.stat(url.removeprefix("file://"))
+    except OSError:
+        return None
+    return [st.st_mtime_ns, st.st_size]
 
 
 @contextlib.contextmanager

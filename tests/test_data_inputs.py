@@ -71,3 +71,29 @@ def test_a_shard_record_of_another_plan_is_not_reused(tmp_path):
     assert body.tolist() == list(range(110, 130)) + list(range(100, 110))
     assert "plan" not in record and json.loads((work / "shards" / "train_000000.bin.json").read_text())["sha256"] == record["sha256"]
     assert task_write_shard(other, out, work) == record  # the same plan: skipped, same record
+
+
+# --- 2. an edited file:// source ---------------------------------------------------------------
+
+
+def test_an_edited_file_url_source_is_copied_again(tmp_path, gpt2_ranks, ray_cluster):
+    """Same size, new bytes: the cache's copy (checked by URL and size only) was reused, and the
+    manifest named the old sha256."""
+    import hashlib
+    import os
+
+    src = tmp_path / "src"
+    small_corpus(src, n_files=2)
+    jsonl = src / "part_01.jsonl"
+    kw = dict(val_tokens=0, minhash_dedup=False, cache_dir=str(tmp_path / "cache"))
+    first = run_data_stage(data_cfg(f"file://{src}", tmp_path / "out1", gpt2_ranks, **kw), RayConfig())
+    edited = jsonl.read_bytes().replace(b"river", b"ocean")
+    assert len(edited) == jsonl.stat().st_size
+    jsonl.write_bytes(edited)
+    st = jsonl.stat()
+    os.utime(jsonl, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a coarse clock may not have moved
+    second = run_data_stage(data_cfg(f"file://{src}", tmp_path / "out2", gpt2_ranks, **kw), RayConfig())
+    sha = {s["name"]: s["sha256"] for s in second["sources"]}
+    assert sha["part_01.jsonl"] == hashlib.sha256(edited).hexdigest() != {s["name"]: s["sha256"] for s in first["sources"]}["part_01.jsonl"]
+    assert sha["part_00.parquet"] == hashlib.sha256((src / "part_00.parquet").read_bytes()).hexdigest()
+    assert second["stats"]["docs_kept"] == first["stats"]["docs_kept"]
