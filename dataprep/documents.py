@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
@@ -32,6 +33,7 @@ class RowStatus(IntEnum):
 
 
 REASONS = {RowStatus.EMPTY: "empty", RowStatus.INVALID_UTF8: "invalid_utf8"}
+_SURROGATES = re.compile(r"[\ud800-\udfff]")  # not encodable as UTF-8
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,17 @@ def _decode(raw: bytes | None) -> tuple[str | None, RowStatus]:
     return (text, RowStatus.OK) if text.strip() else (None, RowStatus.EMPTY)
 
 
+def _doc_id(value: object, src: SourceFile, row: int) -> str:
+    """A row's id as text that can be written: its own id, else ``file:row``.
+
+    JSON escapes can smuggle lone surrogates into an id (``"bad\\ud800id"``); they become U+FFFD,
+    as undecodable bytes do, so that removed.jsonl (UTF-8) can still name the document.
+    """
+    if value is None:
+        return f"{src.name}:{row}"
+    return _SURROGATES.sub("\ufffd", str(value))
+
+
 def read_chunk(src: SourceFile, chunk: Chunk, text_column: str, id_column: str) -> Iterator[Row]:
     """The rows of one chunk, in file order, each with its validation status."""
     reader = _read_parquet if _is_parquet(src.path) else _read_jsonl
@@ -174,7 +187,7 @@ def _read_jsonl(src: SourceFile, chunk: Chunk, text_column: str, id_column: str)
                     doc_id = json.loads(line.decode("utf-8", errors="replace")).get(id_column)
                 except (json.JSONDecodeError, AttributeError):
                     doc_id = None
-                yield Row(row, str(doc_id) if doc_id is not None else f"{src.name}:{row}", None, RowStatus.INVALID_UTF8)
+                yield Row(row, _doc_id(doc_id, src, row), None, RowStatus.INVALID_UTF8)
                 continue
             try:
                 obj = json.loads(line)
@@ -183,8 +196,7 @@ def _read_jsonl(src: SourceFile, chunk: Chunk, text_column: str, id_column: str)
             if not isinstance(obj, dict) or text_column not in obj:
                 raise DataError(f"{src.name}: row {row} (line {row + 1}) has no '{text_column}' field")
             value = obj[text_column]
-            doc_id = obj.get(id_column)
-            doc_id = str(doc_id) if doc_id is not None else f"{src.name}:{row}"
+            doc_id = _doc_id(obj.get(id_column), src, row)
             if value is None:
                 yield Row(row, doc_id, None, RowStatus.EMPTY)
                 continue

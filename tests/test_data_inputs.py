@@ -97,3 +97,23 @@ def test_an_edited_file_url_source_is_copied_again(tmp_path, gpt2_ranks, ray_clu
     assert sha["part_01.jsonl"] == hashlib.sha256(edited).hexdigest() != {s["name"]: s["sha256"] for s in first["sources"]}["part_01.jsonl"]
     assert sha["part_00.parquet"] == hashlib.sha256((src / "part_00.parquet").read_bytes()).hexdigest()
     assert second["stats"]["docs_kept"] == first["stats"]["docs_kept"]
+
+
+# --- 3, 4. ids that are not encodable text -------------------------------------------------------
+
+
+def removed_ids(out: Path) -> dict[str, str]:
+    return {json.loads(l)["id"]: json.loads(l)["reason"] for l in (out / "removed.jsonl").read_bytes().decode("utf-8").splitlines()}
+
+
+def test_a_lone_surrogate_id_in_jsonl_is_written_as_a_replacement_character(tmp_path, gpt2_ranks, ray_cluster):
+    """``\\ud800`` is valid JSON but not encodable text: removed.jsonl crashed with UnicodeEncodeError
+    after all the work (exit 1, on every rerun)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    good = [json.dumps({"id": f"g{i}", "text": f"An ordinary document {i} about rivers."}) for i in range(3)]
+    (src / "a.jsonl").write_text("\n".join([good[0], '{"id": "bad\\ud800id", "text": "  "}', *good[1:]]) + "\n")
+    out = tmp_path / "out"
+    m = run_data_stage(data_cfg(src, out, gpt2_ranks, val_tokens=0, minhash_dedup=False), RayConfig())
+    assert m["stats"]["docs_kept"] == 3 and m["stats"]["removed"]["empty"] == 1
+    assert removed_ids(out) == {"bad\ufffdid": "empty"}
