@@ -161,12 +161,25 @@ def _read_parquet(src: SourceFile, chunk: Chunk, text_column: str, id_column: st
         if batch is None:
             raise DataError(f"{src.name}: ended at row {row}, expected {chunk.row_end} rows (changed while reading?)")
         texts = batch.column(text_column).cast(as_bytes).to_pylist()
-        ids = batch.column(id_column).to_pylist() if id_column in batch.schema.names else [None] * len(texts)
+        ids = _parquet_ids(batch, id_column)
         for raw, doc_id in zip(texts, ids):
             if chunk.row_start <= row < chunk.row_end:
                 text, status = _decode(raw)
-                yield Row(row, str(doc_id) if doc_id is not None else f"{src.name}:{row}", text, status)
+                yield Row(row, _doc_id(doc_id, src, row), text, status)
             row += 1
+
+
+def _parquet_ids(batch: pa.RecordBatch, id_column: str) -> list:
+    """A batch's ids (None where there are none). A string column is read as bytes and decoded with
+    U+FFFD for what is not UTF-8, as for jsonl lines: Arrow does not validate a file's strings, and
+    turning a bad one into Python raised UnicodeDecodeError."""
+    if id_column not in batch.schema.names:
+        return [None] * batch.num_rows
+    ids = batch.column(id_column)
+    if pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type):
+        as_bytes = pa.binary() if pa.types.is_string(ids.type) else pa.large_binary()
+        return [None if b is None else b.decode("utf-8", errors="replace") for b in ids.cast(as_bytes).to_pylist()]
+    return ids.to_pylist()
 
 
 def _read_jsonl(src: SourceFile, chunk: Chunk, text_column: str, id_column: str) -> Iterator[Row]:

@@ -117,3 +117,18 @@ def test_a_lone_surrogate_id_in_jsonl_is_written_as_a_replacement_character(tmp_
     m = run_data_stage(data_cfg(src, out, gpt2_ranks, val_tokens=0, minhash_dedup=False), RayConfig())
     assert m["stats"]["docs_kept"] == 3 and m["stats"]["removed"]["empty"] == 1
     assert removed_ids(out) == {"bad\ufffdid": "empty"}
+
+
+def test_a_parquet_id_that_is_not_utf8_is_decoded_with_replacement_characters(tmp_path, gpt2_ranks, ray_cluster):
+    """Arrow reads such a file without complaint; turning the id into Python raised UnicodeDecodeError (exit 1)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    src.mkdir()
+    ids = pa.array([b"p0", b"\xff\xfe", b"p2"], pa.binary()).view(pa.string())
+    texts = ["An ordinary document about rivers.", "   ", "Another document about hills."]
+    pq.write_table(pa.table({"id": ids, "text": texts}), src / "b.parquet")
+    out = tmp_path / "out"
+    m = run_data_stage(data_cfg(src, out, gpt2_ranks, val_tokens=0, minhash_dedup=False), RayConfig())
+    assert m["stats"]["docs_kept"] == 2 and removed_ids(out) == {"\ufffd\ufffd": "empty"}
