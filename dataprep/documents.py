@@ -15,6 +15,7 @@ import gzip
 import io
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
@@ -33,6 +34,8 @@ class RowStatus(IntEnum):
 
 
 REASONS = {RowStatus.EMPTY: "empty", RowStatus.INVALID_UTF8: "invalid_utf8"}
+# What reading a damaged file raises: zlib.error is a corrupt deflate stream, which is no OSError.
+UNREADABLE = (OSError, EOFError, zlib.error)
 _SURROGATES = re.compile(r"[\ud800-\udfff]")  # not encodable as UTF-8
 
 
@@ -91,8 +94,8 @@ def plan_file(source_index: int, src: SourceFile, chunk_docs: int, text_column: 
                 if rows - start >= chunk_docs:
                     chunks.append((start, rows, start_offset))
                     start, start_offset = rows, offset
-    except (OSError, EOFError) as e:
-        raise DataError(f"{src.name}: unreadable file after row {rows}: {e}") from e
+    except UNREADABLE as e:
+        raise DataError(f"{src.name}: unreadable file after row {rows}: {type(e).__name__}: {e}") from e
     if rows > start:
         chunks.append((start, rows, start_offset))
     return rows, chunks
@@ -182,42 +185,53 @@ def _parquet_ids(batch: pa.RecordBatch, id_column: str) -> list:
     return ids.to_pylist()
 
 
+def _lines(src: SourceFile, chunk: Chunk) -> Iterator[tuple[int, bytes]]:
+    """The chunk's raw lines with their rows. A file that cannot be read on (a corrupt gzip stream)
+    is a DataError naming the row: the data needs fixing, a rerun would meet it again."""
+    row = chunk.row_start
+    try:
+        with _open_text(src.path) as f:
+            f.seek(chunk.byte_offset)
+            for row in range(chunk.row_start, chunk.row_end):
+                line = f.readline()
+                if not line:
+                    raise DataError(f"{src.name}: file ended at row {row}, expected {chunk.row_end} rows (changed while reading?)")
+                yield row, line
+    except UNREADABLE as e:
+        raise DataError(f"{src.name}: unreadable file at row {row}: {type(e).__name__}: {e}") from e
+
+
 def _read_jsonl(src: SourceFile, chunk: Chunk, text_column: str, id_column: str) -> Iterator[Row]:
-    with _open_text(src.path) as f:
-        f.seek(chunk.byte_offset)
-        for row in range(chunk.row_start, chunk.row_end):
-            line = f.readline()
-            if not line:
-                raise DataError(f"{src.name}: file ended at row {row}, expected {chunk.row_end} rows (changed while reading?)")
-            if not line.strip():
-                yield Row(row, f"{src.name}:{row}", None, RowStatus.EMPTY)
-                continue
+    for row, line in _lines(src, chunk):
+        if not line.strip():
+            yield Row(row, f"{src.name}:{row}", None, RowStatus.EMPTY)
+            continue
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            # Still name the document by its id when the rest of the line parses.
             try:
-                line.decode("utf-8")
-            except UnicodeDecodeError:
-                # Still name the document by its id when the rest of the line parses.
-                try:
-                    doc_id = json.loads(line.decode("utf-8", errors="replace")).get(id_column)
-                except (json.JSONDecodeError, AttributeError):
-                    doc_id = None
-                yield Row(row, _doc_id(doc_id, src, row), None, RowStatus.INVALID_UTF8)
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{src.name}: row {row} (line {row + 1}) is not valid JSON: {e.msg}") from e
-            if not isinstance(obj, dict) or text_column not in obj:
-                raise DataError(f"{src.name}: row {row} (line {row + 1}) has no '{text_column}' field")
-            value = obj[text_column]
-            doc_id = _doc_id(obj.get(id_column), src, row)
-            if value is None:
-                yield Row(row, doc_id, None, RowStatus.EMPTY)
-                continue
-            if not isinstance(value, str):
-                raise DataError(f"{src.name}: row {row} (line {row + 1}): '{text_column}' is {type(value).__name__}, not a string")
-            try:  # JSON escapes can smuggle in lone surrogates, which are not encodable text
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                yield Row(row, doc_id, None, RowStatus.INVALID_UTF8)
-                continue
-            yield Row(row, doc_id, value if value.strip() else None, RowStatus.OK if value.strip() else RowStatus.EMPTY)
+                doc_id = json.loads(line.decode("utf-8", errors="replace")).get(id_column)
+            except (json.JSONDecodeError, AttributeError):
+                doc_id = None
+            yield Row(row, _doc_id(doc_id, src, row), None, RowStatus.INVALID_UTF8)
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{src.name}: row {row} (line {row + 1}) is not valid JSON: {e.msg}") from e
+        if not isinstance(obj, dict) or text_column not in obj:
+            raise DataError(f"{src.name}: row {row} (line {row + 1}) has no '{text_column}' field")
+        value = obj[text_column]
+        doc_id = _doc_id(obj.get(id_column), src, row)
+        if value is None:
+            yield Row(row, doc_id, None, RowStatus.EMPTY)
+            continue
+        if not isinstance(value, str):
+            raise DataError(f"{src.name}: row {row} (line {row + 1}): '{text_column}' is {type(value).__name__}, not a string")
+        try:  # JSON escapes can smuggle in lone surrogates, which are not encodable text
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            yield Row(row, doc_id, None, RowStatus.INVALID_UTF8)
+            continue
+        yield Row(row, doc_id, value if value.strip() else None, RowStatus.OK if value.strip() else RowStatus.EMPTY)

@@ -132,3 +132,40 @@ def test_a_parquet_id_that_is_not_utf8_is_decoded_with_replacement_characters(tm
     out = tmp_path / "out"
     m = run_data_stage(data_cfg(src, out, gpt2_ranks, val_tokens=0, minhash_dedup=False), RayConfig())
     assert m["stats"]["docs_kept"] == 2 and removed_ids(out) == {"\ufffd\ufffd": "empty"}
+
+
+# --- 5. a corrupt gzip body --------------------------------------------------------------------
+
+
+def corrupt_gzip(path: Path, rows: int = 200) -> None:
+    """A jsonl.gz whose deflate stream is damaged (bytes 200-260 flipped): zlib.error, not OSError."""
+    import gzip
+
+    lines = [json.dumps({"id": f"z{i}", "text": f"Row {i}: a document about the {i}th river and hill."}) for i in range(rows)]
+    data = bytearray(gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0))
+    data[200:260] = bytes(b ^ 0xFF for b in data[200:260])
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_gzip_body_is_refused_naming_the_file(tmp_path, gpt2_ranks, ray_cluster):
+    from dataprep.errors import DataError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    corrupt_gzip(src / "a.jsonl.gz")
+    with pytest.raises(DataError, match=r"a\.jsonl\.gz: unreadable file after row \d+: error: Error -3") as e:
+        run_data_stage(data_cfg(src, tmp_path / "out", gpt2_ranks), RayConfig())
+    assert e.value.exit_code == 2
+
+
+def test_a_gzip_that_turns_corrupt_after_planning_is_refused_naming_the_row(tmp_path):
+    """The reader of a chunk (not only the planner) turns a damaged stream into a DataError."""
+    from dataprep.documents import Chunk, read_chunk
+    from dataprep.errors import DataError
+    from dataprep.sources import describe_local
+
+    path = tmp_path / "a.jsonl.gz"
+    corrupt_gzip(path)
+    with pytest.raises(DataError, match=r"a\.jsonl\.gz: unreadable file at row (\d+): error: ") as e:
+        list(read_chunk(describe_local("a.jsonl.gz", str(path)), Chunk(0, 0, 0, 200), "text", "id"))
+    assert 0 <= int(e.value.args[0].split("at row ")[1].split(":")[0]) < 200
