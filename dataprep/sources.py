@@ -111,6 +111,8 @@ def list_remote(source: str, config: str) -> list[tuple[str, str]]:
     url = f"hf://datasets/{source}/{hf_config_glob(config)}" if _looks_like_hf_repo(source) else source
     fs, path = fsspec.core.url_to_fs(url)
     protocol = url.split("://", 1)[0]
+    if protocol == "file" and not any(c in path for c in "*?[") and not os.path.exists(path):
+        raise DataError(f"data.source: local path {path} (from {source}) does not exist")  # no retry brings it
     try:
         if any(c in path for c in "*?["):
             found = fs.glob(path)
@@ -248,6 +250,10 @@ def _fetch_verified(url: str, part: Partial, listed: Expected, retries: int, bac
         except Mismatch as e:
             part.restart()
             error: Exception = e
+        except FileNotFoundError as e:
+            if url.startswith("file://"):  # a local file that went away after the listing
+                raise DataError(f"{url}: no such file: {e}") from e
+            error = e
         except Exception as e:  # noqa: BLE001 - network errors of every library mean "try again"
             if part.n > before:
                 continue  # cut short after progress: resume at once

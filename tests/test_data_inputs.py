@@ -169,3 +169,24 @@ def test_a_gzip_that_turns_corrupt_after_planning_is_refused_naming_the_row(tmp_
     with pytest.raises(DataError, match=r"a\.jsonl\.gz: unreadable file at row (\d+): error: ") as e:
         list(read_chunk(describe_local("a.jsonl.gz", str(path)), Chunk(0, 0, 0, 200), "text", "id"))
     assert 0 <= int(e.value.args[0].split("at row ")[1].split(":")[0]) < 200
+
+
+# --- 7. a missing file:// path -------------------------------------------------------------------
+
+
+def test_a_missing_file_url_is_refused_at_once(tmp_path, gpt2_ranks):
+    """It was retried 5 times with backoff (~15 s), then exit 1, as if a rerun could find it."""
+    import time
+
+    from dataprep.errors import DataError
+    from dataprep.sources import download
+
+    missing = tmp_path / "missing" / "a.parquet"
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match=rf"data.source: local path {missing} \(from file://{missing}\) does not exist") as e:
+        run_data_stage(data_cfg(f"file://{missing}", tmp_path / "out", gpt2_ranks, download_retries=5), RayConfig())
+    assert e.value.exit_code == 2 and not (tmp_path / "out").exists()
+    # gone between the listing and the copy: refused too, not retried
+    with pytest.raises(DataError, match=rf"file://{missing}: no such file") as e:
+        download(f"file://{missing}", "a.parquet", tmp_path / "cache", retries=5, backoff_s=1.0)
+    assert e.value.exit_code == 2 and time.monotonic() - t0 < 5
