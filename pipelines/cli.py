@@ -219,8 +219,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate one committed checkpoint.
 
-    Exit 2 when a rerun cannot help (uncommitted or corrupt checkpoint, another eval of it holds the
-    lock for too long), 1 when it may (a task failed, MLflow unreachable: the rerun only redoes that).
+    Exit 2 when a rerun cannot help (uncommitted or corrupt checkpoint, malformed eval data, another
+    eval of it holds the lock for too long), 1 when it may (a task failed, MLflow unreachable: the
+    rerun only redoes that). ``--limit N`` other than ``eval.limit`` is a quick check (shown, kept
+    apart, not logged; see evals.results).
     A second eval of the same checkpoint waits for the first, then finds its results and logs nothing.
     """
     from evals.job import EvalJobError, evaluate_checkpoint, normalise_tasks
@@ -243,15 +245,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return EXIT_CONFIG_ERROR
     except EvalJobError as e:
         print(f"pretrain eval: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_CONFIG_ERROR if e.refused else 1
     return 0
 
 
 def cmd_evals_watch(args: argparse.Namespace) -> int:
     """Submit one eval job per committed checkpoint lacking results, until training is done.
 
-    Exit 2 if another watcher holds the run dir (named) or the setup is unusable; 1 if some
-    checkpoint's eval failed for good.
+    Exit 2 if another watcher holds the run dir (named), the setup is unusable or some checkpoint's
+    eval was refused for its data; 1 if some checkpoint's eval failed for good.
     """
     from evals.watch import WatchError, Watcher
     from trainer.checkpoint import latest_committed
@@ -443,7 +445,9 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="a committed checkpoint dir, e.g. RUN_DIR/checkpoints/step_00001000")
     p.add_argument("--config", help="take the eval section from this config (default: the checkpoint's own config)")
     p.add_argument("--tasks", help="comma-separated: hellaswag (ours) and/or lm-eval task names (default: eval.*)")
-    p.add_argument("--limit", type=int, default=None, help="rows per task (default eval.limit; 0 = all)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="a quick check on this many rows per task (0 = all): shown and kept under RUN_DIR/evals/STEP/checks/, "
+                        "not logged nor taken as the checkpoint's result (for that, set eval.limit)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config key")
     p.set_defaults(func=cmd_eval)
 

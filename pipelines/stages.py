@@ -148,12 +148,12 @@ def _run_train(ctx: StageContext) -> Outcome:
 def unevaluated(ctx: StageContext) -> list[str]:
     """Committed checkpoints that lack a complete result for some planned eval task."""
     from evals.job import planned_tasks
-    from evals.results import checkpoint_id, is_complete
+    from evals.results import all_complete
     from trainer.checkpoint import list_committed
 
     tasks = planned_tasks(ctx.cfg.eval)
     return [c.name for c in list_committed(ctx.run_dir)
-            if not all(is_complete(c, t, checkpoint_id(c), ctx.cfg.eval.limit) for t in tasks)]  # fmt: skip
+            if not all_complete(c, ctx.cfg.eval, tasks)]  # fmt: skip
 
 
 def _run_eval(ctx: StageContext) -> Outcome:
@@ -163,7 +163,9 @@ def _run_eval(ctx: StageContext) -> Outcome:
     rc = Watcher(ctx.run_dir, ctx.cfg.eval, executor="local", log=ctx.log).run(once=True)
     missing = unevaluated(ctx)
     if rc != 0 or missing:
-        raise WorkflowError(f"evals failed for {', '.join(missing) or 'some checkpoints'} (see {RunDir(ctx.run_dir).evals})")
+        refused = rc == EXIT_REFUSED  # an eval's data is wrong: fix it first
+        raise WorkflowError(f"evals {'refused' if refused else 'failed'} for {', '.join(missing) or 'some checkpoints'} "
+                            f"(see {RunDir(ctx.run_dir).evals})", EXIT_REFUSED if refused else EXIT_FAILURE)
     return Outcome(outputs={"checkpoints": len(list_committed(ctx.run_dir))})
 
 

@@ -143,18 +143,31 @@ class Workflow:
     def _reset(self, name: str) -> None:
         layout = RunDir(self.run_dir)
         if name == "train" and layout.checkpoints.exists():
-            archive = layout.archive / time.strftime("%Y%m%d-%H%M%S")
-            archive.mkdir(parents=True, exist_ok=True)
-            for item in (layout.checkpoints, layout.metrics, layout.tracking_run, layout.tracking_cursor, layout.evals):
-                if item.exists():
-                    shutil.move(str(item), archive / item.name)
+            archive = self._archive([layout.checkpoints, layout.metrics, layout.tracking_run, layout.tracking_cursor, layout.evals])
             self.log(f"workflow: previous training outputs moved to {archive}")
+        if name == "eval":
+            # "redo the evals": results are kept while their settings match (evals.results), so
+            # a restart moves them aside; each checkpoint's copy goes to checkpoint_evals/STEP
+            own = [c / "evals" for c in sorted(layout.checkpoints.glob("step_*")) if (c / "evals").is_dir()]
+            if own or layout.evals.exists():
+                archive = self._archive([layout.evals], {p: Path("checkpoint_evals") / p.parent.name for p in own})
+                self.log(f"workflow: previous eval results moved to {archive}")
         if name == "data" and (Path(self.cfg.data.output_dir) / "manifest.json").exists():
             raise ConfigError(
                 f"--restart-from data: {self.cfg.data.output_dir} already holds a finished dataset and is never "
                 "overwritten; set data.output_dir to a new directory (or delete it yourself)"
             )
         self.stages[name] = StageState()
+
+    def _archive(self, items: list[Path], renamed: dict[Path, Path] | None = None) -> Path:
+        """Move ``items`` (those that exist) and ``renamed`` (source -> path inside the archive)
+        into a fresh ``RUN_DIR/archive/<time>/``: outputs a restart replaces are kept, never deleted."""
+        archive = RunDir(self.run_dir).archive / time.strftime("%Y%m%d-%H%M%S")
+        moves = {item: Path(item.name) for item in items if item.exists()} | dict(renamed or {})
+        for source, inside in moves.items():
+            (archive / inside).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(source), archive / inside)
+        return archive
 
     def verify(self, name: str) -> str | None:
         """None if the stage's outputs are there and sound, else why not."""

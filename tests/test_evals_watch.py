@@ -334,8 +334,121 @@ def test_eval_by_hand_runs_where_submitit_is_not_installed(run, tmp_path):
     (blocker / "__init__.py").write_text("raise ImportError('submitit is not installed (blocked by the test)')\n")
     env = {"PYTHONPATH": str(blocker.parent)}
     log = tmp_path / "eval.log"
-    rc, out = run_cli("eval", str(ckpt), "--limit", "6", "eval.tracking_uri=none", log=log, env=env)
+    rc, out = run_cli("eval", str(ckpt), "eval.limit=6", "eval.tracking_uri=none", log=log, env=env)
     assert rc == 0 and "hellaswag: acc" in out, out
     assert read_result(ckpt, "hellaswag")["n"] == 6
     rc, out = run_cli("evals", "watch", str(copy), "--once", log=log, env=env)  # this one builds jobs: it needs submitit
     assert rc == 2 and "needs submitit, which cannot be imported here" in out and "Traceback" not in out, (rc, out)
+
+
+def _fresh_copy(run: Path, dest: Path) -> Path:
+    """A copy of the module's run with no eval results and no watcher state."""
+    copy = _copy_run(run, dest)
+    for name in STEPS:
+        shutil.rmtree(copy / "checkpoints" / name / "evals", ignore_errors=True)
+    shutil.rmtree(copy / "evals", ignore_errors=True)
+    return copy
+
+
+def test_bad_eval_data_is_refused_naming_the_row_and_the_rerun_after_the_fix_evaluates(run, tmp_path):
+    """A malformed HellaSwag row is the data's fault: exit 2 naming file and line, no retries; a
+    watcher that gave up is not stuck: rerun after the fix, it tries again."""
+    copy = _fresh_copy(run, tmp_path / "run")
+    good = Path(read_meta(copy / "checkpoints" / STEPS[0])["config"]["eval"]["hellaswag_path"])
+    lines = good.read_text().splitlines(keepends=True)
+    bad_row = json.loads(lines[3])
+    del bad_row["label"]
+    data = tmp_path / "hs.jsonl"
+    data.write_text("".join(lines[:3]) + json.dumps(bad_row) + "\n" + "".join(lines[4:]))
+    args = [f"eval.hellaswag_path={data}", "eval.tracking_uri=none", "eval.max_retries=2"]
+    log = tmp_path / "eval.log"
+
+    rc, out = run_cli("eval", str(copy / "checkpoints" / STEPS[0]), *args, log=log)
+    assert rc == 2 and f"{data}:4: not a HellaSwag row: no field 'label'" in out and "Traceback" not in out, out
+    rc, out = run_cli("evals", "watch", "--once", str(copy), *args, log=log)
+    assert rc == 2, out
+    assert out.count("submitted step_00000002") == 1 and "refused: fix the eval data" in out, "a refusal is not retried"
+
+    data.write_text(good.read_text())  # the fix
+    rc, out = run_cli("evals", "watch", "--once", str(copy), *args, log=log)
+    assert rc == 0 and "failed in an earlier run" in out and "trying again" in out, out
+    for name in STEPS:
+        assert read_result(copy / "checkpoints" / name, "hellaswag")["n"] == 24
+
+
+def test_an_interrupted_watcher_leaves_its_checkpoints_to_the_next_run_without_counting_the_attempt(run, tmp_path):
+    """Ctrl-C (or a stop signal, which the workflow turns into the same interruption) right after a
+    job was submitted: with no retries allowed, the next run must still evaluate that checkpoint."""
+    copy = _fresh_copy(run, tmp_path / "run")
+    hs = read_meta(copy / "checkpoints" / STEPS[0])["config"]["eval"]["hellaswag_path"]
+    cfg = EvalConfig(hellaswag_path=hs, device="cpu", max_retries=0, max_parallel=1, tracking_uri="none")
+    messages: list[str] = []
+
+    def interrupt_after_submitting(message: str) -> None:
+        messages.append(message)
+        if message.startswith("watch: submitted"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Watcher(copy, cfg, log=interrupt_after_submitting).run(once=True)
+    state = json.loads((copy / "evals" / "watch.json").read_text())["checkpoints"]
+    interrupted = next(name for name, e in state.items() if e["job_id"] is None and e["status"] == "new")
+    assert state[interrupted]["attempts"] == 0, state
+
+    assert Watcher(copy, cfg, log=messages.append).run(once=True) == 0, messages
+    for name in STEPS:
+        assert read_result(copy / "checkpoints" / name, "hellaswag")["n"] == 24
+
+
+def test_a_quick_check_replaces_nothing_and_changed_settings_re_evaluate(run, tmp_path):
+    """`pretrain eval --limit N` is a look, not the checkpoint's result; a result computed under
+    other eval settings (prompt style here) is not this config's result."""
+    copy = _fresh_copy(run, tmp_path / "run")
+    ckpt = copy / "checkpoints" / STEPS[1]
+    log = tmp_path / "eval.log"
+    rc, out = run_cli("eval", str(ckpt), "eval.tracking_uri=none", log=log)
+    full = read_result(ckpt, "hellaswag")
+    assert rc == 0 and full["n"] == 24 and full["settings"]["hellaswag_style"] == "nanogpt", out
+    rc, out = run_cli("eval", str(copy / "checkpoints" / STEPS[0]), "eval.tracking_uri=none", log=log)
+    before = _snapshot(copy)
+
+    rc, out = run_cli("eval", str(ckpt), "--limit", "5", "eval.tracking_uri=none", log=log)
+    assert rc == 0 and "quick check (5 rows; not the checkpoint's result, not logged)" in out, out
+    check = json.loads((copy / "evals" / STEPS[1] / "checks" / "hellaswag.limit5.json").read_text())
+    assert check["n"] == 5 and check["settings"]["limit"] == 5
+    assert {k: v for k, v in _snapshot(copy).items() if "checks" not in k} == before, "the full result is untouched"
+    rc, out = run_cli("evals", "watch", "--once", str(copy), "eval.tracking_uri=none", log=log)
+    assert rc == 0 and "submitted" not in out, "the quick check did not make the full result incomplete"
+
+    rc, out = run_cli("evals", "watch", "--once", str(copy), "eval.hellaswag_style=harness", "eval.tracking_uri=none", log=log)
+    assert rc == 0 and out.count("submitted") == 2, out
+    redone = read_result(ckpt, "hellaswag")
+    assert redone["settings"]["hellaswag_style"] == "harness" and "harness style" in redone["evaluator"]
+
+
+def test_a_checkpoint_pruned_while_the_watcher_reads_it_is_passed_over(run, tmp_path):
+    """Retention un-commits (marker first) and deletes a step dir at any moment: between the
+    watcher listing it and reading its metadata it is a directory without a marker."""
+    copy = _copy_run(run, tmp_path / "run")
+    listed = list_committed(copy)
+    ckpt = copy / "checkpoints" / STEPS[1]
+    assert ckpt in listed
+    (ckpt / MARKER).unlink()  # after the listing: the watcher reads a checkpoint that is going away
+    w = Watcher(copy, EvalConfig(device="cpu", tracking_uri="none"), log=lambda m: None)
+    assert w._needs_eval(ckpt) is False
+    assert training_finished(copy) is False  # the older checkpoint (step 2 of 4) decides
+
+
+def test_a_logging_retry_after_a_crash_is_one_point_in_mlflow(run, server):
+    """A job killed after MLflow took a result's metrics but before its file said so logs them
+    again: with the result's own timestamp that is the same point, not a second one."""
+    from mlflow.tracking import MlflowClient
+
+    from evals.results import log_to_mlflow
+
+    client = MlflowClient(tracking_uri=server)
+    run_id = client.create_run(client.create_experiment(f"relog-{time.time_ns()}")).info.run_id
+    when = time.time() - 60
+    for _ in range(2):
+        log_to_mlflow(server, run_id, 7, {"eval/hellaswag/acc": 0.25}, when=when)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "eval/hellaswag/acc")] == [(7, 0.25)]
