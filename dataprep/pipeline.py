@@ -58,7 +58,7 @@ from dataprep.sources import (
 from dataprep.tokenize import TokenFileWriter, batched_by_chars
 from dataprep.tokenizer import TokenizerUnavailable, check_gpt2, get_gpt2
 
-__all__ = ["DataError", "TransientDataError", "run_data_stage"]
+__all__ = ["DataError", "TransientDataError", "run_data_stage", "settings_differences"]
 
 WORK_DIR = ".work"
 # Config keys that change the bytes of the output (and so the fingerprint).
@@ -314,11 +314,23 @@ def _fingerprint(cfg: DataConfig, sources: list[SourceFile], ranks_sha256: str) 
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def _changed_settings(recorded: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """The output-shaping settings that differ, in words (``shuffle_seed 1234 -> 99``)."""
+    return [f"{k} {recorded[k]!r} -> {v!r}" if k in recorded else f"{k} (not recorded) -> {v!r}"
+            for k, v in config.items() if recorded.get(k) != v and not (k == "shuffle_seed" and k not in recorded and v < 0)]
+
+
+def settings_differences(manifest: dict[str, Any], cfg: DataConfig) -> list[str]:
+    """How a finished dataset's recorded settings differ from what ``cfg`` would build; empty when
+    they agree. All that can be checked without reading every source file again (the plan
+    fingerprint also covers their sha256): what a SLURM job's waiter uses."""
+    return _changed_settings(manifest.get("config") or {}, _output_config(cfg))
+
+
 def _differences(manifest: dict[str, Any], config: dict[str, Any]) -> str:
     """What differs between a finished dataset and this run's settings, in words, for the refusal."""
     recorded = manifest.get("config") or {}
-    changed = [f"{k} {recorded[k]!r} -> {v!r}" if k in recorded else f"{k} (not recorded) -> {v!r}"
-               for k, v in config.items() if recorded.get(k) != v and not (k == "shuffle_seed" and k not in recorded and v < 0)]
+    changed = _changed_settings(recorded, config)
     if not changed:
         return "its source files or tokenizer differ"
     hint = ""

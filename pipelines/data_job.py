@@ -70,21 +70,34 @@ def check_submittable(cfg: PipelineConfig) -> None:
 
 
 def wait_for_data(job, cfg: PipelineConfig, poll_s: float = 2.0) -> tuple[int, str]:
-    """Follow a submitted data job to its end; return (exit code, what happened).
-
-    The outcome comes from the shard directory (a manifest that loads: done) and, if it is not
-    there, from the job's log ("... exited with code N", written by slurm.node_command): 2 stays
-    2 (refused: fix the config or the data), anything else is 1 (a rerun resumes). Never from
-    submitit's result pickle (see pipelines.launching.wait_for_training)."""
-    from dataprep.shards import ShardError, TokenDataset
-
+    """Follow a submitted data job to its end; return (exit code, what happened): see
+    :func:`data_job_outcome`. Never from submitit's result pickle (see
+    pipelines.launching.wait_for_training)."""
     while not job.done():
         time.sleep(poll_s)
+    return data_job_outcome(job, cfg)
+
+
+def data_job_outcome(job, cfg: PipelineConfig) -> tuple[int, str]:
+    """What a finished data job came to: (exit code, what happened).
+
+    The job's own exit first: a "... exited with code N" line (written by slurm.node_command only
+    for a code that is not requeued, so never a stale one of an attempt before a requeue) means it
+    ended so: 2 stays 2 (refused: fix the config or the data), anything else is 1 (a rerun resumes).
+    Without one, the shard directory decides: a manifest that loads and records this config's
+    settings is done. Any manifest was not enough: a refused job leaves a dataset of other settings
+    in place, and that was reported as finished."""
+    from dataprep.pipeline import settings_differences
+    from dataprep.shards import ShardError, TokenDataset
+
+    code = last_exit_code(job, r"exited with code (-?\d+)")
+    if code is not None:
+        return (2 if code == 2 else 1), f"ended without a finished dataset (the data stage exited {code}); see {job.paths.stderr}"
     try:
         ds = TokenDataset(cfg.data.output_dir)
-        return 0, f"finished: {len(ds.shards)} shards in {cfg.data.output_dir}"
     except ShardError:
-        pass
-    code = last_exit_code(job, r"exited with code (-?\d+)")
-    reason = f"the data stage exited {code}" if code is not None else "no exit line in its log"
-    return (2 if code == 2 else 1), f"ended without a finished dataset ({reason}); see {job.paths.stdout}"
+        return 1, f"ended without a finished dataset (no exit line in its log); see {job.paths.stdout}"
+    if differ := settings_differences(ds.manifest, cfg.data):
+        return 2, (f"ended without a finished dataset: {cfg.data.output_dir} holds one built with other settings "
+                   f"({', '.join(differ)}); see {job.paths.stdout}")  # fmt: skip
+    return 0, f"finished: {len(ds.shards)} shards in {cfg.data.output_dir}"

@@ -190,3 +190,39 @@ def test_a_missing_file_url_is_refused_at_once(tmp_path, gpt2_ranks):
     with pytest.raises(DataError, match=rf"file://{missing}: no such file") as e:
         download(f"file://{missing}", "a.parquet", tmp_path / "cache", retries=5, backoff_s=1.0)
     assert e.value.exit_code == 2 and time.monotonic() - t0 < 5
+
+
+# --- 6. what a finished SLURM data job came to --------------------------------------------------
+
+
+def finished_job(tmp_path: Path, stderr: str):
+    """A finished job as pipelines.data_job reads it: its two log files (no SLURM needed to read them)."""
+    from types import SimpleNamespace
+
+    out, err = tmp_path / "1234_0_log.out", tmp_path / "1234_0_log.err"
+    out.write_text("[node_command] job 1234 node 0/1 restart 0: python -m pipelines.cli data c.yaml\n")
+    err.write_text(stderr)
+    return SimpleNamespace(paths=SimpleNamespace(stdout=out, stderr=err), done=lambda: True)
+
+
+def test_a_refused_data_job_is_not_reported_finished_over_a_dataset_of_other_settings(tmp_path, gpt2_ranks, ray_cluster):
+    """The job exited 2 (output_dir holds a dataset of shuffle_seed 1234, the config says 7): --wait
+    said "finished" (exit 0) because a manifest loaded."""
+    from pipelines.config import load_config
+    from pipelines.data_job import data_job_outcome, wait_for_data
+
+    src = tmp_path / "src"
+    small_corpus(src)
+    keys = [f"data.source={src}", f"data.output_dir={tmp_path / 'out'}", f"data.tokenizer_file={gpt2_ranks}",
+            f"data.cache_dir={tmp_path / 'cache'}", "data.val_tokens=0", "data.minhash_dedup=false"]  # fmt: skip
+    built = load_config(None, keys)
+    run_data_stage(built.data, RayConfig())
+    other = load_config(None, [*keys, "data.shuffle_seed=7"])
+    refused = finished_job(tmp_path, "Traceback ...\nRuntimeError: python exited with code 2 (refused: fix the config or the data; not requeued)\n")
+    code, what = wait_for_data(refused, other, poll_s=0)
+    assert (code, "the data stage exited 2") == (2, what[what.index("(") + 1 : what.index(")")])
+    silent = finished_job(tmp_path, "")  # no exit line (a log that was lost): the manifest must record this config
+    code, what = data_job_outcome(silent, other)
+    assert code == 2 and "other settings (shuffle_seed 1234 -> 7)" in what
+    assert data_job_outcome(silent, built)[0] == 0
+    assert data_job_outcome(finished_job(tmp_path, "RuntimeError: python exited with code 1 (failed; ...)\n"), built)[0] == 1
