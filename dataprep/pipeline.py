@@ -428,6 +428,7 @@ def _build(cfg: DataConfig, ranks_sha256: str, waves: _Waves, listed: list[tuple
         unit="doc",
         weights=n_rows,
     )
+    _check_survivors(cfg, stats)
     shards = _pack_and_write(cfg, chunks, output_dir, work, waves)
     removed = _write_removed(output_dir, work, chunks, sources)
     manifest = _manifest(cfg, fingerprint, ranks_sha256, sources, rows_per_source, stats, shards, removed)
@@ -487,6 +488,16 @@ def _near_dedup(cfg: DataConfig, chunks: list[Chunk], src_of: list[SourceFile], 
     waves.run("minhash buckets", task_buckets, [(b, cfg, work) for b in range(cfg.minhash_buckets)], unit="bucket")
     waves.run("minhash clusters", task_cluster, [(cfg, work)])
     return dedup.near_duplicates(work / "minhash" / "clusters", n)
+
+
+def _check_survivors(cfg: DataConfig, stats: list[dict[str, int]]) -> None:
+    """A DataError when cleaning removed every document, saying why, per reason (not a
+    validation-size problem: no data.val_tokens would leave anything to shard)."""
+    if sum(s["kept"] for s in stats):
+        return
+    removed = {k: sum(s[k] for s in stats) for k in REMOVAL_REASONS}
+    why = ", ".join(f"{k} {n}" for k, n in removed.items() if n)
+    raise DataError(f"{cfg.source}: every document was removed by cleaning ({sum(s['docs_in'] for s in stats)} in: {why}); nothing to shard")
 
 
 def _pack_and_write(cfg: DataConfig, chunks: list[Chunk], output_dir: Path, work: Path, waves: _Waves) -> list[dict[str, Any]]:

@@ -226,3 +226,18 @@ def test_a_refused_data_job_is_not_reported_finished_over_a_dataset_of_other_set
     assert code == 2 and "other settings (shuffle_seed 1234 -> 7)" in what
     assert data_job_outcome(silent, built)[0] == 0
     assert data_job_outcome(finished_job(tmp_path, "RuntimeError: python exited with code 1 (failed; ...)\n"), built)[0] == 1
+
+
+# --- 8. nothing survives cleaning ------------------------------------------------------------------
+
+
+def test_a_corpus_that_cleaning_empties_says_so_with_the_reasons(tmp_path, gpt2_ranks, ray_cluster):
+    """It said "only 0 tokens survive cleaning, all taken by validation (data.val_tokens=0); lower data.val_tokens"."""
+    from dataprep.errors import DataError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(b'{"text": "  "}\n{"text": null}\n{"text": "caf\xe9"}\n{"text": "\\t"}\n')
+    with pytest.raises(DataError, match=r"every document was removed by cleaning \(4 in: empty 3, invalid_utf8 1\); nothing to shard") as e:
+        run_data_stage(data_cfg(src, tmp_path / "out", gpt2_ranks, val_tokens=0), RayConfig())
+    assert e.value.exit_code == 2 and "val_tokens" not in str(e.value)
