@@ -30,6 +30,7 @@ from common.durable import atomic_output, atomic_write_json, file_sha256, publis
 SUPPORTED_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
 URL_SCHEMES = ("hf://", "http://", "https://", "file://", "s3://", "gs://")
 BUILTIN_PREFIX = "builtin:"
+FSSPEC_PACKAGES = {"s3": "s3fs", "gs": "gcsfs"}  # not dependencies of this project: installed by who needs them
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,13 @@ def list_remote(source: str, config: str) -> list[tuple[str, str]]:
     import fsspec
 
     url = f"hf://datasets/{source}/{hf_config_glob(config)}" if _looks_like_hf_repo(source) else source
-    fs, path = fsspec.core.url_to_fs(url)
     protocol = url.split("://", 1)[0]
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except ImportError as e:  # fsspec reaches s3:// and gs:// through packages of their own
+        package = FSSPEC_PACKAGES.get(protocol)
+        how = f"pip install {package}" if package else "install the fsspec implementation it names"
+        raise DataError(f"data.source: reading {protocol}:// needs a package that is not installed ({e}): {how}") from e
     if protocol == "file" and not any(c in path for c in "*?[") and not os.path.exists(path):
         raise DataError(f"data.source: local path {path} (from {source}) does not exist")  # no retry brings it
     try:

@@ -241,3 +241,20 @@ def test_a_corpus_that_cleaning_empties_says_so_with_the_reasons(tmp_path, gpt2_
     with pytest.raises(DataError, match=r"every document was removed by cleaning \(4 in: empty 3, invalid_utf8 1\); nothing to shard") as e:
         run_data_stage(data_cfg(src, tmp_path / "out", gpt2_ranks, val_tokens=0), RayConfig())
     assert e.value.exit_code == 2 and "val_tokens" not in str(e.value)
+
+
+# --- 9. s3:// and gs:// without their fsspec package ---------------------------------------------
+
+
+@pytest.mark.parametrize("url, package", [("s3://bucket/corpus/*.parquet", "s3fs"), ("gs://bucket/a.parquet", "gcsfs")])
+def test_a_cloud_source_without_its_package_names_what_to_install(tmp_path, gpt2_ranks, url, package):
+    """It was an ImportError traceback (exit 1)."""
+    import importlib.util
+
+    from dataprep.errors import DataError
+
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    with pytest.raises(DataError, match=rf"data.source: reading {url[:2]}:// needs a package that is not installed \(.+\): pip install {package}$") as e:
+        run_data_stage(data_cfg(url, tmp_path / "out", gpt2_ranks), RayConfig())
+    assert e.value.exit_code == 2
