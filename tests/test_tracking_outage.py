@@ -341,3 +341,52 @@ def test_frozen_server_never_blocks_logging_and_a_full_queue_is_filled_from_metr
         if frozen:
             os.killpg(server.proc.pid, signal.SIGCONT)
         server.stop()
+
+
+def _wait_for_text(log: Path, text: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    wait_until(lambda: log.exists() and text in log.read_text(), f"{text!r} in the log", proc, timeout)
+
+
+def test_a_stop_signal_during_start_up_is_honoured_at_once(tmp_path, data_dir):
+    """Start-up waits that are not training (a silent tracking server: up to 15 s; the run lock in a
+    requeued job: up to 300 s) must not hold a stop: a prompt exit 3, never a refusal after the wait."""
+    import socket
+
+    from tests.test_runlock import hold
+
+    silent = socket.socket()  # accepts connections (the kernel does) and never answers a request
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    config, run_dir = write_config(tmp_path / "silent", data_dir, f"http://127.0.0.1:{silent.getsockname()[1]}", max_steps=1000, nproc=1)
+    log = tmp_path / "silent.log"
+    proc = start(pretrain_cmd("train", str(config)), log)
+    try:
+        _wait_for_text(log, "starting a new run", proc)
+        time.sleep(1.0)  # the tracker thread is now waiting on the silent server
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+        stop_s = time.monotonic() - t0
+    finally:
+        kill_tree(proc)
+        silent.close()
+    assert rc == EXIT_REQUEUE, log.read_text()[-3000:]
+    # before: the whole 15 s start wait, then the 5 s finish wait
+    assert stop_s < 12, f"SIGTERM took {stop_s:.1f} s while the tracking server was silent"
+    assert "a stop signal came first; training starts untracked" in log.read_text()
+
+    config, run_dir = write_config(tmp_path / "locked", data_dir, "none", max_steps=1000, nproc=1)
+    holder = hold(run_dir, 120)  # another writer of this run dir, as a requeued job meets its previous incarnation
+    log = tmp_path / "locked.log"
+    proc = start(pretrain_cmd("train", str(config)), log)
+    try:
+        _wait_for_text(log, "waiting up to", proc)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    finally:
+        kill_tree(proc)
+        holder.kill()
+        holder.wait()
+    text = log.read_text()
+    assert rc == EXIT_REQUEUE and "stopped while waiting for train of" in text, text[-3000:]  # before: 2 ("in use") after the wait
+    assert metric_steps(run_dir) == 0 and not list_committed(run_dir)

@@ -319,11 +319,17 @@ def test_resume_with_changed_hyperparameters_is_refused_unless_allowed(workdir, 
     assert (run_dir / "metrics.jsonl").read_bytes() == before and committed_steps(run_dir) == [4, 8, 12]
 
     log2 = workdir / "changed-allowed.log"
-    assert train(config, log2, "train.lr=1e-3", "train.max_steps=14", "--allow-changes") == EXIT_OK, log2.read_text()[-3000:]
+    changes = ["train.lr=1e-3", "train.max_steps=14", "train.weight_decay=0.0", "train.beta2=0.5", "train.eps=0.001"]
+    assert train(config, log2, *changes, "--allow-changes") == EXIT_OK, log2.read_text()[-3000:]
     text2 = log2.read_text()
-    assert "continuing with changed hyper-parameters (--allow-changes): train.lr: 0.003 -> 0.001; train.max_steps: 12 -> 14" in text2
+    assert ("continuing with changed hyper-parameters (--allow-changes): train.beta2: 0.95 -> 0.5; train.eps: 1e-08 -> 0.001; "
+            "train.lr: 0.003 -> 0.001; train.max_steps: 12 -> 14; train.weight_decay: 0.1 -> 0.0") in text2
     assert sorted(losses(run_dir)) == list(range(1, 15))
-    assert read_meta(list_committed(run_dir)[-1])["config"]["train"]["lr"] == 1e-3
+    newest = list_committed(run_dir)[-1]
+    assert read_meta(newest)["config"]["train"]["lr"] == 1e-3
+    # the new values are the ones the optimizer ran with, not the checkpoint's (restored with its state)
+    groups = torch.load(newest / OPTIM_FILE, weights_only=True)["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"]), g["eps"]) for g in groups] == [(0.0, (0.9, 0.5), 0.001)] * 2
 
 
 def _commit_as_is(ckpt: Path) -> None:

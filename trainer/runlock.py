@@ -34,6 +34,10 @@ class RunLockHeld(RuntimeError):
     """Another live process holds this run dir's lock for the role (refuse: exit 2)."""
 
 
+class RunLockStopped(RuntimeError):
+    """The waiter was asked to stop (a stop signal) before the holder went away."""
+
+
 def holder_text(info: dict[str, Any]) -> str:
     job = f", SLURM job {info['job_id']}" if info.get("job_id") else ""
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"])) if info.get("since") else "?"
@@ -61,7 +65,10 @@ class RunLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> RunLock:
+    def acquire(self, should_stop: Callable[[], bool] | None = None) -> RunLock:
+        """Take the lock, waiting up to ``wait_s`` for a live holder. Raises RunLockHeld when it
+        is still held then, RunLockStopped as soon as ``should_stop()`` is true while waiting (a
+        stop signal must not sit out a wait of minutes, past SLURM's kill deadline)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         deadline = time.monotonic() + self.wait_s
@@ -75,6 +82,9 @@ class RunLock:
                     os.close(fd)
                     raise
             info = self._read_holder(fd)
+            if should_stop is not None and should_stop():
+                os.close(fd)
+                raise RunLockStopped(f"stopped while waiting for {self.role} of {self.path.parent.parent}, held by {holder_text(info)}")
             if time.monotonic() >= deadline:
                 os.close(fd)
                 raise RunLockHeld(

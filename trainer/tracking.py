@@ -20,7 +20,7 @@ Failure policy (an outage of the tracking server must neither stop training nor 
   creates its tables on first use, ``LOCAL_START_WAIT_S``). If the server
   answers with a refusal (the recorded run does not exist there, unsupported URI, no permission)
   the training is refused (exit 2): rerunning cannot help. If it is unreachable or slow, training
-  starts untracked with a warning; the thread keeps trying (backoff up to 5 s) and, once it has
+  starts untracked with a warning (at once when a stop signal comes during that wait); the thread keeps trying (backoff up to 5 s) and, once it has
   the run, writes ``mlflow_run.json`` (the trainer records the id in its next checkpoints) and
   replays metrics.jsonl.
 * Running: a failed call is a warning; the thread reconnects with backoff and replays the missed
@@ -164,9 +164,13 @@ class MlflowTracker:
                       "points are replayed from metrics.jsonl when the server answers, texts/artifacts of this time are lost")
             self.dropped += 1
 
-    def wait_started(self, timeout: float) -> bool:
-        """Wait (bounded) for the first open attempt; True if the run is open. Raises TrackingError on a refusal."""
-        self._started.wait(timeout)
+    def wait_started(self, timeout: float, should_stop: Callable[[], bool] | None = None) -> bool:
+        """Wait (bounded, and no longer than until ``should_stop()``) for the first open attempt;
+        True if the run is open. Raises TrackingError on a refusal."""
+        deadline = time.monotonic() + timeout
+        while not self._started.wait(max(0.0, min(0.2, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline or (should_stop is not None and should_stop()):
+                break
         self._waited = True  # from now on a refusal is reported by the thread (see _failed)
         if self._refusal:
             raise TrackingError(self._refusal)
@@ -351,14 +355,17 @@ def start_wait_s(uri: str) -> float:
 
 
 def start_tracking(uri_cfg: str, experiment: str, run_dir: str | Path, run_id: str | None, params: dict[str, Any],
-                   wait_s: float | None = None, data_dir: str | Path | None = None) -> NullTracker | MlflowTracker:
-    """The tracker of this training; bounded by ``wait_s`` (see the module doc). Raises TrackingError on a refusal."""
+                   wait_s: float | None = None, data_dir: str | Path | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> NullTracker | MlflowTracker:
+    """The tracker of this training; bounded by ``wait_s`` and cut short by ``should_stop`` (a
+    stop signal: see the module doc). Raises TrackingError on a refusal."""
     uri = resolve_uri(uri_cfg, run_dir)
     if uri is None:
         return NullTracker()
     wait_s = start_wait_s(uri) if wait_s is None else wait_s
     tracker = MlflowTracker(uri, experiment, run_dir, run_id, params, run_name=Path(run_dir).name, data_dir=data_dir)
-    if not tracker.wait_started(wait_s) and not tracker._started.is_set():
-        _warn(f"mlflow: warning: {uri} did not answer within {wait_s:.0f} s; training starts untracked; the run is "
+    if not tracker.wait_started(wait_s, should_stop) and not tracker._started.is_set():
+        why = "a stop signal came first" if should_stop is not None and should_stop() else f"{uri} did not answer within {wait_s:.0f} s"
+        _warn(f"mlflow: warning: {why}; training starts untracked; the run is "
               "opened (or created) in the background and metrics.jsonl replayed into it once the server answers")
     return tracker

@@ -80,7 +80,7 @@ from trainer.optim import build_optimizer
 from trainer.progress import StepTimer, format_duration
 from trainer.provenance import write_run_config
 from trainer.rng import capture_rng, restore_rng, seed_all
-from trainer.runlock import RunLock, RunLockHeld
+from trainer.runlock import RunLock, RunLockHeld, RunLockStopped
 from trainer.signals import StopFlag
 from trainer.state import TrainState
 from trainer.step import TrainStep, build_model, to_device, wrap_model
@@ -324,7 +324,13 @@ class Trainer:
         env = self.env
         saved = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
         self.model.load_state_dict(torch.load(ckpt / MODEL_FILE, map_location=env.device, weights_only=True))
+        # load_state_dict also restores the checkpoint's group settings (weight decay, betas, eps,
+        # fused): put this config's back, or an --allow-changes resume would log new values and
+        # train with the old ones (and a CUDA checkpoint would ask for the fused kernel on CPU)
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(torch.load(ckpt / OPTIM_FILE, map_location=env.device, weights_only=True))
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)
         self.state.load_state_dict(saved)
         loader_state, rng = self.state.position_for(env.rank, env.world_size)
         if rng is not None:
@@ -349,7 +355,7 @@ class Trainer:
             write_run_config(self.run_dir, text)
             try:
                 tracker = start_tracking(cfg.tracking.uri, cfg.tracking.experiment, self.run_dir, self.state.run_id, params,
-                                         data_dir=self.dataset.directory)
+                                         data_dir=self.dataset.directory, should_stop=lambda: self.stop.is_set)
                 tracker.log_text(text, "config.yaml")
                 result["run_id"] = tracker.run_id
             except TrackingError as e:
@@ -393,16 +399,17 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean loss over the fixed val batches of all ranks; None if cut short by a stop signal."""
+        """Mean loss over the fixed val batches of all ranks (None without a val set).
+
+        A stop signal does not cut it short: the step is checkpointed right after, so a val loss
+        skipped now would be missing for good from the resumed run's metrics. It is bounded
+        (``train.val_batches`` forward passes, about a second for GPT-2 124M on one GPU)."""
         if self.val is None or len(self.val) == 0:
             return None
         self.compiled.eval()
         total = torch.zeros((), device=self.env.device)
         try:
             for x, y in self.val:
-                if any_rank(self.env, self.stop.is_set):
-                    log0(self.env, "val: interrupted by a stop signal")
-                    return None
                 x, y = to_device(x, y, self.env.device)
                 with self.train_step.autocast():
                     _, loss = self.compiled(x, y)
@@ -605,20 +612,29 @@ def _write_exit_status(env: DistEnv, code: int, reason: str) -> None:
     atomic_write_json(path, {"code": code, "reason": reason})
 
 
-def _take_run_lock(env: DistEnv, run_dir: str) -> RunLock | None:
+class StoppedBeforeTraining(RuntimeError):
+    """A stop signal came while the run was starting (waiting for the run lock): exit 3, nothing
+    to checkpoint; the requeued job starts where the last committed checkpoint is."""
+
+
+def _take_run_lock(env: DistEnv, run_dir: str, stop: StopFlag) -> RunLock | None:
     """Collective: global rank 0 takes the run dir's ``train`` lock; if another live process holds
-    it, every rank raises RefusedError naming the holder (host, pid, SLURM job)."""
-    lock, error = None, None
+    it, every rank raises RefusedError naming the holder (host, pid, SLURM job). A stop signal
+    while waiting for it (up to minutes in a requeued job) raises StoppedBeforeTraining at once."""
+    lock, outcome = None, None
     if env.is_main:
         try:
-            lock = RunLock(run_dir, "train", log=lambda m: print(m, flush=True)).acquire()
+            lock = RunLock(run_dir, "train", log=lambda m: print(m, flush=True)).acquire(should_stop=lambda: stop.is_set)
+        except RunLockStopped as e:
+            outcome = ("stopped", str(e))
         except RunLockHeld as e:
-            error = str(e)
+            outcome = ("refused", str(e))
         except OSError as e:
-            error = f"{run_dir}: cannot take the run lock: {e}"
-    error = broadcast_object(env, error)
-    if error:
-        raise RefusedError(error)
+            outcome = ("refused", f"{run_dir}: cannot take the run lock: {e}")
+    outcome = broadcast_object(env, outcome)
+    if outcome:
+        kind, message = outcome
+        raise (StoppedBeforeTraining if kind == "stopped" else RefusedError)(message)
     return lock
 
 
@@ -660,11 +676,14 @@ def run_worker(resolved: dict[str, Any], allow_changes: bool = False, where: str
     code, reason, healthy = EXIT_FAILURE, "", False
     lock = None
     try:
-        lock = _take_run_lock(env, cfg.run_dir)
+        lock = _take_run_lock(env, cfg.run_dir, stop)
         trainer = Trainer(cfg, env, stop, allow_changes=allow_changes)
         code = trainer.fit()
         reason = {EXIT_OK: "finished", EXIT_REQUEUE: "stopped by signal; checkpoint committed"}.get(code, trainer.stop_reason)
         healthy = True
+    except StoppedBeforeTraining as e:
+        code, reason = EXIT_REQUEUE, str(e)
+        print(f"train: {e}; exit {EXIT_REQUEUE} (requeue me)", file=sys.stderr, flush=True)
     except (RefusedError, ConfigError) as e:
         code, reason = EXIT_REFUSED, str(e)
         print(f"train: error: {e}", file=sys.stderr, flush=True)
