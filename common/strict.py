@@ -60,17 +60,25 @@ def from_dict(cls: type, raw: Any, prefix: str, where: str) -> Any:
     return obj
 
 
-def apply_overrides(obj: Any, overrides: list[str] | tuple[str, ...], prefix: str = "") -> None:
+def apply_overrides(obj: Any, overrides: list[str] | tuple[str, ...], prefix: str = "",
+                    problems: list[str] | None = None) -> None:
     """Apply ``key=value`` command-line overrides to ``obj``; with a ``prefix`` (a section such as
-    ``"eval."``), every key must start with it, since the other sections are not read here."""
+    ``"eval."``), every key must start with it, since the other sections are not read here.
+    With ``problems``, a bad override is appended there and the others still applied; without,
+    the first raises."""
     for item in overrides:
         key, sep, value = item.partition("=")
         key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"command line: override '{item}' is not of the form section.key=value")
-        if prefix and not key.startswith(prefix):
-            raise ConfigError(f"command line override '{item}': only {prefix}* keys apply here")
-        set_dotted(obj, key[len(prefix):], value, where=f"command line override '{item}'", prefix=prefix)
+        try:
+            if not sep or not key:
+                raise ConfigError(f"command line: override '{item}' is not of the form section.key=value")
+            if prefix and not key.startswith(prefix):
+                raise ConfigError(f"command line override '{item}': only {prefix}* keys apply here")
+            set_dotted(obj, key[len(prefix):], value, where=f"command line override '{item}'", prefix=prefix)
+        except ConfigError as e:
+            if problems is None:
+                raise
+            problems.append(str(e))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -125,22 +133,33 @@ def _public_fields(obj: Any) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
 
 
-def merge(obj: Any, raw: dict, prefix: str, where: str) -> None:
-    """Set ``obj``'s fields from ``raw`` (recursing into sections); unknown keys and wrong types are errors."""
+def merge(obj: Any, raw: dict, prefix: str, where: str, problems: list[str] | None = None) -> None:
+    """Set ``obj``'s fields from ``raw`` (recursing into sections); unknown keys and wrong types are errors.
+
+    With ``problems``, each error is appended there (its text without ``where``) and the other keys
+    are still merged, so a config's every mistake is reported in one round; without, they raise
+    together at the end."""
+    found: list[str] = [] if problems is None else problems
     fields = _public_fields(obj)
     hints = typing.get_type_hints(type(obj))
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"{where}: unknown key '{dotted}' (known keys here: {known})")
+            found.append(f"unknown key '{dotted}' (known keys here: {', '.join(sorted(fields))})")
+            continue
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}: '{dotted}' is a section and needs a mapping, got {value!r}")
-            merge(current, value, dotted + ".", where)
-        else:
+            if isinstance(value, dict):
+                merge(current, value, dotted + ".", where, found)
+            else:
+                found.append(f"'{dotted}' is a section and needs a mapping, got {value!r}")
+            continue
+        try:
             setattr(obj, key, _coerce(value, hints[key], dotted, where))
+        except ConfigError as e:
+            found.append(str(e).removeprefix(f"{where}: "))
+    if problems is None and found:
+        raise ConfigError(f"{where}: " + "; ".join(found))
 
 
 def set_dotted(cfg: Any, dotted: str, text: str, where: str, prefix: str = "") -> None:

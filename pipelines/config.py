@@ -45,12 +45,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """Load ``path`` (or the defaults when None) and apply ``section.key=value`` overrides."""
     cfg = PipelineConfig()
     where = "<defaults>"
+    problems: list[str] = []  # unknown keys and wrong types, reported with validate()'s in one round
     if path is not None:
         where = str(path)
-        merge(cfg, read_yaml_mapping(path), prefix="", where=where)
-    apply_overrides(cfg, overrides)
+        merge(cfg, read_yaml_mapping(path), prefix="", where=where, problems=problems)
+    apply_overrides(cfg, overrides, problems=problems)
     cfg.source = where
-    validate(cfg, where if not overrides else f"{where} with overrides {list(overrides)}")
+    validate(cfg, where if not overrides else f"{where} with overrides {list(overrides)}", problems)
     return cfg
 
 
@@ -59,7 +60,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 _MULTILINE_OK = {"train.sample_prompt"}
 
 
-def validate(cfg: PipelineConfig, where: str) -> None:
+def validate(cfg: PipelineConfig, where: str, earlier: list[str] | tuple[str, ...] = ()) -> None:
     """Checks that need no hardware, run on every load so that `sbatch`, `submit` and `run` refuse a
     bad config before anything is written or queued.
 
@@ -69,8 +70,9 @@ def validate(cfg: PipelineConfig, where: str) -> None:
     config's origin: "smoke.yaml: train.lr must be > 0, got -1"); and the rules that span sections
     (:func:`check_geometry` at world size 1). Every problem is reported at once (one per section:
     a section stops at its first), so a user fixes a config in one round, not one key per try.
+    ``earlier``: what loading found already (unknown keys, wrong types), listed first.
     """
-    problems: list[str] = []
+    problems: list[str] = list(earlier)
     for dotted, value in flatten(to_dict(cfg)).items():
         for text in value if isinstance(value, list) else [value]:
             if isinstance(text, str):

@@ -116,6 +116,19 @@ def test_every_problem_is_reported_at_once_with_its_key(tmp_path):
     assert "eval.order" not in text  # a section reports its first problem only
 
 
+def test_unknown_keys_and_wrong_types_are_reported_together_with_the_rest(tmp_path):
+    """Not one unknown key per try: every misspelt key, wrong type and bad override in one message."""
+    path = tmp_path / "typos.yaml"
+    path.write_text("eval:\n  limt: 5\n  device: cpux\ntrain:\n  lr_min: 0.1\n  max_steps: many\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["train.nope=1", "train.seed=x"])
+    text = str(e.value)
+    assert "6 problems:" in text, text
+    for part in ("unknown key 'eval.limt'", "unknown key 'train.lr_min'", "'train.max_steps' must be an integer, got 'many'",
+                 "override 'train.nope=1': unknown key 'train.nope'", "override 'train.seed=x'", "eval.device"):
+        assert part in text, text
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["train.seq_len=256"], "train.seq_len (256) exceeds the model's block_size (128, model.name 'tiny')"),
     (["model.block_size=64"], "train.seq_len (128) exceeds the model's block_size (64, model.name 'tiny')"),
