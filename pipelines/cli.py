@@ -149,13 +149,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipelines.launching import submit_training
-    from pipelines.stages import stage
+    from pipelines.stages import check_eval_request, stage
     from slurm.resources import SlurmError, check_fits
 
     cfg = _load(args)
     try:
         if args.executor == "slurm":  # a request the cluster can never run is the first thing to fix
             check_fits(*stage("train").resources(cfg))
+            if args.with_evals:  # before training is queued, not after
+                check_fits(*stage("eval").resources(cfg))
+                check_eval_request(cfg)
         check_geometry(cfg, on_slurm=True)  # one rank per GPU on every node: refuse before anything is queued
         job = submit_training(args.config, list(args.overrides), cfg, args.executor, allow_changes=args.allow_changes)
     except SlurmError as e:

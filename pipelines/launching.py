@@ -85,6 +85,15 @@ def eval_job_request(cfg: PipelineConfig) -> tuple[SlurmConfig, int]:
     return job, e.gpus
 
 
+def eval_request_error(message: str) -> str:
+    """A SLURM refusal of an eval job (:func:`eval_job_request`), naming the ``eval.slurm`` keys
+    the user sets rather than the ``slurm`` ones the request is checked as."""
+    names = {"slurm.gpus_per_node": "eval.slurm.gpus", "slurm.cpus_per_task": "eval.slurm.cpus",
+             "slurm.partition": "eval.slurm.partition", "mem_gb": "eval.slurm.mem_gb"}
+    return re.sub(r"(?<![\w.])(slurm\.gpus_per_node|slurm\.cpus_per_task|slurm\.partition|mem_gb)\b",
+                  lambda m: names[m.group(1)], message)
+
+
 def sbatch_script(config_path: str, overrides: list[str], cfg: PipelineConfig, allow_changes: bool = False) -> str:
     """The training job as a plain sbatch script (see slurm.sbatch); creates the log directory
     (SLURM does not) only once the script could be rendered."""
@@ -139,8 +148,10 @@ def wait_for_training(job, cfg: PipelineConfig, poll_s: float = 2.0) -> tuple[in
 
     Never through ``job.result()``: that unpickles a result file from the run dir, which anyone who
     can write there could plant. The run dir's committed checkpoints say whether training finished;
-    if not, the launcher's last "pretrain train: exit N" line in the job's log says why (2: refused,
-    fix the config or data; anything else: 1, a rerun may help)."""
+    if not, the job's log says why: the final "... exited with code N" of slurm.node_command (it
+    also covers a command that failed before the launcher ran, such as a config edited while the
+    job was queued), else the launcher's last "pretrain train: exit N" (2: refused, fix the config
+    or data; anything else: 1, a rerun may help)."""
     import time
 
     from trainer.checkpoint import latest_committed, read_meta
@@ -150,6 +161,8 @@ def wait_for_training(job, cfg: PipelineConfig, poll_s: float = 2.0) -> tuple[in
     newest = latest_committed(cfg.run_dir)
     if newest is not None and int(read_meta(newest)["step"]) >= cfg.train.max_steps:
         return 0, f"finished: {newest}"
-    code = last_exit_code(job, r"pretrain train: exit (\d+)")
+    code = last_exit_code(job, r"exited with code (-?\d+)")
+    if code is None:
+        code = last_exit_code(job, r"pretrain train: exit (\d+)")
     reason = f"training exited {code}" if code is not None else "no exit line in its log"
     return (2 if code == 2 else 1), f"ended before train.max_steps ({reason}); see {job.paths.stdout}"

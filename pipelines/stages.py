@@ -30,9 +30,10 @@ from common.rundir import RunDir
 from common.strict import flatten, to_dict
 from pipelines.config import PipelineConfig
 from pipelines.data_job import data_argv, data_resources
+from pipelines.data_job import request_error as data_request_error
 from slurm.config import SlurmConfig
-from pipelines.launching import eval_job_request, submit_job, train_argv, train_gpus
-from slurm.resources import check_fits
+from pipelines.launching import eval_job_request, eval_request_error, submit_job, train_argv, train_gpus
+from slurm.resources import SlurmError, check_fits
 from trainer.config import RESUME_RUNTIME_KEYS
 
 EXIT_OK, EXIT_FAILURE, EXIT_REFUSED, EXIT_REQUEUE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -228,12 +229,13 @@ def _data_resources(cfg: PipelineConfig) -> tuple[SlurmConfig, int]:
 
 
 def _watcher_resources(cfg: PipelineConfig) -> tuple[SlurmConfig, int]:
-    # the eval watcher submits the eval jobs (with eval.slurm.*) and is small itself
-    return dataclasses.replace(cfg.slurm, nodes=1, cpus_per_task=1, mem_gb=0), 0
+    # the eval watcher submits the eval jobs (with eval.slurm.*) and is small itself; training's
+    # constraint and extra options (--exclusive...) would hold a whole node for the whole run
+    return dataclasses.replace(cfg.slurm, nodes=1, cpus_per_task=1, mem_gb=0, constraint="", extra=[]), 0
 
 
 def _report_resources(cfg: PipelineConfig) -> tuple[SlurmConfig, int]:
-    return dataclasses.replace(cfg.slurm, nodes=1, cpus_per_task=1, mem_gb=0, time="00:30:00"), 0
+    return dataclasses.replace(cfg.slurm, nodes=1, cpus_per_task=1, mem_gb=0, time="00:30:00", constraint="", extra=[]), 0
 
 
 def cli_argv(*args: str) -> list[str]:
@@ -282,10 +284,22 @@ def stage(name: str) -> Stage:
 
 
 def check_slurm_request(cfg: PipelineConfig) -> None:
-    """Every stage's request, and each eval job's, must fit the cluster before the first job is queued."""
+    """Every stage's request, and each eval job's, must fit the cluster before the first job is queued
+    (a refusal names the keys the user sets: ``ray.*`` for the data job, ``eval.slurm.*`` for evals)."""
     for s in STAGES:
-        check_fits(*s.resources(cfg))
-    check_fits(*eval_job_request(cfg))
+        try:
+            check_fits(*s.resources(cfg))
+        except SlurmError as e:
+            raise SlurmError(data_request_error(str(e)) if s.name == "data" else str(e)) from e
+    check_eval_request(cfg)
+
+
+def check_eval_request(cfg: PipelineConfig) -> None:
+    """One eval job (``eval.slurm.*``) must fit the cluster; SlurmError naming those keys if not."""
+    try:
+        check_fits(*eval_job_request(cfg))
+    except SlurmError as e:
+        raise SlurmError(eval_request_error(str(e))) from e
 
 
 def submit_stage(s: Stage, ctx: StageContext, dependency: str, cluster: str = "slurm", argv: list[str] | None = None):
@@ -302,5 +316,5 @@ def submit_eval_watcher(config_path: str, overrides: list[str], cfg: PipelineCon
     argv = watcher.argv(ctx)
     argv[argv.index("--executor") + 1] = executor
     if executor == "slurm":
-        check_fits(*eval_job_request(cfg))
+        check_eval_request(cfg)
     return submit_stage(watcher, ctx, f"after:{train_job_id}" if executor == "slurm" else "", cluster=executor, argv=argv)

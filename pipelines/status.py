@@ -84,7 +84,11 @@ def _workflow(run_dir: Path) -> dict[str, Any] | None:
             from pipelines.config import load_config
             from pipelines.workflow import Workflow
 
-            w = Workflow(wf["config_path"], wf.get("overrides", []), load_config(wf["config_path"], wf.get("overrides", [])), log=lambda m: None)
+            cfg = load_config(wf["config_path"], wf.get("overrides", []))
+            # the run dir asked about, not the config's run_dir read from here: a relative one
+            # names another directory (maybe another run's) when status runs from elsewhere
+            cfg.run_dir = str(Path(run_dir).resolve())
+            w = Workflow(wf["config_path"], wf.get("overrides", []), cfg, log=lambda m: None)
             w.refresh_slurm()
             wf = json.loads(wf_path.read_text())
         except Exception as e:  # noqa: BLE001 - status must show what it can

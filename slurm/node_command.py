@@ -123,7 +123,10 @@ class NodeCommand(submitit.helpers.Checkpointable):
         return rc == self.requeue_exit_code or (rc is not None and -rc in STOP_SIGNALS)
 
     def _requeue_self(self, job: submitit.JobEnvironment, restarts: int) -> None:
-        if "SLURM_JOB_ID" not in os.environ:
+        # the executor decides (submitit's environment), not SLURM_JOB_ID: a local job started
+        # inside an allocation (salloc, a batch script) inherits that variable, and would requeue
+        # the allocation under its own pid
+        if job.name() != "slurm":
             raise UncompletedJobError("the command stopped on a signal; run it again to resume")
         if job.global_rank != 0:
             sys.exit(-1)  # the first task requeues the whole job

@@ -51,8 +51,10 @@ echo "[sbatch] training step exited with $rc"
 if [ "$rc" -eq {requeue_code} ] || [ "$rc" -eq 143 ] || [ "$rc" -eq 140 ]; then
   if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {max_requeues} ]; then
     echo "[sbatch] checkpointed or stopped by a signal: requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+    # not requeued, and not finished either: end with the step's code, never 0 (afterok would go on)
+    echo "[sbatch] scontrol requeue failed: the job is not coming back; submit it again to resume"
+    exit "$rc"
   fi
   echo "[sbatch] stopped, but slurm.max_requeues={max_requeues} restarts reached: not requeued"
 elif [ "$rc" -ne 0 ]; then

@@ -88,7 +88,11 @@ def time_minutes(key: str, value: str) -> int:
         seconds = a * 60 + b
     else:  # MM
         seconds = a * 60
-    return max(1, -(-seconds // 60))
+    if seconds == 0:
+        # sbatch reads 0 as "no limit", which we would write as 1 minute; ask for a real limit
+        raise ValueError(f"{key} must be a time limit above 0 (SLURM reads 0 as unlimited; give the partition's "
+                         f"limit, e.g. 2-00:00:00), got {value!r}")
+    return -(-seconds // 60)
 
 
 def check_at_least(key: str, value: int, minimum: int) -> None:

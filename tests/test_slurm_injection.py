@@ -27,6 +27,7 @@ from pipelines.cli import build_parser, main
 from pipelines.config import load_config
 from pipelines.launching import train_argv
 from slurm.node_command import NodeCommand, rendezvous_port
+from submitit.core.utils import UncompletedJobError
 from tests.trainer_helpers import make_shard_dir
 
 MARKER = "INJECTED"  # every payload tries to create this file in the directory bash runs in
@@ -159,6 +160,20 @@ def test_sbatch_script_requeues_only_on_exit_3(tmp_path, stubs, monkeypatch, sru
     assert result.returncode == (0 if requeued else srun_rc), result.stdout + result.stderr
 
 
+def test_sbatch_script_whose_requeue_fails_does_not_end_completed(tmp_path, stubs, monkeypatch):
+    """`scontrol requeue` refused (no permission, controller down): the job neither finished nor comes
+    back, so it must not exit 0 (COMPLETED would start the `afterok` stages after it)."""
+    cfg = write_config(tmp_path / "c.yaml", run_dir=str(tmp_path / "run"))
+    monkeypatch.chdir(tmp_path)
+    script = tmp_path / "job.sbatch"
+    assert main(["sbatch", str(cfg), "-o", str(script)]) == 0
+    failing = (stubs.parent / "stub-bin" / "scontrol")
+    failing.write_text(failing.read_text().replace("exit 0", '[ "$1" = requeue ] && exit 1; exit 0'))
+    result = run_script(script, tmp_path / "exec", srun_rc=3)
+    assert [c for c in calls(stubs, "scontrol") if c[:1] == ["requeue"]] == [["requeue", JOB_ID]]
+    assert result.returncode == 3 and "scontrol requeue failed" in result.stdout, result.stdout + result.stderr
+
+
 def test_cpu_job_keeps_its_own_rank_count(tmp_path, monkeypatch):
     """Issue 9, 8a: slurm.gpus_per_node=8 must not make a CPU job start 8 ranks (it asks for no GPU)."""
     cfg_path = write_config(tmp_path / "c.yaml", run_dir=str(tmp_path / "run"))
@@ -207,7 +222,7 @@ REFUSED_FIELDS = {
     "slurm.account": [*PAYLOADS.values(), NEWLINE, "a,b"],
     "slurm.qos": [*PAYLOADS.values(), NEWLINE],
     "slurm.constraint": [*PAYLOADS.values(), NEWLINE, "a b", "[a|b", "a)"],
-    "slurm.time": [*PAYLOADS.values(), NEWLINE, "25h", "1:2:3:4"],
+    "slurm.time": [*PAYLOADS.values(), NEWLINE, "25h", "1:2:3:4", "0", "00:00:00"],
     "eval.slurm.partition": [*PAYLOADS.values(), NEWLINE],
     "eval.slurm.account": [*PAYLOADS.values(), NEWLINE],
     "eval.slurm.qos": [*PAYLOADS.values(), NEWLINE],
@@ -331,6 +346,19 @@ def test_node_command_requeues_only_a_stopped_command(stubs, monkeypatch, how, r
         assert "refused" in str(info.value) and "not requeued" in str(info.value)
 
 
+def test_a_local_job_inside_an_allocation_never_requeues_the_allocation(stubs, monkeypatch):
+    """`--executor local` run inside salloc or a batch script: SLURM_JOB_ID is the allocation's.
+    A stopped command must say "run it again", not `scontrol requeue` a job id of its own."""
+    _slurm_env(monkeypatch, nodes=1)  # the allocation around us
+    for key, value in {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "31337", "SUBMITIT_LOCAL_NTASKS": "1",
+                       "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "SUBMITIT_LOCAL_NODEID": "0", "SUBMITIT_LOCAL_GLOBALID": "0",
+                       "SUBMITIT_LOCAL_LOCALID": "0"}.items():
+        monkeypatch.setenv(key, value)  # fmt: skip
+    with pytest.raises(UncompletedJobError, match="run it again to resume"):
+        NodeCommand(["sh", "-c", "exit 3"], requeue_exit_code=3, max_requeues=5)()
+    assert [c for c in calls(stubs, "scontrol") if c[:1] == ["requeue"]] == []
+
+
 @pytest.mark.parametrize("exit_on_signal, requeued", [(3, True), (2, False), (1, False), (None, True)])
 def test_checkpoint_signal_requeues_only_if_the_command_checkpointed(tmp_path, exit_on_signal, requeued):
     """submitit's requeue signal path (NodeCommand.checkpoint): the command gets USR2 and its exit
@@ -391,3 +419,66 @@ def test_shlex_and_sbatch_quote_round_trip():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_submit_wait_reads_a_refusal_that_came_before_the_launcher_ran(tmp_path):
+    """A config edited while the job was queued: `pretrain train` refuses at load (exit 2) and prints
+    no "pretrain train: exit N" line. `submit --wait` must still say 2 (fix it), not 1 (retry)."""
+    from pipelines.launching import wait_for_training
+    from slurm.config import SlurmConfig
+    from slurm.submit import submit_command
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", run_dir=str(tmp_path / "run")))
+    refusal = "echo 'pretrain train: config error: c.yaml: unknown key train.lrr' >&2; exit 2"
+    job = submit_command(["sh", "-c", refusal], SlurmConfig(), tmp_path / "logs", "local", "train", requeue_exit_code=3)
+    code, why = wait_for_training(job, cfg, poll_s=0.2)
+    assert code == 2 and "training exited 2" in why, why
+
+
+def test_requests_the_cluster_cannot_run_are_refused_before_queueing_naming_the_keys_set(tmp_path, stubs, monkeypatch, capsys):
+    """`submit --with-evals` checks the eval jobs' request before training is queued (it used to
+    queue training, then crash); refusals name `eval.slurm.*` / `ray.*`, the keys the user sets."""
+    cfg = write_config(tmp_path / "c.yaml", run_dir=str(tmp_path / "run"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["submit", str(cfg), "--executor", "slurm", "--with-evals", "eval.slurm.gpus=16"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.slurm.gpus=16 does not fit partition 'debug'" in err and "Traceback" not in err, err
+    assert not (stubs / "sbatch.argv").exists(), "nothing may be queued"
+    assert main(["run", str(cfg), "--executor", "slurm", "ray.nodes=5"]) == 2
+    assert "ray.nodes=5 does not fit partition 'debug', which has 2 node(s)" in capsys.readouterr().err
+
+
+def test_side_jobs_do_not_inherit_trainings_exclusive_node(tmp_path):
+    """The eval watcher (1 CPU, alive for the whole training) and the report job must not carry
+    `slurm.extra`/`constraint`: `--exclusive` would hold a whole node for nothing."""
+    from pipelines.stages import stage
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", run_dir=str(tmp_path / "run"),
+                                   slurm={**BASE_CONFIG["slurm"], "extra": ["--exclusive"], "constraint": "h100"}))
+    assert stage("train").resources(cfg)[0].extra == ["--exclusive"]
+    for name in ("eval", "report", "data"):
+        job, _ = stage(name).resources(cfg)
+        assert (job.extra, job.constraint) == ([], ""), name
+
+
+def test_status_refreshes_the_run_dir_it_is_given_whatever_the_current_directory(tmp_path, stubs, monkeypatch):
+    """A config with a relative run_dir, submitted from one directory; `pretrain status /abs/run`
+    from another must read and update that run, never a same-named directory under the new cwd."""
+    from pipelines.status import status_json
+
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    (elsewhere / "runs" / "r").mkdir(parents=True)
+    home.mkdir()
+    cfg = write_config(home / "c.yaml", run_dir="runs/r")
+    run_dir = home / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    stage = {"status": "submitted", "fingerprint": "", "config": {}, "attempts": 1, "job_ids": ["777"], "outputs": {}}
+    (run_dir / "workflow.json").write_text(json.dumps({"format": 1, "config_path": str(cfg), "overrides": [], "executor": "slurm",
+                                                       "stages": {"data": stage}}))
+    failing = stubs.parent / "stub-bin" / "sacct"
+    failing.write_text(failing.read_text() + '\necho "FAILED|00:01:00"\n')
+    monkeypatch.chdir(elsewhere)
+    status = json.loads(status_json(run_dir))
+    assert status["workflow"]["stages"]["data"]["status"] == "failed", status["workflow"]
+    assert json.loads((run_dir / "workflow.json").read_text())["stages"]["data"]["status"] == "failed"
+    assert list((elsewhere / "runs" / "r").iterdir()) == [], "another directory's run was written"
