@@ -162,7 +162,11 @@ class Workflow:
     def _archive(self, items: list[Path], renamed: dict[Path, Path] | None = None) -> Path:
         """Move ``items`` (those that exist) and ``renamed`` (source -> path inside the archive)
         into a fresh ``RUN_DIR/archive/<time>/``: outputs a restart replaces are kept, never deleted."""
-        archive = RunDir(self.run_dir).archive / time.strftime("%Y%m%d-%H%M%S")
+        stamp = RunDir(self.run_dir).archive / time.strftime("%Y%m%d-%H%M%S")
+        archive, n = stamp, 0
+        while archive.exists():  # two restarts within a second: never mix their outputs
+            n += 1
+            archive = stamp.with_name(f"{stamp.name}-{n}")
         moves = {item: Path(item.name) for item in items if item.exists()} | dict(renamed or {})
         for source, inside in moves.items():
             (archive / inside).parent.mkdir(parents=True, exist_ok=True)

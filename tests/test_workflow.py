@@ -187,16 +187,6 @@ def test_config_change_is_refused_unless_restarting(reference, work, gpt2_ranks,
     r = pretrain("run", str(cfg), "--restart-from", "report")
     assert r.returncode == 0 and "workflow: eval: done (outputs verified), skipping" in r.stdout
     assert stage_status(run_dir)["report"] == "done"
-    # Restarting the evals under other settings redoes them; the old results are archived.
-    r = pretrain("run", str(cfg), "eval.hellaswag_style=harness")
-    assert r.returncode == 2 and "--restart-from eval" in r.stderr
-    r = pretrain("run", str(cfg), "eval.hellaswag_style=harness", "--restart-from", "eval")
-    assert r.returncode == 0 and "previous eval results moved to" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
-    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
-    styles = {json.loads((c / "evals" / "hellaswag.json").read_text())["settings"]["hellaswag_style"] for c in checkpoints}
-    assert styles == {"harness"}
-    (archive,) = (run_dir / "archive").iterdir()
-    assert sorted(p.parent.name for p in (archive / "checkpoint_evals").glob("*/hellaswag.json")) == [c.name for c in checkpoints]
 
 
 def test_restart_from_train_archives_the_old_run(work, gpt2_ranks):
@@ -209,6 +199,17 @@ def test_restart_from_train_archives_the_old_run(work, gpt2_ranks):
     assert len(archives) == 1 and (archives[0] / "checkpoints").is_dir() and (archives[0] / "metrics.jsonl").is_file()
     new = final_metrics(run_dir)
     assert sorted(new["losses"]) == list(range(1, 13)) and new["losses"] != old["losses"]
+
+    # Restarting the evals under other settings redoes them; the old results are archived.
+    r = pretrain("run", str(cfg), "train.lr=0.01", "eval.hellaswag_style=harness")
+    assert r.returncode == 2 and "--restart-from eval" in r.stderr
+    r = pretrain("run", str(cfg), "train.lr=0.01", "eval.hellaswag_style=harness", "--restart-from", "eval")
+    assert r.returncode == 0 and "previous eval results moved to" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
+    styles = {json.loads((c / "evals" / "hellaswag.json").read_text())["settings"]["hellaswag_style"] for c in checkpoints}
+    assert styles == {"harness"}
+    (archive,) = [a for a in (run_dir / "archive").iterdir() if (a / "checkpoint_evals").is_dir()]
+    assert sorted(p.parent.name for p in (archive / "checkpoint_evals").glob("*/hellaswag.json")) == [c.name for c in checkpoints]
 
 
 def test_bad_configs_fail_before_anything_runs(work, gpt2_ranks, tmp_path):
