@@ -449,8 +449,8 @@ def test_workflow_refuses_unfit_request_before_submitting_anything(cluster, tmp_
 
     work = tmp_path_factory.mktemp("slurm-workflow-bad")
     cfg, run_dir = write_workflow_config(work, "bad", gpt2_ranks)
-    for override, message in (("slurm.partition=nope", "unknown partition 'nope'"), ("eval.slurm.mem_gb=4096", "mem_gb=4096 does not fit"),
-                              ("eval.slurm.gpus=1", "slurm.gpus_per_node=1 does not fit")):
+    for override, message in (("slurm.partition=nope", "unknown partition 'nope'"), ("eval.slurm.mem_gb=4096", "eval.slurm.mem_gb=4096 does not fit"),
+                              ("eval.slurm.gpus=1", "eval.slurm.gpus=1 does not fit")):  # the keys set, not slurm.*
         r = pretrain("run", str(cfg), "--executor", "slurm", override)
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert not (run_dir / "slurm" / "jobs.jsonl").exists()
