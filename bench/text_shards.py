@@ -14,7 +14,6 @@ and the first ``--val-tokens`` go to a val shard. The output is the data stage's
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
