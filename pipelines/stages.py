@@ -207,6 +207,10 @@ def _verify_train(ctx: StageContext, outputs: dict[str, Any]) -> str | None:
 
 
 def _verify_eval(ctx: StageContext, outputs: dict[str, Any]) -> str | None:
+    from evals.watch import training_finished
+
+    if not training_finished(ctx.run_dir):  # no checkpoints at all must not read as "all evaluated"
+        return "training has not committed its final checkpoint, so not every checkpoint can be evaluated"
     missing = unevaluated(ctx)
     return f"checkpoints without eval results: {', '.join(missing)}" if missing else None
 

@@ -301,11 +301,17 @@ class Workflow:
             if state in ACTIVE_JOB_STATES:
                 self.log(f"workflow: {name}: job {st.job_ids[-1]} is {state}, leaving it")
                 return st.job_ids[-1]
-            if state == "COMPLETED" and self.verify(name) is None:
+            if self._ended_well(name, state):
                 self._end(name, "done")
                 return ""
             self.log(f"workflow: {name}: job {st.job_ids[-1]} ended {state}; submitting it again")
         return None
+
+    def _ended_well(self, name: str, state: str) -> bool:
+        """A stage's last job finished and its outputs verify. UNKNOWN counts as finished: a job
+        neither scontrol nor sacct knows (accounting off or purged) is long gone, and verified
+        outputs say how it ended; resubmitting would redo a finished stage."""
+        return (state == "COMPLETED" or state.startswith("UNKNOWN")) and self.verify(name) is None
 
     def refresh_slurm(self) -> None:
         """Turn finished SLURM jobs into stage statuses (for `status` and reruns)."""
@@ -315,7 +321,7 @@ class Workflow:
         for name, st in self.stages.items():
             if st.status == "submitted" and st.job_ids:
                 state = job_state(st.job_ids[-1]).state
-                if state == "COMPLETED" and self.verify(name) is None:
+                if self._ended_well(name, state):
                     st.status, st.ended, changed = "done", time.time(), True
                 elif state in FAILED_JOB_STATES:
                     st.status, st.error, changed = "failed", f"job {st.job_ids[-1]} {state}", True

@@ -482,3 +482,22 @@ def test_status_refreshes_the_run_dir_it_is_given_whatever_the_current_directory
     assert status["workflow"]["stages"]["data"]["status"] == "failed", status["workflow"]
     assert json.loads((run_dir / "workflow.json").read_text())["stages"]["data"]["status"] == "failed"
     assert list((elsewhere / "runs" / "r").iterdir()) == [], "another directory's run was written"
+
+
+def test_a_stage_whose_job_slurm_forgot_is_done_when_its_outputs_verify(tmp_path, stubs):
+    """Without accounting (or after a purge) a finished job is UNKNOWN to scontrol and sacct: its
+    verified outputs say it finished, and a rerun must not submit that stage again."""
+    from pipelines.workflow import Workflow
+
+    cfg = write_config(tmp_path / "c.yaml", run_dir=str(tmp_path / "run"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    submitted = {"status": "submitted", "fingerprint": "", "config": {}, "attempts": 1, "job_ids": ["777"], "outputs": {}}
+    (run_dir / "workflow.json").write_text(json.dumps({"format": 1, "config_path": str(cfg), "overrides": [], "executor": "slurm",
+                                                       "stages": {"report": submitted, "eval": submitted}}))
+    (run_dir / "report.png").write_bytes(b"png")
+    (run_dir / "report.csv").write_text("step,loss\n")
+    w = Workflow(str(cfg), [], load_config(cfg), log=lambda m: None)
+    w.refresh_slurm()
+    assert w.stages["report"].status == "done"
+    assert w.stages["eval"].status == "submitted", "no final checkpoint: the eval stage cannot be done"
