@@ -29,8 +29,7 @@ from typing import Any
 from common.rundir import RunDir
 from common.strict import flatten, to_dict
 from pipelines.config import PipelineConfig
-from pipelines.data_job import data_argv, data_resources
-from pipelines.data_job import request_error as data_request_error
+from pipelines.data_job import data_argv, data_resources, request_error as data_request_error
 from slurm.config import SlurmConfig
 from pipelines.launching import eval_job_request, eval_request_error, submit_job, train_argv, train_gpus
 from slurm.resources import SlurmError, check_fits
