@@ -29,6 +29,7 @@ from typing import Any, Callable
 from common.strict import ConfigError, apply_overrides, from_dict, section_problems
 from evals.config import EvalConfig
 from evals.results import (
+    all_complete,
     check_path,
     checkpoint_id,
     format_scores,
@@ -37,7 +38,7 @@ from evals.results import (
     metric_names,
     read_result,
     run_dir_of,
-    same_settings,
+    result_of,
     save_result,
     task_settings,
     tracking_target,
@@ -174,7 +175,7 @@ def evaluate_checkpoint(
     step = int(meta["step"])
     if quick:
         return _quick_check(_Target.of(ckpt, meta, cfg, tasks, limit, None, None), cfg, tasks, log)
-    if all(is_complete(ckpt, t, ckpt_id, task_settings(cfg, t, limit)) for t in tasks):
+    if all_complete(ckpt, cfg, tasks, ckpt_id):  # not quick: limit is eval.limit
         log(f"eval: {ckpt.name}: all of {tasks} already evaluated and logged")
         return {"status": "done", "step": step, "tasks": {t: "already done" for t in tasks}}
     # One job per checkpoint at a time (a hand-run `pretrain eval` next to the watcher's job): the
@@ -251,8 +252,7 @@ def _unlogged_results(target: _Target, todo: list[str]) -> dict[str, dict[str, A
     pending: dict[str, dict[str, Any]] = {}
     for t in todo:
         res = read_result(target.ckpt, t)
-        if (isinstance(res, dict) and res.get("checkpoint_id") == target.ckpt_id and res.get("logged") is False
-                and same_settings(res, target.settings[t])):
+        if result_of(res, target.ckpt_id, target.settings[t]) and res.get("logged") is False:
             pending[t] = res
     return pending
 

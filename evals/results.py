@@ -87,9 +87,12 @@ def task_settings(cfg: EvalConfig, task: str, limit: int | None = None) -> dict[
     return settings
 
 
-def same_settings(result: dict[str, Any], settings: dict[str, Any]) -> bool:
-    """Whether ``result`` was computed under ``settings``. A result written before settings were
-    recorded is compared on its row limit only (what was recorded then)."""
+def result_of(result: Any, ckpt_id: str, settings: dict[str, Any]) -> bool:
+    """Whether ``result`` (a results file's content) scores checkpoint ``ckpt_id`` under
+    ``settings``. A result written before settings were recorded is compared on its row limit
+    only (what was recorded then)."""
+    if not isinstance(result, dict) or result.get("checkpoint_id") != ckpt_id:
+        return False
     if "settings" in result:
         return result["settings"] == settings
     return int(result.get("limit") or 0) == settings["limit"]
@@ -105,12 +108,7 @@ def read_result(ckpt_dir: Path, task: str) -> dict[str, Any] | None:
 def is_complete(ckpt_dir: Path, task: str, ckpt_id: str, settings: dict[str, Any]) -> bool:
     """Result file of this checkpoint, computed under ``settings`` (:func:`task_settings`), and logged."""
     res = read_result(ckpt_dir, task)
-    return (
-        isinstance(res, dict)
-        and res.get("checkpoint_id") == ckpt_id
-        and same_settings(res, settings)
-        and res.get("logged") in (True, "disabled")
-    )
+    return result_of(res, ckpt_id, settings) and res.get("logged") in (True, "disabled")
 
 
 def all_complete(ckpt_dir: Path, cfg: EvalConfig, tasks: list[str], ckpt_id: str | None = None) -> bool:
