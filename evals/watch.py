@@ -381,10 +381,12 @@ class Watcher:
             while True:
                 now = time.time()
                 if once or self.jobs or now - last_scan >= self.cfg.poll_s:
+                    # Asked before listing: a final checkpoint committed after this question is
+                    # in the listing below; asked after, it could be taken as "over" unseen.
+                    over = once or training_finished(self.run_dir)
                     self.scan(only)
                     last_scan = now
-                if not self.pending(only):
-                    if once or training_finished(self.run_dir):
+                    if over and not self.pending(only):
                         break
                 time.sleep(tick_s if (self.jobs or once) else self.cfg.poll_s)
         except KeyboardInterrupt:

@@ -134,8 +134,8 @@ def test_corrupt_or_uncommitted_checkpoint_fails_cleanly(run, tmp_path):
 def test_checkpoint_deleted_while_queued_is_skipped(run, tmp_path):
     copy = _copy_run(run, tmp_path / "run")
     for name in STEPS:
-        shutil.rmtree(copy / "checkpoints" / name / "evals")
-    shutil.rmtree(copy / "evals")
+        shutil.rmtree(copy / "checkpoints" / name / "evals", ignore_errors=True)
+    shutil.rmtree(copy / "evals", ignore_errors=True)
     # a job that fails fast and logs nothing (missing data file), one at a time, oldest first
     cfg = EvalConfig(hellaswag_path=str(tmp_path / "missing.jsonl"), device="cpu", order="oldest", max_parallel=1, max_retries=0)
     messages: list[str] = []
@@ -167,8 +167,8 @@ def test_polling_watcher_follows_training_until_the_final_checkpoint(run, tmp_pa
 
     copy = _copy_run(run, tmp_path / "run")
     for name in STEPS:
-        shutil.rmtree(copy / "checkpoints" / name / "evals")
-    shutil.rmtree(copy / "evals")
+        shutil.rmtree(copy / "checkpoints" / name / "evals", ignore_errors=True)
+    shutil.rmtree(copy / "evals", ignore_errors=True)
     final = copy / "checkpoints" / STEPS[1]
     aside = tmp_path / STEPS[1]
     final.rename(aside)  # training has committed step 2 only
@@ -191,6 +191,34 @@ def test_polling_watcher_follows_training_until_the_final_checkpoint(run, tmp_pa
     thread.join(timeout=90)
     assert outcome.get("rc") == 0, messages
     assert read_result(final, "hellaswag")["logged"] == "disabled"
+    assert {k: e.status for k, e in w.entries.items()} == {s: "done" for s in STEPS}
+
+
+def test_a_final_checkpoint_committed_just_after_a_scan_is_still_evaluated(run, tmp_path):
+    """The trainer may commit its final checkpoint between the watcher's listing and its "is
+    training over?" check; the watcher must not take that as "over, nothing left" and exit."""
+    copy = _copy_run(run, tmp_path / "run")
+    for name in STEPS:
+        shutil.rmtree(copy / "checkpoints" / name / "evals", ignore_errors=True)
+    shutil.rmtree(copy / "evals", ignore_errors=True)
+    final = copy / "checkpoints" / STEPS[1]
+    aside = tmp_path / STEPS[1]
+    final.rename(aside)
+    hs = read_meta(copy / "checkpoints" / STEPS[0])["config"]["eval"]["hellaswag_path"]
+    cfg = EvalConfig(hellaswag_path=hs, device="cpu", poll_s=0.2, tracking_uri="none", max_parallel=1)
+
+    class CommitAfterListing(Watcher):
+        def scan(self, only=None):
+            seen = super().scan(only)
+            first_done = self.entries.get(STEPS[0]) is not None and self.entries[STEPS[0]].status == "done"
+            if first_done and aside.exists():
+                aside.rename(final)  # committed right after this scan listed the checkpoints
+            return seen
+
+    messages: list[str] = []
+    w = CommitAfterListing(copy, cfg, executor="local", log=messages.append)
+    assert w.run() == 0, messages
+    assert read_result(final, "hellaswag") is not None, messages
     assert {k: e.status for k, e in w.entries.items()} == {s: "done" for s in STEPS}
 
 
@@ -229,8 +257,8 @@ def test_watcher_never_unpickles_a_planted_result_and_one_watcher_per_run_dir(ru
 
     copy = _copy_run(run, tmp_path / "run")
     for name in STEPS:
-        shutil.rmtree(copy / "checkpoints" / name / "evals")
-    shutil.rmtree(copy / "evals")
+        shutil.rmtree(copy / "checkpoints" / name / "evals", ignore_errors=True)
+    shutil.rmtree(copy / "evals", ignore_errors=True)
     marker = tmp_path / "PWNED"
 
     class Payload:
