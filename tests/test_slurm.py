@@ -39,7 +39,7 @@ train:
   val_every: 10
   val_batches: 2
   sample_every: 0
-  ckpt_every: 3
+  ckpt_every: {ckpt_every}
   keep_last: 3
 tracking:
   uri: none
@@ -112,10 +112,10 @@ def work(tmp_path_factory) -> Path:
     return d
 
 
-def write_config(work: Path, name: str, max_steps: int = MAX_STEPS) -> tuple[Path, Path]:
+def write_config(work: Path, name: str, max_steps: int = MAX_STEPS, ckpt_every: int = 3) -> tuple[Path, Path]:
     run_dir = work / name
     cfg = work / f"{name}.yaml"
-    cfg.write_text(CONFIG.format(run_dir=run_dir, data_dir=work / "data", max_steps=max_steps))
+    cfg.write_text(CONFIG.format(run_dir=run_dir, data_dir=work / "data", max_steps=max_steps, ckpt_every=ckpt_every))
     return cfg, run_dir
 
 
@@ -223,11 +223,13 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, work, local_losses,
 
 def test_time_limit_signal_requeues_until_done(cluster, work):
     """slurm.time=1 min with signal_delay_s=15: USR2 arrives before the minute is up (SLURM may send
-    it up to a minute early; measured 29-42 s before the end here), the job checkpoints, is requeued,
-    and finishes on a later run with the losses of an uninterrupted one. A machine fast enough to
-    train 300 steps inside the first run gets four times as many (else the test would prove nothing)."""
-    for steps in (300, 1200):
-        cfg, run_dir = write_config(work, f"timeout-{steps}", max_steps=steps)
+    it up to a minute early; measured 18-30 s after each start here), the job checkpoints, is
+    requeued, and finishes on a later run with the losses of an uninterrupted one. 200 steps take
+    about two runs here (0.12 s a step, 8 s to start); a machine fast enough to train them inside
+    the first run gets four times as many (else the test would prove nothing). The stop writes its
+    own checkpoint, so periodic ones are rare (every 50 steps): they would only slow both runs."""
+    for steps in (200, 800):
+        cfg, run_dir = write_config(work, f"timeout-{steps}", max_steps=steps, ckpt_every=50)
         r = pretrain("submit", str(cfg), "slurm.time=1", "slurm.max_requeues=40")
         assert r.returncode == 0, r.stderr
         job = job_id_of(r.stdout)
@@ -235,9 +237,9 @@ def test_time_limit_signal_requeues_until_done(cluster, work):
         if scontrol_restarts(job) >= 1:
             break
     else:
-        raise AssertionError("1200 steps finished inside one minute: raise `steps` so the time limit is reached")
+        raise AssertionError("800 steps finished inside one minute: raise `steps` so the time limit is reached")
     assert "this job is timed-out" in logs(run_dir)
-    cfg_local, run_local = write_config(work, f"timeout-local-{steps}", max_steps=steps)
+    cfg_local, run_local = write_config(work, f"timeout-local-{steps}", max_steps=steps, ckpt_every=50)
     r = pretrain("train", str(cfg_local), timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     assert losses(run_dir) == losses(run_local)
