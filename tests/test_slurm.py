@@ -19,7 +19,7 @@ from trainer.metrics import read_metrics
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "slurm"
-MAX_STEPS = 24
+MAX_STEPS, CKPT_EVERY = 24, 3
 CONFIG = """\
 run_dir: {run_dir}
 data:
@@ -112,7 +112,7 @@ def work(tmp_path_factory) -> Path:
     return d
 
 
-def write_config(work: Path, name: str, max_steps: int = MAX_STEPS, ckpt_every: int = 3) -> tuple[Path, Path]:
+def write_config(work: Path, name: str, max_steps: int = MAX_STEPS, ckpt_every: int = CKPT_EVERY) -> tuple[Path, Path]:
     run_dir = work / name
     cfg = work / f"{name}.yaml"
     cfg.write_text(CONFIG.format(run_dir=run_dir, data_dir=work / "data", max_steps=max_steps, ckpt_every=ckpt_every))
@@ -319,7 +319,7 @@ def test_real_sbatch_reads_quoted_values_exactly(cluster, work):
     odd = "it's \"odd\" $(touch INJECTED) `id`; # end"
     run_dir = work / f"odd {odd}"
     cfg = work / "odd.yaml"
-    data = yaml.safe_load(CONFIG.format(run_dir="x", data_dir=work / "data", max_steps=MAX_STEPS))
+    data = yaml.safe_load(CONFIG.format(run_dir="x", data_dir=work / "data", max_steps=MAX_STEPS, ckpt_every=CKPT_EVERY))
     data["run_dir"] = str(run_dir)
     data["slurm"]["extra"] = ["--hold", f"--comment={odd}"]
     cfg.write_text(yaml.safe_dump(data))
