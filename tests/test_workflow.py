@@ -1,6 +1,6 @@
 """`pretrain run` end to end on CPU with real Ray, torchrun, the eval watcher and MLflow (sqlite):
-completes, resumes after being killed in any stage to the same final metrics, refuses config
-changes that would invalidate finished stages, and `status`/`report` work at any point."""
+completes, resumes after Ctrl-C to the same final metrics (kills in every stage: tests/test_chaos.py),
+refuses config changes that would invalidate finished stages, and `status`/`report` work at any point."""
 
 from __future__ import annotations
 
