@@ -124,9 +124,11 @@ def save_result(ckpt_dir: Path, result: dict[str, Any], log: Callable[[str], Non
     write_json_atomic(archive, result)
     target = result_path(ckpt_dir, task)
     try:
-        # never re-create a deleted checkpoint dir (it would look like a partial checkpoint)
-        (Path(ckpt_dir) / RESULTS_SUBDIR).mkdir(exist_ok=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        # Never re-create a deleted checkpoint dir (it would look like a partial checkpoint): no
+        # `parents=True`, and nothing once retention has begun (it removes the marker first).
+        if not (Path(ckpt_dir) / MARKER).is_file():
+            raise FileNotFoundError(ckpt_dir)
+        target.parent.mkdir(exist_ok=True)
         write_json_atomic(target, result, create_parents=False)
     except FileNotFoundError:
         log(f"eval: {ckpt_dir} was deleted meanwhile (retention); result kept in {archive}")

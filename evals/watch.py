@@ -46,7 +46,7 @@ from slurm.executor import KINDS, JobResources, build_executor
 from slurm.resources import SlurmError, parse_time_minutes
 from evals.job import planned_tasks, run_job
 from evals.results import all_complete, checkpoint_id, format_scores, read_result, write_json_atomic
-from trainer.checkpoint import CheckpointError, list_committed, read_meta
+from trainer.checkpoint import MARKER, CheckpointError, list_committed, read_meta
 from trainer.runlock import RunLock
 
 LOCK_ROLE = "evals-watch"
@@ -242,7 +242,7 @@ class Watcher:
             e = self.entries[name]
             e.updated = time.time()
             ckpt = self.layout.checkpoints / name
-            if not ckpt.is_dir():
+            if not (ckpt / MARKER).is_file():  # retention removes the marker first, then the files
                 e.status = "skipped"
                 self.log(f"watch: {name} was deleted before it could be evaluated: skipped")
             elif self._complete(ckpt, e.ckpt_id):
@@ -358,7 +358,7 @@ class Watcher:
         if self.jobs:
             return True
         return any(
-            e.status == "new" and (only is None or name in only) and (self.layout.checkpoints / name).is_dir()
+            e.status == "new" and (only is None or name in only) and (self.layout.checkpoints / name / MARKER).is_file()
             for name, e in self.entries.items()
         )
 

@@ -89,8 +89,8 @@ def _workflow(run_dir: Path) -> dict[str, Any] | None:
             # names another directory (maybe another run's) when status runs from elsewhere
             cfg.run_dir = str(Path(run_dir).resolve())
             w = Workflow(wf["config_path"], wf.get("overrides", []), cfg, log=lambda m: None)
-            w.refresh_slurm()
-            wf = json.loads(wf_path.read_text())
+            w.refresh_slurm(save=False)  # shown, never written: `status` holds no lock
+            wf = w.state_record()
         except Exception as e:  # noqa: BLE001 - status must show what it can
             error = f"could not refresh SLURM states: {e}"
     from pipelines.stages import STAGE_NAMES
@@ -129,7 +129,7 @@ def _training(run_dir: Path, max_steps: int | None) -> dict[str, Any] | None:
 def status_data(run_dir: str | Path) -> dict[str, Any]:
     """Everything `pretrain status` shows, as plain data (the keys are in the module doc)."""
     from evals.results import RESULTS_SUBDIR
-    from trainer.checkpoint import MARKER, list_committed, read_meta
+    from trainer.checkpoint import MARKER, CheckpointError, list_committed, read_meta
     from trainer.tracking_mlflow import read_run_file
 
     run_dir = Path(run_dir).resolve()
@@ -140,6 +140,8 @@ def status_data(run_dir: str | Path) -> dict[str, Any]:
         try:
             meta = read_meta(c)
             step, newest_meta = int(meta["step"]), meta
+        except CheckpointError:  # pruned by retention since the listing: no longer a checkpoint
+            continue
         except (OSError, ValueError, KeyError):
             step = None
         try:

@@ -118,10 +118,7 @@ class Workflow:
 
     def save(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(RunDir(self.run_dir).workflow_state, {
-            "format": STATE_FORMAT, "config_path": self.ctx.config_path, "overrides": self.ctx.overrides,
-            "executor": self.executor, "stages": {n: dataclasses.asdict(s) for n, s in self.stages.items()},
-        })  # fmt: skip
+        atomic_write_json(RunDir(self.run_dir).workflow_state, self.state_record())
 
     def check_config(self, restart_from: str | None) -> None:
         """Refuse a config that would invalidate a finished stage, unless restarting from it."""
@@ -169,8 +166,13 @@ class Workflow:
             archive = stamp.with_name(f"{stamp.name}-{n}")
         moves = {item: Path(item.name) for item in items if item.exists()} | dict(renamed or {})
         for source, inside in moves.items():
+            if not source.exists():  # pruned by a still-running training since it was listed
+                continue
             (archive / inside).parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(source), archive / inside)
+            try:
+                shutil.move(str(source), archive / inside)
+            except FileNotFoundError:  # ... or while being moved
+                continue
         return archive
 
     def verify(self, name: str) -> str | None:
@@ -313,8 +315,10 @@ class Workflow:
         outputs say how it ended; resubmitting would redo a finished stage."""
         return (state == "COMPLETED" or state.startswith("UNKNOWN")) and self.verify(name) is None
 
-    def refresh_slurm(self) -> None:
-        """Turn finished SLURM jobs into stage statuses (for `status` and reruns)."""
+    def refresh_slurm(self, save: bool = True) -> None:
+        """Turn finished SLURM jobs into stage statuses (for `status` and reruns). `status` passes
+        ``save=False``: it holds no lock, and writing its copy back could erase the job ids a
+        concurrent `pretrain run` has just saved."""
         from slurm.jobs import job_state
 
         changed = False
@@ -325,8 +329,15 @@ class Workflow:
                     st.status, st.ended, changed = "done", time.time(), True
                 elif state in FAILED_JOB_STATES:
                     st.status, st.error, changed = "failed", f"job {st.job_ids[-1]} {state}", True
-        if changed:
+        if changed and save:
             self.save()
+
+    def state_record(self) -> dict[str, Any]:
+        """What :meth:`save` writes to ``workflow.json``."""
+        return {
+            "format": STATE_FORMAT, "config_path": self.ctx.config_path, "overrides": self.ctx.overrides,
+            "executor": self.executor, "stages": {n: dataclasses.asdict(s) for n, s in self.stages.items()},
+        }  # fmt: skip
 
 
 def run_workflow(config_path: str, overrides: list[str], executor: str, restart_from: str | None) -> int:

@@ -94,14 +94,21 @@ def ensure_auth_token() -> None:
     if path.is_file() and path.read_text().strip():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Written whole under a private name, then linked into place: another job's head starting at
+    # the same time sees no file or the complete token, never an empty one (which Ray would
+    # replace with a token of its own, and the two heads would disagree).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
     except FileExistsError:
         return  # another job's head made it at the same time
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
-        f.flush()
-        os.fsync(f.fileno())
+    finally:
+        tmp.unlink(missing_ok=True)
     log(f"created the Ray auth token {path} (mode 0600)")
 
 
