@@ -438,12 +438,14 @@ def test_workflow_on_slurm_runs_as_chained_jobs(cluster, tmp_path_factory, gpt2_
         assert sacct_state(jobs[name]) == "COMPLETED"
     status = pretrain("status", str(run_dir))
     assert status.returncode == 0 and "slurm executor" in status.stdout, status.stderr
-    assert stage_status(run_dir) == {"data": "done", "train": "done", "eval": "done", "report": "done"}
+    shown = json.loads(pretrain("status", str(run_dir), "--json").stdout)["workflow"]["stages"]
+    assert {name: st["status"] for name, st in shown.items()} == {"data": "done", "train": "done", "eval": "done", "report": "done"}
     m = final_metrics(run_dir)
     assert sorted(m["losses"]) == list(range(1, 13)) and len(m["evals"]) == 2
-    # Running it again finds everything done and submits nothing.
+    # Running it again finds everything done and submits nothing; it (not `status`) records that.
     r = pretrain("run", str(cfg), "--executor", "slurm")
     assert r.returncode == 0 and "submitted job" not in r.stdout and r.stdout.count("skipping") == 4, r.stdout
+    assert stage_status(run_dir) == {"data": "done", "train": "done", "eval": "done", "report": "done"}
 
 
 def test_workflow_refuses_unfit_request_before_submitting_anything(cluster, tmp_path_factory, gpt2_ranks):
