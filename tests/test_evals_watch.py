@@ -54,6 +54,20 @@ def _copy_run(run_dir: Path, dest: Path) -> Path:
     return dest
 
 
+def _mid_training(run: Path, tmp_path: Path, poll_s: float) -> tuple[Path, Path, Path, EvalConfig]:
+    """A copy of the run with no eval results, as training leaves it before its final checkpoint:
+    (copy, where the final checkpoint goes, where it waits meanwhile, a polling eval config)."""
+    copy = _copy_run(run, tmp_path / "run")
+    for name in STEPS:
+        shutil.rmtree(copy / "checkpoints" / name / "evals", ignore_errors=True)
+    shutil.rmtree(copy / "evals", ignore_errors=True)
+    final = copy / "checkpoints" / STEPS[1]
+    aside = tmp_path / STEPS[1]
+    final.rename(aside)  # training has committed step 2 only
+    hs = read_meta(copy / "checkpoints" / STEPS[0])["config"]["eval"]["hellaswag_path"]
+    return copy, final, aside, EvalConfig(hellaswag_path=hs, device="cpu", poll_s=poll_s, tracking_uri="none", max_parallel=1)
+
+
 def test_watcher_evaluates_each_checkpoint_exactly_once_into_the_training_mlflow_run(run, server, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -165,15 +179,7 @@ def test_polling_watcher_follows_training_until_the_final_checkpoint(run, tmp_pa
     """Without --once: evaluate checkpoints as they are committed, exit once training is over."""
     import threading
 
-    copy = _copy_run(run, tmp_path / "run")
-    for name in STEPS:
-        shutil.rmtree(copy / "checkpoints" / name / "evals", ignore_errors=True)
-    shutil.rmtree(copy / "evals", ignore_errors=True)
-    final = copy / "checkpoints" / STEPS[1]
-    aside = tmp_path / STEPS[1]
-    final.rename(aside)  # training has committed step 2 only
-    hs = read_meta(copy / "checkpoints" / STEPS[0])["config"]["eval"]["hellaswag_path"]
-    cfg = EvalConfig(hellaswag_path=hs, device="cpu", poll_s=0.5, tracking_uri="none", max_parallel=1)
+    copy, final, aside, cfg = _mid_training(run, tmp_path, poll_s=0.5)
     messages: list[str] = []
     w = Watcher(copy, cfg, executor="local", log=messages.append)
     assert not training_finished(copy)
@@ -197,15 +203,7 @@ def test_polling_watcher_follows_training_until_the_final_checkpoint(run, tmp_pa
 def test_a_final_checkpoint_committed_just_after_a_scan_is_still_evaluated(run, tmp_path):
     """The trainer may commit its final checkpoint between the watcher's listing and its "is
     training over?" check; the watcher must not take that as "over, nothing left" and exit."""
-    copy = _copy_run(run, tmp_path / "run")
-    for name in STEPS:
-        shutil.rmtree(copy / "checkpoints" / name / "evals", ignore_errors=True)
-    shutil.rmtree(copy / "evals", ignore_errors=True)
-    final = copy / "checkpoints" / STEPS[1]
-    aside = tmp_path / STEPS[1]
-    final.rename(aside)
-    hs = read_meta(copy / "checkpoints" / STEPS[0])["config"]["eval"]["hellaswag_path"]
-    cfg = EvalConfig(hellaswag_path=hs, device="cpu", poll_s=0.2, tracking_uri="none", max_parallel=1)
+    copy, final, aside, cfg = _mid_training(run, tmp_path, poll_s=0.2)
 
     class CommitAfterListing(Watcher):
         def scan(self, only=None):
