@@ -5,6 +5,8 @@
       ─► pack (driver: validation sample, seeded document order; dataprep/packing.py) ─► shards
       ─► removed.jsonl ─► manifest.json (commit marker)
 
+One writer per dataset: `OUTPUT_DIR/.lock` is held throughout (dataprep/output_lock.py).
+
 Restartability: every task writes its result under `OUTPUT_DIR/.work/` atomically and is skipped
 when that result exists, so a killed run resumes where it was. The work directory is tied to a
 fingerprint of the inputs and config; the manifest, written last, is the only thing that makes a
@@ -36,6 +38,7 @@ from dataprep.config import DataConfig, RayConfig
 from dataprep.documents import REASONS, Chunk, Row, RowStatus, plan_file, read_chunk
 from dataprep.errors import DataError, TransientDataError
 from dataprep.local_ray import start_ray, stop_ray
+from dataprep.output_lock import lock_output_dir
 from dataprep.packing import ShardPlan, pack_documents
 from dataprep.shards import (
     HEADER_BYTES,
@@ -394,12 +397,17 @@ def run_data_stage(cfg: DataConfig, ray_cfg: RayConfig) -> dict[str, Any]:
         raise (DataError if cfg.tokenizer_file else TransientDataError)(str(e)) from e
     # before Ray starts: a missing path or an unlistable source fails in seconds, not after a cluster start
     listed = resolve_sources(cfg.source, cfg.source_config, cfg.cache_dir, cfg.max_files, cfg.download_retries)
-    started = start_ray(ray_cfg)
+    lock = lock_output_dir(Path(cfg.output_dir).expanduser())
     try:
-        manifest = _build(cfg, ranks_sha256, _Waves(), listed)
+        started = start_ray(ray_cfg)
+        try:
+            manifest = _build(cfg, ranks_sha256, _Waves(), listed)
+        finally:
+            if started:
+                stop_ray()
     finally:
-        if started:
-            stop_ray()
+        if lock is not None:
+            lock.release()
     _print_summary(manifest, cfg.output_dir, time.time() - t0)
     return manifest
 

@@ -10,7 +10,9 @@ the last error. Running the same command again resumes:
   trainer resumes from its newest committed checkpoint;
 * a finished stage whose config changed is refused, naming the keys, unless ``--restart-from``
   names it or an earlier stage (training outputs are then moved to ``RUN_DIR/archive/``, never
-  deleted; a data directory is never overwritten: point ``data.output_dir`` somewhere new).
+  deleted; a data directory is never overwritten: point ``data.output_dir`` somewhere new). A
+  restart is refused (exit 2) while something still writes what it would move: a SLURM job of
+  those stages still queued or running, or a training or eval watcher holding its run dir lock.
 
 Locally the stages run in the foreground, in order. With ``--executor slurm`` each stage is a
 SLURM job chained to the previous one with ``--dependency`` and the command returns at once.
@@ -30,6 +32,7 @@ resumable (training checkpointed), "requeue me"; 130 interrupted with Ctrl-C (al
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -38,7 +41,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from common.durable import atomic_write_json
 from common.rundir import RunDir
@@ -61,6 +64,8 @@ from trainer.runlock import RunLock, RunLockHeld
 STATE_FORMAT = 1
 ACTIVE_JOB_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED")
 FAILED_JOB_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+# stage -> the run dir lock roles (trainer.runlock) of the processes writing what its reset moves
+RESET_WRITER_ROLES = {"train": ("train", "evals-watch"), "eval": ("evals-watch",)}
 
 __all__ = ["STAGE_NAMES", "Workflow", "WorkflowError", "run_workflow"]
 
@@ -121,21 +126,57 @@ class Workflow:
         atomic_write_json(RunDir(self.run_dir).workflow_state, self.state_record())
 
     def check_config(self, restart_from: str | None) -> None:
-        """Refuse a config that would invalidate a finished stage, unless restarting from it."""
+        """Refuse a config that would invalidate a finished stage, unless restarting from it; reset
+        the stages from ``restart_from`` on (only when nothing is still writing their outputs)."""
         first_restart = STAGE_NAMES.index(restart_from) if restart_from else len(STAGES)
-        for i, stage in enumerate(STAGES):
+        for stage in STAGES[:first_restart]:
             st = self.stages[stage.name]
             values = stage.depends_on(self.cfg)
-            if i >= first_restart:
-                if st.status != "pending" or st.job_ids:
-                    self._reset(stage.name)
-                continue
             if st.status in ("done", "submitted", "running", "interrupted") and st.fingerprint and st.fingerprint != fingerprint(values):
                 changed = sorted(k for k in set(values) | set(st.config) if values.get(k) != st.config.get(k))
                 raise ConfigError(
                     f"the config changed since stage '{stage.name}' ran ({', '.join(changed)}); "
                     f"rerun with --restart-from {stage.name} to redo it and what follows, or restore the old values"
                 )
+        to_reset = [s.name for s in STAGES[first_restart:] if self.stages[s.name].status != "pending" or self.stages[s.name].job_ids]
+        if not to_reset:
+            return
+        self._refuse_live_jobs(restart_from or "", to_reset)
+        with self._writers_locked(restart_from or "", to_reset):
+            for name in to_reset:
+                self._reset(name)
+
+    def _refuse_live_jobs(self, restart_from: str, names: list[str]) -> None:
+        """A restart moves outputs aside and submits the stages again: a job of the old ones still
+        queued or running would go on writing into the run dir beside the new one (two trainings on
+        one run dir). Refused, naming the jobs to cancel: cancelling them is the user's decision."""
+        from slurm.jobs import job_state
+
+        live = []
+        for name in names:
+            for job_id in self.stages[name].job_ids[-1:]:
+                state = job_state(job_id).state
+                if state in ACTIVE_JOB_STATES:
+                    live.append((name, job_id, state))
+        if live:
+            jobs = ", ".join(f"{name}: job {job_id} {state}" for name, job_id, state in live)
+            raise ConfigError(
+                f"--restart-from {restart_from}: SLURM jobs of this run are still queued or running ({jobs}); "
+                f"cancel them first (scancel {' '.join(j for _, j, _ in live)}) or wait for them to end, then rerun"
+            )
+
+    @contextlib.contextmanager
+    def _writers_locked(self, restart_from: str, names: list[str]) -> Iterator[None]:
+        """Hold the run dir locks of the processes that write what resetting ``names`` moves (a
+        training, the eval watcher), so that none of them runs meanwhile; refuse if one does."""
+        roles = sorted({role for name in names for role in RESET_WRITER_ROLES.get(name, ())})
+        with contextlib.ExitStack() as held:
+            for role in roles:
+                try:
+                    held.enter_context(RunLock(self.run_dir, role, wait_s=0, log=self.log))
+                except RunLockHeld as e:
+                    raise ConfigError(f"--restart-from {restart_from} would move outputs that are still being written: {e}") from e
+            yield
 
     def _reset(self, name: str) -> None:
         layout = RunDir(self.run_dir)

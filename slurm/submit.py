@@ -93,15 +93,33 @@ def submit_command(
 
 
 def record_job(directory: Path, record: dict) -> None:
+    """Append one line to ``jobs.jsonl``. After a line torn by a submitter killed mid-write (or a
+    full disk) the record starts on a line of its own, so the torn one cannot take it down with it."""
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / JOBS_FILE, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+    path = directory / JOBS_FILE
+    line = json.dumps(record, sort_keys=True) + "\n"
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = "\n" + line
+    with open(path, "a") as f:
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
 
 
 def recorded_jobs(directory: Path) -> list[dict]:
+    """The recorded jobs, oldest first; a line that is not a whole record (torn) is left out."""
     path = directory / JOBS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    jobs = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("job_id"), str):
+            jobs.append(record)
+    return jobs

@@ -126,9 +126,9 @@ def test_shards_decode_to_kept_documents_joined_by_eot(corpus, built, gpt2_ranks
 def test_rerun_of_a_finished_dataset_does_nothing_and_keeps_it(corpus, built, gpt2_ranks):
     src, _ = corpus
     out, _ = built
-    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"}  # each run takes the lock
     run_data_stage(data_cfg(src, out, gpt2_ranks), RayConfig())
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"} == before
 
 
 def test_finished_dataset_of_other_inputs_is_never_overwritten(corpus, built, gpt2_ranks, tmp_path):
@@ -138,6 +138,58 @@ def test_finished_dataset_of_other_inputs_is_never_overwritten(corpus, built, gp
     with pytest.raises(DataError, match="already holds a finished dataset"):
         run_data_stage(data_cfg(src, out, gpt2_ranks, shard_tokens=30_000), RayConfig())
     assert tree_digest(out) == before
+
+
+HOLD_DATA_LOCK = """
+import sys, time
+from pathlib import Path
+from dataprep.output_lock import lock_output_dir
+lock_output_dir(Path(sys.argv[1]))
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_data_stage_on_one_output_dir_is_refused_naming_the_holder(corpus, gpt2_ranks, tmp_path):
+    """Two data stages on one data.output_dir: one with other settings would discard the other's
+    work while it is being written. The second is refused (exit 2) and touches nothing."""
+    src, _ = corpus
+    out = tmp_path / "data"
+    (out / ".work" / "scan").mkdir(parents=True)
+    (out / ".work" / "fingerprint").write_text("the holder's")
+    (out / ".work" / "scan" / "000000.npz").write_bytes(b"the holder's work")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_DATA_LOCK, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DataError) as e:
+            run_data_stage(data_cfg(src, out, gpt2_ranks, shard_tokens=30_000), RayConfig())
+    finally:
+        holder.kill()
+        holder.wait()
+    assert e.value.exit_code == 2 and "is in use (data) by host" in str(e.value) and f"pid {holder.pid}" in str(e.value)
+    assert "set data.output_dir to another directory" in str(e.value)
+    assert (out / ".work" / "scan" / "000000.npz").read_bytes() == b"the holder's work"
+    assert sorted(p.name for p in out.iterdir()) == [".lock", ".work"]
+
+
+def test_a_finished_dataset_on_a_read_only_filesystem_needs_no_lock(tmp_path, monkeypatch):
+    """A team's finished, read-only dataset is only read; an unwritable dir without one is an error.
+    (Root writes through permissions, so the read-only filesystem is the one fake here.)"""
+    import errno
+
+    from common.locking import HolderLock
+    from dataprep.output_lock import lock_output_dir
+
+    def read_only(self, should_stop=None):
+        raise OSError(errno.EROFS, "Read-only file system", str(self.path))
+
+    monkeypatch.setattr(HolderLock, "acquire", read_only)
+    (tmp_path / "manifest.json").write_text("{}")
+    assert lock_output_dir(tmp_path) is None
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(DataError, match=r"data.output_dir .*: cannot write there \(Read-only file system\)") as e:
+        lock_output_dir(tmp_path)
+    assert e.value.exit_code == 2
 
 
 # --- determinism and restarts (through the CLI, each with its own Ray) ------------------------

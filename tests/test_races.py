@@ -144,3 +144,18 @@ def test_another_head_never_sees_a_half_written_ray_token(tmp_path, monkeypatch)
     assert all(s is None or s.strip() for s in seen), f"another head saw an empty token file: {seen}"
     assert len(path.read_text().strip()) == 64 and oct(path.stat().st_mode & 0o777) == "0o600"
     assert [p.name for p in path.parent.iterdir()] == ["auth_token"], "no temp file left behind"
+
+
+def test_a_torn_line_in_the_job_record_loses_only_itself(tmp_path):
+    """A submitter killed while appending to RUN_DIR/slurm/jobs.jsonl leaves half a line: `pretrain
+    status` and `pretrain jobs` still list every whole record, and the next one recorded is kept."""
+    from pipelines.launching import list_jobs
+    from slurm.submit import JOBS_FILE, record_job
+
+    run = tmp_path / "run"
+    slurm = run / "slurm"
+    record_job(slurm, {"job_id": "11", "name": "a", "cluster": "local", "stdout": "", "stderr": ""})
+    with open(slurm / JOBS_FILE, "a") as f:
+        f.write('{"cluster": "local", "job_id": "1')  # the kill
+    record_job(slurm, {"job_id": "12", "name": "b", "cluster": "local", "stdout": "", "stderr": ""})
+    assert [(j["job_id"], j["state"]) for j in list_jobs(run)] == [("11", "local"), ("12", "local")]

@@ -433,6 +433,10 @@ def test_workflow_on_slurm_runs_as_chained_jobs(cluster, tmp_path_factory, gpt2_
     jobs = {name: st["job_ids"][-1] for name, st in wf["stages"].items()}
     assert set(jobs) == {"data", "train", "eval", "report"}
     assert f"afterok:{jobs['data']}" in r.stdout and f"after:{jobs['train']}" in r.stdout and f"afterok:{jobs['eval']}" in r.stdout
+    # While they are queued, a restart is refused (it would archive what they are about to write), naming them.
+    r = pretrain("run", str(cfg), "--executor", "slurm", "--restart-from", "train")
+    assert r.returncode == 2 and f"scancel {jobs['train']} {jobs['eval']} {jobs['report']}" in r.stderr, r.stdout + r.stderr
+    assert json.loads((run_dir / "workflow.json").read_text())["stages"]["train"]["job_ids"] == wf["stages"]["train"]["job_ids"]
     assert wait_final(jobs["report"], timeout=900) == "COMPLETED", logs(run_dir)
     for name in ("data", "train", "eval"):
         assert sacct_state(jobs[name]) == "COMPLETED"
