@@ -355,6 +355,9 @@ def run_job(ckpt_dir: str, cfg: EvalConfig, cpu_threads: int = 0, status_path: s
         torch.set_num_threads(cpu_threads)
     try:
         summary = evaluate_checkpoint(ckpt_dir, cfg, log=lambda m: print(m, flush=True, file=sys.stdout))
+    except KeyboardInterrupt as e:  # cancelled (by the watcher's own stop, or scancel): not a failure
+        _write_status(status_path, {"status": "stopped", "error": f"stopped ({type(e).__name__})"})
+        raise
     except BaseException as e:
         refused = bool(getattr(e, "refused", False))  # the data is wrong: the watcher does not retry
         _write_status(status_path, {"status": "failed", "error": f"{type(e).__name__}: {e}", "refused": refused})

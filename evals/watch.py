@@ -215,18 +215,27 @@ class Watcher:
     def _complete(self, ckpt: Path, ckpt_id: str) -> bool:
         return all_complete(ckpt, self.cfg, self.tasks, ckpt_id)
 
-    def _job_error(self, e: Entry, job: Any) -> tuple[str, bool]:
-        """Why an attempt ended without complete results (its status JSON, else where its log is),
-        and whether the job was refused (its data is wrong: retrying cannot help)."""
+    def _status(self, e: Entry) -> dict[str, Any]:
+        """The attempt's status JSON (written by ``evals.job.run_job`` as it ends), {} if none."""
         if e.status_file:
             try:
                 status = json.loads((self.layout.eval_jobs / e.status_file).read_text())
-                if isinstance(status, dict) and status.get("error"):
-                    # a file in the run dir: printable text only (no terminal escapes from a forged one)
-                    text = " | ".join(str(status["error"]).splitlines())
-                    return "".join(c if c.isprintable() else "?" for c in text)[:2000], status.get("refused") is True
+                return status if isinstance(status, dict) else {}
             except (OSError, ValueError):
                 pass
+        return {}
+
+    def _job_status(self, e: Entry) -> str:
+        return str(self._status(e).get("status", ""))
+
+    def _job_error(self, e: Entry, job: Any) -> tuple[str, bool]:
+        """Why an attempt ended without complete results (its status JSON, else where its log is),
+        and whether the job was refused (its data is wrong: retrying cannot help)."""
+        status = self._status(e)
+        if status.get("error"):
+            # a file in the run dir: printable text only (no terminal escapes from a forged one)
+            text = " | ".join(str(status["error"]).splitlines())
+            return "".join(c if c.isprintable() else "?" for c in text)[:2000], status.get("refused") is True
         state = "finished" if isinstance(job, _ForeignLocalJob) else getattr(job, "state", "unknown")
         return f"job {e.job_id} ended ({state}) without complete results; see its logs in {self.dir / 'jobs'}", False
 
@@ -249,6 +258,9 @@ class Watcher:
                 e.status = "done"
                 scores = "; ".join(format_scores(r) for r in (read_result(ckpt, t) for t in self.tasks) if r)
                 self.log(f"watch: {name} evaluated (job {e.job_id}): {scores}")
+            elif self._job_status(e) == "stopped":  # cancelled, e.g. by a watcher stopped before it saved
+                e.status, e.attempts = "new", max(0, e.attempts - 1)
+                self.log(f"watch: {name}: job {e.job_id} was stopped before it finished; not counted, evaluating it again")
             else:
                 error, e.refused = self._job_error(e, job)
                 e.errors.append(error)

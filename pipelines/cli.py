@@ -7,9 +7,11 @@ dependencies (Ray, torch, MLflow) load only when that stage runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import signal
 import sys
 from pathlib import Path
+from typing import Callable
 
 from common.rundir import RunDir
 from common.stop_signals import STOP_SIGNALS
@@ -17,6 +19,7 @@ from evals.config import EvalConfig
 from pipelines.config import ConfigError, PipelineConfig, check_geometry, dump_yaml, load_config, to_dict
 
 EXIT_CONFIG_ERROR = 2
+Command = Callable[[argparse.Namespace], int]
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -38,32 +41,8 @@ def _eval_section(config: str | None, overrides: list[str], ckpt: Path | None) -
     return config_from_checkpoint(read_meta(ckpt), overrides)
 
 
-def cmd_data(args: argparse.Namespace) -> int:
-    """Build the shard directory. Exit 2: bad input or config (fix it first); 1: a network failure
-    or anything else a rerun may get past; 3: stopped by SIGTERM/SIGUSR2 (the single-node SLURM data
-    job requeues on it); 130: Ctrl-C. Finished work is kept in every case, and a rerun resumes."""
-    from common.stop_signals import ignore_stop_signals
-    from dataprep.pipeline import DataError, run_data_stage
-    from pipelines.stopping import stop_signals
-
-    cfg = _load(args)
-    if args.executor == "slurm":
-        return _submit_data(args, cfg)
-    received: list[int] = []
-    ignore_stop_signals()  # what they are once the outcome is decided: stop_signals puts this back
-    try:
-        with stop_signals(received.append):
-            run_data_stage(cfg.data, cfg.ray)
-    except DataError as e:
-        print(f"pretrain data: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return _stopped(received, "pretrain data", "finished work is kept, run the same command again to resume")
-    return 0
-
-
 def _stopped(received: list[int], command: str, advice: str) -> int:
-    """For a command's ``except KeyboardInterrupt:`` around :func:`pipelines.stopping.stop_signals`:
+    """For :func:`stoppable`'s ``except KeyboardInterrupt:`` around :func:`pipelines.stopping.stop_signals`:
     a stop signal is exit 3 ("requeue me", said on stderr); a Ctrl-C goes on up (main(): 130)."""
     from pipelines.stages import EXIT_REQUEUE
     from pipelines.stopping import is_stop_signal
@@ -72,6 +51,50 @@ def _stopped(received: list[int], command: str, advice: str) -> int:
         raise KeyboardInterrupt
     print(f"{command}: stopped by {signal.Signals(received[0]).name}; {advice}", file=sys.stderr)
     return EXIT_REQUEUE
+
+
+def stoppable(command: str, advice: str) -> Callable[[Command], Command]:
+    """A command that SIGTERM/SIGUSR2 and Ctrl-C interrupt where they are, unwinding its own
+    cleanup (eval jobs cancelled, temporary files removed, locks released): a stop signal is exit 3
+    ("requeue me", with ``advice`` on stderr), Ctrl-C 130. Before and after, stop signals are
+    ignored (:func:`common.stop_signals.ignore_stop_signals`): once the outcome is decided, a late
+    one must not turn it into "killed"."""
+
+    def wrap(fn: Command) -> Command:
+        @functools.wraps(fn)
+        def run(args: argparse.Namespace) -> int:
+            from common.stop_signals import ignore_stop_signals
+            from pipelines.stopping import stop_signals
+
+            received: list[int] = []
+            ignore_stop_signals()  # what they are once the outcome is decided: stop_signals puts this back
+            try:
+                with stop_signals(received.append):
+                    return fn(args)
+            except KeyboardInterrupt:
+                return _stopped(received, command, advice)
+
+        return run
+
+    return wrap
+
+
+@stoppable("pretrain data", "finished work is kept, run the same command again to resume")
+def cmd_data(args: argparse.Namespace) -> int:
+    """Build the shard directory. Exit 2: bad input or config (fix it first); 1: a network failure
+    or anything else a rerun may get past; 3: stopped by SIGTERM/SIGUSR2 (the single-node SLURM data
+    job requeues on it); 130: Ctrl-C. Finished work is kept in every case, and a rerun resumes."""
+    from dataprep.pipeline import DataError, run_data_stage
+
+    cfg = _load(args)
+    if args.executor == "slurm":
+        return _submit_data(args, cfg)
+    try:
+        run_data_stage(cfg.data, cfg.ray)
+    except DataError as e:
+        print(f"pretrain data: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
 
 
 def _submit_data(args: argparse.Namespace, cfg: PipelineConfig) -> int:
@@ -127,24 +150,17 @@ def cmd_evals_fetch_data(args: argparse.Namespace) -> int:
     return 0
 
 
+@stoppable("pretrain train", "training had not started or had ended; run the same command again to continue")
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) under torchrun; exit 3 means "checkpointed on a stop signal, requeue me",
-    and also "stopped before training started" (nothing to save yet: a rerun starts it)."""
-    from common.stop_signals import ignore_stop_signals
-    from pipelines.stopping import stop_signals
+    and also "stopped before training started" (nothing to save yet: a rerun starts it). The stop
+    signals are ours until the launcher (or the worker) takes them over, and again once it returns."""
     from trainer.launch import train_command, under_torchrun
 
-    received: list[int] = []
-    ignore_stop_signals()  # what they are once the outcome is decided: stop_signals puts this back
-    try:
-        # until the launcher (or the worker) takes the stop signals over, and again once it returns
-        with stop_signals(received.append):
-            cfg = _load(args)
-            if not under_torchrun():  # refuse before torchrun starts (the workers check their real world size too)
-                check_geometry(cfg, on_slurm=False, nnodes=args.nnodes)
-            return train_command(to_dict(cfg), args.nnodes, args.rdzv_endpoint, args.rdzv_id, allow_changes=args.allow_changes)
-    except KeyboardInterrupt:
-        return _stopped(received, "pretrain train", "training had not started or had ended; run the same command again to continue")
+    cfg = _load(args)
+    if not under_torchrun():  # refuse before torchrun starts (the workers check their real world size too)
+        check_geometry(cfg, on_slurm=False, nnodes=args.nnodes)
+    return train_command(to_dict(cfg), args.nnodes, args.rdzv_endpoint, args.rdzv_id, allow_changes=args.allow_changes)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -219,6 +235,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+@stoppable("pretrain eval", "no result was written for the unfinished tasks; run the same command again")
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate one committed checkpoint.
 
@@ -252,6 +269,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+@stoppable("pretrain evals watch", "its eval jobs were cancelled (not counted as failed); run the same command again to resume")
 def cmd_evals_watch(args: argparse.Namespace) -> int:
     """Submit one eval job per committed checkpoint lacking results, until training is done.
 
@@ -276,6 +294,7 @@ def cmd_evals_watch(args: argparse.Namespace) -> int:
         return EXIT_CONFIG_ERROR
 
 
+@stoppable("pretrain run", "run the same command again to resume")
 def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.workflow import run_workflow
     from slurm.resources import SlurmError
@@ -303,6 +322,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+@stoppable("pretrain report", "each report file is whole, old or new; run the same command again")
 def cmd_report(args: argparse.Namespace) -> int:
     import json
 
@@ -344,6 +364,7 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+@stoppable("pretrain export hf", "nothing was written to OUT_DIR; run the same command again")
 def cmd_export_hf(args: argparse.Namespace) -> int:
     """Write a committed checkpoint as a Hugging Face GPT-2 directory (trainer.export_hf).
 
@@ -500,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.func is None:  # `pretrain` or `pretrain evals` alone: say what there is to run
         args.help_parser.print_help(sys.stderr)
         return EXIT_CONFIG_ERROR
-    # `pretrain train`/`data` leave SIGTERM/SIGUSR2 ignored once their outcome is decided, until the
+    # Commands that do work (`stoppable`) leave SIGTERM/SIGUSR2 ignored once their outcome is decided, until the
     # process exits (common.stop_signals.ignore_stop_signals); a caller in the same process
     # (main([...])) gets its own handlers back.
     callers_handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS} if argv is not None else {}

@@ -38,19 +38,30 @@ def is_stop_signal(signum: int | None) -> bool:
 
 @contextlib.contextmanager
 def stop_signals(record: Callable[[int], None]) -> Iterator[None]:
-    """While the block runs: SIGTERM/SIGUSR2 raise :class:`StopRequested` in the main thread and
-    SIGINT a KeyboardInterrupt; ``record(signum)`` is called first for each.
+    """While the block runs: the first SIGTERM/SIGUSR2 raises :class:`StopRequested` in the main
+    thread and a first SIGINT a KeyboardInterrupt; ``record(signum)`` is called first for each.
 
     The record is what tells a stop from a Ctrl-C afterwards: a library in between may turn the
-    exception into another interruption (Ray re-raises a plain KeyboardInterrupt)."""
+    exception into another interruption (Ray re-raises a plain KeyboardInterrupt).
+
+    Only the first signal raises. The stop is then under way, and what unwinds it (cancelling eval
+    jobs, saving their state, stopping Ray) must run to its end: SLURM and ``kill -- -PGID`` often
+    deliver a signal twice, and a second exception raised inside that cleanup left jobs counted as
+    failed and turned exit 3 into 130. Later signals are only recorded."""
+    raised = False
+
+    def first_raises(signum: int, exc: KeyboardInterrupt) -> None:
+        nonlocal raised
+        record(signum)
+        if not raised:
+            raised = True
+            raise exc
 
     def stop(signum: int, frame: Any) -> None:
-        record(signum)
-        raise StopRequested(signum)
+        first_raises(signum, StopRequested(signum))
 
     def interrupt(signum: int, frame: Any) -> None:
-        record(signum)
-        raise KeyboardInterrupt
+        first_raises(signum, KeyboardInterrupt())
 
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)

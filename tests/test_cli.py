@@ -209,3 +209,27 @@ def test_report_overrides_are_validated_and_used(tmp_path, capsys):
     (run_dir / "workflow.json").unlink()
     assert main(["report", str(run_dir), "tracking.uri=none"]) == 2  # nothing to apply it to: say so
     assert "pass --config CONFIG" in capsys.readouterr().err
+
+
+def test_only_the_first_stop_signal_interrupts_a_command_and_its_cleanup_runs_to_the_end():
+    """SLURM and `kill -- -PGID` often deliver a stop signal twice, or SIGTERM after SIGUSR2: the
+    second one must not cut short what unwinds the first (cancelling eval jobs, saving their state,
+    stopping Ray). Real signals, to this process."""
+    import os
+    import signal
+    import time
+
+    from pipelines.stopping import StopRequested, stop_signals
+
+    received: list[int] = []
+    cleaned_up = False
+    with pytest.raises(StopRequested):
+        with stop_signals(received.append):
+            try:
+                os.kill(os.getpid(), signal.SIGUSR2)
+                time.sleep(5)  # interrupted at once
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler runs in here
+                cleaned_up = True
+    assert cleaned_up and received == [signal.SIGUSR2, signal.SIGTERM]

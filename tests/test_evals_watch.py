@@ -18,6 +18,7 @@ from evals.config import EvalConfig
 from evals.results import archive_path, read_result, result_path
 from evals.watch import Watcher, training_finished
 from tests.evals_helpers import hellaswag_rows, mlflow_server, run_cli, train_tiny_run, write_jsonl
+from tests.signal_helpers import run_signalled
 from trainer.checkpoint import MARKER, MODEL_FILE, list_committed, read_meta, verify
 
 pytestmark = pytest.mark.slow
@@ -478,3 +479,31 @@ def test_a_logging_retry_after_a_crash_is_one_point_in_mlflow(run, server):
     for _ in range(2):
         log_to_mlflow(server, run_id, 7, {"eval/hellaswag/acc": 0.25}, when=when)
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "eval/hellaswag/acc")] == [(7, 0.25)]
+
+
+def test_a_stop_signal_stops_an_eval_job_by_hand_with_exit_3_and_its_lock_free(run, tmp_path):
+    """`pretrain eval CKPT` is a job of its own (often an sbatch line): SIGTERM mid-scoring must
+    end it with exit 3 ("requeue me") and free the checkpoint's eval lock, writing no result."""
+    copy = _fresh_copy(run, tmp_path / "run")
+    ckpt = copy / "checkpoints" / STEPS[0]
+    r = run_signalled("evals.job:_ours_hellaswag", "before", "eval", str(ckpt), "eval.tracking_uri=none", twice=True)
+    assert r.returncode == 3 and "pretrain eval: stopped by SIGTERM" in r.stderr, r.stdout + r.stderr
+    assert read_result(ckpt, "hellaswag") is None
+    assert (copy / ".locks" / f"eval-{ckpt.name}.lock").read_bytes() == b"", "a free lock names no one"
+
+
+def test_a_stop_signal_stops_the_watcher_with_exit_3_cancelling_its_job_uncounted(run, tmp_path):
+    """SIGTERM right after the watcher submitted a job, and a second one while it cancels that
+    job: exit 3, the job cancelled and not counted as an attempt (no retries are allowed here), and
+    the rerun evaluates every checkpoint."""
+    copy = _fresh_copy(run, tmp_path / "run")
+    args = ["evals", "watch", "--once", str(copy), "eval.tracking_uri=none", "eval.max_retries=0", "eval.max_parallel=1"]
+    r = run_signalled("evals.watch:Watcher._submit", "after", *args, twice=True)
+    assert r.returncode == 3 and "pretrain evals watch: stopped by SIGTERM" in r.stderr, r.stdout + r.stderr
+    state = json.loads((copy / "evals" / "watch.json").read_text())["checkpoints"]
+    assert {(e["status"], e["attempts"], e["job_id"]) for e in state.values()} == {("new", 0, None)}, state
+    assert (copy / ".locks" / "evals-watch.lock").read_bytes() == b""
+    rc, out = run_cli(*args, log=tmp_path / "rerun.log")
+    assert rc == 0, out
+    for name in STEPS:
+        assert read_result(copy / "checkpoints" / name, "hellaswag")["n"] == 24

@@ -261,3 +261,15 @@ def test_without_transformers_it_names_the_extra(tmp_path, gpt2_ranks, capsys, m
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
     code, err = _run(capsys, ckpt, tmp_path / "out")
     assert code == 2 and 'pip install -e ".[hf]"' in err and not (tmp_path / "out").exists()
+
+
+def test_a_stop_signal_mid_export_exits_3_and_leaves_nothing(tmp_path, gpt2_ranks, hf):
+    """SIGTERM (preemption, scancel) while the export verifies what it wrote, and a second one while
+    it cleans up: exit 3, OUT_DIR never created, no temporary directory left beside it."""
+    from tests.signal_helpers import run_signalled
+
+    ckpt = _checkpoint(tmp_path / "run", SHAPES["bias"], seed=1, ranks=gpt2_ranks)
+    out = tmp_path / "out"
+    r = run_signalled("trainer.export_hf:verify_export", "before", "export", "hf", str(ckpt), str(out), twice=True)
+    assert r.returncode == 3 and "pretrain export hf: stopped by SIGTERM" in r.stderr, r.stdout + r.stderr
+    assert not out.exists() and _left_behind(tmp_path) == []

@@ -175,6 +175,18 @@ def test_restart_from_train_archives_the_old_run(reference, work, gpt2_ranks):
     assert sorted(p.parent.name for p in (archive / "checkpoint_evals").glob("*/hellaswag.json")) == [c.name for c in checkpoints]
 
 
+def test_a_stop_signal_mid_report_exits_3_and_leaves_no_temporary_file(reference, tmp_path):
+    """`pretrain report` as a job of its own: SIGTERM between writing report.csv and report.png
+    (and a second one while it unwinds) is exit 3, with no half-written file left in the run dir."""
+    from tests.signal_helpers import run_signalled
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir, ignore=shutil.ignore_patterns(".locks"))
+    r = run_signalled("pipelines.report:plot_series", "before", "report", str(run_dir), "tracking.uri=none", twice=True)
+    assert r.returncode == 3 and "pretrain report: stopped by SIGTERM" in r.stderr, r.stdout + r.stderr
+    assert sorted(p.name for p in run_dir.iterdir() if ".tmp" in p.name) == []
+
+
 def test_bad_configs_fail_before_anything_runs(work, gpt2_ranks, tmp_path):
     cfg, run_dir = write_config(work, "bad", gpt2_ranks)
     r = pretrain("run", str(cfg), "train.max_stepz=3")
