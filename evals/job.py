@@ -359,7 +359,8 @@ def run_job(ckpt_dir: str, cfg: EvalConfig, cpu_threads: int = 0, status_path: s
         _write_status(status_path, {"status": "stopped", "error": f"stopped ({type(e).__name__})"})
         raise
     except BaseException as e:
-        refused = bool(getattr(e, "refused", False))  # the data is wrong: the watcher does not retry
+        # the eval data or the checkpoint itself is wrong: retrying cannot help, the watcher does not
+        refused = bool(getattr(e, "refused", False)) or isinstance(e, CheckpointError)
         _write_status(status_path, {"status": "failed", "error": f"{type(e).__name__}: {e}", "refused": refused})
         raise
     _write_status(status_path, {"status": summary["status"], "step": summary["step"]})

@@ -131,13 +131,13 @@ def test_corrupt_or_uncommitted_checkpoint_fails_cleanly(run, tmp_path):
     assert rc == 2 and "model.pt is corrupt" in out, out  # refused: a rerun cannot fix it
     assert not (bad / "evals").exists() and _snapshot(copy) == before
 
-    # the watcher retries a failing checkpoint max_retries times, then reports it and exits 1
+    # the watcher does not retry it either (it retries what may pass later): reported, exit 2
     rc, out = run_cli("evals", "watch", "--once", str(copy), "eval.max_retries=1", log=log)
-    assert rc == 1, out
-    assert out.count("submitted step_00000004") == 2 and "submitted step_00000002" not in out
+    assert rc == 2, out
+    assert out.count("submitted step_00000004") == 1 and "submitted step_00000002" not in out
     assert "FAILED: step_00000004" in out
     entry = json.loads((copy / "evals" / "watch.json").read_text())["checkpoints"][STEPS[1]]
-    assert entry["status"] == "failed" and entry["attempts"] == 2 and "corrupt" in entry["errors"][-1]
+    assert entry["status"] == "failed" and entry["attempts"] == 1 and entry["refused"] and "corrupt" in entry["errors"][-1]
     assert not (bad / "evals").exists() and _snapshot(copy) == before
 
     (good / MARKER).unlink()  # an uncommitted checkpoint: refused before anything is read

@@ -250,6 +250,11 @@ def test_refusals_exit_2_and_write_nothing(tmp_path, gpt2_ranks, hf, capsys):
     assert code == 2 and "ties them" in err and not (tmp_path / "out2").exists()
     assert _left_behind(tmp_path) == []
 
+    # a file where OUT_DIR's parent should be: no rerun can create it
+    (tmp_path / "afile").write_text("mine")
+    code, err = _run(capsys, ckpt, tmp_path / "afile" / "out")
+    assert code == 2 and "cannot create its parent directory" in err and (tmp_path / "afile").read_text() == "mine"
+
     # a run dir stands for its newest committed checkpoint
     code, _ = _run(capsys, tmp_path / "run", tmp_path / "from-run-dir")
     assert code == 0 and json.loads((tmp_path / "from-run-dir" / "pretrain_export.json").read_text())["checkpoint"] == str(ckpt.resolve())
@@ -273,3 +278,54 @@ def test_a_stop_signal_mid_export_exits_3_and_leaves_nothing(tmp_path, gpt2_rank
     r = run_signalled("trainer.export_hf:verify_export", "before", "export", "hf", str(ckpt), str(out), twice=True)
     assert r.returncode == 3 and "pretrain export hf: stopped by SIGTERM" in r.stderr, r.stdout + r.stderr
     assert not out.exists() and _left_behind(tmp_path) == []
+
+
+class _RunsCode:
+    """What a planted model.pt could hold: unpickling it would run a command."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PLANTED_CODE_RAN",))
+
+
+def _recommit(ckpt: Path) -> None:
+    """Rewrite the commit marker's hashes, as if the damage below had been committed (a bug, an
+    edit, a planted file): verification then passes and only loading can tell."""
+    from common.durable import file_sha256
+
+    marker = json.loads((ckpt / MARKER).read_text())
+    marker["files"] = {name: file_sha256(ckpt / name) for name in marker["files"]}
+    (ckpt / MARKER).write_text(json.dumps(marker))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("meta-torn", "meta.json is unreadable"),
+    ("meta-list", "meta.json is not a checkpoint's metadata"),
+    ("meta-shape", "the weights do not fit the model shape in meta.json"),
+    ("meta-no-shape", "meta.json has no usable 'model' shape"),
+    ("planted-pickle", "model.pt cannot be loaded as weights"),
+])
+def test_an_unloadable_committed_checkpoint_is_refused_by_eval_and_export(tmp_path, gpt2_ranks, hf, capsys, monkeypatch, damage, message):
+    """No traceback and exit 1 ("a rerun may help") for a checkpoint no rerun can load: exit 2,
+    naming the file, with nothing written and no code from the run dir run."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = _checkpoint(tmp_path / "run", SHAPES["bias"], seed=1, ranks=gpt2_ranks)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    if damage == "meta-torn":
+        (ckpt / "meta.json").write_bytes(json.dumps(meta).encode()[:30] + b"\xff")
+    elif damage == "meta-list":
+        (ckpt / "meta.json").write_text("[1, 2]")
+    elif damage in ("meta-shape", "meta-no-shape"):
+        meta["model"] = {**meta["model"], "n_embd": 128} if damage == "meta-shape" else None
+        (ckpt / "meta.json").write_text(json.dumps(meta))
+    else:
+        torch.save({"transformer.wte.weight": _RunsCode()}, ckpt / MODEL_FILE)
+    _recommit(ckpt)
+    code, err = _run(capsys, ckpt, tmp_path / "out")
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists() and _left_behind(tmp_path) == []
+    assert main(["eval", str(ckpt), "--limit", "2", "eval.tracking_uri=none"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not (ckpt / "evals").exists() and not (tmp_path / "PLANTED_CODE_RAN").exists()

@@ -41,6 +41,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import shutil
 import signal
 import threading
@@ -118,10 +119,18 @@ def list_partial(run_dir: str | Path) -> list[Path]:
 
 
 def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
+    """The checkpoint's ``meta.json``; CheckpointError (a refusal: no rerun makes it readable) when
+    it is not a JSON object with an integer ``step``."""
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / MARKER).is_file():
         raise CheckpointError(f"{ckpt_dir}: not a committed checkpoint (no {MARKER})")
-    return json.loads((ckpt_dir / META_FILE).read_text())
+    try:
+        meta = json.loads((ckpt_dir / META_FILE).read_text())
+    except (OSError, ValueError) as e:  # ValueError: torn JSON, or bytes that are not UTF-8
+        raise CheckpointError(f"{ckpt_dir}: {META_FILE} is unreadable ({type(e).__name__}: {e})") from e
+    if not isinstance(meta, dict) or type(meta.get("step")) is not int:
+        raise CheckpointError(f"{ckpt_dir}: {META_FILE} is not a checkpoint's metadata (a JSON object with an integer 'step')")
+    return meta
 
 
 def verify(ckpt_dir: str | Path) -> None:
@@ -172,16 +181,47 @@ def load_model_for_eval(ckpt_dir: str | Path, device: str | torch.device = "cpu"
     ``config`` (the whole resolved run config as a dict), ``data_fingerprint``,
     ``mlflow_run_id`` and ``tokens_seen``. ``check`` re-hashes the files first.
     """
-    ckpt_dir = Path(ckpt_dir)
-    meta = read_meta(ckpt_dir)
-    if check:
-        verify(ckpt_dir)
-    model = GPT(GPTConfig(**meta["model"]))
-    state = torch.load(ckpt_dir / MODEL_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    meta, cfg, state = read_weights(ckpt_dir, check)
+    model = model_from_weights(ckpt_dir, cfg, state)
     model.to(device)
     model.eval()
     return model, meta
+
+
+def read_weights(ckpt_dir: str | Path, check: bool = True) -> tuple[dict[str, Any], GPTConfig, dict[str, torch.Tensor]]:
+    """``(meta, model shape, weights)`` of a committed checkpoint (``check``: re-hashed first).
+
+    Raises CheckpointError, a refusal, for anything that makes it unloadable: files that changed
+    since the commit, a ``model`` entry that is no GPT shape, weights torch cannot read. A file
+    of a run dir is never unpickled (``weights_only``); one that is not plain tensors is refused."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / MARKER).is_file():
+        raise CheckpointError(f"{ckpt_dir}: not a committed checkpoint (no {MARKER})")
+    if check:
+        verify(ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    try:
+        cfg = GPTConfig(**meta["model"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{ckpt_dir}: {META_FILE} has no usable 'model' shape ({type(e).__name__}: {e})") from e
+    try:
+        state = torch.load(ckpt_dir / MODEL_FILE, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{ckpt_dir}: {MODEL_FILE} cannot be loaded as weights ({type(e).__name__}: {first})") from e
+    return meta, cfg, state
+
+
+def model_from_weights(ckpt_dir: str | Path, cfg: GPTConfig, state: dict[str, torch.Tensor]) -> GPT:
+    """The model of shape ``cfg`` holding ``state``; CheckpointError when they do not fit together
+    (a ``meta.json`` edited, or weights of another model)."""
+    try:
+        model = GPT(cfg)
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{ckpt_dir}: the weights do not fit the model shape in {META_FILE}: {first}") from e
+    return model
 
 
 # --------------------------------------------------------------------------------------------

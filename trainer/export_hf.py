@@ -45,7 +45,7 @@ import torch
 
 from common.durable import fsync_dir
 from dataprep.tokenizer import EOT_TOKEN, N_VOCAB, TokenizerUnavailable, check_gpt2, get_gpt2
-from trainer.checkpoint import MARKER, MODEL_FILE, CheckpointError, latest_committed, read_meta, verify
+from trainer.checkpoint import MARKER, MODEL_FILE, CheckpointError, latest_committed, model_from_weights, read_weights
 from trainer.model import GPT, GPTConfig
 
 HF_EXTRA_HINT = 'pip install -e ".[hf]"'
@@ -356,13 +356,9 @@ def verify_export(out: Path, model: GPT, enc, seed: int = 0) -> dict[str, Any]:
 def _read_checkpoint(ckpt: Path) -> tuple[dict[str, Any], GPTConfig, dict[str, torch.Tensor]]:
     """``(meta, model shape, weights)`` of a committed checkpoint that verifies, else ExportError."""
     try:
-        verify(ckpt)
-        meta = read_meta(ckpt)
-        cfg = GPTConfig(**meta["model"])
-        state = torch.load(ckpt / MODEL_FILE, map_location="cpu", weights_only=True)
-    except (CheckpointError, OSError, ValueError, KeyError, TypeError) as e:
+        return read_weights(ckpt)
+    except CheckpointError as e:
         raise ExportError(f"{ckpt}: cannot read the checkpoint: {e}") from e
-    return meta, cfg, state
 
 
 def _write_weights(tmp: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -417,13 +413,17 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, log: Callable[[str], 
     ckpt = resolve_checkpoint(checkpoint)
     meta, cfg, state = _read_checkpoint(ckpt)
     tensors = hf_state_dict(state, cfg, source=str(ckpt))
-    model = GPT(cfg)
-    model.load_state_dict(state)
-    model.eval()
+    try:
+        model = model_from_weights(ckpt, cfg, state).eval()
+    except CheckpointError as e:
+        raise ExportError(str(e)) from e
     del state
     enc = _tokenizer_for(meta)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a parent dir should be, no permission: the path must change
+        raise ExportError(f"{out_dir}: cannot create its parent directory ({e})") from e
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{int(time.time() * 1000)}"
     tmp.mkdir()
     t0 = time.time()
