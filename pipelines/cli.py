@@ -277,7 +277,7 @@ def cmd_evals_watch(args: argparse.Namespace) -> int:
     eval was refused for its data; 1 if some checkpoint's eval failed for good.
     """
     from evals.watch import WatchError, Watcher
-    from trainer.checkpoint import latest_committed
+    from trainer.checkpoint import CheckpointError, latest_committed
     from trainer.runlock import RunLockHeld
 
     if not Path(args.run_dir).is_dir():
@@ -289,7 +289,7 @@ def cmd_evals_watch(args: argparse.Namespace) -> int:
     try:
         cfg = _eval_section(args.config, list(args.overrides), newest)
         return Watcher(args.run_dir, cfg, executor=args.executor).run(once=args.once)
-    except (WatchError, RunLockHeld) as e:
+    except (WatchError, RunLockHeld, CheckpointError) as e:  # CheckpointError: the newest one's config is unreadable
         print(f"pretrain evals watch: error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
 

@@ -131,6 +131,14 @@ def test_evals_watch_refuses_a_missing_run_dir_and_creates_nothing(tmp_path, cap
     err = capsys.readouterr().err
     assert "no committed checkpoint" in err and "--config" in err
     assert tree(empty) == []
+    # the newest checkpoint's meta.json, where the eval config comes from, is torn: refused, not a traceback
+    from trainer.checkpoint import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "run", 20, {}, {"state": {}}, {"step": 20}, {"step": 20, "config": {}})
+    (ckpt / "meta.json").write_text('{"step": 20, "con')
+    assert main(["evals", "watch", str(tmp_path / "run"), "--once"]) == 2
+    err = capsys.readouterr().err
+    assert "meta.json is unreadable" in err and "Traceback" not in err, err
 
 
 def test_sbatch_to_an_unwritable_path_is_exit_2_without_traceback(tmp_path, capsys):
