@@ -27,12 +27,15 @@ class ConfigError(ValueError):
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """A YAML file whose top level is a mapping (empty file: ``{}``)."""
+    """A YAML file whose top level is a mapping (empty file: ``{}``); an unreadable, non-UTF-8 or
+    non-mapping file is a :class:`ConfigError` naming it, so every command refuses it with exit 2."""
     where = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{where}: cannot read config file: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:  # a UTF-16 export or stray bytes: the user's file to fix, not a crash
+        raise ConfigError(f"{where}: not UTF-8 text (byte {e.start}: {e.reason}); save the config as UTF-8") from e
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:

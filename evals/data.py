@@ -125,6 +125,14 @@ def _cache_dir() -> Path:
 # ------------------------------------------------------------------ HellaSwag rows
 
 
+def _endings(value: Any) -> list[Any]:
+    """A row's endings: a list (a JSON array; HF rows give a list too). A string is refused rather
+    than split into one-character endings, which would score as if it were data."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"endings must be a list, got {type(value).__name__}")
+    return list(value)
+
+
 def _normalise(row: Any, where: str) -> dict[str, Any]:
     """Rowanz jsonl has an int label; the HF/olmo copy a string. Keep the fields both prompts need.
     ``where`` (file and row) names the row in the error a malformed one gets."""
@@ -134,7 +142,7 @@ def _normalise(row: Any, where: str) -> dict[str, Any]:
             "ctx_a": row.get("ctx_a", row["ctx"]),
             "ctx_b": row.get("ctx_b", ""),
             "activity_label": row.get("activity_label", ""),
-            "endings": list(row["endings"]),
+            "endings": _endings(row["endings"]),
             "label": int(row["label"]),
         }
     except KeyError as e:
@@ -168,16 +176,30 @@ def _read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
 
 def read_hellaswag_file(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a rowanz-format .jsonl, an .arrow file or a save_to_disk directory; a malformed
-    row is refused naming the file and row (:class:`BadEvalData`)."""
+    row, or a file with none (which would score n=0 as a result), is refused naming the file and
+    row (:class:`BadEvalData`)."""
     path = Path(path).expanduser()
+    rows = _read_hellaswag_rows(path)
+    if not rows:
+        raise BadEvalData(f"{path}: no HellaSwag rows in it")
+    return rows
+
+
+def _read_hellaswag_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of ``path``, by its kind; a path that is not what it claims to be is refused."""
     if not path.exists():
         raise BadEvalData(f"eval.hellaswag_path {path} does not exist")
     if path.suffix == ".jsonl" or path.suffix == ".json":
+        if not path.is_file():  # a directory named *.jsonl: no rerun makes it a file
+            raise BadEvalData(f"eval.hellaswag_path {path} is not a file")
         return _read_jsonl_rows(path)
     import datasets
 
     if path.is_dir():
-        ds = datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except FileNotFoundError as e:  # a directory, but no save_to_disk dataset in it
+            raise BadEvalData(f"eval.hellaswag_path {path}: not a .jsonl file or a save_to_disk directory ({e})") from e
     elif path.suffix == ".arrow":
         ds = datasets.Dataset.from_file(str(path))
     else:

@@ -98,11 +98,45 @@ def result_of(result: Any, ckpt_id: str, settings: dict[str, Any]) -> bool:
     return int(result.get("limit") or 0) == settings["limit"]
 
 
-def read_result(ckpt_dir: Path, task: str) -> dict[str, Any] | None:
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _scores(value: Any, allow_none: bool = False) -> bool:
+    """Whether ``value`` maps names to numbers (``allow_none``: or to null, a stderr lm-eval lacks)."""
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and (_is_number(v) or (allow_none and v is None)) for k, v in value.items())
+
+
+def well_formed(result: Any) -> bool:
+    """Whether ``result`` (a results file's content) has the shape this package writes: an object
+    with an integer ``step``, ``metrics`` of numbers, and, where present, ``stderr`` of numbers,
+    an integer ``n`` and ``limit`` and a text ``task``. One that parses but has another shape (edited
+    by hand, written by another tool) is treated as a torn file is, as no result at all, so every
+    reader (status, report, the eval job and the watcher) can use its fields without checking them."""
+    if not isinstance(result, dict) or not _is_int(result.get("step")) or not _scores(result.get("metrics")):
+        return False
+    optional = (("stderr", lambda v: _scores(v, allow_none=True)), ("n", _is_int), ("limit", _is_int),
+                ("task", lambda v: isinstance(v, str)))
+    return all(result.get(key) is None or ok(result[key]) for key, ok in optional)
+
+
+def read_result_file(path: Path) -> dict[str, Any] | None:
+    """A results file's content, or None when it is missing, unreadable or not :func:`well_formed`."""
     try:
-        return json.loads(result_path(ckpt_dir, task).read_text())
-    except (OSError, ValueError):
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError):  # ValueError: torn JSON, or bytes that are not UTF-8
         return None
+    return result if well_formed(result) else None
+
+
+def read_result(ckpt_dir: Path, task: str) -> dict[str, Any] | None:
+    """``task``'s result in the checkpoint, or None (then it is evaluated again, and rewritten)."""
+    return read_result_file(result_path(ckpt_dir, task))
 
 
 def is_complete(ckpt_dir: Path, task: str, ckpt_id: str, settings: dict[str, Any]) -> bool:
@@ -136,10 +170,12 @@ def save_result(ckpt_dir: Path, result: dict[str, Any], log: Callable[[str], Non
 
 def format_scores(result: dict[str, Any]) -> str:
     """``hellaswag: acc_norm 0.2891 ± 0.0143, acc 0.2790 ± 0.0142 (n=1000)``: a result as a person reads it
-    (the stderr is what tells two checkpoints apart, or not; ``pretrain status`` and the watcher's log)."""
-    stderr = result.get("stderr") or {}
+    (the stderr is what tells two checkpoints apart, or not; ``pretrain status`` and the watcher's log).
+    Only numbers are shown: what a damaged file holds otherwise is left out rather than raising."""
+    stderr = result.get("stderr") if isinstance(result.get("stderr"), dict) else {}
+    metrics = result.get("metrics") if isinstance(result.get("metrics"), dict) else {}
     parts = []
-    for k, v in (result.get("metrics") or {}).items():
+    for k, v in metrics.items():
         if k.endswith("stderr") or not isinstance(v, (int, float)):
             continue
         se = stderr.get(k)

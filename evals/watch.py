@@ -131,7 +131,31 @@ class Entry:
     errors: list[str] = field(default_factory=list)
     updated: float = 0.0
     status_file: str | None = None  # the running attempt's status JSON (name under RUN_DIR/evals/jobs)
-    refused: bool = False  # the last attempt failed on its configured data: not retried
+    refused: bool = False  # the last attempt failed on its eval data or an unloadable checkpoint: not retried
+
+
+# Entry fields the watcher computes with -> (the types they must have, whether they may be absent)
+ENTRY_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
+    "step": ((int,), False), "ckpt_id": ((str,), False), "status": ((str,), True), "attempts": ((int,), True),
+    "errors": ((list,), True), "updated": ((int, float), True), "refused": ((bool,), True),
+}
+
+
+def _entry_problem(raw: dict[str, Any]) -> str | None:
+    """What makes one checkpoint's entry of watch.json unusable (a field missing or of the wrong
+    type, which would stop the watcher mid-scan), or None. ``job_id`` and ``status_file`` are checked
+    where they are read."""
+    for key, (types, optional) in ENTRY_TYPES.items():
+        if key not in raw:
+            if optional:
+                continue
+            return f"no '{key}'"
+        value = raw[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            return f"'{key}' is {value!r}, not {' or '.join(t.__name__ for t in types)}"
+    if not all(isinstance(m, str) for m in raw.get("errors", [])):
+        return "'errors' holds something other than text"
+    return None
 
 
 class Watcher:
@@ -167,6 +191,9 @@ class Watcher:
         for name, v in items:
             if not isinstance(v, dict) or not re.fullmatch(r"step_[0-9]{8}", str(name)):
                 continue  # not something this watcher wrote
+            problem = _entry_problem(v)
+            if problem:
+                raise WatchError(f"{path}: unreadable watcher state ({name}: {problem}); move it aside to start afresh")
             e = Entry(**{k: x for k, x in v.items() if k in known})
             if e.job_id is not None and not JOB_ID_RE.match(str(e.job_id)):
                 e.job_id = None  # used as a pid / sacct argument: only plain ids
@@ -269,7 +296,7 @@ class Watcher:
                 self.log(
                     f"watch: {name} eval failed (attempt {e.attempts}/{self.cfg.max_retries + 1}): {e.errors[-1]}"
                     + ("; will retry" if retry else
-                       "; refused: fix the eval data, then run again" if e.refused else f"; giving up, see {self.dir / 'jobs'}")
+                       "; refused: fix what it names (the eval data or the checkpoint), then run again" if e.refused else f"; giving up, see {self.dir / 'jobs'}")
                 )
 
     def scan(self, only: set[str] | None = None) -> list[Path]:

@@ -23,7 +23,6 @@ smoothed line is derived from its ``train_loss`` column.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -55,33 +54,38 @@ def report_paths(run_dir: Path) -> tuple[Path, Path]:
     return RunDir(run_dir).report_png, RunDir(run_dir).report_csv
 
 
+def _number(value: Any) -> int | float | None:
+    """``value`` if it is a number, else None: a damaged metrics.jsonl value is left out, not drawn."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def collect(run_dir: Path) -> list[dict[str, Any]]:
     """One row per step that has anything: train loss, val loss, eval metrics (by `eval/<task>/<metric>`)."""
+    from evals.results import read_result_file
     from trainer.metrics import read_metrics
 
     rows: dict[int, dict[str, Any]] = {}
     metrics_path = RunDir(run_dir).metrics
     if metrics_path.is_file():
         for r in read_metrics(metrics_path):
-            row = rows.setdefault(int(r["step"]), {"step": int(r["step"])})
-            row["tokens"] = r.get("tokens")
-            row["train_loss"] = r.get("loss")
-            if r.get("val_loss") is not None:
+            row = rows.setdefault(r["step"], {"step": r["step"]})
+            row["tokens"] = _number(r.get("tokens"))
+            row["train_loss"] = _number(r.get("loss"))
+            if _number(r.get("val_loss")) is not None:
                 row["val_loss"] = r["val_loss"]
     for path in sorted(RunDir(run_dir).evals.glob("step_*/**/*.json")):
-        try:
-            res = json.loads(path.read_text())
-            step = int(res["step"])
-        except (OSError, ValueError, KeyError):
+        res = read_result_file(path)  # None: torn, or not shaped like a result (it is left out)
+        if res is None:
             continue
+        step = res["step"]
         row = rows.setdefault(step, {"step": step})
-        task = res.get("task", path.stem)
-        for name, value in (res.get("metrics") or {}).items():
+        task = res.get("task") or path.stem
+        for name, value in res["metrics"].items():
             row[f"eval/{task}/{name}"] = value
         for name, value in (res.get("stderr") or {}).items():
             if isinstance(value, (int, float)) and math.isfinite(value):  # lm-eval writes NaN where it has none
                 row[f"eval/{task}/{name}_stderr"] = value
-    tokens_per_step = next((r["tokens"] / r["step"] for r in rows.values() if r.get("tokens")), None)
+    tokens_per_step = next((r["tokens"] / r["step"] for r in rows.values() if r.get("tokens") and r["step"]), None)
     for r in rows.values():
         if r.get("tokens") is None and tokens_per_step:
             r["tokens"] = int(r["step"] * tokens_per_step)
@@ -152,7 +156,7 @@ def write_report(run_dir: str | Path, cfg: PipelineConfig | None = None, log: Ca
         for name, value in series["references"].get(col, []):
             target.axhline(value, linestyle="--", linewidth=0.8, color="gray")
             target.annotate(f"{name} {value}", (0.01, value), xycoords=("axes fraction", "data"), fontsize=7, color="gray")
-    tokens_per_step = next((r["tokens"] / r["step"] for r in rows if r.get("tokens") and r.get("train_loss") is not None), None)
+    tokens_per_step = next((r["tokens"] / r["step"] for r in rows if r.get("tokens") and r["step"] and r.get("train_loss") is not None), None)
     _finish_axes(axes, tokens_per_step)
     fig.tight_layout()
     with atomic_output(png) as f:

@@ -6,7 +6,9 @@
 
 * ``run_dir``: absolute path.
 * ``workflow``: ``executor``, ``config_path``, ``overrides``, ``stages`` (per stage: ``status``,
-  ``attempts``, ``job_ids``, ``error``, ``started``, ``ended``), ``error`` (SLURM refresh failure).
+  ``attempts``, ``job_ids``, ``error``, ``started``, ``ended``; a field of the wrong type is null),
+  ``error`` (SLURM refresh failure, or what of workflow.json is unreadable: with none of it readable,
+  ``executor`` is null).
 * ``training``: ``step``, ``max_steps``, ``percent``, ``loss`` (null for a skipped step),
   ``val_loss`` and ``val_step`` (the newest validation), ``tokens``, ``tokens_per_s``, ``mfu``,
   ``last_step_time`` (unix seconds), ``last_step_age_s``, ``eta_s`` (median recent step time ×
@@ -60,54 +62,106 @@ def _max_steps(run_dir: Path, newest_meta: dict[str, Any] | None) -> int | None:
 
 
 def _results(directory: Path) -> dict[str, dict[str, Any]]:
-    """task -> {metrics, stderr, n} of the result files under ``directory`` (``lm_eval/<name>`` nested)."""
+    """task -> {metrics, stderr, n} of the result files under ``directory`` (``lm_eval/<name>`` nested);
+    a file that is torn or not shaped like a result is left out (:func:`evals.results.well_formed`)."""
+    from evals.results import read_result_file
+
     out: dict[str, dict[str, Any]] = {}
     for f in sorted(directory.rglob("*.json")) if directory.is_dir() else []:
-        try:
-            r = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(r, dict) and isinstance(r.get("metrics"), dict):
+        r = read_result_file(f)
+        if r is not None:
             task = r.get("task") or f.relative_to(directory).with_suffix("").as_posix()
             out[task] = {"metrics": r["metrics"], "stderr": r.get("stderr") or {}, "n": r.get("n")}
     return out
+
+
+STAGE_FIELDS: dict[str, Any] = {  # a stage's field -> the type it must have to be shown (else null)
+    "status": str, "attempts": int, "job_ids": list, "error": str, "started": (int, float), "ended": (int, float),
+}
+
+
+def _stage(raw: Any) -> dict[str, Any]:
+    """One stage of workflow.json as shown: a field of the wrong type is null (shown as unknown)."""
+    raw = raw if isinstance(raw, dict) else {}
+    out: dict[str, Any] = {}
+    for key, kind in STAGE_FIELDS.items():
+        value = raw.get(key)
+        out[key] = value if isinstance(value, kind) and not isinstance(value, bool) else None
+    if out["job_ids"] is not None and not all(isinstance(j, str) for j in out["job_ids"]):
+        out["job_ids"] = None
+    return out
+
+
+def _read_workflow(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """workflow.json's object (None: none of it is readable) and what of it is unreadable (None:
+    nothing). ``status`` only reads it, so a torn or hand-edited file is shown as far as it goes,
+    as a checkpoint with a torn meta.json is (``step ?``)."""
+    try:
+        wf = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: torn JSON, or bytes that are not UTF-8
+        return None, f"{path} is unreadable ({type(e).__name__}: {e})"
+    if not isinstance(wf, dict):
+        return None, f"{path} is unreadable (a JSON {type(wf).__name__}, not an object)"
+    if not isinstance(wf.get("stages", {}), dict):
+        return wf, f"{path}: 'stages' is unreadable (not an object)"
+    return wf, None
+
+
+def _refresh_slurm(run_dir: Path, wf: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The SLURM workflow's record with the jobs' states now (never written: `status` holds no lock)."""
+    try:
+        from pipelines.config import load_config
+        from pipelines.workflow import Workflow
+
+        cfg = load_config(wf["config_path"], wf.get("overrides", []))
+        # the run dir asked about, not the config's run_dir read from here: a relative one
+        # names another directory (maybe another run's) when status runs from elsewhere
+        cfg.run_dir = str(Path(run_dir).resolve())
+        w = Workflow(wf["config_path"], wf.get("overrides", []), cfg, log=lambda m: None)
+        w.refresh_slurm(save=False)
+        return w.state_record(), None
+    except Exception as e:  # noqa: BLE001 - status must show what it can
+        return wf, f"could not refresh SLURM states: {e}"
 
 
 def _workflow(run_dir: Path) -> dict[str, Any] | None:
     wf_path = RunDir(run_dir).workflow_state
     if not wf_path.is_file():
         return None
-    wf = json.loads(wf_path.read_text())
-    error = None
-    if wf.get("executor") == "slurm":
-        try:
-            from pipelines.config import load_config
-            from pipelines.workflow import Workflow
-
-            cfg = load_config(wf["config_path"], wf.get("overrides", []))
-            # the run dir asked about, not the config's run_dir read from here: a relative one
-            # names another directory (maybe another run's) when status runs from elsewhere
-            cfg.run_dir = str(Path(run_dir).resolve())
-            w = Workflow(wf["config_path"], wf.get("overrides", []), cfg, log=lambda m: None)
-            w.refresh_slurm(save=False)  # shown, never written: `status` holds no lock
-            wf = w.state_record()
-        except Exception as e:  # noqa: BLE001 - status must show what it can
-            error = f"could not refresh SLURM states: {e}"
+    wf, error = _read_workflow(wf_path)
+    if wf is None:
+        return {"executor": None, "config_path": None, "overrides": [], "stages": {}, "error": error}
+    if error is None and wf.get("executor") == "slurm":
+        wf, error = _refresh_slurm(run_dir, wf)
     from pipelines.stages import STAGE_NAMES
 
-    keys = ("status", "attempts", "job_ids", "error", "started", "ended")
+    stages = wf.get("stages") if isinstance(wf.get("stages"), dict) else {}
+    overrides = wf.get("overrides", [])
+    executor, config_path = wf.get("executor", "local"), wf.get("config_path")
     return {
-        "executor": wf.get("executor", "local"), "config_path": wf.get("config_path"), "overrides": wf.get("overrides", []),
-        "stages": {name: {k: wf["stages"][name].get(k) for k in keys} for name in STAGE_NAMES if name in wf.get("stages", {})},
+        "executor": executor if isinstance(executor, str) else "?",
+        "config_path": config_path if isinstance(config_path, str) else None,
+        "overrides": overrides if isinstance(overrides, list) and all(isinstance(o, str) for o in overrides) else [],
+        "stages": {name: _stage(stages[name]) for name in STAGE_NAMES if name in stages},
         "error": error,
     }
+
+
+NUMERIC_FIELDS = ("loss", "val_loss", "tokens", "tokens_per_s", "mfu", "time")  # what status computes with
+
+
+def _numeric(record: dict[str, Any]) -> dict[str, Any]:
+    """A metrics.jsonl record with each of NUMERIC_FIELDS that is not a number made null (unknown),
+    so one hand-edited or damaged value costs only itself, not the whole status."""
+    bad = [k for k in NUMERIC_FIELDS if k in record and (not isinstance(record[k], (int, float)) or isinstance(record[k], bool))]
+    return {**record, **dict.fromkeys(bad)}
 
 
 def _training(run_dir: Path, max_steps: int | None) -> dict[str, Any] | None:
     from trainer.metrics import read_metrics
     from trainer.progress import eta_from_records
 
-    metrics = read_metrics(RunDir(run_dir).metrics) if RunDir(run_dir).metrics.is_file() else []
+    metrics = [_numeric(m) for m in read_metrics(RunDir(run_dir).metrics)] if RunDir(run_dir).metrics.is_file() else []
     if not metrics:
         return None
     last = metrics[-1]
@@ -140,9 +194,11 @@ def status_data(run_dir: str | Path) -> dict[str, Any]:
         try:
             meta = read_meta(c)
             step, newest_meta = int(meta["step"]), meta
-        except CheckpointError:  # pruned by retention since the listing: no longer a checkpoint
-            continue
-        except (OSError, ValueError, KeyError):
+        except CheckpointError:
+            if not (c / MARKER).is_file():  # pruned by retention since the listing: no longer a checkpoint
+                continue
+            step = None  # committed, but its meta.json is unreadable: shown as `step ?`
+        except (OSError, ValueError, KeyError, TypeError):  # TypeError: a meta.json that is no object
             step = None
         try:
             committed = (c / MARKER).stat().st_mtime
@@ -158,7 +214,7 @@ def status_data(run_dir: str | Path) -> dict[str, Any]:
     }
     data["latest_evals"] = None
     archive = RunDir(run_dir).evals
-    steps = sorted((p for p in archive.glob("step_*") if p.is_dir()), key=lambda p: p.name) if archive.is_dir() else []
+    steps = sorted((p for p in archive.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=lambda p: p.name) if archive.is_dir() else []
     for p in reversed(steps):
         tasks = _results(p)
         if tasks:
@@ -187,22 +243,28 @@ def _scores(tasks: dict[str, dict[str, Any]]) -> str:
     return "; ".join(format_scores({"task": t, **r}) for t, r in tasks.items())
 
 
+def _workflow_lines(wf: dict[str, Any]) -> list[str]:
+    """The workflow's lines of ``status_text``: an unreadable workflow.json is said to be so."""
+    if wf.get("executor") is None:
+        return [f"workflow  {wf.get('error')}"]
+    lines = [f"({wf['error']})"] if wf.get("error") else []
+    lines.append(f"workflow  {wf['executor']} executor, config {wf.get('config_path')} {' '.join(wf.get('overrides', []))}")
+    for name, st in wf["stages"].items():
+        jobs = f" jobs {','.join(st['job_ids'])}" if st.get("job_ids") else ""
+        extra = f"  {st['error']}" if st.get("error") else ""
+        status = st.get("status") or "?"
+        when = _duration(st.get("started"), st.get("ended")) if status != "pending" else ""
+        lines.append(f"  {name:<7} {status:<11} attempts {st.get('attempts') or 0} {when:>6}{jobs}{extra}")
+    return lines
+
+
 def status_text(run_dir: str | Path, data: dict[str, Any] | None = None) -> str:
     from trainer.progress import format_duration
 
     d = data or status_data(run_dir)
     lines = [f"run dir   {d['run_dir']}"]
-    wf = d["workflow"]
-    if wf:
-        if wf.get("error"):
-            lines.append(f"({wf['error']})")
-        lines.append(f"workflow  {wf['executor']} executor, config {wf.get('config_path')} {' '.join(wf.get('overrides', []))}")
-        for name, st in wf["stages"].items():
-            jobs = f" jobs {','.join(st['job_ids'])}" if st.get("job_ids") else ""
-            extra = f"  {st['error']}" if st.get("error") else ""
-            status = st.get("status") or "?"
-            when = _duration(st.get("started"), st.get("ended")) if status != "pending" else ""
-            lines.append(f"  {name:<7} {status:<11} attempts {st.get('attempts') or 0} {when:>6}{jobs}{extra}")
+    if d["workflow"]:
+        lines += _workflow_lines(d["workflow"])
     t = d["training"]
     if t:
         of = f"/{t['max_steps']} ({t['percent']:.1f}%)" if t.get("max_steps") else ""
@@ -220,7 +282,7 @@ def status_text(run_dir: str | Path, data: dict[str, Any] | None = None) -> str:
     else:
         lines.append("training  no steps yet")
     lc = d["last_checkpoint"]
-    since = f", last committed step {lc['step']} {_ago(lc.get('committed_time'))}" if lc else ""
+    since = f", last committed step {'?' if lc['step'] is None else lc['step']} {_ago(lc.get('committed_time'))}" if lc else ""
     lines.append(f"checkpoints ({len(d['checkpoints'])} committed{since})")
     for c in d["checkpoints"]:
         step = "?" if c["step"] is None else c["step"]

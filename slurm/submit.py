@@ -109,8 +109,19 @@ def record_job(directory: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+TEXT_FIELDS = ("name", "cluster", "log_dir", "stdout", "stderr")  # what submit_command records as text
+
+
+def _whole_record(record: object) -> bool:
+    """Whether ``record`` is a job as :func:`submit_command` records it: a text ``job_id``, and each
+    of TEXT_FIELDS it has is text (readers call string methods on them)."""
+    return isinstance(record, dict) and isinstance(record.get("job_id"), str) and all(
+        isinstance(record[k], str) for k in TEXT_FIELDS if k in record)
+
+
 def recorded_jobs(directory: Path) -> list[dict]:
-    """The recorded jobs, oldest first; a line that is not a whole record (torn) is left out."""
+    """The recorded jobs, oldest first; a line that is not a whole record (torn, or a field of the
+    wrong type) is left out, so it costs only itself."""
     path = directory / JOBS_FILE
     if not path.is_file():
         return []
@@ -120,6 +131,6 @@ def recorded_jobs(directory: Path) -> list[dict]:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and isinstance(record.get("job_id"), str):
+        if _whole_record(record):
             jobs.append(record)
     return jobs

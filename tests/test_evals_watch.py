@@ -394,7 +394,7 @@ def test_bad_eval_data_is_refused_naming_the_row_and_the_rerun_after_the_fix_eva
     assert rc == 2 and f"{data}:4: not a HellaSwag row: no field 'label'" in out and "Traceback" not in out, out
     rc, out = run_cli("evals", "watch", "--once", str(copy), *args, log=log)
     assert rc == 2, out
-    assert out.count("submitted step_00000002") == 1 and "refused: fix the eval data" in out, "a refusal is not retried"
+    assert out.count("submitted step_00000002") == 1 and "refused: fix what it names" in out, "a refusal is not retried"
 
     data.write_text(good.read_text())  # the fix
     rc, out = run_cli("evals", "watch", "--once", str(copy), *args, log=log)

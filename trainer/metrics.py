@@ -21,20 +21,29 @@ from typing import Any
 from common.durable import atomic_output
 
 
+def _raw_lines(path: Path) -> list[bytes]:
+    """The file's lines as bytes: one line that is not UTF-8 must not make the whole file unreadable."""
+    return path.read_bytes().splitlines()
+
+
+def _record(line: bytes) -> dict[str, Any] | None:
+    """The step record on ``line``, or None for one that is not whole: torn (a crash mid-write),
+    not UTF-8, not an object, or without an integer ``step`` (every reader sorts and counts by it)."""
+    try:
+        rec = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    step = rec.get("step") if isinstance(rec, dict) else None
+    return rec if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Parse the file, ignoring a torn last line (a crash mid-write)."""
-    out = []
+    """Parse the file, leaving out lines that are not whole records (a torn last line after a crash
+    mid-write, stray bytes), so a damaged line costs only itself, never a resume or a status."""
     path = Path(path)
     if not path.is_file():
-        return out
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "step" in rec:
-            out.append(rec)
-    return out
+        return []
+    return [rec for rec in map(_record, _raw_lines(path)) if rec is not None]
 
 
 def strict_json(record: dict[str, Any]) -> dict[str, Any]:
@@ -52,8 +61,8 @@ class MetricsLog:
         if not self.path.exists():
             return 0
         records = read_metrics(self.path)
-        kept = [r for r in records if int(r["step"]) <= step]
-        raw_lines = len(self.path.read_text(encoding="utf-8").splitlines())
+        kept = [r for r in records if r["step"] <= step]
+        raw_lines = len(_raw_lines(self.path))
         with atomic_output(self.path, "w") as f:
             for r in kept:
                 f.write(json.dumps(r) + "\n")

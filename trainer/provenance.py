@@ -46,20 +46,24 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the checkout (or site-p
 
 
 def write_run_config(run_dir: str | Path, text: str) -> None:
-    """``RUN_DIR/config.yaml`` (atomic); a previous, different one becomes ``config.prev.yaml``."""
+    """``RUN_DIR/config.yaml`` (atomic); a previous, different one becomes ``config.prev.yaml``.
+
+    The previous file is compared and kept as bytes: one that is not UTF-8 (edited by hand, or
+    damaged) is still a previous config to keep, never a reason to refuse every start."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     layout = RunDir(run_dir)
     path = layout.config
+    new = text.encode()
     try:
-        old: str | None = path.read_text()
+        old: bytes | None = path.read_bytes()
     except FileNotFoundError:
         old = None
-    if old == text:
+    if old == new:
         return
     if old is not None:
-        atomic_write_bytes(layout.prev_config, old.encode())
-    atomic_write_bytes(path, text.encode())
+        atomic_write_bytes(layout.prev_config, old)
+    atomic_write_bytes(path, new)
 
 
 def _git(root: Path, *args: str) -> str | None:
