@@ -230,3 +230,19 @@ def test_g_a_hellaswag_path_that_is_a_directory_is_refused_like_a_missing_one(tm
     path.mkdir()
     with pytest.raises(BadEvalData, match=str(path)):
         read_hellaswag_file(path)
+
+
+@pytest.mark.parametrize("content", [b'{"run_id": "ab', b"[1, 2]", b'{"run_id": 5, "uri": "x"}', b'{"run_id": "ab", "sqlite": 5}', b"\xff\xfe"])
+def test_h_a_damaged_mlflow_run_file_reads_as_no_run_in_status(tmp_path, capsys, content):
+    """RUN_DIR/mlflow_run.json is written atomically, so only outside damage tears it: status shows
+    the run without its MLflow line rather than a traceback (report and the workflow's last lines
+    read it the same way)."""
+    from trainer.tracking_mlflow import read_run_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 5.0, "time": 1.0}) + "\n")
+    (run / "mlflow_run.json").write_bytes(content)
+    assert read_run_file(run) is None
+    assert main(["status", str(run)]) == 0
+    assert "Traceback" not in capsys.readouterr().err

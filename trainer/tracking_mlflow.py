@@ -93,11 +93,15 @@ def read_points(metrics_path: Path, after: int, upto: int | None = None) -> list
 def read_run_file(run_dir: Path) -> dict[str, Any] | None:
     """``mlflow_run.json``: ``run_id``; ``uri`` as the run was created; ``sqlite`` (a local store's
     path relative to the run dir). ``uri`` is replaced by the store that belongs to this copy of
-    the run dir (see ``recorded_uri``)."""
+    the run dir (see ``recorded_uri``). None when there is none, or it is damaged: status and
+    report then show no MLflow run, and a training with no run id in its checkpoint starts a new run."""
     path = RunDir(run_dir).tracking_run
-    if not path.is_file():
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):  # none, or damaged (it is written atomically): nothing it can tell
         return None
-    rec = json.loads(path.read_text())
+    if not (isinstance(rec, dict) and all(isinstance(rec.get(k, ""), str) for k in ("run_id", "uri", "sqlite")) and rec.get("run_id")):
+        return None
     rec["uri"] = recorded_uri(Path(run_dir), rec)
     return rec
 
