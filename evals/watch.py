@@ -50,6 +50,7 @@ from trainer.checkpoint import MARKER, CheckpointError, list_committed, read_met
 from trainer.runlock import RunLock
 
 LOCK_ROLE = "evals-watch"
+CANCEL_WAIT_S = 10.0  # a cancelled local eval job unwinds in about a second
 # submitit job ids: a local job's pid, a SLURM job id (array jobs: 123_4)
 JOB_ID_RE = re.compile(r"^[0-9]{1,12}(_[0-9]{1,9})?$")
 
@@ -390,6 +391,10 @@ class Watcher:
             job.cancel(check=False)
             e = self.entries[name]
             e.status, e.attempts, e.job_id, e.updated = "new", max(0, e.attempts - 1), None, time.time()
+        if self.kind == "local":  # they die with us: wait (bounded) until they have, so none outlives the exit
+            deadline = time.monotonic() + CANCEL_WAIT_S
+            while time.monotonic() < deadline and not all(job.done() for job in self.jobs.values()):
+                time.sleep(0.1)
         self.jobs.clear()
 
     def pending(self, only: set[str] | None = None) -> bool:

@@ -481,6 +481,19 @@ def test_a_logging_retry_after_a_crash_is_one_point_in_mlflow(run, server):
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "eval/hellaswag/acc")] == [(7, 0.25)]
 
 
+def _processes_naming(path: Path) -> list[str]:
+    """Command lines of live processes that mention ``path`` (a submitit job names its folder)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and str(path) in cmdline:
+            found.append(cmdline)
+    return found
+
+
 def test_a_stop_signal_stops_an_eval_job_by_hand_with_exit_3_and_its_lock_free(run, tmp_path):
     """`pretrain eval CKPT` is a job of its own (often an sbatch line): SIGTERM mid-scoring must
     end it with exit 3 ("requeue me") and free the checkpoint's eval lock, writing no result."""
@@ -503,6 +516,7 @@ def test_a_stop_signal_stops_the_watcher_with_exit_3_cancelling_its_job_uncounte
     state = json.loads((copy / "evals" / "watch.json").read_text())["checkpoints"]
     assert {(e["status"], e["attempts"], e["job_id"]) for e in state.values()} == {("new", 0, None)}, state
     assert (copy / ".locks" / "evals-watch.lock").read_bytes() == b""
+    assert _processes_naming(copy) == [], "the cancelled job must not outlive the watcher"
     rc, out = run_cli(*args, log=tmp_path / "rerun.log")
     assert rc == 0, out
     for name in STEPS:
