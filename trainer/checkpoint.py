@@ -207,8 +207,7 @@ def read_weights(ckpt_dir: str | Path, check: bool = True) -> tuple[dict[str, An
     try:
         state = torch.load(ckpt_dir / MODEL_FILE, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{ckpt_dir}: {MODEL_FILE} cannot be loaded as weights ({type(e).__name__}: {first})") from e
+        raise CheckpointError(f"{ckpt_dir}: {MODEL_FILE} cannot be loaded as weights ({type(e).__name__}: {_first_line(e)})") from e
     return meta, cfg, state
 
 
@@ -219,9 +218,14 @@ def model_from_weights(ckpt_dir: str | Path, cfg: GPTConfig, state: dict[str, to
         model = GPT(cfg)
         model.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{ckpt_dir}: the weights do not fit the model shape in {META_FILE}: {first}") from e
+        raise CheckpointError(f"{ckpt_dir}: the weights do not fit the model shape in {META_FILE}: {_first_line(e)}") from e
     return model
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's first line (torch's load errors run to a page of advice), or its type."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 # --------------------------------------------------------------------------------------------
