@@ -359,8 +359,9 @@ def run_job(ckpt_dir: str, cfg: EvalConfig, cpu_threads: int = 0, status_path: s
         _write_status(status_path, {"status": "stopped", "error": f"stopped ({type(e).__name__})"})
         raise
     except BaseException as e:
-        # the eval data or the checkpoint itself is wrong: retrying cannot help, the watcher does not
-        refused = bool(getattr(e, "refused", False)) or isinstance(e, CheckpointError)
+        # the eval data or the checkpoint's content is wrong: retrying cannot help, the watcher does
+        # not (a checkpoint that could not be read, an I/O error on a shared filesystem, is retried)
+        refused = bool(getattr(e, "refused", False)) or (isinstance(e, CheckpointError) and not isinstance(e.__cause__, OSError))
         _write_status(status_path, {"status": "failed", "error": f"{type(e).__name__}: {e}", "refused": refused})
         raise
     _write_status(status_path, {"status": summary["status"], "step": summary["step"]})
