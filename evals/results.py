@@ -37,6 +37,7 @@ from common.durable import atomic_write_json
 from common.rundir import RunDir, step_dirname
 from evals.config import EvalConfig
 from trainer.checkpoint import MARKER, MODEL_FILE
+from trainer.metrics import is_number
 
 RESULTS_SUBDIR = "evals"
 
@@ -98,18 +99,14 @@ def result_of(result: Any, ckpt_id: str, settings: dict[str, Any]) -> bool:
     return int(result.get("limit") or 0) == settings["limit"]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return is_number(value) and isinstance(value, int)
 
 
 def _scores(value: Any, allow_none: bool = False) -> bool:
     """Whether ``value`` maps names to numbers (``allow_none``: or to null, a stderr lm-eval lacks)."""
     return isinstance(value, dict) and all(
-        isinstance(k, str) and (_is_number(v) or (allow_none and v is None)) for k, v in value.items())
+        isinstance(k, str) and (is_number(v) or (allow_none and v is None)) for k, v in value.items())
 
 
 def well_formed(result: Any) -> bool:

@@ -253,13 +253,9 @@ class Watcher:
                 pass
         return {}
 
-    def _job_status(self, e: Entry) -> str:
-        return str(self._status(e).get("status", ""))
-
-    def _job_error(self, e: Entry, job: Any) -> tuple[str, bool]:
-        """Why an attempt ended without complete results (its status JSON, else where its log is),
-        and whether the job was refused (its data is wrong: retrying cannot help)."""
-        status = self._status(e)
+    def _job_error(self, e: Entry, job: Any, status: dict[str, Any]) -> tuple[str, bool]:
+        """Why an attempt ended without complete results (its ``status`` JSON, else where its log
+        is), and whether the job was refused (its data is wrong: retrying cannot help)."""
         if status.get("error"):
             # a file in the run dir: printable text only (no terminal escapes from a forged one)
             text = " | ".join(str(status["error"]).splitlines())
@@ -286,11 +282,11 @@ class Watcher:
                 e.status = "done"
                 scores = "; ".join(format_scores(r) for r in (read_result(ckpt, t) for t in self.tasks) if r)
                 self.log(f"watch: {name} evaluated (job {e.job_id}): {scores}")
-            elif self._job_status(e) == "stopped":  # cancelled, e.g. by a watcher stopped before it saved
+            elif (status := self._status(e)).get("status") == "stopped":  # cancelled, e.g. by a watcher stopped before it saved
                 e.status, e.attempts = "new", max(0, e.attempts - 1)
                 self.log(f"watch: {name}: job {e.job_id} was stopped before it finished; not counted, evaluating it again")
             else:
-                error, e.refused = self._job_error(e, job)
+                error, e.refused = self._job_error(e, job, status)
                 e.errors.append(error)
                 retry = e.attempts <= self.cfg.max_retries and not e.refused
                 e.status = "new" if retry else "failed"

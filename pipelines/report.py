@@ -54,24 +54,19 @@ def report_paths(run_dir: Path) -> tuple[Path, Path]:
     return RunDir(run_dir).report_png, RunDir(run_dir).report_csv
 
 
-def _number(value: Any) -> int | float | None:
-    """``value`` if it is a number, else None: a damaged metrics.jsonl value is left out, not drawn."""
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def collect(run_dir: Path) -> list[dict[str, Any]]:
     """One row per step that has anything: train loss, val loss, eval metrics (by `eval/<task>/<metric>`)."""
     from evals.results import read_result_file
-    from trainer.metrics import read_metrics
+    from trainer.metrics import read_metrics, with_numbers
 
     rows: dict[int, dict[str, Any]] = {}
     metrics_path = RunDir(run_dir).metrics
     if metrics_path.is_file():
-        for r in read_metrics(metrics_path):
+        for r in map(with_numbers, read_metrics(metrics_path)):  # a damaged value is left out, not drawn
             row = rows.setdefault(r["step"], {"step": r["step"]})
-            row["tokens"] = _number(r.get("tokens"))
-            row["train_loss"] = _number(r.get("loss"))
-            if _number(r.get("val_loss")) is not None:
+            row["tokens"] = r.get("tokens")
+            row["train_loss"] = r.get("loss")
+            if r.get("val_loss") is not None:
                 row["val_loss"] = r["val_loss"]
     for path in sorted(RunDir(run_dir).evals.glob("step_*/**/*.json")):
         res = read_result_file(path)  # None: torn, or not shaped like a result (it is left out)

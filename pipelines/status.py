@@ -147,21 +147,11 @@ def _workflow(run_dir: Path) -> dict[str, Any] | None:
     }
 
 
-NUMERIC_FIELDS = ("loss", "val_loss", "tokens", "tokens_per_s", "mfu", "time")  # what status computes with
-
-
-def _numeric(record: dict[str, Any]) -> dict[str, Any]:
-    """A metrics.jsonl record with each of NUMERIC_FIELDS that is not a number made null (unknown),
-    so one hand-edited or damaged value costs only itself, not the whole status."""
-    bad = [k for k in NUMERIC_FIELDS if k in record and (not isinstance(record[k], (int, float)) or isinstance(record[k], bool))]
-    return {**record, **dict.fromkeys(bad)}
-
-
 def _training(run_dir: Path, max_steps: int | None) -> dict[str, Any] | None:
-    from trainer.metrics import read_metrics
+    from trainer.metrics import read_metrics, with_numbers
     from trainer.progress import eta_from_records
 
-    metrics = [_numeric(m) for m in read_metrics(RunDir(run_dir).metrics)] if RunDir(run_dir).metrics.is_file() else []
+    metrics = [with_numbers(m) for m in read_metrics(RunDir(run_dir).metrics)] if RunDir(run_dir).metrics.is_file() else []
     if not metrics:
         return None
     last = metrics[-1]

@@ -26,6 +26,21 @@ def _raw_lines(path: Path) -> list[bytes]:
     return path.read_bytes().splitlines()
 
 
+NUMERIC_FIELDS = ("loss", "val_loss", "tokens", "tokens_per_s", "mfu", "time")  # what readers compute with
+
+
+def is_number(value: Any) -> bool:
+    """An int or float, not a bool (JSON's true is no loss value)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def with_numbers(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with each of NUMERIC_FIELDS that is not a number made null (unknown), so one
+    hand-edited or damaged value costs only itself in `status` and `report`, not the whole view."""
+    bad = [k for k in NUMERIC_FIELDS if k in record and not is_number(record[k])]
+    return {**record, **dict.fromkeys(bad)}
+
+
 def _record(line: bytes) -> dict[str, Any] | None:
     """The step record on ``line``, or None for one that is not whole: torn (a crash mid-write),
     not UTF-8, not an object, or without an integer ``step`` (every reader sorts and counts by it)."""
@@ -34,7 +49,7 @@ def _record(line: bytes) -> dict[str, Any] | None:
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     step = rec.get("step") if isinstance(rec, dict) else None
-    return rec if isinstance(step, int) and not isinstance(step, bool) else None
+    return rec if is_number(step) and isinstance(step, int) else None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
