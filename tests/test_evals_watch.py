@@ -124,14 +124,20 @@ def test_corrupt_or_uncommitted_checkpoint_fails_cleanly(run, tmp_path):
     blob = bytearray((bad / MODEL_FILE).read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     (bad / MODEL_FILE).write_bytes(bytes(blob))
+    (good / MARKER).unlink()  # an uncommitted checkpoint: refused before anything is read
     before = _snapshot(copy)
     log = tmp_path / "eval.log"
+
+    rc, out = run_cli("eval", str(good), log=log)
+    assert rc == 2 and "not a committed checkpoint" in out, out
+    assert _snapshot(copy) == before
 
     rc, out = run_cli("eval", str(bad), "--limit", "5", log=log)
     assert rc == 2 and "model.pt is corrupt" in out, out  # refused: a rerun cannot fix it
     assert not (bad / "evals").exists() and _snapshot(copy) == before
 
-    # the watcher does not retry it either (it retries what may pass later): reported, exit 2
+    # the watcher passes over the uncommitted one and does not retry the corrupt one (it retries
+    # what may pass later): reported, exit 2
     rc, out = run_cli("evals", "watch", "--once", str(copy), "eval.max_retries=1", log=log)
     assert rc == 2, out
     assert out.count("submitted step_00000004") == 1 and "submitted step_00000002" not in out
@@ -139,11 +145,6 @@ def test_corrupt_or_uncommitted_checkpoint_fails_cleanly(run, tmp_path):
     entry = json.loads((copy / "evals" / "watch.json").read_text())["checkpoints"][STEPS[1]]
     assert entry["status"] == "failed" and entry["attempts"] == 1 and entry["refused"] and "corrupt" in entry["errors"][-1]
     assert not (bad / "evals").exists() and _snapshot(copy) == before
-
-    (good / MARKER).unlink()  # an uncommitted checkpoint: refused before anything is read
-    rc, out = run_cli("eval", str(good), log=log)
-    assert rc == 2 and "not a committed checkpoint" in out, out
-    assert _snapshot(copy) == before
 
 
 def test_checkpoint_deleted_while_queued_is_skipped(run, tmp_path):
