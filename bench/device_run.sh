@@ -12,6 +12,9 @@
 #                   fp32 head), bf16 with PyTorch's kernel choice, bf16 with a bf16 head: speed and
 #                   agreement with fp32 (RESULT_DTYPES);
 #   anchor-eager    the side by side without torch.compile;
+#   profile-eager   where the eager gap is: one eager step of each (bench/profile_step.py, 1 warm-up + 2
+#                   steps under torch.profiler), their device kernel times compared by category and by
+#                   kernel (OUT_DIR/profile_eager.txt; its category table goes into the summary);
 #   chunk-on        the project bench compiled with the chunked LM-head loss on (train.loss_chunk_tokens=8192;
 #                   configs/gpt2-124m.yaml has it off: measured faster compiled, at more memory);
 #   sdpa            SDPA backends pinned (train.sdpa_backend=flash|cudnn), eager;
@@ -40,7 +43,7 @@ py=${PYTHON:-python3}
 anchor=${ANCHOR:-.anchors/build_nanogpt_step.py}
 data=${DEVICE_RUN_DATA:-$PWD/.devicecarry/data}
 hellaswag=${DEVICE_RUN_HELLASWAG:-$PWD/.devicecarry/hellaswag_val.jsonl}
-parts=${DEVICE_RUN_PARTS:-anchor-compile,fp8,trainer,eval,eval-dtypes,anchor-eager,chunk-on,sdpa,resume,eval-loop,compile-modes,micro-batch}
+parts=${DEVICE_RUN_PARTS:-anchor-compile,fp8,trainer,eval,eval-dtypes,anchor-eager,profile-eager,chunk-on,sdpa,resume,eval-loop,compile-modes,micro-batch}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -52,6 +55,7 @@ if [ "${DEVICE_RUN_TINY:-0}" = 1 ]; then
   trainer_model=micro; trainer_b=2; trainer_t=32; trainer_tokens=128; trainer_steps=3; trainer_ckpt=2
   eval_rows=24
   resume_args=(--steps 6 model.name=micro train.micro_batch_size=2 train.seq_len=32 train.batch_tokens=64)
+  anchor_shape=(--batch 2 --seq 32 --batch-tokens 128 --n-layer 2 --n-head 2 --n-embd 64)
   t_big=300; t_small=200
 else
   shape=(train.nproc_per_node=1)
@@ -61,6 +65,7 @@ else
   trainer_model=gpt2; trainer_b=64; trainer_t=1024; trainer_tokens=524288; trainer_steps=30; trainer_ckpt=10
   eval_rows=0
   resume_args=(train.device=cuda)
+  anchor_shape=(--batch 64 --seq 1024 --batch-tokens 524288)
   t_big=150; t_small=100
 fi
 compile_flag=$([ "$compile" = on ] && echo true || echo false)
@@ -138,6 +143,22 @@ eval_dtypes() {  # bf16 against fp32 on the trained checkpoint (random init wher
   run "hellaswag dtypes" "$t_big" $py bench/hellaswag.py "${src[@]}" --dtypes float32,bfloat16 --eval-sdpa both --eval-head both
 }
 
+profile_eager() {  # one eager step of each under torch.profiler, compared kernel by kernel
+  if [ ! -f "$anchor" ]; then
+    echo "=== profile-eager: SKIPPED, no anchor at $anchor" | tee -a "$log"
+    return 0
+  fi
+  run "profile project eager" "$t_small" $py bench/profile_step.py run --json "$work/prof_project.json" -- \
+    bench/train_step.py configs/gpt2-124m.yaml "${shape[@]}" train.compile=false --steps 2 --warmup 1
+  run "profile anchor eager" "$t_small" $py bench/profile_step.py run --json "$work/prof_anchor.json" -- \
+    "$anchor" "${anchor_shape[@]}" --no-compile --steps 2 --warmup 1
+  if $py bench/profile_step.py diff "$work/prof_project.json" "$work/prof_anchor.json" --top 40 > "$out/profile_eager.txt" 2>> "$log"; then
+    sed -n '1,12p' "$out/profile_eager.txt" | sed 's/^/PROFILE /' >> "$log"
+  else
+    echo "=== profile-eager: no comparison (see the log)" | tee -a "$log"
+  fi
+}
+
 IFS=, read -ra order <<< "$parts"
 for part in "${order[@]}"; do
   case $part in
@@ -148,6 +169,7 @@ for part in "${order[@]}"; do
     eval) eval_full ;;
     eval-dtypes) eval_dtypes ;;
     anchor-eager) if [ "$compile" = on ]; then side_by_side off; fi ;;
+    profile-eager) profile_eager ;;
     chunk-on) run "loss-chunk-on compile=$compile" "$t_big" $py bench/train_step.py configs/gpt2-124m.yaml "${shape[@]}" \
                 train.compile="$compile_flag" train.loss_chunk_tokens=8192 "${csteps[@]}" ;;
     sdpa) for b in flash cudnn; do
@@ -168,9 +190,9 @@ for part in "${order[@]}"; do
                    run "micro_batch_size=$b compile=$compile" "$t_big" $py bench/train_step.py configs/gpt2-124m.yaml "${shape[@]}" \
                      train.compile="$compile_flag" train.micro_batch_size="$b" train.loss_chunk_tokens=8192 "${csteps[@]}"
                  done ;;
-    *) echo "=== $part: unknown part (known: anchor-compile fp8 trainer eval eval-dtypes anchor-eager chunk-on sdpa resume eval-loop compile-modes micro-batch)" | tee -a "$log" ;;
+    *) echo "=== $part: unknown part (known: anchor-compile fp8 trainer eval eval-dtypes anchor-eager profile-eager chunk-on sdpa resume eval-loop compile-modes micro-batch)" | tee -a "$log" ;;
   esac
 done
 
 echo "=== summary" | tee -a "$log"
-grep -E "^(  )?(RESULT|RATIO)|^=== .*(exit|SKIPPED)|^([0-9-]+ [0-9:]+ )?step [0-9]+/|max_logprob|differ|identical|same ending|\"(acc|acc_norm|elapsed_s)\"|eval: .*computed" "$log" | tee "$out/device_run.summary"
+grep -E "^(  )?(RESULT|RATIO|PROFILE)|^=== .*(exit|SKIPPED)|^([0-9-]+ [0-9:]+ )?step [0-9]+/|max_logprob|differ|identical|same ending|\"(acc|acc_norm|elapsed_s)\"|eval: .*computed" "$log" | tee "$out/device_run.summary"
