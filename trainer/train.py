@@ -142,6 +142,18 @@ def _shape_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
     return [f"{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}" for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
 
 
+def _resume_meta(ckpt: Path) -> dict[str, Any]:
+    """``ckpt``'s meta.json with the fields a resume compares (``Trainer._foreign``). CheckpointError
+    (unusable: skipped like one that does not verify) when it is no metadata or lacks them, as one
+    written by another code version, or under a marker rewritten over a bad file, would."""
+    meta = read_meta(ckpt)
+    expected = (("model_shape", dict), ("data_fingerprint", str), ("config", (dict, type(None))))
+    wrong = [key for key, kind in expected if not isinstance(meta.get(key), kind)]
+    if wrong:
+        raise CheckpointError(f"{ckpt}: meta.json has no usable {', '.join(wrong)} (not a training checkpoint of this version)")
+    return meta
+
+
 class Trainer:
     def __init__(self, cfg: TrainJob, env: DistEnv, stop: StopFlag, allow_changes: bool = False):
         self.cfg, self.env, self.stop = cfg, env, stop
@@ -282,11 +294,12 @@ class Trainer:
         for ckpt in reversed(committed):
             try:
                 verify(ckpt)
+                meta = _resume_meta(ckpt)
             except CheckpointError as e:
                 log0(env, f"checkpoint: skipping {ckpt.name}: {e}")
                 unusable.append(ckpt)
                 continue
-            problems = self._foreign(ckpt, read_meta(ckpt))
+            problems = self._foreign(ckpt, meta)
             if problems:
                 return {"path": None, "error": f"refusing to resume {ckpt}: " + "; ".join(problems)}
             return {"path": str(ckpt), "error": None}
