@@ -14,6 +14,7 @@ a stage reads its own sections of a resolved config with :func:`from_dict`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -24,6 +25,48 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration problem, reported to the user as-is (exit code 2)."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` less two YAML 1.1 surprises, and refusing duplicate keys.
+
+    Plain scalars that YAML 1.1 reads as base-60 (``time: 24:00:00`` → 86400, which became
+    86400 minutes in ``#SBATCH --time``) or octal numbers (``0123`` → 83) stay strings as
+    written: a string key keeps its text, and an integer key refuses them. A key given twice
+    in one mapping (a second ``train:`` section replaced the first whole) is an error."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: later keys override it
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # unhashable: the base class says so
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r} (the later one would silently replace the first)", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_NUMBER_RE = {  # YAML 1.1's int and float patterns without the base-60 and leading-0 octal forms
+    "tag:yaml.org,2002:int": re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    "tag:yaml.org,2002:float": re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?"
+                                          r"|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+}
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, _NUMBER_RE.get(tag, regexp)) for tag, regexp in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
@@ -37,7 +80,7 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:  # a UTF-16 export or stray bytes: the user's file to fix, not a crash
         raise ConfigError(f"{where}: not UTF-8 text (byte {e.start}: {e.reason}); save the config as UTF-8") from e
     try:
-        raw = yaml.safe_load(text)
+        raw = _load_yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML: {e}") from e
     if raw is None:
@@ -190,7 +233,7 @@ def _parse_cli_value(text: str, hint: Any) -> Any:
     if hint is str:
         return text
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        return _load_yaml(text) if text != "" else ""
     except yaml.YAMLError:
         return text
 

@@ -10,6 +10,7 @@ worker gets the resolved config as a file, see ``trainer.config.TrainJob``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         where = str(path)
         merge(cfg, read_yaml_mapping(path), prefix="", where=where, problems=problems)
     apply_overrides(cfg, overrides, problems=problems)
+    # "~/..." as the shell means it, for every reader: the data stage expanded data.output_dir but the
+    # trainer and the workflow did not (the finished data "not found" after the whole data stage),
+    # and run_dir became a directory named "~" under the current one
+    cfg.run_dir, cfg.data.output_dir = os.path.expanduser(cfg.run_dir), os.path.expanduser(cfg.data.output_dir)
     cfg.source = where
     validate(cfg, where if not overrides else f"{where} with overrides {list(overrides)}", problems)
     return cfg
@@ -81,6 +86,8 @@ def validate(cfg: PipelineConfig, where: str, earlier: list[str] | tuple[str, ..
                 if bad:
                     problems.append(f"'{dotted}' contains a control character ({bad[0]!r}); not allowed in config values")
                     break
+    if not cfg.run_dir.strip():  # else the run's files land in the current directory, unasked
+        problems.append("run_dir must not be empty (give the run's directory; '.' if you mean the current one)")
     failed = validate_sections(cfg, "", problems)
     problems.extend(ray_job_problems(cfg) if "ray." not in failed else [])
     problems.extend(geometry_problems(cfg, world_size=1, check_block="model." not in failed))

@@ -7,6 +7,19 @@ from dataclasses import dataclass, field
 from slurm import validation as v
 
 
+# sbatch options the pipeline writes itself, with the key that sets each: an `extra` item naming one
+# would silently replace it (`--time=0`: unlimited; `--nodes`: not the geometry that was checked;
+# `--output`: a log `submit --wait` and `pretrain jobs` never find)
+MANAGED_OPTIONS = {
+    "nodes": "slurm.nodes", "gpus-per-node": "slurm.gpus_per_node", "cpus-per-task": "slurm.cpus_per_task",
+    "mem": "slurm.mem_gb", "time": "slurm.time", "partition": "slurm.partition", "account": "slurm.account",
+    "qos": "slurm.qos", "constraint": "slurm.constraint", "signal": "slurm.signal_delay_s",
+    "requeue": "slurm.max_requeues", "no-requeue": "slurm.max_requeues", "output": "run_dir", "error": "run_dir",
+    "open-mode": "run_dir", "chdir": "run_dir", "job-name": "run_dir", "ntasks-per-node": "train.nproc_per_node (one launcher per node)",
+    "dependency": "the stage order of `pretrain run`",
+}  # fmt: skip
+
+
 @dataclass
 class SlurmConfig:
     nodes: int = 1
@@ -39,3 +52,8 @@ class SlurmConfig:
         v.check_constraint("constraint", self.constraint)
         v.time_minutes("time", self.time)
         v.parse_extra("extra", self.extra)
+        for i, raw in enumerate(self.extra):
+            (option,) = v.parse_extra("extra", [raw])  # one option per item
+            if option in MANAGED_OPTIONS:
+                raise ValueError(f"extra[{i}]: --{option} is set by the pipeline (from {MANAGED_OPTIONS[option]}); "
+                                 f"set that instead of passing it in slurm.extra, got {raw!r}")

@@ -182,6 +182,10 @@ class TrackingConfig:
     uri: str = ""
     experiment: str = "pretrain"
 
+    def validate(self) -> None:
+        """MLflow refuses an empty experiment name only when training starts: refuse it at load."""
+        _check(bool(self.experiment.strip()), f"experiment must not be empty, got {self.experiment!r}")
+
 
 @dataclass
 class TrainJob:
