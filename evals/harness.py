@@ -39,6 +39,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from evals.data import BadEvalData
 from evals.scoring import Group, autocast_for, encode, masked_forward, resolve_device, score_groups
 from trainer.model import GPT, GPT2_VOCAB
 
@@ -231,6 +232,19 @@ def _cut(text: str, until: list[str]) -> str:
     return text
 
 
+class UnknownTask(BadEvalData):
+    """A task name lm-evaluation-harness does not know: a config to fix (exit 2), never retried."""
+
+
+def unknown_tasks(names: list[str], task_manager: Any = None) -> list[str]:
+    """The ``names`` that are neither a task, a group nor a tag of lm-evaluation-harness (its task
+    index takes a few seconds to load: pass the ``TaskManager`` already built, if there is one)."""
+    from lm_eval.tasks import TaskManager
+
+    known = set((task_manager or TaskManager()).all_tasks)
+    return [n for n in names if n not in known]
+
+
 def run_harness(
     lm: PretrainGPTLM,
     tasks: list[str],
@@ -244,6 +258,9 @@ def run_harness(
 
     t0 = time.time()
     tm = TaskManager(include_path=str(include_path) if include_path else None)
+    unknown = unknown_tasks(tasks, tm)
+    if unknown:  # else lm-eval fails deep inside with a KeyError, and a retry fails alike
+        raise UnknownTask(f"eval.harness_tasks: {', '.join(unknown)}: not a task of lm-evaluation-harness {lm_eval.__version__}")
     res = lm_eval.simple_evaluate(
         model=lm,
         tasks=list(tasks),

@@ -86,6 +86,25 @@ def planned_tasks(cfg: EvalConfig) -> list[str]:
     return (["hellaswag"] if cfg.hellaswag else []) + [HARNESS_PREFIX + t for t in cfg.harness_tasks]
 
 
+def plan_problems(cfg: EvalConfig) -> list[str]:
+    """Why ``cfg`` could evaluate no checkpoint at all: no task, a HellaSwag file that is not there,
+    a harness task lm-evaluation-harness does not know. Checked before a workflow starts, so that it
+    does not prepare data and train for days to fail at its first eval (loading the harness's task
+    index costs a few seconds: only when harness tasks are set)."""
+    problems = []
+    if not planned_tasks(cfg):
+        problems.append("eval.hellaswag is false and eval.harness_tasks is empty: nothing to evaluate")
+    if cfg.hellaswag and cfg.hellaswag_path and not Path(cfg.hellaswag_path).expanduser().exists():
+        problems.append(f"eval.hellaswag_path {cfg.hellaswag_path} does not exist")
+    if cfg.harness_tasks:
+        from evals.harness import unknown_tasks
+
+        unknown = unknown_tasks(list(cfg.harness_tasks))
+        if unknown:
+            problems.append(f"eval.harness_tasks: {', '.join(unknown)}: not a task of lm-evaluation-harness")
+    return problems
+
+
 def normalise_tasks(names: list[str]) -> list[str]:
     """CLI task names: ``hellaswag`` is ours; any other name (or ``lm_eval/x``) is a harness task."""
     out = []

@@ -202,6 +202,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_command(to_dict(cfg), args.nnodes, args.rdzv_endpoint, args.rdzv_id, allow_changes=args.allow_changes)
 
 
+def _check_eval_plan(cfg: PipelineConfig) -> None:
+    """Evals that could never run are refused before data or training, not after (ConfigError, exit 2)."""
+    from evals.job import plan_problems
+
+    problems = plan_problems(cfg.eval)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipelines.launching import submit_training
     from pipelines.stages import check_eval_request, stage
@@ -215,6 +224,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 check_fits(*stage("eval").resources(cfg))
                 check_eval_request(cfg)
         check_geometry(cfg, on_slurm=True)  # one rank per GPU on every node: refuse before anything is queued
+        if args.with_evals:
+            _check_eval_plan(cfg)
         job = submit_training(args.config, list(args.overrides), cfg, args.executor, allow_changes=args.allow_changes)
     except SlurmError as e:
         print(f"pretrain submit: error: {e}", file=sys.stderr)
@@ -345,6 +356,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             check_slurm_request(cfg)
         check_geometry(cfg, on_slurm=args.executor == "slurm")  # before any stage starts or is queued
+        _check_eval_plan(cfg)
         return run_workflow(args.config, list(args.overrides), args.executor, args.restart_from)
     except SlurmError as e:
         print(f"pretrain run: error: {e}", file=sys.stderr)

