@@ -136,6 +136,7 @@ def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
     ("model.name=gpt5", "model.n_layer is not set and name 'gpt5' is not a preset"),
     ("model.dropout=1", "model.dropout must be in [0, 1)"),
     ("model.vocab_size=1000", "model.vocab_size must be >= 50257"),
+    ("model.vocab_size=10000000000", "model.vocab_size must be <= 65536"),  # was an allocation failure, exit 1
 ])  # fmt: skip
 def test_invalid_model_and_train_values_are_refused_when_the_config_loads(override, message):
     with pytest.raises(ConfigError) as err:
@@ -149,6 +150,15 @@ def test_pretrain_train_refuses_an_unknown_device_with_exit_2_and_no_rerun_advic
     text = log.read_text()
     assert rc == EXIT_REFUSED, text
     assert "train.device must be one of auto, cpu, cuda, got 'gpu'" in text and RERUN_HINT not in text
+
+
+def test_a_model_too_large_for_the_device_is_refused_with_exit_2_naming_its_shape(workdir, data_dir):
+    """It was a RuntimeError traceback and exit 1 ("rerun to resume"): a rerun fails alike."""
+    _, config, log = setup_run(workdir, data_dir, "toolarge")
+    rc = train(config, log, "model.n_embd=4194304", "model.n_head=1", "train.nproc_per_node=1", timeout=120)
+    text = log.read_text()
+    assert rc == EXIT_REFUSED, text[-3000:]
+    assert "the model does not fit in cpu memory (n_layer=" in text and "n_embd=4194304" in text and RERUN_HINT not in text
 
 
 def test_model_presets_known_to_the_config_are_the_models_presets():

@@ -92,6 +92,8 @@ class ModelConfig:
             _check(value > 0 or self.name in MODEL_PRESETS,
                    f"{key} is not set and name '{self.name}' is not a preset ({', '.join(MODEL_PRESETS)})")
         _check(self.vocab_size >= 50257, f"vocab_size must be >= 50257 (the GPT-2 vocabulary), got {self.vocab_size}")
+        _check(self.vocab_size <= 65536, f"vocab_size must be <= 65536 (the data's token ids are uint16: rows past that "
+                                         f"could never be used), got {self.vocab_size}")
         _check(math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         shape = self.resolved_shape()
         _check(shape["n_embd"] % shape["n_head"] == 0,

@@ -95,6 +95,11 @@ PEAK_FLOPS = {"H100": (989.4e12, 494.7e12), "H200": (989.4e12, 494.7e12), "A100"
 FAULT_NAN_ENV = "PRETRAIN_FAULT_NAN"
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """A failed allocation: CUDA's ``torch.OutOfMemoryError`` or the CPU allocator's RuntimeError."""
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)
+
+
 class RefusedError(RuntimeError):
     """The run cannot start as configured (bad geometry, foreign checkpoint, unreadable data)."""
 
@@ -214,6 +219,12 @@ class Trainer:
             self.model = build_model(self.gpt_cfg, tc, env.device)
         except ValueError as e:  # train.sdpa_backend or train.fp8 that this device cannot run
             raise RefusedError(str(e)) from e
+        except RuntimeError as e:  # torch.OutOfMemoryError is one too
+            if not is_out_of_memory(e):
+                raise
+            shape = ", ".join(f"{k}={v}" for k, v in self.gpt_cfg.shape().items())
+            raise RefusedError(f"the model does not fit in {env.device.type} memory ({shape}): choose a smaller model.* "
+                               f"shape or a device with more memory ({str(e).strip().splitlines()[0][:200]})") from e
         seed_all(tc.seed + env.rank)
         log0(env, self.model.summary())
         self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, env.device.type)
