@@ -70,6 +70,7 @@ OUTPUT_KEYS = (
     "minhash_buckets", "minhash_hashes_per_bucket", "minhash_seed", "tokenizer", "shard_tokens", "val_tokens",
     "shuffle_seed",
 )  # fmt: skip
+REMOVED_NAME = "removed.jsonl"
 REMOVAL_REASONS = ("empty", "invalid_utf8", "exact_duplicate", "near_duplicate", "too_long")
 
 
@@ -354,6 +355,20 @@ def _discard_work(output_dir: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """A finished dataset's manifest; a DataError (exit 2, nothing touched) for one that is not JSON
+    or not an object, which was a JSONDecodeError/AttributeError traceback (exit 1: "rerun")."""
+    try:
+        manifest = json.loads(path.read_bytes())
+        ok = isinstance(manifest, dict) and isinstance(manifest.get("config", {}), dict)
+        why = "" if ok else "not a JSON object with a config object"
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        manifest, why = None, f"{type(e).__name__}: {e}"
+    if why:
+        raise DataError(f"{path}: unreadable manifest ({why}); restore it, or delete {path.parent} to rebuild the dataset")
+    return manifest
+
+
 def _prepare_output(output_dir: Path, fingerprint: str, config: dict[str, Any]) -> tuple[Path, dict | None]:
     """Return the work dir; or the existing manifest if this exact dataset is already complete.
 
@@ -362,7 +377,7 @@ def _prepare_output(output_dir: Path, fingerprint: str, config: dict[str, Any]) 
     """
     manifest_path = output_dir / MANIFEST_NAME
     if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
+        manifest = _read_manifest(manifest_path)
         if manifest.get("plan_fingerprint") == fingerprint:
             return output_dir / WORK_DIR, manifest
         raise DataError(
@@ -396,7 +411,7 @@ def run_data_stage(cfg: DataConfig, ray_cfg: RayConfig) -> dict[str, Any]:
         # a named ranks file that is missing or wrong needs fixing; a failed download may pass later
         raise (DataError if cfg.tokenizer_file else TransientDataError)(str(e)) from e
     # before Ray starts: a missing path or an unlistable source fails in seconds, not after a cluster start
-    listed = resolve_sources(cfg.source, cfg.source_config, cfg.cache_dir, cfg.max_files, cfg.download_retries)
+    listed = _list_sources(cfg)
     lock = lock_output_dir(Path(cfg.output_dir).expanduser())
     try:
         started = start_ray(ray_cfg)
@@ -446,10 +461,18 @@ def _build(cfg: DataConfig, ranks_sha256: str, waves: _Waves, listed: list[tuple
     return manifest
 
 
+def _list_sources(cfg: DataConfig) -> list[tuple[str, str]]:
+    """The source files, never the stage's own outputs: with data.output_dir in the source tree, its
+    removed.jsonl (and, hidden, its .work) would be inputs of the next run, which then took a
+    finished dataset for one of other inputs and discarded a killed run's work."""
+    own = [str(Path(cfg.output_dir).expanduser() / REMOVED_NAME)]
+    return resolve_sources(cfg.source, cfg.source_config, cfg.cache_dir, cfg.max_files, cfg.download_retries, exclude=own)
+
+
 def _fetch_sources(cfg: DataConfig, waves: _Waves, listed: list[tuple[str, str]] | None) -> list[SourceFile]:
     """Download remote files into the cache (or checksum local ones): the inputs of the fingerprint."""
     if listed is None:
-        listed = resolve_sources(cfg.source, cfg.source_config, cfg.cache_dir, cfg.max_files, cfg.download_retries)
+        listed = _list_sources(cfg)
     remote = is_remote(cfg.source)
     calls = [(n, loc, remote, cfg.cache_dir, cfg.download_retries) for n, loc in listed]
     return waves.run("download" if remote else "checksum", task_fetch, calls, unit="file")
@@ -544,7 +567,7 @@ def _manifest(cfg: DataConfig, fingerprint: str, ranks_sha256: str, sources: lis
             "tokens": {split: sum(s["tokens"] for s in shards if s["split"] == split) for split in ("train", "val")},
             "shards": {split: sum(1 for s in shards if s["split"] == split) for split in ("train", "val")},
         },
-        "removed_ids": {"path": "removed.jsonl", "count": removed[0], "sha256": removed[1]},
+        "removed_ids": {"path": REMOVED_NAME, "count": removed[0], "sha256": removed[1]},
         "shards": shards,
         "ray_cluster": _ray_cluster(),  # where it was built; the only entry that depends on the cluster
     }
@@ -570,7 +593,7 @@ def _write_removed(output_dir: Path, work: Path, chunks: list[Chunk], sources: l
                 record["duplicate_of"] = {"file": sources[src].name, "row": row}
             lines.append(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
     data = "".join(lines).encode()
-    atomic_write_bytes(output_dir / "removed.jsonl", data)
+    atomic_write_bytes(output_dir / REMOVED_NAME, data)
     return len(lines), hashlib.sha256(data).hexdigest()
 
 

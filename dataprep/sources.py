@@ -19,7 +19,7 @@ import os
 import sys
 import sysconfig
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,17 +80,28 @@ def _has_supported_suffix(name: str) -> bool:
     return name.endswith(SUPPORTED_SUFFIXES)
 
 
+def _hidden(name: str) -> bool:
+    """A name with a hidden component (``.git/``, a data stage's ``.work/``, ``.lock``): never a source."""
+    return any(part.startswith(".") and part not in (".", "..") for part in name.split("/"))
+
+
+def _check_suffixes(paths: list[str], source: str) -> None:
+    """Files a glob or a file name picks out must be ones the readers know: any other (``.jsonl.zst``,
+    ``.txt``) was read as plain jsonl, its undecodable lines dropped as invalid UTF-8, exit 0."""
+    other = [os.path.basename(p) for p in paths if not _has_supported_suffix(p)]
+    if other:
+        raise DataError(f"data.source {source}: {', '.join(other[:5])}{' ...' if len(other) > 5 else ''}: not a supported "
+                        f"file type (supported: {', '.join(SUPPORTED_SUFFIXES)}); narrow the glob or convert the file")
+
+
 def list_local(source: str) -> list[tuple[str, str]]:
-    """(name, path) of the local files a directory or glob names, sorted by name."""
+    """(name, path) of the local files a directory or glob names, sorted by name. A directory's
+    files of other types and hidden ones are skipped; a glob or file of another type is an error."""
     expanded = os.path.expanduser(source)
     if os.path.isdir(expanded):
         root = expanded
-        paths = [
-            os.path.join(d, f)
-            for d, _, files in os.walk(expanded)
-            for f in files
-            if _has_supported_suffix(f) and not f.startswith(".")
-        ]
+        paths = [os.path.join(d, f) for d, _, files in os.walk(expanded) for f in files
+                 if _has_supported_suffix(f) and not _hidden(os.path.relpath(os.path.join(d, f), root))]
     elif any(c in expanded for c in "*?["):
         root = os.path.dirname(expanded.split("*")[0].split("?")[0].split("[")[0]) or "."
         paths = [p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p)]
@@ -99,6 +110,7 @@ def list_local(source: str) -> list[tuple[str, str]]:
         paths = [expanded]
     else:
         raise DataError(f"data.source: local path {source} does not exist (relative to {os.getcwd()})")
+    _check_suffixes(paths, source)
     files = sorted((os.path.relpath(p, root), p) for p in paths)
     if not files:
         raise DataError(f"data.source: no parquet/jsonl files under {source}")
@@ -134,10 +146,10 @@ def list_remote(source: str, config: str) -> list[tuple[str, str]]:
         raise TransientDataError(f"data.source: {what}cannot list {url}: {type(e).__name__}: {e}") from e
     files = []
     for p in sorted(found):
-        if not _has_supported_suffix(p):
+        name = p[len(root) :].lstrip("/") if p.startswith(root) else p.rsplit("/", 1)[-1]
+        if not _has_supported_suffix(p) or _hidden(name):
             continue
         full = p if "://" in p else f"{protocol}://{p.lstrip('/') if protocol != 'file' else p}"
-        name = p[len(root) :].lstrip("/") if p.startswith(root) else p.rsplit("/", 1)[-1]
         files.append((name, full))
     if not files:
         raise DataError(f"data.source: no parquet/jsonl files at {url}")
@@ -332,8 +344,24 @@ def build_python_docs_corpus(dest: Path, min_chars: int = 200) -> Path:
 BUILTIN_CORPORA = {"python-docs": build_python_docs_corpus}
 
 
-def resolve_sources(source: str, config: str, cache_dir: str, max_files: int, retries: int) -> list[tuple[str, str]]:
-    """Turn `data.source` into an ordered list of (name, local path-or-url) still to be described."""
+def _local_path(location: str) -> str | None:
+    """The local file a listed location is (a path, or a ``file://`` URL); None for other URLs."""
+    if location.startswith("file://"):
+        return location.removeprefix("file://")
+    return None if "://" in location else location
+
+
+def _without(files: list[tuple[str, str]], exclude: Iterable[str]) -> list[tuple[str, str]]:
+    """``files`` less the local files named in ``exclude`` (the stage's own outputs when the output
+    dir lies in the source tree: they must not become inputs of the next run)."""
+    skip = {os.path.realpath(os.path.expanduser(p)) for p in exclude}
+    return [(n, loc) for n, loc in files if (p := _local_path(loc)) is None or os.path.realpath(p) not in skip]
+
+
+def resolve_sources(source: str, config: str, cache_dir: str, max_files: int, retries: int,
+                    exclude: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """Turn `data.source` into an ordered list of (name, local path-or-url) still to be described,
+    leaving out the local files named in ``exclude``."""
     cache = Path(cache_dir).expanduser()
     if source.startswith(BUILTIN_PREFIX):
         which = source.removeprefix(BUILTIN_PREFIX)
@@ -346,4 +374,7 @@ def resolve_sources(source: str, config: str, cache_dir: str, max_files: int, re
         files = list_remote(source, config)
     else:
         files = list_local(source)
+    files = _without(files, exclude)
+    if not files:
+        raise DataError(f"data.source: no parquet/jsonl files under {source} besides the data stage's own outputs")
     return files[:max_files] if max_files > 0 else files
