@@ -159,6 +159,8 @@ def test_a_model_too_large_for_the_device_is_refused_with_exit_2_naming_its_shap
     text = log.read_text()
     assert rc == EXIT_REFUSED, text[-3000:]
     assert "the model does not fit in cpu memory (n_layer=" in text and "n_embd=4194304" in text and RERUN_HINT not in text
+    # a refusal reads as one: torchrun's report of the worker's exit is a line per rank, not a traceback
+    assert "Traceback" not in text and "torchrun: rank 0 (pid " in text and "ended with exit 2" in text
 
 
 def test_model_presets_known_to_the_config_are_the_models_presets():

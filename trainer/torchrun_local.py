@@ -64,10 +64,21 @@ def install() -> None:
 
 
 def main() -> None:
+    """torchrun's own ``main`` less its failure report: when a worker exits non-zero, torchrun prints
+    a Python traceback around a table, which reads as a crash even when rank 0 refused a config
+    (exit 2) or checkpointed on a signal (3). The launcher (``trainer.launch``) reports the real
+    outcome from rank 0's exit file; here one line per failed rank says which and how it ended."""
     install()
-    from torch.distributed.run import main as torchrun_main
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
 
-    sys.exit(torchrun_main())
+    try:
+        run(parse_args(sys.argv[1:]))
+    except ChildFailedError as e:
+        for rank, failure in sorted(e.failures.items()):
+            how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit {failure.exitcode}"
+            print(f"torchrun: rank {rank} (pid {failure.pid}) ended with {how}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
