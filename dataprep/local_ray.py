@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from common.stop_signals import STOP_SIGNALS
 from dataprep.config import RayConfig
+from dataprep.errors import TransientDataError
 
 __all__ = ["start_ray", "stop_ray"]
 
@@ -75,14 +77,38 @@ def start_ray(ray_cfg: RayConfig) -> bool:
         return False
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
     if ray_cfg.address:
-        with _handlers_kept():
-            ray.init(address=ray_cfg.address, **kwargs)
+        _join_cluster(ray_cfg.address, kwargs)
         return True
     # Progress is shown once, by the driver; datatrove's own bars inside workers are noise.
     with _loopback_node(), _deaf_to_stop_signals(), _handlers_kept():
         ray.init(num_cpus=ray_cfg.num_cpus or None, runtime_env={"env_vars": {"TQDM_DISABLE": "1"}},
                  _node_ip_address="127.0.0.1", **kwargs)
     return True
+
+
+JOIN_PROBE_S = 10.0  # how long a HOST:PORT in ray.address gets to accept a connection
+
+
+def _join_cluster(address: str, kwargs: dict[str, Any]) -> None:
+    """``ray.init(address=...)``, its failures a data-stage error naming ``ray.address`` (exit 1: the
+    cluster may be up on a rerun). Ray raises a ConnectionError traceback for ``auto`` with no
+    cluster on this machine, and retries a HOST:PORT nothing answers for minutes; a probe of the
+    port first makes that seconds."""
+    import ray
+
+    if "://" not in address and address != "auto":
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=JOIN_PROBE_S).close()
+        except OSError as e:
+            raise TransientDataError(f"ray.address {address}: no Ray cluster answers there ({e}); start it first "
+                                     "(`ray start --head`), or leave ray.address empty for a local Ray instance") from e
+    try:
+        with _handlers_kept():
+            ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError) as e:
+        raise TransientDataError(f"ray.address {address}: cannot join the Ray cluster ({type(e).__name__}: "
+                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r})") from e
 
 
 def stop_ray() -> None:

@@ -93,3 +93,21 @@ def test_an_unreadable_manifest_in_the_output_dir_is_refused_naming_it_and_touch
     assert e.value.exit_code == 2
     assert (out / "manifest.json").read_bytes() == content and (out / "train_000000.bin").read_bytes() == b"someone's shard"
     assert sorted(p.name for p in out.iterdir()) == [".lock", "manifest.json", "train_000000.bin"]
+
+
+def test_a_ray_address_where_no_cluster_answers_is_a_clear_retryable_error_in_seconds(tmp_path):
+    """It hung for minutes (Ray retries an address nothing answers), and `auto` with no cluster was a
+    ConnectionError traceback: now exit 1 (the cluster may be up on a rerun) naming ray.address."""
+    import socket
+    import time
+
+    from tests.test_data import REPO, run_cli
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    r = run_cli("data", str(REPO / "configs" / "smoke.yaml"), f"data.output_dir={tmp_path / 'out'}", f"ray.address=127.0.0.1:{port}")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert f"ray.address 127.0.0.1:{port}: no Ray cluster answers there" in r.stderr and "Traceback" not in r.stderr
+    assert time.monotonic() - t0 < 60
