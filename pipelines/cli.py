@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 import signal
 import sys
 from pathlib import Path
@@ -17,48 +16,11 @@ from typing import Callable
 from common.rundir import RunDir
 from common.stop_signals import STOP_SIGNALS
 from evals.config import EvalConfig
+from pipelines.cli_args import check_launch_args, positive_int, rendezvous_endpoint, run_dir_arg, task_list
 from pipelines.config import ConfigError, PipelineConfig, check_geometry, dump_yaml, load_config, to_dict
 
 EXIT_CONFIG_ERROR = 2
 Command = Callable[[argparse.Namespace], int]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _endpoint(text: str) -> str:
-    """HOST:PORT (``[IPv6]:PORT``), as torchrun's c10d rendezvous takes it; "" = none (one node)."""
-    if text and not re.fullmatch(r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}", text):
-        raise argparse.ArgumentTypeError(f"must be HOST:PORT (e.g. node01:29500), got {text!r}")
-    return text
-
-
-def _task_list(text: str) -> str:
-    """``--tasks a,b``: at least one task name, each as ``eval.harness_tasks`` takes them."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if not re.fullmatch(r"[\w.\-/]+", n)]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(f"must be a comma-separated list of task names (letters, digits, _ . - /), got {text!r}")
-    return ",".join(names)
-
-
-def _run_dir_arg(text: str) -> str:
-    if not text.strip():  # "" is the current directory to Path: never what was meant
-        raise argparse.ArgumentTypeError("must not be empty (a run directory; '.' for the current one)")
-    return text
-
-
-def _check_launch_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """`pretrain train --nnodes N`: a multi-node launch needs the rendezvous endpoint (else a traceback)."""
-    if getattr(args, "nnodes", 1) > 1 and not args.rdzv_endpoint:
-        parser.error(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (the first node's address, the same on every node)")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -458,12 +420,12 @@ def _add_workflow_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="stages, step N/M and ETA, checkpoints and their evals (± stderr), jobs, MLflow link")
-    p.add_argument("run_dir", type=_run_dir_arg)
+    p.add_argument("run_dir", type=run_dir_arg)
     p.add_argument("--json", action="store_true", help="print it as one JSON object (keys: see pipelines/status.py)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("report", help="PNG + CSV of loss and eval curves (also logged to MLflow)")
-    p.add_argument("run_dir", type=_run_dir_arg)
+    p.add_argument("run_dir", type=run_dir_arg)
     p.add_argument("--config", help="the run's config (default: the one recorded in RUN_DIR/workflow.json)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=cmd_report)
@@ -480,8 +442,8 @@ def _add_stage_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("train", help="train or resume GPT-2 with torchrun DDP (exit 3: checkpointed, requeue)")
     _config_args(p)
-    p.add_argument("--nnodes", type=_positive_int, default=1, help="nodes in the job (one `pretrain train` per node)")
-    p.add_argument("--rdzv-endpoint", type=_endpoint, default="", metavar="HOST:PORT", help="c10d rendezvous for multi-node runs")
+    p.add_argument("--nnodes", type=positive_int, default=1, help="nodes in the job (one `pretrain train` per node)")
+    p.add_argument("--rdzv-endpoint", type=rendezvous_endpoint, default="", metavar="HOST:PORT", help="c10d rendezvous for multi-node runs")
     p.add_argument("--rdzv-id", default="", help="rendezvous id (e.g. the SLURM job id)")
     p.add_argument("--allow-changes", action="store_true",
                    help="resume although hyper-parameters (lr, max_steps, ...) differ from the checkpoint's; the changes are logged")
@@ -502,7 +464,7 @@ def _add_stage_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_sbatch)
 
     p = sub.add_parser("jobs", help="the SLURM jobs of a run: state, restarts, logs")
-    p.add_argument("run_dir", type=_run_dir_arg)
+    p.add_argument("run_dir", type=run_dir_arg)
     p.set_defaults(func=cmd_jobs)
 
 
@@ -519,7 +481,7 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate one committed checkpoint (HellaSwag, lm-eval tasks); results into MLflow")
     p.add_argument("checkpoint", help="a committed checkpoint dir, e.g. RUN_DIR/checkpoints/step_00001000")
     p.add_argument("--config", help="take the eval section from this config (default: the checkpoint's own config)")
-    p.add_argument("--tasks", type=_task_list, help="comma-separated: hellaswag (ours) and/or lm-eval task names (default: eval.*)")
+    p.add_argument("--tasks", type=task_list, help="comma-separated: hellaswag (ours) and/or lm-eval task names (default: eval.*)")
     p.add_argument("--limit", type=int, default=None,
                    help="a quick check on this many rows per task (0 = all): shown and kept under RUN_DIR/evals/STEP/checks/, "
                         "not logged nor taken as the checkpoint's result (for that, set eval.limit)")
@@ -530,7 +492,7 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(help_parser=p)
     esub = p.add_subparsers(dest="evals_command", metavar="ACTION")
     ep = esub.add_parser("watch", help="one eval job per committed checkpoint without results, until training ends")
-    ep.add_argument("run_dir", type=_run_dir_arg, help="the training's run dir")
+    ep.add_argument("run_dir", type=run_dir_arg, help="the training's run dir")
     ep.add_argument("--executor", choices=("local", "slurm"), default="local", help="submitit executor (default local)")
     ep.add_argument("--once", action="store_true", help="one scan: evaluate what is committed now, wait for it, exit")
     ep.add_argument("--config", help="take the eval section from this config (default: the newest checkpoint's config)")
@@ -569,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    _check_launch_args(parser, args)
+    check_launch_args(parser, args)
     if args.func is None:  # `pretrain` or `pretrain evals` alone: say what there is to run
         args.help_parser.print_help(sys.stderr)
         return EXIT_CONFIG_ERROR
