@@ -138,7 +138,12 @@ def write_report(run_dir: str | Path, cfg: PipelineConfig | None = None, log: Ca
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipelines.config import ConfigError
+    from pipelines.status import run_dir_problem
+
     run_dir = Path(run_dir)
+    if (problem := run_dir_problem(run_dir)) is not None:
+        raise ConfigError(f"{problem}; no report written")  # a checkpoint, a data dir, '.': not where a report goes
     rows = collect(run_dir)
     png, csv_path = report_paths(run_dir)
     _write_csv(csv_path, rows)
@@ -220,6 +225,9 @@ def _log_artifacts(run_dir: Path, cfg: PipelineConfig | None, paths: list[Path],
     from trainer.tracking import resolve_uri
     from trainer.tracking_mlflow import MlflowRun, describe, read_run_file
 
+    if cfg is not None and resolve_uri(cfg.tracking.uri, run_dir) is None:  # over a recorded run too: a copy stays out of the original's
+        log(f"report: tracking.uri={cfg.tracking.uri}: not logged to a tracking store; the files are written")
+        return
     recorded = read_run_file(run_dir) or {}
     uri = recorded.get("uri") or resolve_uri(cfg.tracking.uri if cfg else "none", run_dir)
     if uri is None:

@@ -47,6 +47,23 @@ def _duration(a: float | None, b: float | None) -> str:
     return f"{(b or time.time()) - a:.0f}s" if a else ""
 
 
+def run_dir_problem(run_dir: Path) -> str | None:
+    """Why the existing directory ``run_dir`` is not a run directory (None: it is one, maybe one
+    that has just started): a checkpoint (its run dir is named), or none of what a run writes first
+    (`pretrain run`: workflow.json; `train`: config.yaml, .locks/; `submit`: slurm/). `status` would
+    show it as a run with no steps and `report` would draw an empty report into it."""
+    from trainer.checkpoint import MARKER
+
+    if (run_dir / MARKER).is_file():
+        return (f"{run_dir}: is a checkpoint, not a run directory (it has {MARKER}); "
+                f"its run directory is {run_dir.resolve().parent.parent}")
+    rd = RunDir(run_dir)
+    markers = (rd.workflow_state, rd.config, rd.metrics, rd.checkpoints, rd.evals, rd.tracking_run, rd.slurm, rd.lock("x").parent)
+    if any(p.exists() for p in markers):
+        return None
+    return f"{run_dir}: not a run directory (none of {', '.join(p.name for p in markers)} is there)"
+
+
 def _max_steps(run_dir: Path, newest_meta: dict[str, Any] | None) -> int | None:
     """train.max_steps of the run: RUN_DIR/config.yaml (written by each start), else the newest checkpoint's."""
     import yaml
@@ -171,11 +188,15 @@ def _training(run_dir: Path, max_steps: int | None) -> dict[str, Any] | None:
 
 
 def status_data(run_dir: str | Path) -> dict[str, Any]:
-    """Everything `pretrain status` shows, as plain data (the keys are in the module doc)."""
+    """Everything `pretrain status` shows, as plain data (the keys are in the module doc);
+    ConfigError for a directory that is no run dir (:func:`run_dir_problem`)."""
     from evals.results import RESULTS_SUBDIR
+    from pipelines.config import ConfigError
     from trainer.checkpoint import MARKER, CheckpointError, list_committed, read_meta
     from trainer.tracking_mlflow import read_run_file
 
+    if (problem := run_dir_problem(Path(run_dir))) is not None:
+        raise ConfigError(problem)  # exit 2 from the CLI
     run_dir = Path(run_dir).resolve()
     data: dict[str, Any] = {"run_dir": str(run_dir), "workflow": _workflow(run_dir)}
     checkpoints = []

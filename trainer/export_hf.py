@@ -425,7 +425,10 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, log: Callable[[str], 
     except OSError as e:  # a file where a parent dir should be, no permission: the path must change
         raise ExportError(f"{out_dir}: cannot create its parent directory ({e})") from e
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{int(time.time() * 1000)}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:  # a parent that cannot be written to (permissions, a read-only mount): the path must change
+        raise ExportError(f"{out_dir}: cannot create the export next to it in {out_dir.parent} ({e}); nothing was written") from e
     t0 = time.time()
     try:
         _write_weights(tmp, tensors)
