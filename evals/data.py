@@ -289,6 +289,14 @@ def local_task_yaml(task: str, data: Path) -> dict[str, Any]:
     return cfg
 
 
+def offline_tasks_without_data(tasks: list[str], data_source: str, hellaswag_path: str = "") -> list[str]:
+    """The harness ``tasks`` that cannot run with ``data_source`` because it is offline and no local
+    copy of their data exists (none when online: the harness fetches its own)."""
+    if not is_offline(data_source):
+        return []
+    return [t for t in tasks if t not in LOCAL_TASKS and not (t == "hellaswag" and hellaswag_path)]
+
+
 def harness_include_dir(tasks: list[str], data_source: str = "auto", hellaswag_path: str = "") -> tuple[Path | None, dict[str, str]]:
     """Write local task YAMLs when offline; returns (include dir or None, task -> data source).
 
@@ -298,6 +306,9 @@ def harness_include_dir(tasks: list[str], data_source: str = "auto", hellaswag_p
     sources = {t: "hf-hub (lm-eval built-in config)" for t in tasks}
     if not is_offline(data_source):
         return None, sources
+    missing = offline_tasks_without_data(tasks, data_source, hellaswag_path)
+    if missing:  # a config to change (the task, or eval.data_source): refused, never retried
+        raise BadEvalData(f"offline and no local data for harness task '{missing[0]}' (local copies exist for: {', '.join(sorted(LOCAL_TASKS))})")
     olmo = None
     tmp = Path(tempfile.mkdtemp(prefix="pretrain-lm-eval-tasks-"))
     for task in tasks:
@@ -305,8 +316,6 @@ def harness_include_dir(tasks: list[str], data_source: str = "auto", hellaswag_p
             data = Path(hellaswag_path).expanduser().resolve()
             sources[task] = f"file:{data}"
         else:
-            if task not in LOCAL_TASKS:
-                raise EvalDataError(f"offline and no local data for harness task '{task}' (local copies exist for: {', '.join(sorted(LOCAL_TASKS))})")
             olmo = olmo or local_datasets_dir()
             data = olmo / LOCAL_TASKS[task].olmo_dir
             split = "validation (test split not shipped)" if LOCAL_TASKS[task].test_to_validation else "validation"

@@ -97,11 +97,16 @@ def plan_problems(cfg: EvalConfig) -> list[str]:
     if cfg.hellaswag and cfg.hellaswag_path and not Path(cfg.hellaswag_path).expanduser().exists():
         problems.append(f"eval.hellaswag_path {cfg.hellaswag_path} does not exist")
     if cfg.harness_tasks:
+        from evals.data import LOCAL_TASKS, offline_tasks_without_data
         from evals.harness import unknown_tasks
 
         unknown = unknown_tasks(list(cfg.harness_tasks))
         if unknown:
             problems.append(f"eval.harness_tasks: {', '.join(unknown)}: not a task of lm-evaluation-harness")
+        no_data = [t for t in offline_tasks_without_data(list(cfg.harness_tasks), cfg.data_source, cfg.hellaswag_path) if t not in unknown]
+        if no_data:
+            problems.append(f"eval.harness_tasks: {', '.join(no_data)}: offline (eval.data_source={cfg.data_source}) and no "
+                            f"local copy of its data (local copies exist for: {', '.join(sorted(LOCAL_TASKS))})")
     return problems
 
 

