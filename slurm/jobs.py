@@ -49,3 +49,18 @@ def job_state(job_id: str) -> JobState:
     if acct:
         return JobState(job_id, acct[0], None, acct[1])
     return JobState(job_id, "UNKNOWN", None, "")
+
+
+def cancelled(job_id: str) -> bool:
+    """Whether the job was cancelled (``scancel``), which a requeue must not undo: SLURM lets
+    ``scontrol requeue`` revive a cancelled job. A cancellation sends the SIGTERM a preemption
+    sends, and while the job is killed scontrol says COMPLETING for both; accounting tells them
+    apart ("CANCELLED by UID" against "PREEMPTED"). Without accounting: False, and the job is
+    requeued as a preempted one would be."""
+    job_id = str(job_id)
+    if not re.fullmatch(r"[0-9]+(?:_[0-9]+)?", job_id) or shutil.which("scontrol") is None:
+        return False
+    if _scontrol(job_id).get("JobState") == "CANCELLED":
+        return True
+    acct = _sacct(job_id)
+    return acct is not None and acct[0] == "CANCELLED"

@@ -30,6 +30,7 @@ import submitit
 from submitit.core.utils import UncompletedJobError
 
 from common.stop_signals import STOP_SIGNALS
+from slurm.jobs import cancelled
 
 
 def rendezvous_port(job_id: str) -> int:
@@ -132,6 +133,8 @@ class NodeCommand(submitit.helpers.Checkpointable):
             sys.exit(-1)  # the first task requeues the whole job
         if restarts >= self.max_requeues:
             raise UncompletedJobError(f"stopped on a signal, but not requeued: {restarts} restarts reached slurm.max_requeues")
+        if cancelled(str(job.job_id)):  # scancel: the user wants the job to end, not to come back
+            raise UncompletedJobError("the job was cancelled (scancel): checkpointed, not requeued; submit it again to resume")
         subprocess.run(["scontrol", "requeue", str(job.job_id)], check=False, timeout=60)
         print(f"[node_command] stopped on a signal; requeued job {job.job_id} (restart {restarts + 1})", flush=True)
         sys.exit(-1)  # no result file: the job is coming back

@@ -48,7 +48,13 @@ done
 wait "$step" 2>/dev/null; rc=$?
 echo "[sbatch] training step exited with $rc"
 
-if [ "$rc" -eq {requeue_code} ] || [ "$rc" -eq 143 ] || [ "$rc" -eq 140 ]; then
+# scancel stops a job with the SIGTERM a preemption sends, and while it is killed scontrol says
+# COMPLETING for both; accounting tells them apart (slurm.jobs.cancelled): a cancelled job must end
+state=$(sacct -X -n -P -o State -j "$SLURM_JOB_ID" 2>/dev/null | head -n 1 | cut -d' ' -f1)
+if [ "$state" = CANCELLED ]; then
+  echo "[sbatch] the job was cancelled (scancel): not requeued; submit it again to resume from its last checkpoint"
+  exit "$rc"
+elif [ "$rc" -eq {requeue_code} ] || [ "$rc" -eq 143 ] || [ "$rc" -eq 140 ]; then
   if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {max_requeues} ]; then
     echo "[sbatch] checkpointed or stopped by a signal: requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID" && exit 0

@@ -484,3 +484,28 @@ def test_submit_with_evals_starts_the_watcher_job(cluster, work, local_losses):
     # every checkpoint that stays is evaluated; one evaluated before retention removed it keeps its results
     committed = [c.name for c in list_committed(run_dir)]
     assert committed and set(committed) <= set(evaluated), (committed, evaluated)
+
+
+@pytest.mark.parametrize("route", ["submit", "sbatch"])
+def test_a_job_cancelled_by_its_user_stays_cancelled(cluster, work, tmp_path, route):
+    """`scancel JOB` sends SIGTERM, as a preemption does: the training checkpoints and exits 3. The
+    job requeued itself and trained on to the end (SLURM lets `scontrol requeue` revive a cancelled
+    job); the user asked for it to end: it stays CANCELLED, its checkpoint kept for a later submit."""
+    cfg, run_dir = write_config(work, f"cancelled-{route}", max_steps=400, ckpt_every=50)
+    if route == "submit":
+        r = pretrain("submit", str(cfg))
+        assert r.returncode == 0, r.stderr
+        job = job_id_of(r.stdout)
+    else:
+        script = tmp_path / "train.sbatch"
+        assert pretrain("sbatch", str(cfg), "-o", str(script)).returncode == 0
+        sub = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, cwd=REPO)
+        assert sub.returncode == 0, sub.stderr
+        job = sub.stdout.strip().split(";")[0]
+    wait_steps(run_dir, 7)
+    subprocess.run(["scancel", job], check=True)
+    assert wait_final(job, timeout=120) == "CANCELLED", logs(run_dir)
+    time.sleep(8)  # a requeue would show by now
+    assert sacct_state(job) == "CANCELLED" and scontrol_restarts(job) == 0, logs(run_dir)
+    assert "restart 1" not in logs(run_dir) and "cancelled (scancel)" in logs(run_dir)
+    assert metric_steps(run_dir) < 400
