@@ -34,11 +34,16 @@ def _sacct(job_id: str) -> tuple[str, str] | None:
     return state.split()[0], elapsed
 
 
+def _is_job_id(job_id: str) -> bool:
+    """A SLURM job id (digits, "_" for array tasks): the only thing passed to scontrol/sacct."""
+    return re.fullmatch(r"[0-9]+(?:_[0-9]+)?", job_id) is not None
+
+
 def job_state(job_id: str) -> JobState:
     """The job's state; `job_id` comes from a file in the run dir, so anything but a SLURM job id
     (digits, "_" for array tasks) is reported, never passed to scontrol/sacct as an argument."""
     job_id = str(job_id)
-    if not re.fullmatch(r"[0-9]+(?:_[0-9]+)?", job_id):
+    if not _is_job_id(job_id):
         return JobState(job_id, "INVALID JOB ID", None, "")
     if shutil.which("scontrol") is None:
         return JobState(job_id, "UNKNOWN (no SLURM here)", None, "")
@@ -58,7 +63,7 @@ def cancelled(job_id: str) -> bool:
     apart ("CANCELLED by UID" against "PREEMPTED"). Without accounting: False, and the job is
     requeued as a preempted one would be."""
     job_id = str(job_id)
-    if not re.fullmatch(r"[0-9]+(?:_[0-9]+)?", job_id) or shutil.which("scontrol") is None:
+    if not _is_job_id(job_id) or shutil.which("scontrol") is None:
         return False
     if _scontrol(job_id).get("JobState") == "CANCELLED":
         return True
