@@ -68,6 +68,11 @@ def stop_signals(record: Callable[[int], None]) -> Iterator[None]:
     try:
         yield
     finally:
+        # The block is over: a signal from here on is only recorded. One raised while the handlers
+        # are put back would cut that short and leave ours installed, and at interpreter exit Python
+        # resets a function handler to the default action: the next SIGTERM then killed a process
+        # whose outcome was decided (exit 3 became -15).
+        raised = True
         for s, h in previous.items():
             signal.signal(s, h)
 

@@ -241,3 +241,40 @@ def test_only_the_first_stop_signal_interrupts_a_command_and_its_cleanup_runs_to
                 time.sleep(0.05)  # the handler runs in here
                 cleaned_up = True
     assert cleaned_up and received == [signal.SIGUSR2, signal.SIGTERM]
+
+
+def test_a_stop_signal_while_the_handlers_are_put_back_cannot_leave_them_installed(monkeypatch):
+    """The first stop signal arriving just as the block ends raised inside the loop that puts the
+    handlers back: ours stayed installed, Python reset them to the default action at exit, and the
+    next SIGTERM killed a process whose outcome was decided (CI: `pretrain train` exit 3 became -15).
+    The signal is sent from inside the first restore, the moment that window opens."""
+    import os
+    import signal
+
+    from pipelines import stopping
+
+    real_signal = signal.signal
+    sent: list[int] = []
+
+    def restore_with_a_signal_arriving(signum, handler):
+        if not sent and handler is signal.SIG_IGN:  # the first handler put back
+            sent.append(signum)
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs before the next line
+        return real_signal(signum, handler)
+
+    received: list[int] = []
+    saved = {s: real_signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    try:
+        raised = None
+        try:
+            with stopping.stop_signals(received.append):
+                monkeypatch.setattr(stopping.signal, "signal", restore_with_a_signal_arriving)
+        except stopping.StopRequested as e:  # what it did: out of the middle of the restore
+            raised = e
+        monkeypatch.undo()
+        assert sent and received == [signal.SIGTERM] and raised is None, "recorded, not raised: the block had ended"
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN and signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN
+    finally:
+        monkeypatch.undo()
+        for s, h in saved.items():
+            real_signal(s, h)
