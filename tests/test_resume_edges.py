@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.trainer_helpers import make_shard_dir, train
+from tests.trainer_helpers import make_shard_dir, micro_config, train
 from trainer import EXIT_OK, EXIT_REFUSED
 from trainer.checkpoint import MARKER, MODEL_FILE, STATE_FILE, list_committed, list_partial, read_meta
 from trainer.metrics import read_metrics
@@ -30,32 +30,10 @@ pytestmark = pytest.mark.slow
 
 MAX_STEPS = 16
 SPAN = 2 * 4 * 32  # tokens of one micro-step, both ranks (the loader's global span)
-CONFIG = """\
-run_dir: {run_dir}
-data:
-  output_dir: {data_dir}
-model:
-  name: micro
-  dropout: 0.1
-train:
-  nproc_per_node: 2
-  device: cpu
-  micro_batch_size: 4
-  seq_len: 32
-  batch_tokens: 512        # 2 ranks x 4 x 32 x grad_accum 2
-  max_steps: 16
-  warmup_steps: 3
-  lr: 3.0e-3
-  min_lr: 3.0e-4
-  val_every: 3
-  val_batches: 2
-  sample_every: 2
-  sample_tokens: 4
-  ckpt_every: 4
-  keep_last: 10
-tracking:
-  uri: none
-"""
+MODEL = {"dropout": 0.1}  # dropout on: the per-rank RNG streams matter
+# validation and samples often, so that they fall on and around the checkpoints; keep every checkpoint
+TRAIN = {"max_steps": MAX_STEPS, "val_every": 3, "val_batches": 2, "sample_every": 2, "sample_tokens": 4,
+         "keep_last": 10}
 FAULT = "PRETRAIN_FAULT_INJECT"  # trainer.checkpoint: "tmp:STEP" kills rank 0 mid-write of checkpoint STEP
 NAN = "PRETRAIN_FAULT_NAN"  # trainer.train: "RANK:STEP[-LAST]" makes that rank's loss NaN
 
@@ -75,7 +53,7 @@ def data_dir(workdir) -> Path:
 def setup_run(workdir: Path, data_dir: Path, name: str) -> tuple[Path, Path, Path]:
     run_dir = workdir / name
     config = workdir / f"{name}.yaml"
-    config.write_text(CONFIG.format(run_dir=run_dir, data_dir=data_dir))
+    config.write_text(micro_config(run_dir, data_dir, model=MODEL, train=TRAIN))
     return run_dir, config, workdir / f"{name}.log"
 
 

@@ -13,44 +13,16 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import skip_or_fail
-from tests.trainer_helpers import make_shard_dir, metric_steps
+from tests.trainer_helpers import make_shard_dir, metric_steps, micro_config
 from trainer.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "slurm"
 MAX_STEPS, CKPT_EVERY = 24, 3
-CONFIG = """\
-run_dir: {run_dir}
-data:
-  output_dir: {data_dir}
-model:
-  name: micro
-train:
-  nproc_per_node: 2
-  device: cpu
-  micro_batch_size: 4
-  seq_len: 32
-  batch_tokens: 256
-  max_steps: {max_steps}
-  warmup_steps: 3
-  lr: 3.0e-3
-  min_lr: 3.0e-4
-  val_every: 10
-  val_batches: 2
-  sample_every: 0
-  ckpt_every: {ckpt_every}
-  keep_last: 3
-tracking:
-  uri: none
-slurm:
-  nodes: 1
-  gpus_per_node: 0
-  cpus_per_task: 2
-  time: "10:00"
-  signal_delay_s: 15
-  max_requeues: 3
-"""
+TRAIN = {"batch_tokens": 256,  # 2 ranks x 4 x 32, no grad accumulation
+         "val_every": 10, "val_batches": 2, "keep_last": 3}
+SLURM = {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": 2, "time": "10:00", "signal_delay_s": 15, "max_requeues": 3}
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
@@ -112,10 +84,15 @@ def work(tmp_path_factory) -> Path:
     return d
 
 
+def slurm_config(run_dir: Path | str, data_dir: Path, max_steps: int = MAX_STEPS, ckpt_every: int = CKPT_EVERY) -> str:
+    return micro_config(run_dir, data_dir, train={**TRAIN, "max_steps": max_steps, "ckpt_every": ckpt_every},
+                        extra={"slurm": SLURM})
+
+
 def write_config(work: Path, name: str, max_steps: int = MAX_STEPS, ckpt_every: int = CKPT_EVERY) -> tuple[Path, Path]:
     run_dir = work / name
     cfg = work / f"{name}.yaml"
-    cfg.write_text(CONFIG.format(run_dir=run_dir, data_dir=work / "data", max_steps=max_steps, ckpt_every=ckpt_every))
+    cfg.write_text(slurm_config(run_dir, work / "data", max_steps, ckpt_every))
     return cfg, run_dir
 
 
@@ -319,7 +296,7 @@ def test_real_sbatch_reads_quoted_values_exactly(cluster, work):
     odd = "it's \"odd\" $(touch INJECTED) `id`; # end"
     run_dir = work / f"odd {odd}"
     cfg = work / "odd.yaml"
-    data = yaml.safe_load(CONFIG.format(run_dir="x", data_dir=work / "data", max_steps=MAX_STEPS, ckpt_every=CKPT_EVERY))
+    data = yaml.safe_load(slurm_config("x", work / "data"))
     data["run_dir"] = str(run_dir)
     data["slurm"]["extra"] = ["--hold", f"--comment={odd}"]
     cfg.write_text(yaml.safe_dump(data))

@@ -26,6 +26,7 @@ from tests.trainer_helpers import (
     kill_tree,
     make_shard_dir,
     metric_steps,
+    micro_config,
     pretrain_cmd,
     start,
     wait_for_step,
@@ -37,33 +38,6 @@ from trainer.tracking import MlflowTracker
 
 pytestmark = pytest.mark.slow
 
-CONFIG = """\
-run_dir: {run_dir}
-data:
-  output_dir: {data_dir}
-model:
-  name: micro
-train:
-  nproc_per_node: {nproc}
-  device: cpu
-  micro_batch_size: 2
-  seq_len: 16
-  batch_tokens: {batch_tokens}
-  max_steps: {max_steps}
-  warmup_steps: 3
-  lr: 3.0e-3
-  min_lr: 3.0e-4
-  val_every: 0
-  sample_every: 0
-  ckpt_every: 10
-  keep_last: 2
-  keep_every: 0
-tracking:
-  uri: {uri}
-  experiment: outage
-"""
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return make_shard_dir(tmp_path_factory.mktemp("outage-data"), seed=3)
@@ -73,8 +47,10 @@ def write_config(tmp: Path, data_dir: Path, uri: str, max_steps: int, nproc: int
     tmp.mkdir(parents=True, exist_ok=True)
     run_dir = tmp / "run"
     path = tmp / "config.yaml"
-    path.write_text(CONFIG.format(run_dir=run_dir, data_dir=data_dir, uri=uri, max_steps=max_steps, nproc=nproc,
-                                  batch_tokens=32 * nproc))
+    train = {"nproc_per_node": nproc, "micro_batch_size": 2, "seq_len": 16,
+             "batch_tokens": 32 * nproc,  # nproc ranks x 2 x 16, no grad accumulation
+             "max_steps": max_steps, "ckpt_every": 10, "keep_last": 2, "keep_every": 0}
+    path.write_text(micro_config(run_dir, data_dir, train=train, tracking_uri=uri, extra={"tracking": {"experiment": "outage"}}))
     return path, run_dir
 
 

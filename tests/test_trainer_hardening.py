@@ -29,7 +29,9 @@ from tests.trainer_helpers import (
     losses,
     listening_sockets,
     make_shard_dir,
+    micro_config,
     pretrain_cmd,
+    rank_pids,
     start,
     train,
     wait_for_step,
@@ -52,29 +54,7 @@ from trainer.checkpoint import (
 from trainer.config import MODEL_PRESETS, changed_hyperparameters
 from trainer.metrics import read_metrics
 
-CONFIG = """\
-run_dir: {run_dir}
-data:
-  output_dir: {data_dir}
-model:
-  name: micro
-train:
-  nproc_per_node: 2
-  device: cpu
-  micro_batch_size: 4
-  seq_len: 32
-  batch_tokens: 512        # 2 ranks x 4 x 32 x grad_accum 2
-  max_steps: 12
-  warmup_steps: 3
-  lr: 3.0e-3
-  min_lr: 3.0e-4
-  val_every: 0
-  sample_every: 0
-  ckpt_every: 4
-  keep_last: 3
-tracking:
-  uri: none
-"""
+TRAIN = {"max_steps": 12}  # no validation or samples; checkpoints 4, 8, 12
 RERUN_HINT = "rerun the same command to resume"  # the launcher's advice for exit 1 only
 
 
@@ -91,7 +71,7 @@ def data_dir(workdir) -> Path:
 def setup_run(workdir: Path, data_dir: Path, name: str) -> tuple[Path, Path, Path]:
     run_dir = workdir / name
     config = workdir / f"{name}.yaml"
-    config.write_text(CONFIG.format(run_dir=run_dir, data_dir=data_dir))
+    config.write_text(micro_config(run_dir, data_dir, train=TRAIN))
     return run_dir, config, workdir / f"{name}.log"
 
 
@@ -105,19 +85,6 @@ def weights(run_dir: Path, step: int, name: str = MODEL_FILE) -> dict:
 
 def same_tensors(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
-    out = {}
-    for pid in descendants(launcher.pid):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for item in env:
-            if item.startswith(b"RANK="):
-                out[int(item[5:])] = pid
-    return out
 
 
 # ------------------------------------------------------------------ config refused at load (exit 2)
@@ -427,7 +394,7 @@ def test_a_corrupt_shard_stops_training_with_exit_2(workdir, data_dir):
 def test_disk_full_exits_2_keeps_the_checkpoint_and_a_rerun_after_freeing_space_finishes(workdir, data_dir, small_fs):
     run_dir = small_fs(100)  # a checkpoint of the micro model is ~39 MB: two fit, three do not
     config = workdir / "diskfull.yaml"
-    config.write_text(CONFIG.format(run_dir=run_dir, data_dir=data_dir))
+    config.write_text(micro_config(run_dir, data_dir, train=TRAIN))
     log = workdir / "diskfull.log"
     ballast = run_dir / "ballast.bin"
     ballast.write_bytes(b"\0" * (45 << 20))  # someone else's data: leaves room for one checkpoint

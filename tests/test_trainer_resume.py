@@ -26,7 +26,9 @@ from tests.trainer_helpers import (
     kill_tree,
     losses,
     make_shard_dir,
+    micro_config,
     pretrain_cmd,
+    rank_pids,
     start,
     train,
     wait_for_step,
@@ -38,32 +40,9 @@ from trainer.metrics import read_metrics
 pytestmark = pytest.mark.slow
 
 MAX_STEPS = 16
-CONFIG = """\
-run_dir: {run_dir}
-data:
-  output_dir: {data_dir}
-model:
-  name: micro
-train:
-  nproc_per_node: 2
-  device: cpu
-  micro_batch_size: 4
-  seq_len: 32
-  batch_tokens: 512        # 2 ranks x 4 x 32 x grad_accum 2
-  max_steps: 16
-  warmup_steps: 3
-  lr: 3.0e-3
-  min_lr: 3.0e-4
-  val_every: 5
-  val_batches: 2
-  sample_every: 8
-  sample_tokens: 8
-  ckpt_every: 4
-  keep_last: 2
-  keep_every: 8
-tracking:
-  uri: none
-"""
+# validation, samples and checkpoints every few steps; keep_last 2 and keep_every 8 exercise retention
+TRAIN = {"max_steps": MAX_STEPS, "val_every": 5, "val_batches": 2, "sample_every": 8, "sample_tokens": 8,
+         "keep_last": 2, "keep_every": 8}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +56,7 @@ def data_dir(workdir) -> Path:
 
 
 def write_config(path: Path, run_dir: Path, data_dir: Path) -> Path:
-    path.write_text(CONFIG.format(run_dir=run_dir, data_dir=data_dir))
+    path.write_text(micro_config(run_dir, data_dir, train=TRAIN))
     return path
 
 
@@ -161,26 +140,13 @@ def test_uninterrupted_run(baseline):
 # ------------------------------------------------------------------ crashes
 
 
-def _rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
-    out = {}
-    for pid in descendants(launcher.pid):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for item in env:
-            if item.startswith(b"RANK="):
-                out[int(item[5:])] = pid
-    return out
-
-
 def test_sigkill_one_rank_at_random_step_then_resume_is_exact(workdir, data_dir, baseline):
     run_dir, config, log = fresh(workdir, data_dir, "sigkill")
     kill_at = random.Random(os.getpid()).randint(5, 13)
     proc = start(pretrain_cmd("train", str(config)), log)
     try:
         wait_for_step(proc, run_dir, kill_at)
-        ranks = _rank_pids(proc)
+        ranks = rank_pids(proc)
         assert set(ranks) == {0, 1}, ranks
         os.killpg(ranks[1], signal.SIGKILL)  # the rank's whole process group: the "node" dies
         rc = proc.wait(timeout=90)
@@ -198,7 +164,7 @@ def test_workers_do_not_outlive_a_killed_launcher(workdir, data_dir):
     workers: list[int] = []
     try:
         wait_for_step(proc, run_dir, 2)
-        workers = list(_rank_pids(proc).values())
+        workers = list(rank_pids(proc).values())
         assert len(workers) == 2
         os.killpg(proc.pid, signal.SIGKILL)  # launcher and torchrun; the workers live in their own sessions
         deadline = time.time() + 30
@@ -287,7 +253,7 @@ def test_stop_signal_to_every_process_at_either_end_of_a_run_is_a_stop_not_a_fai
     try:
         if when == "workers-starting":
             deadline = time.time() + 60
-            while not _rank_pids(proc):  # the workers exist (exec'd, with RANK set) and are importing torch
+            while not rank_pids(proc):  # the workers exist (exec'd, with RANK set) and are importing torch
                 assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
                 time.sleep(0.005)
             signal_every_process(proc, signum)

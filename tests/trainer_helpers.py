@@ -1,4 +1,4 @@
-"""Shared helpers of the trainer tests: tiny shard directories, run commands, process control."""
+"""Shared helpers of the trainer tests: tiny run configs and shard directories, run commands, process control."""
 
 from __future__ import annotations
 
@@ -11,11 +11,47 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from dataprep.shards import write_shard
 
 EOT = 50256
 REPO = Path(__file__).resolve().parents[1]
+
+# The train section every tiny CPU run starts from; a test module passes only what it changes.
+MICRO_TRAIN = {
+    "nproc_per_node": 2,  # two gloo ranks
+    "device": "cpu",
+    "micro_batch_size": 4,
+    "seq_len": 32,
+    "batch_tokens": 512,  # 2 ranks x 4 x 32 x grad_accum 2
+    "max_steps": 16,
+    "warmup_steps": 3,
+    "lr": 3.0e-3,
+    "min_lr": 3.0e-4,
+    "val_every": 0,
+    "sample_every": 0,
+    "ckpt_every": 4,
+    "keep_last": 3,
+}
+
+
+def micro_config(run_dir: Path | str, data_dir: Path | str, *, train: dict | None = None, model: dict | None = None,
+                 tracking_uri: str = "none", extra: dict | None = None) -> str:
+    """YAML text of a tiny CPU training run: the "micro" model on 2 gloo ranks with MICRO_TRAIN's schedule.
+
+    ``train`` and ``model`` override or add keys of those sections; ``extra`` adds top-level sections,
+    its keys merged into a section that is already there (``{"tracking": {"experiment": ...}}``)."""
+    cfg = {
+        "run_dir": str(run_dir),
+        "data": {"output_dir": str(data_dir)},
+        "model": {"name": "micro", **(model or {})},
+        "train": {**MICRO_TRAIN, **(train or {})},
+        "tracking": {"uri": tracking_uri},
+    }
+    for section, values in (extra or {}).items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    return yaml.safe_dump(cfg, sort_keys=False)
 
 
 def make_shard_dir(path: Path, seed: int = 0, train_shards: int = 3, shard_tokens: int = 6000, val_tokens: int = 3000) -> Path:
@@ -76,6 +112,20 @@ def descendants(pid: int) -> list[int]:
         kids = child_pids(p)
         out.extend(kids)
         todo.extend(kids)
+    return out
+
+
+def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """torch distributed rank -> pid of the launcher's worker processes (read from their RANK= environment)."""
+    out = {}
+    for pid in descendants(launcher.pid):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in env:
+            if item.startswith(b"RANK="):
+                out[int(item[5:])] = pid
     return out
 
 
