@@ -201,12 +201,30 @@ def _read_hellaswag_rows(path: Path) -> list[dict[str, Any]]:
         except FileNotFoundError as e:  # a directory, but no save_to_disk dataset in it
             raise BadEvalData(f"eval.hellaswag_path {path}: not a .jsonl file or a save_to_disk directory ({e})") from e
     elif path.suffix == ".arrow":
-        ds = datasets.Dataset.from_file(str(path))
-    else:
-        raise EvalDataError(f"{path}: expected a .jsonl file, an .arrow file or a save_to_disk directory")
+        ds = _arrow_file(path)
+    else:  # a .txt, a .csv, ...: the config must change, no rerun reads it (refused, not retried)
+        raise BadEvalData(f"eval.hellaswag_path {path}: expected a .jsonl file, an .arrow file or a save_to_disk directory")
     if isinstance(ds, datasets.DatasetDict):
+        if "validation" not in ds:
+            raise BadEvalData(f"eval.hellaswag_path {path}: a DatasetDict without a 'validation' split (it has: {', '.join(ds)})")
         ds = ds["validation"]
     return [_normalise(r, f"{path} row {i}") for i, r in enumerate(ds)]
+
+
+def _arrow_file(path: Path):
+    """The dataset in one .arrow file; one that is no Arrow stream (pyarrow's ArrowInvalid) is
+    malformed data, refused naming the file like a malformed jsonl line. A read that fails with an
+    OSError (pyarrow's I/O errors, a short read of a file still being copied) may pass on a rerun
+    and is left to propagate (exit 1)."""
+    import datasets
+    import pyarrow as pa
+
+    if not path.is_file():
+        raise BadEvalData(f"eval.hellaswag_path {path} is not a file")
+    try:
+        return datasets.Dataset.from_file(str(path))
+    except pa.ArrowInvalid as e:
+        raise BadEvalData(f"eval.hellaswag_path {path}: not a readable Arrow file ({type(e).__name__}: {e})") from e
 
 
 def _download_hellaswag(dest: Path) -> None:
@@ -261,7 +279,7 @@ def _data_file_spec(path: Path) -> tuple[str, str]:
         return "arrow", str(path)
     if path.suffix in (".jsonl", ".json"):
         return "json", str(path)
-    raise EvalDataError(f"{path}: not a .jsonl, .arrow or save_to_disk directory")
+    raise BadEvalData(f"{path}: not a .jsonl, .arrow or save_to_disk directory")  # a path to change: refused
 
 
 def local_task_yaml(task: str, data: Path) -> dict[str, Any]:

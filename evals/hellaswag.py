@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from dataprep.tokenizer import EOT_TOKEN
 from evals.scoring import Group, encode, score_groups
 from trainer.model import GPT, GPT2_VOCAB
 
@@ -54,9 +55,12 @@ def render(row: dict[str, Any], style: str = "nanogpt") -> tuple[str, list[str]]
 
 
 def tokenize(enc, row: dict[str, Any], style: str = "nanogpt") -> Group:
+    """The row's tokens. A context that encodes to no token (an empty ``ctx``) becomes the EOT
+    token, as lm-eval does for an empty context: the first token of every ending then has a
+    prediction to be scored from, instead of the row failing the whole eval."""
     context, endings = render(row, style)
     if style == "nanogpt":
-        return Group(tuple(encode(enc, context)), tuple(tuple(encode(enc, e)) for e in endings))
+        return Group(tuple(encode(enc, context)) or (EOT_TOKEN,), tuple(tuple(encode(enc, e)) for e in endings))
     # lm-eval's TemplateLM._encode_pair: trailing spaces move to the continuation, then split
     n_spaces = len(context) - len(context.rstrip())
     conts = []
@@ -67,7 +71,7 @@ def tokenize(enc, row: dict[str, Any], style: str = "nanogpt") -> Group:
             cont, c = c[-n_spaces:] + cont, c[:-n_spaces]
         ctx_enc = encode(enc, c)
         conts.append(tuple(encode(enc, c + cont)[len(ctx_enc) :]))
-    return Group(tuple(ctx_enc), tuple(conts))
+    return Group(tuple(ctx_enc) or (EOT_TOKEN,), tuple(conts))
 
 
 def _stderr(hits: Sequence[bool]) -> float:

@@ -94,8 +94,11 @@ def plan_problems(cfg: EvalConfig) -> list[str]:
     problems = []
     if not planned_tasks(cfg):
         problems.append("eval.hellaswag is false and eval.harness_tasks is empty: nothing to evaluate")
-    if cfg.hellaswag and cfg.hellaswag_path and not Path(cfg.hellaswag_path).expanduser().exists():
+    path = Path(cfg.hellaswag_path).expanduser()
+    if cfg.hellaswag and cfg.hellaswag_path and not path.exists():
         problems.append(f"eval.hellaswag_path {cfg.hellaswag_path} does not exist")
+    elif cfg.hellaswag and cfg.hellaswag_path and path.is_file() and path.suffix not in (".jsonl", ".json", ".arrow"):
+        problems.append(f"eval.hellaswag_path {cfg.hellaswag_path}: expected a .jsonl file, an .arrow file or a save_to_disk directory")
     if cfg.harness_tasks:
         from evals.data import LOCAL_TASKS, offline_tasks_without_data
         from evals.harness import unknown_tasks
@@ -193,9 +196,14 @@ def evaluate_checkpoint(
             log(f"eval: {ckpt} no longer exists (deleted by retention?): skipped")
             return {"status": "skipped", "step": None, "tasks": {}}
         raise CheckpointError(f"{ckpt}: not a committed checkpoint (no {MARKER}); refusing to evaluate it")
-    verify(ckpt)  # re-hash every file before reading weights or writing anything: refuse corrupt ones
-    meta = read_meta(ckpt)
-    ckpt_id = checkpoint_id(ckpt)
+    try:
+        verify(ckpt)  # re-hash every file before reading weights or writing anything: refuse corrupt ones
+        meta = read_meta(ckpt)
+        ckpt_id = checkpoint_id(ckpt)
+    except (CheckpointError, OSError):
+        if (ckpt / MARKER).is_file():
+            raise
+        return _deleted(ckpt, None, log)  # retention removed it while its files were hashed
     step = int(meta["step"])
     if quick:
         return _quick_check(_Target.of(ckpt, meta, cfg, tasks, limit, None, None), cfg, tasks, log)
@@ -205,7 +213,36 @@ def evaluate_checkpoint(
     # One job per checkpoint at a time (a hand-run `pretrain eval` next to the watcher's job): the
     # second waits, then finds the first one's results complete and logs nothing twice.
     with RunLock(run_dir_of(ckpt), f"eval-{ckpt.name}", wait_s=EVAL_LOCK_WAIT_S, log=log):
-        return _evaluate_locked(ckpt, cfg, tasks, limit, meta, log)
+        try:
+            current = _still_the_checkpoint(ckpt, ckpt_id, meta)
+            return _deleted(ckpt, step, log) if current is None else _evaluate_locked(ckpt, cfg, tasks, limit, current, log)
+        except (CheckpointError, FileNotFoundError):  # its files could not be read: gone meanwhile, or really unloadable
+            if (ckpt / MARKER).is_file():
+                raise
+            return _deleted(ckpt, step, log)
+
+
+def _deleted(ckpt: Path, step: int | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """A checkpoint that retention removed (marker first) after this eval was asked for: skipped,
+    as one already gone when the eval started is, never an error for the files it no longer finds."""
+    log(f"eval: {ckpt} was deleted (retention?) while this eval waited for or read it: skipped")
+    return {"status": "skipped", "step": step, "tasks": {}}
+
+
+def _still_the_checkpoint(ckpt: Path, ckpt_id: str, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """After the wait for the eval lock (up to hours, behind another eval of it): None if retention
+    removed the checkpoint meanwhile (a skip, not a refusal), else its metadata, re-verified if the
+    step was re-written with other weights (what is scored must be what the result names)."""
+    try:
+        current = checkpoint_id(ckpt)
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        current = None  # a damaged marker: verify() below names it
+    if current != ckpt_id:
+        verify(ckpt)
+        return read_meta(ckpt)
+    return meta
 
 
 @dataclass(frozen=True)
