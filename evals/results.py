@@ -185,7 +185,9 @@ def format_scores(result: dict[str, Any]) -> str:
 
 
 def tracking_target(meta: dict[str, Any], ckpt_dir: Path, override: str = "") -> tuple[str | None, str | None]:
-    """(tracking uri, run id) of the training that wrote the checkpoint; (None, None) if untracked.
+    """(tracking uri, run id) of the training that wrote the checkpoint; (None, None) if untracked,
+    (uri, None) while a tracked training has no MLflow run yet (its server was unreachable so far):
+    then logging fails and is retried, never taken as "tracking disabled".
 
     The uri follows trainer.tracking's rule, applied to the run dir the checkpoint lives in (the
     config's ``run_dir`` may be relative to wherever training was launched). ``override``
@@ -203,9 +205,9 @@ def tracking_target(meta: dict[str, Any], ckpt_dir: Path, override: str = "") ->
             run_id = None
     cfg_uri = override or (meta.get("config") or {}).get("tracking", {}).get("uri", "")
     uri = resolve_uri(cfg_uri, run_dir_of(ckpt_dir))
-    if uri is None or not run_id:
+    if uri is None:
         return None, None
-    return uri, run_id
+    return uri, run_id or None
 
 
 def metric_names(task: str, metrics: dict[str, float], stderr: dict[str, float]) -> dict[str, float]:
@@ -220,13 +222,21 @@ def log_to_mlflow(uri: str, run_id: str, step: int, values: dict[str, float], wh
 
     ``when`` (seconds since the epoch) is the result's own time, not the time of logging: a job
     killed after MLflow took the metrics but before the file said so logs them again on retry,
-    and the same (key, value, timestamp, step) is then one point, not a second one."""
+    and the same (key, value, timestamp, step) is then one point, not a second one. A value the
+    run already has at ``step`` (a checkpoint evaluated again: a damaged result file,
+    ``--restart-from eval``) is not logged again either."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     from trainer.tracking_mlflow import configure_http
 
+    if not run_id:
+        raise RuntimeError("the training has no MLflow run yet (its tracking server was unreachable so far); "
+                           "the result is kept and logged by a later attempt")
     configure_http()  # minutes of MLflow's default retries would hold the eval job (and its lock) hostage
     ts = int(when * 1000)
     client = MlflowClient(tracking_uri=uri)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in values.items()])
+    new = [Metric(k, float(v), ts, step) for k, v in values.items()
+           if not any(m.step == step and m.value == float(v) for m in client.get_metric_history(run_id, k))]
+    if new:
+        client.log_batch(run_id, metrics=new)

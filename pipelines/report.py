@@ -263,7 +263,9 @@ def _sync_run(session: MlflowRun, run_dir: Path, cfg: PipelineConfig | None, run
     except OSError as e:  # a read-only copy of a run dir
         lock, busy = None, f"cannot lock the run dir ({e}), so steps MLflow missed are not replayed"
     try:
-        params = flatten(to_dict(cfg)) if cfg is not None else {}
+        # params only for a run created here: the report's config (with its overrides) is not what
+        # the recorded run trained with, and logging it there would read as a resume with changes
+        params = flatten(to_dict(cfg)) if cfg is not None and not run_id else {}
         experiment = cfg.tracking.experiment if cfg is not None else ""
         if not session.open(run_id, experiment, params, run_name=run_dir.name, create=lock is not None and cfg is not None,
                             mark_running=False):
@@ -275,7 +277,20 @@ def _sync_run(session: MlflowRun, run_dir: Path, cfg: PipelineConfig | None, run
         else:
             sent = session.catch_up(RunDir(run_dir).metrics)
             log(f"report: MLflow run {session.run_id} has every step up to {session.cursor} ({sent} replayed from metrics.jsonl)")
+            _end_stale_run(session, cfg, log)
         return True
     finally:
         if lock is not None:
             lock.release()
+
+
+def _end_stale_run(session: MlflowRun, cfg: PipelineConfig | None, log: Callable[[str], None]) -> None:
+    """A run still RUNNING while the report holds the run dir's training lock is no training's: its
+    process was killed, or its final status never reached the server (an outage at the end), or the
+    report created it just now. It ends FINISHED when MLflow has every step up to ``train.max_steps``,
+    else KILLED (stopped; the next `pretrain train` sets it RUNNING again). Without a config: left."""
+    if cfg is None or session.client.get_run(session.run_id).info.status != "RUNNING":
+        return
+    status = "FINISHED" if session.cursor >= cfg.train.max_steps else "KILLED"
+    session.terminate(status)
+    log(f"report: no training holds this run dir; MLflow run {session.run_id} was still RUNNING, now {status}")

@@ -158,7 +158,7 @@ class MlflowRun:
             if mark_running:
                 self.client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
-            self._log_params(params, existing=run.data.params)
+            self._log_params(params, existing=run.data.params, tags=run.data.tags)
             self.cursor = self._cursor_of(run.data.tags)
             self.log(f"mlflow: continuing run {run_id} at {self.uri}")
             return True
@@ -191,19 +191,23 @@ class MlflowRun:
         except (OSError, ValueError, KeyError):
             return 0
 
-    def _log_params(self, params: dict[str, Any], existing: dict[str, str]) -> None:
-        from mlflow.entities import Param
+    def _log_params(self, params: dict[str, Any], existing: dict[str, str], tags: dict[str, str] | None = None) -> None:
+        """New keys become params. MLflow params are immutable, so a value that differs from the
+        run's param (a resume with ``--allow-changes``) is recorded as the tag ``resumed_with.<key>``;
+        such a tag always holds the value of the latest start, also once it is back to the param's."""
+        from mlflow.entities import Param, RunTag
 
-        new = []
+        tags = tags or {}
+        new, changed = [], []
         for k, v in params.items():
             text = str(v)[:6000]
             if k not in existing:
                 new.append(Param(k, text))
-            elif existing[k] != text:
-                # MLflow params are immutable; record the change on resume as a tag instead
-                self.client.set_tag(self.run_id, f"resumed_with.{k}", text)
-        for i in range(0, len(new), 100):
-            self.client.log_batch(self.run_id, params=new[i : i + 100])
+            elif existing[k] != text or f"resumed_with.{k}" in tags:
+                if tags.get(f"resumed_with.{k}") != text:
+                    changed.append(RunTag(f"resumed_with.{k}", text))
+        for i in range(0, max(len(new), len(changed)), 100):
+            self.client.log_batch(self.run_id, params=new[i : i + 100], tags=changed[i : i + 100])
 
     def record_provenance(self, tags: dict[str, str], dataset_input: Any = None) -> None:
         """Set the provenance tags (see trainer.provenance) and log the data manifest as the run's input
