@@ -153,8 +153,8 @@ def _harness(model, enc, cfg: EvalConfig, tasks: list[str], limit: int, device) 
 
     names = [t[len(HARNESS_PREFIX) :] for t in tasks]
     include, sources = harness_include_dir(names, cfg.data_source, cfg.hellaswag_path)
-    lm = PretrainGPTLM(model=model, tokenizer=enc, device=str(device), batch_size=cfg.batch_size, dtype=cfg.dtype)
-    try:
+    try:  # the task dir is removed whatever fails, the adapter's construction included
+        lm = PretrainGPTLM(model=model, tokenizer=enc, device=str(device), batch_size=cfg.batch_size, dtype=cfg.dtype)
         res = run_harness(lm, names, limit=limit, num_fewshot=cfg.harness_num_fewshot, include_path=include)
     finally:
         if include is not None:
@@ -359,6 +359,7 @@ def _compute(
 
     ckpt, limit = target.ckpt, target.limit
     device = resolve_device(cfg.device)
+    _check_device(device, cfg.device)
     t0 = time.time()
     model, _ = load_model_for_eval(ckpt, device, check=False)  # verified above
     enc = get_gpt2()
@@ -379,6 +380,20 @@ def _compute(
             computed[task] = result
     log(f"eval: {ckpt.name}: computed in {time.time() - t0:.1f}s")
     return computed
+
+
+def _check_device(device: Any, configured: str) -> None:
+    """A CUDA device this machine does not have is the config's fault (or the job's request, say an
+    eval job submitted without GPUs): refused, never retried, instead of torch's assertion deep
+    inside the model load, which a watcher would retry ``eval.max_retries`` times."""
+    import torch
+
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (device.index or 0) >= count:
+        raise EvalJobError(f"eval.device={configured}, but this machine has {count} CUDA device(s) "
+                           "(set eval.device, or give the eval job GPUs: eval.slurm.gpus)", refused=True)
 
 
 def _log_result(target: _Target, task: str, result: dict[str, Any], failures: _Failures,

@@ -209,3 +209,19 @@ def test_a_checkpoint_deleted_while_its_weights_are_loaded_is_skipped(tmp_path, 
     cfg = EvalConfig(hellaswag_path=str(rows), device="cpu", tracking_uri="none")
     out = evaluate_checkpoint(ckpt, cfg, log=lambda m: None)
     assert out["status"] == "skipped" and not ckpt.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA (this one has a GPU)")
+def test_an_eval_on_a_cuda_device_this_machine_lacks_is_refused(tmp_path, gpt2_ranks):
+    """`eval.device=cuda` where there is no GPU (an eval job submitted without GPUs): torch's
+    AssertionError deep in the model load was a failure (exit 1) that the watcher retried; it is
+    the config's fault, refused (exit 2) naming the key, with nothing written."""
+    rows = tmp_path / "rows.jsonl"
+    write_jsonl(rows, hellaswag_rows(4, seed=3))
+    ckpt = _checkpoint(tmp_path / "run", seed=0, hellaswag_path=rows)
+    for device in ("cuda", "cuda:1"):
+        cfg = EvalConfig(hellaswag_path=str(rows), device=device, tracking_uri="none")
+        with pytest.raises(EvalJobError, match=f"eval.device={device}") as e:
+            evaluate_checkpoint(ckpt, cfg, log=lambda m: None)
+        assert e.value.refused
+    assert not (ckpt / "evals").exists() or not any((ckpt / "evals").iterdir())
