@@ -7,6 +7,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+PEERS_GRACE_S = 10.0  # after one node of a job failed for good, how long the others get to end by themselves
+
 
 @dataclass
 class JobState:

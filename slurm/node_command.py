@@ -16,6 +16,9 @@ train``) does the real work; this wrapper only turns its exit code into SLURM ac
 * Any other exit code is final: the job fails and is never requeued, whatever signal came
   before. 2 means "refused, fix the config or the data" and 1 "failed": a requeue would repeat
   it, and under SLURM it would loop until ``max_requeues``.
+* Such a final exit on one node of several ends the job's step on every node after
+  ``PEERS_GRACE_S`` (:func:`end_other_nodes`): the others may be waiting for the failed node
+  (a rendezvous, the process group's timeout) and would hold the allocation until the time limit.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import submitit
 from submitit.core.utils import UncompletedJobError
 
 from common.stop_signals import STOP_SIGNALS
-from slurm.jobs import cancelled
+from slurm.jobs import PEERS_GRACE_S, cancelled
 
 
 def rendezvous_port(job_id: str) -> int:
@@ -43,6 +46,26 @@ def final_exit_note(rc: int | None) -> str:
     if rc == 2:
         return " (refused: fix the config or the data; not requeued)"
     return " (failed; not requeued: submit again to resume from the last checkpoint)"
+
+
+def end_other_nodes(message: str, grace_s: float = PEERS_GRACE_S) -> None:
+    """This node's command failed for good (1, 2, ...): end the job's step on every node.
+
+    The other nodes cannot go on without this one, and they may not notice: a peer that dies
+    before the rendezvous or the process group is complete leaves them waiting (torchrun's join
+    timeout, 10 min; the process group's, 30 min), and SLURM lets the job run on until its time
+    limit, holding the allocation. They get ``grace_s`` to end by themselves (a peer lost in a
+    collective is seen within seconds, and each writes its own exit line), then the step is
+    killed with SIGKILL, this task included: a SIGTERM would make them checkpoint and exit "requeue
+    me", and a failed job must not come back. A requeue or cancellation meanwhile (another node
+    stopped on a signal) ends this task first, so the kill never reaches a later run of the job."""
+    job_id, step = os.environ.get("SLURM_JOB_ID", ""), os.environ.get("SLURM_STEP_ID", "")
+    print(f"[node_command] {message}; the job's other nodes get {grace_s:.0f} s to end, then its step is killed", flush=True)
+    print(message, file=sys.stderr, flush=True)  # the job's exit line (pipelines read it), as the error would be
+    if not (job_id.isdigit() and step.isdigit()):
+        return
+    time.sleep(grace_s)
+    subprocess.run(["scancel", "--signal=KILL", f"{job_id}.{step}"], check=False, timeout=60)
 
 
 class NodeCommand(submitit.helpers.Checkpointable):
@@ -74,7 +97,10 @@ class NodeCommand(submitit.helpers.Checkpointable):
             return 0
         if self.stopped(rc):
             self._requeue_self(job, restarts)
-        raise RuntimeError(f"{argv[0]} exited with code {rc}{final_exit_note(rc)}")
+        message = f"{argv[0]} exited with code {rc}{final_exit_note(rc)}"
+        if job.name() == "slurm" and job.num_nodes > 1:
+            end_other_nodes(message)
+        raise RuntimeError(message)
 
     def _wait(self, timeout: float | None) -> int | None:
         # Poll, never block in Popen.wait(): a signal handler (submitit's) may need to wait too,

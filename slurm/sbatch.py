@@ -4,7 +4,9 @@ signal (and SIGTERM), forwards it to the step, and requeues the job only when th
 with the "checkpointed, requeue me" code or was killed by a stop signal (srun reports 128 + the
 signal: 143 for SIGTERM, 140 for SIGUSR2; the command was starting or exiting, and the next run
 resumes from the newest committed checkpoint), as ``slurm.node_command`` does; never on a refusal
-or a failure.
+or a failure. As there, a node whose command fails for good ends the step on every node (the batch
+shell reads srun's "task N: Exited with exit code C" on srun's stderr, which passes through it),
+so the other nodes do not wait for it until the time limit.
 
 Two readers see the script, so values are quoted for each: ``#SBATCH`` lines are read by sbatch's
 own parser (:func:`slurm.validation.sbatch_quote`), the command line by bash (``shlex.quote``).
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from slurm import validation
 from slurm.config import SlurmConfig
+from slurm.jobs import PEERS_GRACE_S
 from slurm.resources import SlurmError, parse_time_minutes
 
 TEMPLATE = """\
@@ -39,7 +42,29 @@ forward() {{
 trap 'forward USR2' USR2
 trap 'forward TERM' TERM
 
-srun --ntasks-per-node=1 --kill-on-bad-exit=0 {command} &
+# A node whose training failed for good leaves the others waiting for it (the rendezvous, the
+# process group's timeout) up to the time limit. srun says so on its stderr, which passes through
+# here: the other nodes get {peers_grace} s to end by themselves, then the step is killed on every node
+# (SIGKILL: a SIGTERM would make them checkpoint and exit {requeue_code}, and a failed job must not
+# come back). A stop signal must not end this reader: srun would lose its stderr.
+watch_tasks() {{
+  trap '' TERM USR2 INT
+  local line killer=""
+  while IFS= read -r line || [ -n "$line" ]; do
+    printf '%s\\n' "$line" >&2
+    case $line in
+      *": task "*": Exited with exit code "*)
+        if [ "$nodes" -gt 1 ] && [ "${{line##* }}" != {requeue_code} ] && [ -z "$killer" ]; then
+          echo "[sbatch] $line: the other nodes get {peers_grace} s to end, then the step is killed"
+          (sleep {peers_grace}; scancel --signal=KILL "$SLURM_JOB_ID.0") &
+          killer=$!
+        fi ;;
+    esac
+  done
+  [ -z "$killer" ] || kill -9 "$killer" 2>/dev/null   # srun is over: nothing left to kill
+}}
+
+srun --ntasks-per-node=1 --kill-on-bad-exit=0 {command} 2> >(watch_tasks) &
 step=$!
 while :; do
   wait "$step"; rc=$?
@@ -122,4 +147,5 @@ def render_sbatch(
         command=command,
         requeue_code=int(requeue_exit_code),
         max_requeues=int(cfg.max_requeues),
+        peers_grace=int(PEERS_GRACE_S),
     )

@@ -22,6 +22,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 XDIST_GROUPS = {
     "test_slurm": "slurm",  # one throw-away SLURM cluster on fixed ports (tests/slurm/start.sh)
     "test_data_slurm": "slurm",
+    "test_slurm_audit": "slurm",
     "test_chaos": "workflow",  # both read `workflow_reference`, one uninterrupted run of the tiny workflow
     "test_workflow": "workflow",
 }

@@ -1,0 +1,200 @@
+"""Launching on SLURM, the cases tests/test_slurm.py leaves out: a rank that dies on one node of
+two, a node that fails before training starts (both routes), max_requeues spent, a 2-node sbatch
+script requeued. Same throw-away cluster (its fixtures are imported), one module at a time on it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_slurm import (  # noqa: F401  (fixtures)
+    REPO, cluster, job_id_of, local_losses, logs, losses, pretrain, scontrol_restarts, wait_final, wait_steps, work,
+    write_config,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def job_processes(job: str) -> dict[int, dict[str, str]]:
+    """Processes of a SLURM job (every "node" of the test cluster shares this pid namespace): pid -> env."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
+        except OSError:
+            continue
+        env = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in env.items()}
+        if env.get("SLURM_JOB_ID") == job:
+            found[int(proc.name)] = env
+    return found
+
+
+def worker_pid(job: str, rank: int, timeout: float = 60) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for pid, env in job_processes(job).items():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if env.get("RANK") == str(rank) and b"trainer.train" in cmd:
+                return pid
+        time.sleep(0.5)
+    raise AssertionError(f"no rank {rank} worker of job {job}")
+
+
+def submit(*args: str) -> str:
+    r = pretrain("submit", *args)
+    assert r.returncode == 0, r.stderr
+    return job_id_of(r.stdout)
+
+
+def wait_for(what: str, cond, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, f"{what}: not after {timeout:.0f} s"
+        time.sleep(0.5)
+
+
+def sbatch(script: Path) -> str:
+    sub = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, cwd=REPO)
+    assert sub.returncode == 0, sub.stderr
+    return sub.stdout.strip().split(";")[0]
+
+
+def broken_on_second_node(argv: list[str], how: str, folder: Path) -> list[str]:
+    """`argv` on node 0; on node 1 it fails: `launcher` before anything starts (a broken node:
+    its Python, its /tmp), `worker` in the training worker right after torchrun's rendezvous."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text("import os\nif os.environ.get('RANK'):\n    print('worker dies', flush=True)\n    os._exit(1)\n")
+    broken = {"launcher": "echo node 1 is broken; exit 1", "worker": f"export PYTHONPATH={folder}"}[how]
+    return ["bash", "-c", f'if [ "$SLURM_NODEID" = 1 ]; then {broken}; fi; exec "$@"', "bash", *argv]
+
+
+def test_a_rank_killed_on_one_node_of_two_fails_the_job_promptly(cluster, work):
+    """A worker on the second node dies (kill -9, as the OOM killer would): the job must end FAILED
+    soon (not at its time limit), is not requeued, and leaves no process behind on either node."""
+    cfg, run_dir = write_config(work, "crash-two-nodes", max_steps=400, ckpt_every=50)
+    job = submit(str(cfg), "slurm.nodes=2", "train.nproc_per_node=1")
+    wait_steps(run_dir, 5)
+    os.kill(worker_pid(job, 1), signal.SIGKILL)
+    t0 = time.time()
+    assert wait_final(job, timeout=180) == "FAILED", logs(run_dir)
+    assert time.time() - t0 < 60, "the job must fail soon after its rank, not at its time limit"
+    assert scontrol_restarts(job) == 0
+    time.sleep(2)
+    assert not job_processes(job), f"left behind: {job_processes(job)}"
+    assert "exited with code 1 (failed; not requeued" in logs(run_dir)
+    listing = pretrain("jobs", str(run_dir))
+    assert f"{job}  FAILED       restarts 0" in listing.stdout, listing.stdout
+
+
+@pytest.mark.parametrize("how", ["launcher", "worker"])
+def test_a_node_that_fails_at_start_ends_the_job_instead_of_leaving_the_others_waiting(cluster, work, how):
+    """Node 1 of 2 fails before training starts (`launcher`: the node cannot even start the
+    command; `worker`: its worker dies right after torchrun's rendezvous). Node 0 went on waiting
+    for it (torchrun's 10-minute join timeout, the process group's 30 minutes), the job RUNNING and
+    holding both nodes up to its time limit. Now the failed node ends the job's step: FAILED within
+    seconds, not requeued, nothing left running, and its exit line names the code."""
+    from pipelines.config import load_config
+    from pipelines.launching import submit_job, train_argv
+
+    cfg_path, run_dir = write_config(work, f"start-crash-{how}")
+    overrides = ["slurm.nodes=2", "train.nproc_per_node=1"]
+    cfg = load_config(str(cfg_path), overrides)
+    argv = broken_on_second_node(train_argv(str(cfg_path), overrides, cfg), how, work / f"site-{how}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job = str(submit_job(argv, cfg.slurm, 0, run_dir, f"crash-{how}").job_id)
+    t0 = time.time()
+    try:
+        state = wait_final(job, timeout=90)
+    finally:
+        subprocess.run(["scancel", job])
+    assert state == "FAILED", logs(run_dir)
+    print(f"{how}: FAILED {time.time() - t0:.0f} s after submitting")
+    assert scontrol_restarts(job) == 0
+    time.sleep(2)
+    assert not job_processes(job), f"left behind: {job_processes(job)}"
+    assert "bash exited with code 1 (failed; not requeued" in logs(run_dir)
+    listing = pretrain("jobs", str(run_dir))
+    assert f"{job}  FAILED" in listing.stdout, listing.stdout
+
+
+def test_max_requeues_spent_ends_the_job_failed_with_its_checkpoint(cluster, work):
+    """slurm.max_requeues=1 and two stop signals (a bare SIGTERM, as on clusters without USR2): the
+    first requeues, the second checkpoints and ends the job FAILED saying why, its checkpoint
+    kept; `pretrain jobs` shows it with its one restart."""
+    from trainer.checkpoint import latest_committed, read_meta
+
+    cfg, run_dir = write_config(work, "max-requeues", max_steps=400, ckpt_every=100)
+    job = submit(str(cfg), "slurm.max_requeues=1")
+    wait_steps(run_dir, 5)
+    subprocess.run(["scancel", "--signal=TERM", job], check=True)
+    wait_for("restart 1", lambda: "restart 1" in logs(run_dir), timeout=120)
+    stopped_at = int(read_meta(latest_committed(run_dir))["step"])
+    wait_steps(run_dir, stopped_at + 5)
+    subprocess.run(["scancel", "--signal=TERM", job], check=True)
+    assert wait_final(job, timeout=120) == "FAILED", logs(run_dir)
+    assert scontrol_restarts(job) == 1
+    out = logs(run_dir)
+    assert "1 restarts reached slurm.max_requeues" in out and "restart 2" not in out, out[-3000:]
+    step = int(read_meta(latest_committed(run_dir))["step"])
+    assert stopped_at + 5 <= step < 400
+    assert f"{job}  FAILED       restarts 1" in pretrain("jobs", str(run_dir)).stdout
+
+
+def test_two_node_sbatch_script_requeued_by_scontrol_resumes_exactly(cluster, work, local_losses, tmp_path):
+    """`pretrain sbatch` with 2 nodes, run with plain sbatch, then `scontrol requeue` (SIGTERM to
+    the batch shell and both nodes): the job comes back once and matches a local run; `pretrain
+    jobs` finds it by its log and shows its restart and that one log (appended to by each run)."""
+    cfg, run_dir = write_config(work, "sbatch-two-nodes")
+    script = tmp_path / "train.sbatch"
+    assert pretrain("sbatch", str(cfg), "slurm.nodes=2", "train.nproc_per_node=1", "-o", str(script)).returncode == 0
+    job = sbatch(script)
+    wait_steps(run_dir, 7)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    assert wait_final(job, timeout=300) == "COMPLETED", logs(run_dir)
+    assert scontrol_restarts(job) == 1
+    assert losses(run_dir) == local_losses
+    log = run_dir / "slurm" / "logs" / f"pretrain-sbatch-two-nodes-{job}.out"
+    assert "restart 0" in log.read_text() and "restart 1" in log.read_text()
+    listing = pretrain("jobs", str(run_dir)).stdout
+    assert f"{job}  COMPLETED    restarts 1" in listing and f"stdout {log}" in listing, listing
+
+
+def test_two_node_sbatch_script_whose_second_node_fails_at_start_ends_failed(cluster, work):
+    """The sbatch route of the case above: node 1's worker dies right after the rendezvous, node 0
+    waited for it (the process group's 30 minutes) with the job RUNNING. srun reports the task's
+    exit on its stderr; the batch shell kills the step: FAILED within seconds, not requeued."""
+    from pipelines.config import load_config
+    from pipelines.launching import train_argv
+    from slurm.sbatch import render_sbatch
+
+    cfg_path, run_dir = write_config(work, "sbatch-crash")
+    overrides = ["slurm.nodes=2", "train.nproc_per_node=1"]
+    cfg = load_config(str(cfg_path), overrides)
+    argv = broken_on_second_node(train_argv(str(cfg_path), overrides, cfg), "worker", work / "site-sbatch")
+    (run_dir / "slurm" / "logs").mkdir(parents=True)
+    script = work / "crash.sbatch"
+    script.write_text(render_sbatch(argv, cfg.slurm, run_dir / "slurm" / "logs", "sbatch-crash", 3))
+    job = sbatch(script)
+    t0 = time.time()
+    try:
+        state = wait_final(job, timeout=90)
+    finally:
+        subprocess.run(["scancel", job])
+    assert state == "FAILED", logs(run_dir)
+    print(f"sbatch: FAILED {time.time() - t0:.0f} s after submitting")
+    assert scontrol_restarts(job) == 0
+    time.sleep(2)
+    assert not job_processes(job), f"left behind: {job_processes(job)}"
+    out = logs(run_dir)
+    assert "task 1: Exited with exit code 1: the other nodes get 10 s to end" in out and "requeueing" not in out, out[-3000:]
