@@ -160,3 +160,41 @@ def test_report_ends_a_run_that_no_training_holds_any_more(tmp_path, max_steps, 
     finally:
         lock.release()
     assert _client(uri).get_run(run_id).info.status == "RUNNING"
+
+
+def test_steps_trained_again_with_changes_reach_mlflow(tmp_path):
+    """A resume from an earlier checkpoint with `--allow-changes train.lr=...` (the usual recovery
+    from a loss spike): the re-run steps trained with the new rate, but MLflow kept the first run's
+    values for them, so the change seemed to start later than it did. Now they are sent again: the
+    newest point at every step equals metrics.jsonl, and the run's tag says which steps were redone.
+    An exact resume (no changes) still sends nothing twice."""
+    import shutil
+
+    from trainer.metrics import read_metrics
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    hellaswag = write_jsonl(tmp_path / "hellaswag.jsonl", hellaswag_rows(4))
+    run_dir, config = train_tiny_run(tmp_path, hellaswag, uri=uri)
+    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    client = _client(uri)
+    steps = lambda: sorted(m.step for m in client.get_metric_history(run_id, "lr"))  # noqa: E731
+
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000004")  # back to step 2: steps 3-4 run again
+    rc, out = run_cli("train", str(config), log=tmp_path / "exact.log")
+    assert rc == 0, out[-3000:]
+    assert steps() == [1, 2, 3, 4]  # exact: the same values, not sent again
+    assert "pretrain.rewound" not in client.get_run(run_id).data.tags
+
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000004")
+    rc, out = run_cli("train", str(config), "--allow-changes", "train.lr=0.001", log=tmp_path / "changed.log")
+    assert rc == 0, out[-3000:]
+
+    def newest(key: str) -> dict[int, float]:
+        points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        return {m.step: m.value for m in points}  # the later point of a step wins
+
+    record = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl")}
+    assert newest("lr") == {s: r["lr"] for s, r in record.items()}  # before: steps 3-4 showed the old rate
+    assert newest("loss") == {s: r["loss"] for s, r in record.items()}
+    assert "steps 3-4 trained again from step 2" in client.get_run(run_id).data.tags["pretrain.rewound"]
+    assert steps() == [1, 2, 3, 3, 4, 4]  # MLflow keeps both values of a re-run step

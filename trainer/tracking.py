@@ -112,8 +112,10 @@ class MlflowTracker:
 
     def __init__(self, uri: str, experiment: str, run_dir: str | Path, run_id: str | None, params: dict[str, Any],
                  run_name: str, flush_every_s: float = FLUSH_EVERY_S, queue_size: int = QUEUE_SIZE,
-                 log: Callable[[str], None] = print, data_dir: str | Path | None = None) -> None:
+                 log: Callable[[str], None] = print, data_dir: str | Path | None = None,
+                 rewind_to: int | None = None) -> None:
         self.uri = uri
+        self.rewind_to = rewind_to  # a resume that was not exact: the steps after it are sent again (once)
         self.experiment = experiment
         self.run_dir = Path(run_dir)
         self.metrics_path = RunDir(self.run_dir).metrics
@@ -199,7 +201,8 @@ class MlflowTracker:
         try:
             if self._session is None:
                 self._session = MlflowRun(self.uri, self.run_dir, log=self._say)
-            self._session.open(self.run_id, self.experiment, self.params, self.run_name)
+            self._session.open(self.run_id, self.experiment, self.params, self.run_name, rewind_to=self.rewind_to)
+            self.rewind_to = None  # applied and stored: a reconnect must not send the new values twice
             self.run_id = self._session.run_id
             self._record_provenance()
             self._connected = True
@@ -356,14 +359,16 @@ def start_wait_s(uri: str) -> float:
 
 def start_tracking(uri_cfg: str, experiment: str, run_dir: str | Path, run_id: str | None, params: dict[str, Any],
                    wait_s: float | None = None, data_dir: str | Path | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> NullTracker | MlflowTracker:
+                   should_stop: Callable[[], bool] | None = None, rewind_to: int | None = None) -> NullTracker | MlflowTracker:
     """The tracker of this training; bounded by ``wait_s`` and cut short by ``should_stop`` (a
-    stop signal: see the module doc). Raises TrackingError on a refusal."""
+    stop signal: see the module doc). ``rewind_to``: the step of a resume that was not exact
+    (:meth:`trainer.tracking_mlflow.MlflowRun.open`). Raises TrackingError on a refusal."""
     uri = resolve_uri(uri_cfg, run_dir)
     if uri is None:
         return NullTracker()
     wait_s = start_wait_s(uri) if wait_s is None else wait_s
-    tracker = MlflowTracker(uri, experiment, run_dir, run_id, params, run_name=Path(run_dir).name, data_dir=data_dir)
+    tracker = MlflowTracker(uri, experiment, run_dir, run_id, params, run_name=Path(run_dir).name, data_dir=data_dir,
+                            rewind_to=rewind_to)
     if not tracker.wait_started(wait_s, should_stop) and not tracker._started.is_set():
         why = "a stop signal came first" if should_stop is not None and should_stop() else f"{uri} did not answer within {wait_s:.0f} s"
         _warn(f"mlflow: warning: {why}; training starts untracked; the run is "

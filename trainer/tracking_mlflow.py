@@ -7,7 +7,11 @@ Exactly once. ``metrics.jsonl`` is the record; MLflow gets a copy of it, step by
 Every ``log_batch`` carries the run tag ``pretrain.metrics_through_step`` (the last step in the
 batch), so the server itself says how far it got: on every (re)open the sender continues after
 that step and never resends what arrived, across processes too. Steps re-run after a resume from
-an earlier checkpoint are bitwise identical (exact resume), so they are not sent again. A copy of
+an earlier checkpoint are bitwise identical (exact resume), so they are not sent again, unless the
+resume was not exact (``rewind_to``: hyper-parameters changed with ``--allow-changes``, another
+world size): then they trained to other values, the cursor goes back to the checkpoint's step and
+they are sent again. MLflow cannot delete points, so it keeps both values at those steps (the tag
+``pretrain.rewound`` says which steps and why); ``metrics.jsonl`` has the current ones. A copy of
 the cursor is kept in ``RUN_DIR/mlflow_cursor.json`` (atomic write) for runs whose tag is missing
 and for people reading the run dir. A point always carries the timestamp of its metrics.jsonl line
 (live or replayed), and MLflow's SQL stores drop a metric identical in key, step, timestamp and
@@ -32,6 +36,7 @@ from common.durable import atomic_write_json
 from common.rundir import RunDir
 
 CURSOR_TAG = "pretrain.metrics_through_step"
+REWOUND_TAG = "pretrain.rewound"  # the last time steps were sent again after a resume that was not exact
 # The columns of a metrics.jsonl line that become MLflow metrics (the rest: step, time, dt, sample, skipped).
 TRACKED_KEYS = ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "val_loss")
 MAX_BATCH_METRICS = 1000  # MLflow's log_batch limit
@@ -149,8 +154,9 @@ class MlflowRun:
     # ------------------------------------------------------------------ open
 
     def open(self, run_id: str | None, experiment: str, params: dict[str, Any], run_name: str,
-             create: bool = True, mark_running: bool = True) -> bool:
-        """Reopen the run (``run_id``, else the one in mlflow_run.json) or create it; False if none and not ``create``."""
+             create: bool = True, mark_running: bool = True, rewind_to: int | None = None) -> bool:
+        """Reopen the run (``run_id``, else the one in mlflow_run.json) or create it; False if none and not ``create``.
+        ``rewind_to``: this start re-runs the steps after it with other values (see the module doc)."""
         recorded = read_run_file(self.run_dir)
         run_id = run_id or (recorded or {}).get("run_id")
         if run_id:
@@ -161,6 +167,8 @@ class MlflowRun:
             self._log_params(params, existing=run.data.params, tags=run.data.tags)
             self.cursor = self._cursor_of(run.data.tags)
             self.log(f"mlflow: continuing run {run_id} at {self.uri}")
+            if rewind_to is not None and self.cursor > rewind_to:
+                self._rewind(rewind_to)
             return True
         if not create:
             return False
@@ -180,6 +188,20 @@ class MlflowRun:
         self.cursor = 0
         self.log(f"mlflow: created run {self.run_id} in experiment '{experiment}' at {self.uri}")
         return True
+
+    def _rewind(self, step: int) -> None:
+        """Send the steps after ``step`` again: a resume that is not exact trains them to other values.
+        The lowered cursor is stored at once, so a process killed before it sent them still leaves
+        them to be sent by the next start (exact or not)."""
+        from mlflow.entities import RunTag
+
+        first, last = step + 1, self.cursor
+        note = (f"steps {first}-{last} trained again from step {step} with other settings "
+                f"({time.strftime('%Y-%m-%d %H:%M:%S')}): MLflow has both values at those steps, metrics.jsonl the current ones")
+        self.client.log_batch(self.run_id, tags=[RunTag(CURSOR_TAG, str(step)), RunTag(REWOUND_TAG, note)])
+        self.cursor = step
+        _write_json_atomic(RunDir(self.run_dir).tracking_cursor, {"run_id": self.run_id, "step": step, "time": time.time()})
+        self.log(f"mlflow: {note}")
 
     def _cursor_of(self, tags: dict[str, str]) -> int:
         if CURSOR_TAG in tags:

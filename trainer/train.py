@@ -163,6 +163,9 @@ class Trainer:
     def __init__(self, cfg: TrainJob, env: DistEnv, stop: StopFlag, allow_changes: bool = False):
         self.cfg, self.env, self.stop = cfg, env, stop
         self.allow_changes = allow_changes
+        # why the resume is not bitwise (changed hyper-parameters, another world size): the steps
+        # after the checkpoint train to other values, and MLflow must get them again (trainer.tracking)
+        self.inexact_resume = ""
         self.stop_reason = ""  # why fit() returned EXIT_REFUSED (a run that kept producing NaN)
         tc = cfg.train
         self.run_dir = Path(cfg.run_dir)
@@ -340,6 +343,7 @@ class Trainer:
                      "Restore them, use a new run_dir, or pass --allow-changes to continue with the new values")]
         if changed:
             log0(self.env, f"resume: continuing with changed hyper-parameters (--allow-changes): {'; '.join(changed)}")
+            self.inexact_resume = "changed hyper-parameters"
         return []
 
 
@@ -362,6 +366,7 @@ class Trainer:
         else:
             # RNG streams are per rank; with another world size they cannot all be restored
             seed_all(self.cfg.train.seed + env.rank + self.state.step)
+            self.inexact_resume = "another world size"
             log0(env, f"resume: world size changed ({len(self.state.rng_states)} -> {env.world_size}); "
                       "RNG streams reseeded, data position kept")
         return loader_state
@@ -379,7 +384,8 @@ class Trainer:
             write_run_config(self.run_dir, text)
             try:
                 tracker = start_tracking(cfg.tracking.uri, cfg.tracking.experiment, self.run_dir, self.state.run_id, params,
-                                         data_dir=self.dataset.directory, should_stop=lambda: self.stop.is_set)
+                                         data_dir=self.dataset.directory, should_stop=lambda: self.stop.is_set,
+                                         rewind_to=self.state.step if self.inexact_resume else None)
                 tracker.log_text(text, "config.yaml")
                 result["run_id"] = tracker.run_id
             except TrackingError as e:
