@@ -64,6 +64,13 @@ def test_empty_tracking_experiment_is_refused(value):
         load_config(SMOKE, [f"tracking.experiment={value}"])
 
 
+def test_an_experiment_name_longer_than_mlflow_takes_is_refused_at_load():
+    # MLflow refused it only once training started (exit 2 after the data stage of `pretrain run`)
+    load_config(SMOKE, ["tracking.experiment=" + "e" * 500])
+    with pytest.raises(ConfigError, match="tracking.experiment must be at most 500 characters"):
+        load_config(SMOKE, ["tracking.experiment=" + "e" * 501])
+
+
 @pytest.mark.parametrize("item, key", [
     ("--time=0", "slurm.time"),  # unlimited, which slurm.time refuses
     ("--nodes=9", "slurm.nodes"),  # the batch geometry is checked against slurm.nodes

@@ -176,6 +176,9 @@ class TrainConfig:
         _check(self.val_every == 0 or self.val_batches >= 1, f"val_batches must be >= 1 when val_every > 0, got {self.val_batches}")
 
 
+MAX_EXPERIMENT_NAME = 500  # mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH
+
+
 @dataclass
 class TrackingConfig:
     """Experiment tracking (MLflow)."""
@@ -185,8 +188,11 @@ class TrackingConfig:
     experiment: str = "pretrain"
 
     def validate(self) -> None:
-        """MLflow refuses an empty experiment name only when training starts: refuse it at load."""
+        """MLflow refuses an empty or over-long experiment name only when training starts (after the
+        data stage of `pretrain run`): refuse it at load."""
         _check(bool(self.experiment.strip()), f"experiment must not be empty, got {self.experiment!r}")
+        _check(len(self.experiment) <= MAX_EXPERIMENT_NAME, f"experiment must be at most {MAX_EXPERIMENT_NAME} "
+               f"characters (MLflow's limit), got {len(self.experiment)}")
 
 
 @dataclass
