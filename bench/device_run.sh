@@ -48,7 +48,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 if [ "${DEVICE_RUN_TINY:-0}" = 1 ]; then
-  shape=(model.name=micro train.micro_batch_size=2 train.seq_len=32 train.batch_tokens=128)
+  shape=(model.name=micro train.micro_batch_size=2 train.seq_len=32 train.batch_tokens=128 train.device=auto)
   micro_batches=(1 4)
   steps=(--steps 1 --warmup 1); csteps=(--steps 1 --warmup 1)
   compile=off; hs_model=micro; hs_rows=12; hs_loop_rows=8

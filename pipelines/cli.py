@@ -164,6 +164,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_command(to_dict(cfg), args.nnodes, args.rdzv_endpoint, args.rdzv_id, allow_changes=args.allow_changes)
 
 
+def _check_local_devices(cfg: PipelineConfig) -> None:
+    """A training that cannot start on this machine (``train.device: cuda`` without a GPU, more
+    ranks than GPUs) is refused before the data stage, which for the 124M recipe downloads and
+    tokenizes ~10B tokens first (ConfigError, exit 2)."""
+    if cfg.train.device == "cpu":
+        return
+    from trainer.launch import device_problem, visible_gpus
+
+    gpus = visible_gpus()
+    problem = device_problem(cfg.train.device, cfg.train.nproc_per_node, gpus) if gpus is not None else None
+    if problem:
+        raise ConfigError(f"{cfg.source}: {problem}")
+
+
 def _check_eval_plan(cfg: PipelineConfig) -> None:
     """Evals that could never run are refused before data or training, not after (ConfigError, exit 2)."""
     from evals.job import plan_problems
@@ -323,6 +337,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             check_slurm_request(cfg)
         check_geometry(cfg, on_slurm=args.executor == "slurm")  # before any stage starts or is queued
+        if args.executor == "local":
+            _check_local_devices(cfg)
         _check_eval_plan(cfg)
         return run_workflow(args.config, list(args.overrides), args.executor, args.restart_from)
     except SlurmError as e:

@@ -133,8 +133,19 @@ def geometry_problems(cfg: PipelineConfig, world_size: int, check_block: bool = 
     if per_step > 0 and tc.batch_tokens > 0 and tc.batch_tokens % per_step:  # < 1: train.validate says so
         example = max(1, round(tc.batch_tokens / per_step)) * per_step
         out.append(f"train.batch_tokens ({tc.batch_tokens}) must be a positive multiple of micro_batch_size * seq_len * world_size "
-                   f"({tc.micro_batch_size} * {tc.seq_len} * {world_size} = {per_step}); e.g. {example}")
+                   f"({tc.micro_batch_size} * {tc.seq_len} * {world_size} = {per_step}); e.g. {example}"
+                   + _same_batch_hint(tc.batch_tokens, tc.micro_batch_size, tc.seq_len, world_size))
     return out
+
+
+def _same_batch_hint(batch_tokens: int, micro: int, seq_len: int, world_size: int) -> str:
+    """The largest ``train.micro_batch_size`` below ``micro`` that splits ``batch_tokens`` over
+    ``world_size`` ranks, as advice: unlike another ``batch_tokens`` (with ``max_steps`` unchanged,
+    a run of other length and another recipe), it trains the same math with more accumulation."""
+    for m in range(min(micro - 1, batch_tokens // max(1, seq_len * world_size)), 0, -1):
+        if batch_tokens % (m * seq_len * world_size) == 0:
+            return f", or keep the batch (and the recipe) with train.micro_batch_size={m}"
+    return ""
 
 
 def training_world_size(cfg: PipelineConfig, on_slurm: bool, nnodes: int = 1) -> int:

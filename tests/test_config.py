@@ -150,7 +150,8 @@ def test_world_size_is_the_one_of_how_training_runs():
     gpu = load_config(REPO / "configs" / "gpt2-124m.yaml", ["slurm.nodes=1", "slurm.gpus_per_node=8"])
     assert training_world_size(gpu, on_slurm=True) == 8
     check_geometry(gpu, on_slurm=True)  # 524288 = 64 * 1024 * 8: the 124M recipe on one 8-GPU node
-    with pytest.raises(ConfigError, match=r"64 \* 1024 \* 16 = 1048576\); e.g. 1048576 \(world size 16 = slurm.nodes x slurm.gpus_per_node\)"):
+    with pytest.raises(ConfigError, match=r"64 \* 1024 \* 16 = 1048576\); e.g. 1048576, or keep the batch \(and the recipe\) with train.micro_batch_size=32 "
+                       r"\(world size 16 = slurm.nodes x slurm.gpus_per_node\)"):
         check_geometry(load_config(REPO / "configs" / "gpt2-124m.yaml", ["slurm.nodes=2", "slurm.gpus_per_node=8"]), on_slurm=True)
 
 

@@ -53,6 +53,9 @@ def init_distributed(device_pref: str) -> DistEnv:
             torch.cuda.set_device(device)
         return DistEnv(0, 0, 1, device, None)
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if use_cuda and local_rank >= torch.cuda.device_count():  # else "invalid device ordinal", exit 1: "retry"
+        raise ValueError(f"local rank {local_rank} has no GPU: train.nproc_per_node is one rank per GPU and this node has "
+                         f"{torch.cuda.device_count()} visible CUDA device(s); set train.nproc_per_node to at most that")
     if use_cuda:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -107,6 +107,31 @@ def train_command(resolved: dict[str, Any], nnodes: int = 1, rdzv_endpoint: str 
         os.unlink(config_file)
 
 
+def visible_gpus() -> int | None:
+    """CUDA devices this process would see (``CUDA_VISIBLE_DEVICES`` applied), counted in a child
+    process: the caller never imports torch nor initialises CUDA. None if the probe failed (killed,
+    broken install): not knowing is no reason to refuse."""
+    probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=False)
+        return int(out.stdout.split()[-1]) if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
+
+
+def device_problem(device: str, nproc_per_node: int, gpus: int) -> str | None:
+    """Why ``train.device`` with ``nproc_per_node`` ranks cannot train on a machine with ``gpus``
+    CUDA devices (one rank per GPU), or None. ``auto`` on a machine without one is CPU training."""
+    if device == "cpu" or (device == "auto" and gpus == 0):
+        return None
+    if gpus == 0:
+        return "train.device is cuda but this machine has no CUDA device (train here on a GPU node, or submit it to SLURM)"
+    if nproc_per_node > gpus:
+        return (f"train.nproc_per_node ({nproc_per_node}) is one rank per GPU but this machine has {gpus} CUDA device(s): "
+                f"set train.nproc_per_node={gpus} (train.batch_tokens must stay a multiple of its ranks' micro-batches)")
+    return None
+
+
 class _StopForwarder:
     """The launcher's SIGTERM/SIGUSR2/SIGUSR1 handler, from before torchrun starts until it has
     exited: each signal goes to the workers (torchrun's children); one that comes before they
