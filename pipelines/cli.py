@@ -246,7 +246,21 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
         print(f"wrote {args.output}; submit it with: sbatch {args.output}")
     else:
         sys.stdout.write(script)
+    _warn_data_not_ready(cfg)
     return 0
+
+
+def _warn_data_not_ready(cfg: PipelineConfig) -> None:
+    """A script may well be written before its data (to submit it behind the data job with
+    ``--dependency``), so this is a warning, not a refusal; but a job that waited in the queue for
+    its GPUs only to be refused in seconds (exit 2) should not come as a surprise."""
+    from pipelines.launching import check_ready_to_train
+
+    try:
+        check_ready_to_train(cfg)
+    except ConfigError as e:
+        print(f"pretrain sbatch: warning: {e}. The job will be refused (exit 2) unless the data stage "
+              f"(`pretrain data`) has finished before it starts: submit it with --dependency=afterok:DATA_JOB_ID", file=sys.stderr)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:

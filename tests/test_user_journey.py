@@ -71,3 +71,21 @@ def test_a_batch_that_does_not_split_suggests_the_micro_batch_that_keeps_the_rec
     with pytest.raises(ConfigError) as e:  # 3 ranks never split 2**19 tokens: no micro-batch to suggest
         check_geometry(load_config(REAL, ["slurm.gpus_per_node=3"]), on_slurm=True)
     assert "keep the batch" not in str(e.value)
+
+
+def test_an_sbatch_script_written_before_its_data_says_the_job_would_be_refused(tmp_path):
+    """`pretrain sbatch` before `pretrain data` finished: the script is still written (it may be
+    submitted behind the data job), but the user learns now, not after the job waited in the queue
+    for 8 GPUs and then exited 2 in seconds, and how to chain it."""
+    script = tmp_path / "train.sbatch"
+    args = [sys.executable, "-m", "pipelines.cli", "sbatch", str(REAL), f"run_dir={tmp_path}/run",
+            f"data.output_dir={tmp_path}/data", "-o", str(script)]
+    r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and script.is_file(), r.stderr
+    assert "warning: data.output_dir" in r.stderr and "--dependency=afterok:" in r.stderr, r.stderr
+
+    from tests.trainer_helpers import make_shard_dir
+
+    make_shard_dir(tmp_path / "data")
+    r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
