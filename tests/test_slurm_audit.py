@@ -97,6 +97,21 @@ def test_a_rank_killed_on_one_node_of_two_fails_the_job_promptly(cluster, work):
     assert f"{job}  FAILED       restarts 0" in listing.stdout, listing.stdout
 
 
+def assert_failed_promptly(job: str, run_dir: Path, label: str) -> None:
+    """The job ends FAILED within 90 s (before the fix it stayed RUNNING until its time limit), was
+    not requeued, and left no process on any node."""
+    t0 = time.time()
+    try:
+        state = wait_final(job, timeout=90)
+    finally:
+        subprocess.run(["scancel", job])
+    assert state == "FAILED", logs(run_dir)
+    print(f"{label}: FAILED {time.time() - t0:.0f} s after submitting")
+    assert scontrol_restarts(job) == 0
+    time.sleep(2)
+    assert not job_processes(job), f"left behind: {job_processes(job)}"
+
+
 @pytest.mark.parametrize("how", ["launcher", "worker"])
 def test_a_node_that_fails_at_start_ends_the_job_instead_of_leaving_the_others_waiting(cluster, work, how):
     """Node 1 of 2 fails before training starts (`launcher`: the node cannot even start the
@@ -113,16 +128,7 @@ def test_a_node_that_fails_at_start_ends_the_job_instead_of_leaving_the_others_w
     argv = broken_on_second_node(train_argv(str(cfg_path), overrides, cfg), how, work / f"site-{how}")
     run_dir.mkdir(parents=True, exist_ok=True)
     job = str(submit_job(argv, cfg.slurm, 0, run_dir, f"crash-{how}").job_id)
-    t0 = time.time()
-    try:
-        state = wait_final(job, timeout=90)
-    finally:
-        subprocess.run(["scancel", job])
-    assert state == "FAILED", logs(run_dir)
-    print(f"{how}: FAILED {time.time() - t0:.0f} s after submitting")
-    assert scontrol_restarts(job) == 0
-    time.sleep(2)
-    assert not job_processes(job), f"left behind: {job_processes(job)}"
+    assert_failed_promptly(job, run_dir, how)
     assert "bash exited with code 1 (failed; not requeued" in logs(run_dir)
     listing = pretrain("jobs", str(run_dir))
     assert f"{job}  FAILED" in listing.stdout, listing.stdout
@@ -186,15 +192,6 @@ def test_two_node_sbatch_script_whose_second_node_fails_at_start_ends_failed(clu
     script = work / "crash.sbatch"
     script.write_text(render_sbatch(argv, cfg.slurm, run_dir / "slurm" / "logs", "sbatch-crash", 3))
     job = sbatch(script)
-    t0 = time.time()
-    try:
-        state = wait_final(job, timeout=90)
-    finally:
-        subprocess.run(["scancel", job])
-    assert state == "FAILED", logs(run_dir)
-    print(f"sbatch: FAILED {time.time() - t0:.0f} s after submitting")
-    assert scontrol_restarts(job) == 0
-    time.sleep(2)
-    assert not job_processes(job), f"left behind: {job_processes(job)}"
+    assert_failed_promptly(job, run_dir, "sbatch")
     out = logs(run_dir)
     assert "task 1: Exited with exit code 1: the other nodes get 10 s to end" in out and "requeueing" not in out, out[-3000:]
