@@ -15,6 +15,10 @@ checkpoint through submitit (``local`` subprocesses or ``slurm`` jobs with ``eva
 * Retention: a checkpoint deleted by keep-last-K before its job ran is skipped with a message
   (the job itself also checks, and the watcher never re-creates the directory).
 * End of training: the newest committed checkpoint has reached its own config's ``train.max_steps`` (the trainer always commits a final checkpoint at max_steps).
+  A ``--executor slurm`` watcher also stops when the run's newest recorded training job (in
+  ``RUN_DIR/slurm/jobs.jsonl``) has ended without that checkpoint (FAILED, CANCELLED...; a
+  requeue is not an end): it evaluates what was committed and exits 1, instead of polling until
+  its own time limit and being requeued.
   Without ``--once`` the watcher polls every ``eval.poll_s`` until then and every checkpoint is
   resolved. ``--once`` does one listing, runs (and retries) the jobs for it, and waits for them:
   local jobs die with the process that started them.
@@ -68,6 +72,34 @@ def training_finished(run_dir: Path) -> bool:
         max_steps = ((meta.get("config") or {}).get("train") or {}).get("max_steps")
         return max_steps is not None and int(meta["step"]) >= int(max_steps)
     return False
+
+
+# a training job in one of these states runs no more (FAILED, CANCELLED...); anything else may still train
+TRAINING_JOB_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+TRAINING_GONE_GRACE_S = 10.0  # how long it must stay so before the watcher believes it (a requeue passes through states)
+
+
+def training_job(run_dir: Path) -> str | None:
+    """The newest SLURM job recorded to train ``run_dir`` (`pretrain run --executor slurm`'s train
+    stage, or `pretrain submit`), or None."""
+    from slurm.submit import recorded_jobs
+
+    layout = RunDir(run_dir)
+    names = {f"pretrain-train-{run_dir.name}", f"pretrain-{run_dir.name}"}
+    jobs = [j for j in recorded_jobs(layout.slurm) if j.get("name") in names and j.get("cluster") == "slurm"]
+    return jobs[-1]["job_id"] if jobs else None
+
+
+def training_job_ended(run_dir: Path) -> str | None:
+    """Why no training is coming for ``run_dir`` ("training job 12 FAILED"), or None while its SLURM
+    job is queued, running or being requeued, or when none is known (a training started by hand)."""
+    from slurm.jobs import job_state
+
+    job_id = training_job(run_dir)
+    if job_id is None:
+        return None
+    state = job_state(job_id).state
+    return f"training job {job_id} {state}" if state in TRAINING_JOB_ENDED else None
 
 
 def make_executor(kind: str, folder: Path, cfg: EvalConfig) -> Any:
@@ -174,6 +206,8 @@ class Watcher:
         self.executor = make_executor(executor, self.layout.eval_jobs, cfg)
         self.entries: dict[str, Entry] = self._load_state()
         self.jobs: dict[str, Any] = {}  # step dir name -> submitit Job (in flight, this process)
+        self.training_gone: str | None = None  # why training ended before its final checkpoint
+        self._gone_since: float | None = None
         self._lock = RunLock(self.run_dir, LOCK_ROLE, log=log)
 
     # ------------------------------------------------------------------ state
@@ -423,7 +457,7 @@ class Watcher:
                 if once or self.jobs or now - last_scan >= self.cfg.poll_s:
                     # Asked before listing: a final checkpoint committed after this question is
                     # in the listing below; asked after, it could be taken as "over" unseen.
-                    over = once or training_finished(self.run_dir)
+                    over = once or training_finished(self.run_dir) or self._training_gone()
                     self.scan(only)
                     last_scan = now
                     if over and not self.pending(only):
@@ -438,6 +472,26 @@ class Watcher:
         failed = sorted(n for n, e in self.entries.items() if e.status == "failed")
         done = sorted(n for n, e in self.entries.items() if e.status == "done")
         self.log(f"watch: finished: {len(done)} evaluated" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+        if self.training_gone:
+            self.log(f"watch: {self.training_gone} before train.max_steps: its committed checkpoints are evaluated; "
+                     "run the watcher again with the training that resumes it")
         if any(self.entries[n].refused for n in failed):
             return 2
-        return 1 if failed else 0
+        return 1 if failed or self.training_gone else 0
+
+    def _training_gone(self) -> bool:
+        """Whether training ended for good before its final checkpoint (its SLURM job failed or was
+        cancelled, and stays so for TRAINING_GONE_GRACE_S): nothing more will be committed, and the
+        watcher would otherwise poll until its own time limit (then be requeued, again and again)."""
+        why = None if self.kind != "slurm" else training_job_ended(self.run_dir)
+        if why is None:
+            self._gone_since = None
+            return False
+        now = time.monotonic()
+        self._gone_since = self._gone_since or now
+        if now - self._gone_since < TRAINING_GONE_GRACE_S:
+            return False
+        if training_finished(self.run_dir):  # committed meanwhile: over, and well
+            return True
+        self.training_gone = why
+        return True

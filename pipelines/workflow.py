@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterator
 
 from common.durable import atomic_write_json
 from common.rundir import RunDir
+from common.stop_signals import STOP_SIGNALS
 from pipelines.config import ConfigError, PipelineConfig, load_config
 from pipelines.stages import (
     EXIT_FAILURE,
@@ -62,12 +63,21 @@ from pipelines.stopping import is_stop_signal, stop_signals
 from trainer.runlock import RunLock, RunLockHeld
 
 STATE_FORMAT = 1
-ACTIVE_JOB_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED")
-FAILED_JOB_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+# SLURM's end states but COMPLETED: a job in one runs no more, and its stage failed
+FAILED_JOB_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 # stage -> the run dir lock roles (trainer.runlock) of the processes writing what its reset moves
 RESET_WRITER_ROLES = {"train": ("train", "evals-watch"), "eval": ("evals-watch",)}
 
 __all__ = ["STAGE_NAMES", "Workflow", "WorkflowError", "run_workflow"]
+
+
+def job_is_live(state: str) -> bool:
+    """Whether a job in SLURM ``state`` is queued or may still run and write into the run dir:
+    any state but an end state. Not only PENDING or RUNNING: a job STOPPED (SIGSTOP), SIGNALING,
+    in STAGE_OUT or held after a requeue (REQUEUE_HOLD, SPECIAL_EXIT) comes back or is still
+    ending, and was taken for ended (a rerun queued a second training beside it). A job neither
+    scontrol nor sacct knows (UNKNOWN) is long gone."""
+    return state not in (*FAILED_JOB_STATES, "COMPLETED", "REVOKED") and not state.startswith(("UNKNOWN", "INVALID"))
 
 
 def fingerprint(values: dict[str, Any]) -> str:
@@ -156,7 +166,7 @@ class Workflow:
         for name in names:
             for job_id in self.stages[name].job_ids[-1:]:
                 state = job_state(job_id).state
-                if state in ACTIVE_JOB_STATES:
+                if job_is_live(state):
                     live.append((name, job_id, state))
         if live:
             jobs = ", ".join(f"{name}: job {job_id} {state}" for name, job_id, state in live)
@@ -313,26 +323,51 @@ class Workflow:
 
         self.executor = "slurm"
         check_slurm_request(self.cfg)  # every problem before anything is queued
-        previous = ""
+        previous, fresh = "", False  # the job the next stage follows; whether it was submitted just now
         for stage in STAGES:
-            keep = self._still_submitted(stage.name)
+            keep = self._still_submitted(stage.name, after_new=fresh)
             if keep is not None:
-                previous = keep or previous
+                previous, fresh = keep or previous, False
                 continue
             st = self._begin(stage, "submitted")
             # eval watches training while it runs; the others wait for their predecessor to succeed
             dependency = f"{stage.after}:{previous}" if previous else ""
-            job = submit_stage(stage, self.ctx, dependency)
-            st.job_ids.append(str(job.job_id))
-            self.save()
+            with _signals_held():  # a job queued is a job recorded: a rerun must not queue a twin
+                job = submit_stage(stage, self.ctx, dependency)
+                st.job_ids.append(str(job.job_id))
+                self.save()
             self.log(f"workflow: {stage.name}: submitted job {job.job_id}" + (f" ({dependency})" if dependency else ""))
-            previous = str(job.job_id)
+            previous, fresh = str(job.job_id), True
         self.log(f"workflow: follow it with `pretrain status {self.run_dir}`")
         return 0
 
-    def _still_submitted(self, name: str) -> str | None:
+    def _rechain(self, name: str, job_id: str) -> bool:
+        """Whether the still queued job of stage ``name`` was cancelled, to be submitted again after
+        its predecessor's job of now. It waits for an old job of the predecessor, which ended without
+        success: SLURM keeps it pending for ever (DependencyNeverSatisfied), and a rerun that left it
+        so never got past that stage. A job that has started meanwhile is left alone."""
+        import subprocess
+
+        from slurm.jobs import job_state
+
+        try:
+            subprocess.run(["scancel", "--state=PENDING", job_id], capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        deadline = time.monotonic() + 30
+        while (state := job_state(job_id).state) == "PENDING" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if job_is_live(state):  # it started meanwhile: leave it
+            return False
+        self.log(f"workflow: {name}: job {job_id} was queued behind a job that failed or was replaced; "
+                 "cancelled it, submitting it again")
+        return True
+
+    def _still_submitted(self, name: str, after_new: bool = False) -> str | None:
         """None if the stage must be submitted; otherwise the job id the next stage depends on
-        ("" when the stage is done)."""
+        ("" when the stage is done). ``after_new``: its predecessor was submitted again just now,
+        so a job of this stage still queued waits for the old one; so does one that SLURM says will
+        never start (see :meth:`_rechain`)."""
         from slurm.jobs import job_state
 
         st = self.stages[name]
@@ -341,13 +376,17 @@ class Workflow:
             return ""
         if st.status == "submitted" and st.job_ids:
             state = job_state(st.job_ids[-1]).state
-            if state in ACTIVE_JOB_STATES:
+            if job_is_live(state):
+                if state == "PENDING" and (after_new or _never_starts(st.job_ids[-1])) and self._rechain(name, st.job_ids[-1]):
+                    return None
                 self.log(f"workflow: {name}: job {st.job_ids[-1]} is {state}, leaving it")
                 return st.job_ids[-1]
             if self._ended_well(name, state):
                 self._end(name, "done")
                 return ""
             self.log(f"workflow: {name}: job {st.job_ids[-1]} ended {state}; submitting it again")
+        elif st.status == "failed":
+            self.log(f"workflow: {name}: retrying after a failure ({st.error or 'no error kept'})")
         return None
 
     def _ended_well(self, name: str, state: str) -> bool:
@@ -379,6 +418,36 @@ class Workflow:
             "format": STATE_FORMAT, "config_path": self.ctx.config_path, "overrides": self.ctx.overrides,
             "executor": self.executor, "stages": {n: dataclasses.asdict(s) for n, s in self.stages.items()},
         }  # fmt: skip
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Stop signals and Ctrl-C that arrive in the block take effect when it ends. Between sbatch
+    queueing a job and ``workflow.json`` naming it, an interruption (exit 3 or 130: "run the same
+    command again") left a job nobody knew of, and the rerun queued a second one of the stage
+    beside it (two trainings on one run dir)."""
+    got: list[int] = []
+    held = (*STOP_SIGNALS, signal.SIGINT)
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in got:  # now they interrupt, as they would have
+            signal.raise_signal(s)
+
+
+def _never_starts(job_id: str) -> bool:
+    """Whether a queued job waits for a dependency that can no longer be met (a job it follows
+    failed): SLURM keeps it pending so, for ever, unless it is cancelled."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%r"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):  # no squeue here, or it hangs: say nothing
+        return False
+    return out.returncode == 0 and out.stdout.strip() == "DependencyNeverSatisfied"
 
 
 def run_workflow(config_path: str, overrides: list[str], executor: str, restart_from: str | None) -> int:

@@ -23,6 +23,7 @@ XDIST_GROUPS = {
     "test_slurm": "slurm",  # one throw-away SLURM cluster on fixed ports (tests/slurm/start.sh)
     "test_data_slurm": "slurm",
     "test_slurm_audit": "slurm",
+    "test_workflow_slurm": "slurm",
     "test_chaos": "workflow",  # both read `workflow_reference`, one uninterrupted run of the tiny workflow
     "test_workflow": "workflow",
 }
