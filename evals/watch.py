@@ -47,6 +47,7 @@ from typing import Any, Callable
 from common.rundir import RunDir
 from evals.config import EvalConfig
 from slurm.executor import KINDS, JobResources, build_executor
+from slurm.jobs import FAILED_STATES
 from slurm.resources import SlurmError, parse_time_minutes
 from evals.job import planned_tasks, run_job
 from evals.results import all_complete, checkpoint_id, format_scores, read_result, write_json_atomic
@@ -74,8 +75,8 @@ def training_finished(run_dir: Path) -> bool:
     return False
 
 
-# a training job in one of these states runs no more (FAILED, CANCELLED...); anything else may still train
-TRAINING_JOB_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+# a training job in one of these states runs no more; a PREEMPTED one is being requeued
+TRAINING_JOB_ENDED = ("COMPLETED", *(s for s in FAILED_STATES if s != "PREEMPTED"))
 TRAINING_GONE_GRACE_S = 10.0  # how long it must stay so before the watcher believes it (a requeue passes through states)
 
 

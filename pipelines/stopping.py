@@ -16,7 +16,7 @@ from typing import Any
 
 from common.stop_signals import STOP_SIGNALS
 
-__all__ = ["StopRequested", "is_stop_signal", "stop_signals"]
+__all__ = ["StopRequested", "is_stop_signal", "signals_deferred", "stop_signals"]
 
 
 class StopRequested(KeyboardInterrupt):
@@ -76,3 +76,20 @@ def stop_signals(record: Callable[[int], None]) -> Iterator[None]:
         for s, h in previous.items():
             signal.signal(s, h)
 
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Stop signals and Ctrl-C that arrive in the block take effect when it ends (raised again, to
+    whatever handles them outside). For a step that must not be cut in two: `pretrain run
+    --executor slurm` between sbatch queueing a job and ``workflow.json`` naming it, where an
+    interruption left a job nobody knew of and the rerun queued a second one beside it."""
+    got: list[int] = []
+    held = (*STOP_SIGNALS, signal.SIGINT)
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in got:  # now they interrupt, as they would have
+            signal.raise_signal(s)

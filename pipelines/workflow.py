@@ -45,7 +45,6 @@ from typing import Any, Callable, Iterator
 
 from common.durable import atomic_write_json
 from common.rundir import RunDir
-from common.stop_signals import STOP_SIGNALS
 from pipelines.config import ConfigError, PipelineConfig, load_config
 from pipelines.stages import (
     EXIT_FAILURE,
@@ -59,25 +58,14 @@ from pipelines.stages import (
     StageContext,
     WorkflowError,
 )
-from pipelines.stopping import is_stop_signal, stop_signals
+from pipelines.stopping import is_stop_signal, signals_deferred, stop_signals
 from trainer.runlock import RunLock, RunLockHeld
 
 STATE_FORMAT = 1
-# SLURM's end states but COMPLETED: a job in one runs no more, and its stage failed
-FAILED_JOB_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 # stage -> the run dir lock roles (trainer.runlock) of the processes writing what its reset moves
 RESET_WRITER_ROLES = {"train": ("train", "evals-watch"), "eval": ("evals-watch",)}
 
 __all__ = ["STAGE_NAMES", "Workflow", "WorkflowError", "run_workflow"]
-
-
-def job_is_live(state: str) -> bool:
-    """Whether a job in SLURM ``state`` is queued or may still run and write into the run dir:
-    any state but an end state. Not only PENDING or RUNNING: a job STOPPED (SIGSTOP), SIGNALING,
-    in STAGE_OUT or held after a requeue (REQUEUE_HOLD, SPECIAL_EXIT) comes back or is still
-    ending, and was taken for ended (a rerun queued a second training beside it). A job neither
-    scontrol nor sacct knows (UNKNOWN) is long gone."""
-    return state not in (*FAILED_JOB_STATES, "COMPLETED", "REVOKED") and not state.startswith(("UNKNOWN", "INVALID"))
 
 
 def fingerprint(values: dict[str, Any]) -> str:
@@ -160,13 +148,13 @@ class Workflow:
         """A restart moves outputs aside and submits the stages again: a job of the old ones still
         queued or running would go on writing into the run dir beside the new one (two trainings on
         one run dir). Refused, naming the jobs to cancel: cancelling them is the user's decision."""
-        from slurm.jobs import job_state
+        from slurm.jobs import is_live, job_state
 
         live = []
         for name in names:
             for job_id in self.stages[name].job_ids[-1:]:
                 state = job_state(job_id).state
-                if job_is_live(state):
+                if is_live(state):
                     live.append((name, job_id, state))
         if live:
             jobs = ", ".join(f"{name}: job {job_id} {state}" for name, job_id, state in live)
@@ -332,7 +320,7 @@ class Workflow:
             st = self._begin(stage, "submitted")
             # eval watches training while it runs; the others wait for their predecessor to succeed
             dependency = f"{stage.after}:{previous}" if previous else ""
-            with _signals_held():  # a job queued is a job recorded: a rerun must not queue a twin
+            with signals_deferred():  # a job queued is a job recorded: a rerun must not queue a twin
                 job = submit_stage(stage, self.ctx, dependency)
                 st.job_ids.append(str(job.job_id))
                 self.save()
@@ -346,18 +334,9 @@ class Workflow:
         its predecessor's job of now. It waits for an old job of the predecessor, which ended without
         success: SLURM keeps it pending for ever (DependencyNeverSatisfied), and a rerun that left it
         so never got past that stage. A job that has started meanwhile is left alone."""
-        import subprocess
+        from slurm.jobs import cancel_if_pending
 
-        from slurm.jobs import job_state
-
-        try:
-            subprocess.run(["scancel", "--state=PENDING", job_id], capture_output=True, timeout=60)
-        except (OSError, subprocess.SubprocessError):
-            return False
-        deadline = time.monotonic() + 30
-        while (state := job_state(job_id).state) == "PENDING" and time.monotonic() < deadline:
-            time.sleep(0.5)
-        if job_is_live(state):  # it started meanwhile: leave it
+        if not cancel_if_pending(job_id):
             return False
         self.log(f"workflow: {name}: job {job_id} was queued behind a job that failed or was replaced; "
                  "cancelled it, submitting it again")
@@ -368,7 +347,7 @@ class Workflow:
         ("" when the stage is done). ``after_new``: its predecessor was submitted again just now,
         so a job of this stage still queued waits for the old one; so does one that SLURM says will
         never start (see :meth:`_rechain`)."""
-        from slurm.jobs import job_state
+        from slurm.jobs import is_live, job_state, never_starts
 
         st = self.stages[name]
         if st.status == "done" and self.verify(name) is None:
@@ -376,8 +355,8 @@ class Workflow:
             return ""
         if st.status == "submitted" and st.job_ids:
             state = job_state(st.job_ids[-1]).state
-            if job_is_live(state):
-                if state == "PENDING" and (after_new or _never_starts(st.job_ids[-1])) and self._rechain(name, st.job_ids[-1]):
+            if is_live(state):
+                if state == "PENDING" and (after_new or never_starts(st.job_ids[-1])) and self._rechain(name, st.job_ids[-1]):
                     return None
                 self.log(f"workflow: {name}: job {st.job_ids[-1]} is {state}, leaving it")
                 return st.job_ids[-1]
@@ -399,7 +378,7 @@ class Workflow:
         """Turn finished SLURM jobs into stage statuses (for `status` and reruns). `status` passes
         ``save=False``: it holds no lock, and writing its copy back could erase the job ids a
         concurrent `pretrain run` has just saved."""
-        from slurm.jobs import job_state
+        from slurm.jobs import FAILED_STATES, job_state
 
         changed = False
         for name, st in self.stages.items():
@@ -407,7 +386,7 @@ class Workflow:
                 state = job_state(st.job_ids[-1]).state
                 if self._ended_well(name, state):
                     st.status, st.ended, changed = "done", time.time(), True
-                elif state in FAILED_JOB_STATES:
+                elif state in FAILED_STATES:
                     st.status, st.error, changed = "failed", f"job {st.job_ids[-1]} {state}", True
         if changed and save:
             self.save()
@@ -418,36 +397,6 @@ class Workflow:
             "format": STATE_FORMAT, "config_path": self.ctx.config_path, "overrides": self.ctx.overrides,
             "executor": self.executor, "stages": {n: dataclasses.asdict(s) for n, s in self.stages.items()},
         }  # fmt: skip
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Stop signals and Ctrl-C that arrive in the block take effect when it ends. Between sbatch
-    queueing a job and ``workflow.json`` naming it, an interruption (exit 3 or 130: "run the same
-    command again") left a job nobody knew of, and the rerun queued a second one of the stage
-    beside it (two trainings on one run dir)."""
-    got: list[int] = []
-    held = (*STOP_SIGNALS, signal.SIGINT)
-    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in held}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        for s in got:  # now they interrupt, as they would have
-            signal.raise_signal(s)
-
-
-def _never_starts(job_id: str) -> bool:
-    """Whether a queued job waits for a dependency that can no longer be met (a job it follows
-    failed): SLURM keeps it pending so, for ever, unless it is cancelled."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%r"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):  # no squeue here, or it hangs: say nothing
-        return False
-    return out.returncode == 0 and out.stdout.strip() == "DependencyNeverSatisfied"
 
 
 def run_workflow(config_path: str, overrides: list[str], executor: str, restart_from: str | None) -> int:

@@ -8,6 +8,8 @@ import subprocess
 from dataclasses import dataclass
 
 PEERS_GRACE_S = 10.0  # after one node of a job failed for good, how long the others get to end by themselves
+# SLURM's end states but COMPLETED (and REVOKED, a federated sibling's): a job in one runs no more, having failed
+FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 
 
 @dataclass
@@ -71,3 +73,40 @@ def cancelled(job_id: str) -> bool:
         return True
     acct = _sacct(job_id)
     return acct is not None and acct[0] == "CANCELLED"
+
+
+def is_live(state: str) -> bool:
+    """Whether a job in ``state`` is queued or may still run and write: any state but an end state.
+    Not only PENDING or RUNNING: a job STOPPED (SIGSTOP), SIGNALING, in STAGE_OUT or held after a
+    requeue (REQUEUE_HOLD, SPECIAL_EXIT) comes back or is still ending. A job neither scontrol nor
+    sacct knows (UNKNOWN) is long gone."""
+    return state not in (*FAILED_STATES, "COMPLETED", "REVOKED") and not state.startswith(("UNKNOWN", "INVALID"))
+
+
+def never_starts(job_id: str) -> bool:
+    """Whether a queued job waits for a dependency that can no longer be met (a job it follows
+    failed): SLURM keeps it pending so, for ever, unless it is cancelled."""
+    if not _is_job_id(str(job_id)):
+        return False
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%r"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):  # no squeue here, or it hangs: say nothing
+        return False
+    return out.returncode == 0 and out.stdout.strip() == "DependencyNeverSatisfied"
+
+
+def cancel_if_pending(job_id: str, wait_s: float = 30.0) -> bool:
+    """Cancel the job only while it is still queued (``scancel --state=PENDING``); True if it is
+    gone, False if it started meanwhile (left alone) or scancel could not be run."""
+    import time
+
+    if not _is_job_id(str(job_id)):
+        return False
+    try:
+        subprocess.run(["scancel", "--state=PENDING", str(job_id)], capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    deadline = time.monotonic() + wait_s
+    while (state := job_state(job_id).state) == "PENDING" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return not is_live(state)

@@ -199,9 +199,13 @@ class MlflowRun:
         note = (f"steps {first}-{last} trained again from step {step} with other settings "
                 f"({time.strftime('%Y-%m-%d %H:%M:%S')}): MLflow has both values at those steps, metrics.jsonl the current ones")
         self.client.log_batch(self.run_id, tags=[RunTag(CURSOR_TAG, str(step)), RunTag(REWOUND_TAG, note)])
+        self._set_cursor(step)
+        self.log(f"mlflow: {note}")
+
+    def _set_cursor(self, step: int) -> None:
+        """MLflow has every step up to ``step`` (its tag already says so): keep it, and its copy in the run dir."""
         self.cursor = step
         _write_json_atomic(RunDir(self.run_dir).tracking_cursor, {"run_id": self.run_id, "step": step, "time": time.time()})
-        self.log(f"mlflow: {note}")
 
     def _cursor_of(self, tags: dict[str, str]) -> int:
         if CURSOR_TAG in tags:
@@ -259,9 +263,8 @@ class MlflowRun:
             last = batch[-1].step
             metrics = [Metric(k, v, p.timestamp_ms, p.step) for p in batch for k, v in p.values]
             self.client.log_batch(self.run_id, metrics=metrics, tags=[RunTag(CURSOR_TAG, str(last))])
-            self.cursor = last
+            self._set_cursor(last)
             sent += len(batch)
-            _write_json_atomic(RunDir(self.run_dir).tracking_cursor, {"run_id": self.run_id, "step": last, "time": time.time()})
         return sent
 
     def catch_up(self, metrics_path: Path, upto: int | None = None) -> int:
