@@ -212,7 +212,7 @@ def _read_jsonl(src: SourceFile, chunk: Chunk, text_column: str, id_column: str)
             # Still name the document by its id when the rest of the line parses.
             try:
                 doc_id = json.loads(line.decode("utf-8", errors="replace")).get(id_column)
-            except (json.JSONDecodeError, AttributeError):
+            except (json.JSONDecodeError, AttributeError, RecursionError):
                 doc_id = None
             yield Row(row, _doc_id(doc_id, src, row), None, RowStatus.INVALID_UTF8)
             continue
@@ -220,6 +220,8 @@ def _read_jsonl(src: SourceFile, chunk: Chunk, text_column: str, id_column: str)
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{src.name}: row {row} (line {row + 1}) is not valid JSON: {e.msg}") from e
+        except RecursionError:  # a line of thousands of nested brackets: the same bad data, not a crash (exit 1, "retry")
+            raise DataError(f"{src.name}: row {row} (line {row + 1}) is not a usable JSON object: nested too deeply") from None
         if not isinstance(obj, dict) or text_column not in obj:
             raise DataError(f"{src.name}: row {row} (line {row + 1}) has no '{text_column}' field")
         value = obj[text_column]

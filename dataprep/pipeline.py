@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -303,19 +304,24 @@ def _output_config(cfg: DataConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in OUTPUT_KEYS}
 
 
-def _fingerprint(cfg: DataConfig, sources: list[SourceFile], ranks_sha256: str) -> str:
+def _plan_inputs(cfg: DataConfig, sources: list[SourceFile], ranks_sha256: str) -> dict[str, Any]:
+    """Everything the output's bytes depend on: what the fingerprint hashes, and what ``.work/inputs.json``
+    records so that a refusal can say what changed."""
     config = _output_config(cfg)
     if cfg.shuffle_seed < 0:
         # Corpus order is what every dataset built before shuffling existed holds: leaving the key
         # out keeps their fingerprint, so they still count as complete with data.shuffle_seed=-1.
         del config["shuffle_seed"]
-    payload = {
+    return {
         "config": config,
-        "sources": [(s.name, s.bytes, s.sha256) for s in sources],
+        "sources": [[s.name, s.bytes, s.sha256] for s in sources],
         "tokenizer": ranks_sha256,
         "format": [MANIFEST_FORMAT, MANIFEST_VERSION, SHARD_VERSION],
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _fingerprint(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
 def _changed_settings(recorded: dict[str, Any], config: dict[str, Any]) -> list[str]:
@@ -369,12 +375,70 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _prepare_output(output_dir: Path, fingerprint: str, config: dict[str, Any]) -> tuple[Path, dict | None]:
+_SHARD_NAME = re.compile(r"(train|val)_\d{6,}\.bin")  # what dataprep/packing.py names shards, and nothing else
+# What a SIGKILL in the middle of a durable write leaves in the output dir (common.durable.temp_name):
+# a shard's may be gigabytes, and no later run would ever look at it again.
+_OUTPUT_TEMP = re.compile(r"\.((train|val)_\d{6,}\.bin|manifest\.json|removed\.jsonl)\.tmp\.\d+")
+INPUTS_NAME = "inputs.json"  # in the work dir: what its fingerprint was computed from
+
+
+def _clear_leftovers(output_dir: Path) -> None:
+    """Remove what killed runs left outside the work dir: the trash of a discard killed half-way (a
+    whole work dir: every chunk's tokens) and temp files of durable writes. They hold nothing a run
+    can use, on a finished dataset too (the kill may have come after the manifest's commit). Only
+    the stage's own names are touched; errors are ignored (a finished dataset may be read-only)."""
+    for trash in output_dir.glob(f"{WORK_DIR}.trash.*"):
+        shutil.rmtree(trash, ignore_errors=True)
+    for temp in output_dir.iterdir():
+        if _OUTPUT_TEMP.fullmatch(temp.name):
+            try:
+                temp.unlink()
+            except OSError:
+                pass
+
+
+def _work_differences(work: Path, inputs: dict[str, Any], config: dict[str, Any]) -> str:
+    """What differs between the build a work dir belongs to and this one, in words."""
+    try:
+        recorded = json.loads((work / INPUTS_NAME).read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        return "its inputs were not recorded"
+    changed = _changed_settings(recorded.get("full_config") or {}, config)
+    old = {n: (b, h) for n, b, h in recorded.get("sources") or []}
+    new = {n: (b, h) for n, b, h in inputs["sources"]}
+    files = [f"{n} {'gone' if n not in new else 'added' if n not in old else 'changed'}"
+             for n in sorted(old.keys() | new.keys()) if old.get(n) != new.get(n)]
+    if files:
+        changed.append("source files: " + ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else ""))
+    if recorded.get("tokenizer") != inputs["tokenizer"]:
+        changed.append("tokenizer ranks")
+    if recorded.get("format") != inputs["format"]:
+        changed.append(f"format {recorded.get('format')} -> {inputs['format']}")
+    return ", ".join(changed) or "its inputs differ"
+
+
+def _refuse_other_work(output_dir: Path, work: Path, inputs: dict[str, Any], config: dict[str, Any]) -> None:
+    """A DataError (exit 2, nothing touched) for the unfinished work of a build with other inputs or
+    settings: discarding it silently lost hours of finished tasks to a forgotten override."""
+    raise DataError(
+        f"{output_dir}: holds the unfinished work of a build with other inputs or settings "
+        f"({_work_differences(work, inputs, config)}); rerun with those to finish it, set data.output_dir "
+        f"to a new directory, or delete {work} to start over with these (its finished tasks are lost)"
+    )
+
+
+def _prepare_output(output_dir: Path, inputs: dict[str, Any], config: dict[str, Any]) -> tuple[Path, dict | None]:
     """Return the work dir; or the existing manifest if this exact dataset is already complete.
 
-    A finished dataset built from other inputs is never overwritten. Leftovers of an unfinished run
-    of another fingerprint, or of none (uncommitted shards, intermediates), are cleared.
+    Nothing of another build is replaced: a finished dataset built from other inputs is refused, and
+    so is the work dir of an unfinished one (it resumes with its own settings). Only leftovers that
+    no run can use are cleared: what a killed run left beside the dataset, and a work dir without a
+    fingerprint (a discard killed half-way) with the shards it wrote, never another file.
     """
+    _clear_leftovers(output_dir)
+    fingerprint = _fingerprint(inputs)
     manifest_path = output_dir / MANIFEST_NAME
     if manifest_path.exists():
         manifest = _read_manifest(manifest_path)
@@ -386,14 +450,16 @@ def _prepare_output(output_dir: Path, fingerprint: str, config: dict[str, Any]) 
         )
     work = output_dir / WORK_DIR
     stamp = work / "fingerprint"
-    if work.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
-        for stale in output_dir.glob("*_*.bin"):  # first: until the work dir goes, its stamp says they are stale
-            stale.unlink()
+    if work.exists() and stamp.exists() and stamp.read_text() != fingerprint:
+        _refuse_other_work(output_dir, work, inputs, config)
+    if work.exists() and not stamp.exists():
+        for stale in output_dir.glob("*_*.bin"):  # first: while the stamp-less work dir is there, a rerun comes back here
+            if _SHARD_NAME.fullmatch(stale.name):
+                stale.unlink()
         _discard_work(output_dir)
-    for trash in output_dir.glob(f"{WORK_DIR}.trash.*"):  # what a killed discard left
-        shutil.rmtree(trash, ignore_errors=True)
     for sub in ("scan", "tokens", "shards", "minhash/sigs.done", "minhash/buckets.done"):
         (work / sub).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(work / INPUTS_NAME, {**inputs, "full_config": config})  # before the stamp: read only with it
     atomic_write_bytes(stamp, fingerprint.encode())
     return work, None
 
@@ -432,8 +498,9 @@ def _build(cfg: DataConfig, ranks_sha256: str, waves: _Waves, listed: list[tuple
     output_dir = Path(cfg.output_dir).expanduser()
     output_dir.mkdir(parents=True, exist_ok=True)
     sources = _fetch_sources(cfg, waves, listed)
-    fingerprint = _fingerprint(cfg, sources, ranks_sha256)
-    work, finished = _prepare_output(output_dir, fingerprint, _output_config(cfg))
+    inputs = _plan_inputs(cfg, sources, ranks_sha256)
+    fingerprint = _fingerprint(inputs)
+    work, finished = _prepare_output(output_dir, inputs, _output_config(cfg))
     if finished is not None:
         print(f"pretrain data: {output_dir} is already complete for these inputs; nothing to do", file=sys.stderr)
         return finished
