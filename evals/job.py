@@ -34,8 +34,10 @@ from evals.results import (
     checkpoint_id,
     format_scores,
     is_complete,
+    job_device_type,
     log_to_mlflow,
     metric_names,
+    provenance_tags,
     read_result,
     run_dir_of,
     result_of,
@@ -255,13 +257,15 @@ class _Target:
     limit: int
     uri: str | None
     run_id: str | None
-    settings: dict[str, dict[str, Any]]  # task -> evals.results.task_settings
+    settings: dict[str, dict[str, Any]]  # task -> evals.results.task_settings (the dtype that runs here)
+    dtype_setting: str  # eval.dtype as configured ("auto"): the settings hold what it resolved to
 
     @classmethod
     def of(cls, ckpt: Path, meta: dict[str, Any], cfg: EvalConfig, tasks: list[str], limit: int,
            uri: str | None, run_id: str | None) -> "_Target":
-        settings = {t: task_settings(cfg, t, limit) for t in tasks}
-        return cls(ckpt, checkpoint_id(ckpt), int(meta["step"]), limit, uri, run_id, settings)
+        device_type = job_device_type(cfg)  # as _compute resolves eval.device, on this machine
+        settings = {t: task_settings(cfg, t, limit, device_type) for t in tasks}
+        return cls(ckpt, checkpoint_id(ckpt), int(meta["step"]), limit, uri, run_id, settings, cfg.dtype)
 
     def complete(self, task: str) -> bool:
         return is_complete(self.ckpt, task, self.ckpt_id, self.settings[task])
@@ -274,7 +278,8 @@ class _Target:
             "checkpoint": str(self.ckpt),
             "checkpoint_id": self.ckpt_id,
             "limit": self.limit or 0,
-            "settings": self.settings[task],
+            "settings": self.settings[task],  # its dtype: the one that ran (float32 | bfloat16)
+            "dtype_setting": self.dtype_setting,
             "device": str(device),
             "host": socket.gethostname(),
             "time": time.time(),
@@ -405,7 +410,7 @@ def _log_result(target: _Target, task: str, result: dict[str, Any], failures: _F
     else:
         try:
             values = metric_names(task, result["metrics"], result.get("stderr", {}))
-            log_to_mlflow(target.uri, target.run_id, target.step, values, when=float(result["time"]))
+            log_to_mlflow(target.uri, target.run_id, target.step, values, when=float(result["time"]), tags=provenance_tags(result))
             result["logged"] = True
         except Exception as e:  # noqa: BLE001 - keep the result; a retry only re-logs it
             failures[task] = f"MLflow logging to {target.uri} failed: {type(e).__name__}: {e}"

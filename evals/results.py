@@ -21,6 +21,23 @@ its metrics reached MLflow (``logged`` true, or tracking disabled for the run). 
 atomically (temporary file, fsync, rename, fsync of the directory): a reader sees the old or the
 new file.
 
+Precision. The dtype in the settings is the one that *ran* (``float32`` or ``bfloat16``), not the
+config's word: ``eval.dtype: auto`` is bf16 autocast on CUDA and fp32 on CPU, so the same config
+gives other numbers on another machine. A result computed in fp32 on a laptop is therefore not
+the result a GPU eval of that config (bf16) would give, and the GPU eval computes its own (it
+replaces the file, as any change of settings does: one result per checkpoint and task, the one of
+the latest settings, as lm-eval keys its outputs by its model arguments, dtype included). An
+explicit ``bfloat16`` and ``auto`` on a GPU are the same arithmetic, hence the same result. Files
+written before this recorded ``auto``; every result has always recorded the ``device`` it ran on,
+and ``auto`` has always meant the same per device, so such a file reads as exactly the precision it
+ran in (:func:`result_dtype`): nothing already computed is recomputed, nor taken for the other
+precision. Who decides "already done" must know where the job computes: the job and local
+executors resolve ``eval.device`` on this machine; a SLURM watcher on a login node without GPUs
+takes the job's node to have CUDA when ``eval.slurm.gpus`` > 0 (:func:`job_device_type`). The
+precision and the device also reach MLflow as the run tags ``eval/<task>/dtype`` and
+``eval/<task>/device`` (every value the run's results used, comma separated: a run whose
+checkpoints were scored at two precisions says so).
+
 A quick check (``pretrain eval --limit N``) is not the checkpoint's result: it goes to
 ``RUN_DIR/evals/step_X/checks/<task>.limit<N>.json`` (:func:`check_path`) and never to MLflow,
 so it can neither replace a full result nor add a second value at the checkpoint's step.
@@ -71,14 +88,40 @@ def check_path(run_dir: Path, step: int, task: str, limit: int) -> Path:
     return RunDir(run_dir).evals / step_dirname(step) / "checks" / f"{task}.limit{limit}.json"
 
 
-def task_settings(cfg: EvalConfig, task: str, limit: int | None = None) -> dict[str, Any]:
+def job_device_type(cfg: EvalConfig, executor: str = "local") -> str:
+    """``cuda`` or ``cpu``: where an eval job of ``cfg`` computes, hence what ``eval.dtype: auto`` means.
+
+    ``local`` (this process, or a job on this machine) resolves ``eval.device`` here, as the job
+    does. ``slurm``: the job runs on another node; ``auto`` finds CUDA there when the job asks for
+    GPUs (``eval.slurm.gpus``), which a watcher on a login node without GPUs cannot see itself."""
+    if cfg.device != "auto":
+        return "cuda" if cfg.device.startswith("cuda") else "cpu"
+    if executor == "slurm":
+        return "cuda" if cfg.slurm.gpus > 0 else "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolved_dtype(setting: str, device_type: str) -> str:
+    """``float32`` or ``bfloat16``: what ``eval.dtype`` ``setting`` computes in on ``device_type``
+    (:func:`trainer.precision.compute_dtype` decides, for the scorer as for training)."""
+    from trainer.precision import compute_dtype
+
+    return str(compute_dtype(setting, device_type, key="eval.dtype")).removeprefix("torch.")
+
+
+def task_settings(cfg: EvalConfig, task: str, limit: int | None = None, device_type: str | None = None) -> dict[str, Any]:
     """The eval settings that shape ``task``'s numbers: what a result is a result *under*.
 
-    Rows (``limit``, default ``eval.limit``; 0 = all), the compute dtype, and per evaluator the
-    prompt style and data file (HellaSwag) or the few-shot count (lm-eval). Scheduling and
-    hardware knobs (device, batch size, retries, order) do not change what is measured and are
-    left out, as the workflow leaves them out of the eval stage's fingerprint."""
-    settings: dict[str, Any] = {"limit": int(cfg.limit if limit is None else limit), "dtype": cfg.dtype}
+    Rows (``limit``, default ``eval.limit``; 0 = all), the dtype that computes (``eval.dtype``
+    resolved on ``device_type``, default :func:`job_device_type` here: see the module doc), and per
+    evaluator the prompt style and data file (HellaSwag) or the few-shot count (lm-eval).
+    Scheduling and hardware knobs (device, batch size, retries, order) do not change what is
+    measured beyond the dtype and are left out, as the workflow leaves them out of the eval stage's
+    fingerprint."""
+    dtype = resolved_dtype(cfg.dtype, device_type or job_device_type(cfg))
+    settings: dict[str, Any] = {"limit": int(cfg.limit if limit is None else limit), "dtype": dtype}
     if task == "hellaswag":
         settings.update(hellaswag_style=cfg.hellaswag_style, hellaswag_path=cfg.hellaswag_path)
     else:
@@ -94,9 +137,23 @@ def result_of(result: Any, ckpt_id: str, settings: dict[str, Any]) -> bool:
     only (what was recorded then)."""
     if not isinstance(result, dict) or result.get("checkpoint_id") != ckpt_id:
         return False
-    if "settings" in result:
-        return result["settings"] == settings
+    if isinstance(result.get("settings"), dict):
+        return {**result["settings"], "dtype": result_dtype(result)} == settings
     return int(result.get("limit") or 0) == settings["limit"]
+
+
+def result_dtype(result: dict[str, Any]) -> str | None:
+    """The dtype ``result`` was computed in: its settings' ``dtype``, where an older file's
+    ``auto`` is resolved on the ``device`` it records (what ``auto`` has always meant there);
+    None if the file does not say (then it is no result of any precision, and is recomputed)."""
+    settings = result.get("settings")
+    dtype = settings.get("dtype") if isinstance(settings, dict) else None
+    if dtype != "auto":
+        return dtype if dtype in ("float32", "bfloat16") else None
+    device = result.get("device")
+    if not isinstance(device, str) or not device:
+        return None
+    return resolved_dtype("auto", "cuda" if device.startswith("cuda") else "cpu")
 
 
 def _is_int(value: Any) -> bool:
@@ -142,10 +199,12 @@ def is_complete(ckpt_dir: Path, task: str, ckpt_id: str, settings: dict[str, Any
     return result_of(res, ckpt_id, settings) and res.get("logged") in (True, "disabled")
 
 
-def all_complete(ckpt_dir: Path, cfg: EvalConfig, tasks: list[str], ckpt_id: str | None = None) -> bool:
-    """Whether every one of ``tasks`` has a complete result for this checkpoint under ``cfg``."""
+def all_complete(ckpt_dir: Path, cfg: EvalConfig, tasks: list[str], ckpt_id: str | None = None,
+                 device_type: str | None = None) -> bool:
+    """Whether every one of ``tasks`` has a complete result for this checkpoint under ``cfg``, as a
+    job on ``device_type`` (default: this machine's, :func:`job_device_type`) computes it."""
     ckpt_id = ckpt_id or checkpoint_id(ckpt_dir)
-    return all(is_complete(ckpt_dir, t, ckpt_id, task_settings(cfg, t)) for t in tasks)
+    return all(is_complete(ckpt_dir, t, ckpt_id, task_settings(cfg, t, device_type=device_type)) for t in tasks)
 
 
 def save_result(ckpt_dir: Path, result: dict[str, Any], log: Callable[[str], None] = print) -> None:
@@ -217,15 +276,45 @@ def metric_names(task: str, metrics: dict[str, float], stderr: dict[str, float])
     return out
 
 
-def log_to_mlflow(uri: str, run_id: str, step: int, values: dict[str, float], when: float) -> None:
+def provenance_tags(result: dict[str, Any]) -> dict[str, str]:
+    """The run tags that say how ``result`` was computed: ``eval/<task>/dtype`` (the dtype that ran,
+    :func:`result_dtype`) and ``eval/<task>/device`` (``cuda`` or ``cpu``); what is unknown is left out."""
+    task, tags = result.get("task"), {}
+    dtype, device = result_dtype(result), result.get("device")
+    if isinstance(task, str) and dtype:
+        tags[f"eval/{task}/dtype"] = dtype
+    if isinstance(task, str) and isinstance(device, str) and device:
+        tags[f"eval/{task}/device"] = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    return tags
+
+
+def result_points(result: dict[str, Any], when: float) -> list[tuple[str, float, int, int]]:
+    """``result``'s MLflow points (key, value, timestamp in ms, step); ``when`` is used where the
+    file has no ``time`` of its own (the timestamp is what makes a resend one point, not two)."""
+    t = result.get("time")
+    ms = int((t if is_number(t) else when) * 1000)
+    values = metric_names(result["task"], result["metrics"], result.get("stderr") or {})
+    return [(k, float(v), ms, int(result["step"])) for k, v in values.items() if is_number(v)]
+
+
+def log_to_mlflow(uri: str, run_id: str, step: int, values: dict[str, float], when: float,
+                  tags: dict[str, str] | None = None) -> None:
     """Log into the (possibly finished) training run at the checkpoint's step; raises on failure.
 
     ``when`` (seconds since the epoch) is the result's own time, not the time of logging: a job
     killed after MLflow took the metrics but before the file said so logs them again on retry,
     and the same (key, value, timestamp, step) is then one point, not a second one. A value the
     run already has at ``step`` (a checkpoint evaluated again: a damaged result file,
-    ``--restart-from eval``) is not logged again either."""
-    from mlflow.entities import Metric
+    ``--restart-from eval``) is not logged again either. ``tags``: see :func:`send_points`."""
+    send_points(uri, run_id, [(k, float(v), int(when * 1000), step) for k, v in values.items()], tags or {})
+
+
+def send_points(uri: str, run_id: str | None, points: list[tuple[str, float, int, int]],
+                tags: dict[str, str] | dict[str, set[str]]) -> int:
+    """Log the (key, value, ms, step) ``points`` the run lacks (one history read per key, batches
+    of at most 900) and merge ``tags`` into the run's (a tag keeps every value it was given,
+    sorted and comma separated). Returns how many points were new; raises on any failure."""
+    from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
 
     from trainer.tracking_mlflow import configure_http
@@ -234,9 +323,30 @@ def log_to_mlflow(uri: str, run_id: str, step: int, values: dict[str, float], wh
         raise RuntimeError("the training has no MLflow run yet (its tracking server was unreachable so far); "
                            "the result is kept and logged by a later attempt")
     configure_http()  # minutes of MLflow's default retries would hold the eval job (and its lock) hostage
-    ts = int(when * 1000)
     client = MlflowClient(tracking_uri=uri)
-    new = [Metric(k, float(v), ts, step) for k, v in values.items()
-           if not any(m.step == step and m.value == float(v) for m in client.get_metric_history(run_id, k))]
-    if new:
-        client.log_batch(run_id, metrics=new)
+    have = {key: {(m.step, m.value) for m in client.get_metric_history(run_id, key)} for key in {p[0] for p in points}}
+    new = [Metric(k, v, ms, step) for k, v, ms, step in points if (step, v) not in have[k]]
+    existing = client.get_run(run_id).data.tags if tags else {}
+    run_tags = []
+    for key, values in tags.items():
+        merged = set(filter(None, existing.get(key, "").split(", "))) | ({values} if isinstance(values, str) else set(values))
+        if ", ".join(sorted(merged)) != existing.get(key):
+            run_tags.append(RunTag(key, ", ".join(sorted(merged))))
+    for i in range(0, max(len(new), 1 if run_tags else 0), 900):
+        client.log_batch(run_id, metrics=new[i : i + 900], tags=run_tags if i == 0 else [])
+    return len(new)
+
+
+def archived_results(run_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every checkpoint result in ``RUN_DIR/evals`` (the copies that outlive retention), with its
+    path; quick checks (``checks/``: never a checkpoint's result) and unreadable files left out."""
+    found = []
+    root = RunDir(run_dir).evals
+    for path in sorted(root.glob("step_*/**/*.json")):
+        parts = path.relative_to(root).with_suffix("").parts[1:]  # ("hellaswag",), ("lm_eval", "arc_easy")
+        if parts[0] == "checks" and len(parts) > 1:
+            continue
+        result = read_result_file(path)
+        if result is not None and result.get("logged") != "quick check: not logged":
+            found.append((path, {**result, "task": result.get("task") or "/".join(parts)}))
+    return found

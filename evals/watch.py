@@ -50,7 +50,7 @@ from slurm.executor import KINDS, JobResources, build_executor
 from slurm.jobs import FAILED_STATES
 from slurm.resources import SlurmError, parse_time_minutes
 from evals.job import planned_tasks, run_job
-from evals.results import all_complete, checkpoint_id, format_scores, read_result, write_json_atomic
+from evals.results import all_complete, checkpoint_id, format_scores, job_device_type, read_result, write_json_atomic
 from trainer.checkpoint import MARKER, CheckpointError, list_committed, read_meta
 from trainer.runlock import RunLock
 
@@ -276,7 +276,9 @@ class Watcher:
         return _ForeignLocalJob(folder, job_id)
 
     def _complete(self, ckpt: Path, ckpt_id: str) -> bool:
-        return all_complete(ckpt, self.cfg, self.tasks, ckpt_id)
+        """Complete as the job would find it: computed in the dtype ``eval.dtype`` resolves to on the
+        job's node (a SLURM node with GPUs, seen from a login node without; see evals.results)."""
+        return all_complete(ckpt, self.cfg, self.tasks, ckpt_id, job_device_type(self.cfg, self.kind))
 
     def _status(self, e: Entry) -> dict[str, Any]:
         """The attempt's status JSON (written by ``evals.job.run_job`` as it ends), {} if none."""

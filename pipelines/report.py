@@ -18,6 +18,10 @@ What the figure shows, and why:
 
 The CSV holds the run's own values, eval stderr included (``eval/<task>/<metric>_stderr``); the
 smoothed line is derived from its ``train_loss`` column.
+
+With tracking on, the report also brings the training's MLflow run up to date: the steps of
+metrics.jsonl it lacks, then the eval results it lacks (those saved while tracking was off, say),
+each point once (:func:`_send_eval_results`), then the PNG and CSV as artifacts.
 """
 
 from __future__ import annotations
@@ -55,8 +59,9 @@ def report_paths(run_dir: Path) -> tuple[Path, Path]:
 
 
 def collect(run_dir: Path) -> list[dict[str, Any]]:
-    """One row per step that has anything: train loss, val loss, eval metrics (by `eval/<task>/<metric>`)."""
-    from evals.results import read_result_file
+    """One row per step that has anything: train loss, val loss, eval metrics (by `eval/<task>/<metric>`).
+    Quick checks (``pretrain eval --limit N``, under ``checks/``) are no checkpoint's result: left out."""
+    from evals.results import archived_results
     from trainer.metrics import read_metrics, with_numbers
 
     rows: dict[int, dict[str, Any]] = {}
@@ -68,13 +73,10 @@ def collect(run_dir: Path) -> list[dict[str, Any]]:
             row["train_loss"] = r.get("loss")
             if r.get("val_loss") is not None:
                 row["val_loss"] = r["val_loss"]
-    for path in sorted(RunDir(run_dir).evals.glob("step_*/**/*.json")):
-        res = read_result_file(path)  # None: torn, or not shaped like a result (it is left out)
-        if res is None:
-            continue
+    for _, res in archived_results(run_dir):  # torn files, or not shaped like a result, are left out
         step = res["step"]
         row = rows.setdefault(step, {"step": step})
-        task = res.get("task") or path.stem
+        task = res["task"]
         for name, value in res["metrics"].items():
             row[f"eval/{task}/{name}"] = value
         for name, value in (res.get("stderr") or {}).items():
@@ -236,11 +238,44 @@ def _log_artifacts(run_dir: Path, cfg: PipelineConfig | None, paths: list[Path],
         session = MlflowRun(uri, run_dir, log=log)
         if not _sync_run(session, run_dir, cfg, recorded.get("run_id"), log):
             return
+        _send_eval_results(session, run_dir, log)
         for p in paths:
             session.log_artifact(p, artifact_path="report")
         log(f"report: logged to MLflow run {session.run_id} ({uri})")
     except Exception as e:  # noqa: BLE001 - the files are the report; MLflow is a copy
         log(f"report: could not log to MLflow ({describe(e)}); the files are written")
+
+
+def _send_eval_results(session: MlflowRun, run_dir: Path, log: Callable[[str], None]) -> None:
+    """Send the eval results the run lacks, as the steps of metrics.jsonl are replayed: results saved
+    while tracking was off (``logged: "disabled"``), or whose logging failed and was never retried,
+    or logged into another run. Without this, turning tracking on later brought the loss into MLflow
+    but not one eval point. A point the run has (same key, step and value) is not sent again, so
+    reports can run any number of times; result files are left as they are (their writer is the
+    eval job, under the checkpoint's eval lock). Bounded: one history read per metric key, batches
+    of 900 points, MLflow's short HTTP settings; a failure is reported and the report goes on."""
+    from evals.results import archived_results, provenance_tags, result_points, send_points
+    from trainer.tracking_mlflow import describe
+
+    points: list[tuple[str, float, int, int]] = []
+    tags: dict[str, set[str]] = {}
+    unsent = 0
+    for path, result in archived_results(run_dir):
+        for key, value in provenance_tags(result).items():
+            tags.setdefault(key, set()).add(value)
+        target = result.get("mlflow") if isinstance(result.get("mlflow"), dict) else {}
+        if result.get("logged") is not True or target.get("run_id") != session.run_id:
+            unsent += 1
+            points += result_points(result, when=path.stat().st_mtime)
+    if not points and not tags:
+        return
+    try:
+        sent = send_points(session.uri, session.run_id, points, tags)
+    except Exception as e:  # noqa: BLE001 - the files hold the results; the next report sends them
+        log(f"report: could not send eval results to MLflow ({describe(e)}); the next report tries again")
+        return
+    if unsent:
+        log(f"report: {unsent} eval result(s) not logged into this MLflow run at eval time: {sent} point(s) sent")
 
 
 def _sync_run(session: MlflowRun, run_dir: Path, cfg: PipelineConfig | None, run_id: str | None, log: Callable[[str], None]) -> bool:
