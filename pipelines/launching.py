@@ -14,6 +14,7 @@ from pipelines.config import ConfigError, PipelineConfig
 from slurm import validation
 from slurm.config import SlurmConfig
 from slurm.jobs import job_state
+from slurm.joblogs import final_exit
 from slurm.sbatch import render_sbatch
 from slurm.submit import recorded_jobs, submit_command
 from trainer import EXIT_REQUEUE
@@ -131,16 +132,11 @@ def list_jobs(run_dir: str | Path) -> list[dict]:
 
 
 def last_exit_code(job, pattern: str) -> int | None:
-    """The exit code in the last line of a finished job's log (stderr first) matching ``pattern``
-    (one group: the code), or None. How a job's outcome is read without its result pickle."""
-    for path in (job.paths.stderr, job.paths.stdout):
-        try:
-            found = re.findall(pattern, Path(path).read_text(errors="replace"))
-        except OSError:
-            continue
-        if found:
-            return int(found[-1])
-    return None
+    """The exit code in the last line matching ``pattern`` (one group: the code) of a finished job's
+    logs, every node's: a refusal (2) on any node wins, else the first node's (slurm.joblogs.final_exit),
+    or None. How a job's outcome is read without its result pickle."""
+    found = final_exit(job.paths.stderr, pattern)
+    return None if found is None else found.code
 
 
 def wait_for_training(job, cfg: PipelineConfig, poll_s: float = 2.0) -> tuple[int, str]:

@@ -20,7 +20,10 @@
   checkpoint retention): ``step``, ``tasks`` (per task: ``metrics``, ``stderr``, ``n``).
 * ``mlflow``: ``run_id``, ``uri`` (a local store resolved from this run dir), ``ui`` (a command
   or a link).
-* ``slurm_jobs``: ``job_id``, ``name``, ``state``, ``restarts``, ``stdout``.
+* ``slurm_jobs``: ``job_id``, ``name``, ``state``, ``restarts``, ``stdout``; for a job that ended
+  failed (FAILED, TIMEOUT, OUT_OF_MEMORY, NODE_FAIL, ...) also why: ``exit_code`` (SLURM's
+  ``code:signal``), ``reason`` (SLURM's), ``exit_line`` (the exit line its logs end with, any node's:
+  a refusal on one node is the one shown) and ``log`` (the log that holds it, else the first node's stderr).
 * ``report``: path of report.png.
 """
 
@@ -242,10 +245,37 @@ def status_data(run_dir: str | Path) -> dict[str, Any]:
     if (RunDir(run_dir).slurm / JOBS_FILE).is_file():
         from pipelines.launching import list_jobs
 
-        data["slurm_jobs"] = [{k: j.get(k) for k in ("job_id", "name", "state", "restarts", "stdout")} for j in list_jobs(run_dir)]
+        data["slurm_jobs"] = [_slurm_job(j) for j in list_jobs(run_dir)]
     report = RunDir(run_dir).report_png
     data["report"] = str(report) if report.exists() else None
     return data
+
+
+def _slurm_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One job as shown; one that ended failed also says why (see the module doc). SLURM is asked
+    again only for those, and within slurm.jobs' time bound (a controller that does not answer costs
+    one timeout per `status`, not one per job)."""
+    from slurm.joblogs import final_exit
+    from slurm.jobs import FAILED_STATES, job_state
+
+    out = {k: job.get(k) for k in ("job_id", "name", "state", "restarts", "stdout")}
+    if (str(job.get("state") or "").split() or [""])[0] not in FAILED_STATES:  # "CANCELLED by 0": its first word
+        return out
+    state = job_state(str(job["job_id"]))
+    first_log = job.get("stderr") or job.get("stdout")
+    found = final_exit(first_log) if first_log else None
+    out.update(exit_code=state.exit_code or None, reason=state.reason or None, exit_line=found.line if found else None,
+               log=str(found.path) if found else first_log)
+    return out
+
+
+def _why_line(j: dict[str, Any]) -> str | None:
+    """The indented line under a failed job in ``status_text``, or None for any other job."""
+    if "log" not in j:
+        return None
+    parts = [f"exit code {j['exit_code']}" if j.get("exit_code") else "", f"reason {j['reason']}" if j.get("reason") else "",
+             j.get("exit_line") or "no exit line in its logs"]
+    return f"           {'; '.join(p for p in parts if p)}  (log: {j.get('log') or '?'})"
 
 
 def _scores(tasks: dict[str, dict[str, Any]]) -> str:
@@ -311,6 +341,8 @@ def status_text(run_dir: str | Path, data: dict[str, Any] | None = None) -> str:
         for j in d["slurm_jobs"]:
             restarts = "-" if j["restarts"] is None else j["restarts"]
             lines.append(f"  {j['job_id']:>8} {j.get('name') or '':<24} {j.get('state') or '?':<11} restarts {restarts}  {j.get('stdout') or ''}")
+            if (why := _why_line(j)) is not None:
+                lines.append(why)
     if d["report"]:
         lines.append(f"report    {d['report']}")
     return "\n".join(lines)

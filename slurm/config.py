@@ -34,6 +34,10 @@ class SlurmConfig:
     extra: list[str] = field(default_factory=list)  # one sbatch option per item: "--exclusive", "--reservation=x"
     signal_delay_s: int = 120  # USR2 this long before the time limit
     max_requeues: int = 20
+    # The multi-node rendezvous port (torchrun's store, the data job's Ray GCS) is LOW + job id mod the
+    # range's size, on the first node: below Linux's ephemeral ports (32768-60999, which outgoing
+    # connections take, so a port there can be busy on a busy node) and above Ray's worker ports (10002-19999)
+    rdzv_ports: str = "20000-29999"
 
     def validate(self) -> None:
         """Everything here reaches an ``#SBATCH`` line: refuse what could break out of one, or
@@ -46,6 +50,7 @@ class SlurmConfig:
         if self.signal_delay_s > 65535:  # sbatch --signal=...@<0..65535>
             raise ValueError(f"signal_delay_s must be <= 65535, got {self.signal_delay_s}")
         v.check_at_least("max_requeues", self.max_requeues, 0)
+        v.port_range("rdzv_ports", self.rdzv_ports)
         v.check_name("partition", self.partition, allow_list=True)
         v.check_name("account", self.account)
         v.check_name("qos", self.qos)

@@ -12,30 +12,61 @@ PEERS_GRACE_S = 10.0  # after one node of a job failed for good, how long the ot
 FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 
 
+QUERY_TIMEOUT_S = 10.0  # one scontrol/sacct call; a controller that answers at all does so in well under a second
+SILENT_FOR_S = 60.0  # after a call timed out, the same command is not tried again for this long
+UNREACHABLE = "UNREACHABLE"  # SLURM did not answer: the job may be running (is_live), never taken for gone
+_silent_until: dict[str, float] = {}  # command -> monotonic time until which it is not asked again
+
+
 @dataclass
 class JobState:
     job_id: str
     state: str
     restarts: int | None
     elapsed: str
+    exit_code: str = ""  # SLURM's "code:signal" of the batch script ("137:0": killed)
+    reason: str = ""  # scontrol's Reason (NonZeroExitCode, TimeLimit, ...), sacct's where scontrol no longer knows the job
 
 
-def _scontrol(job_id: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+def _query(argv: list[str]) -> subprocess.CompletedProcess | None:
+    """Run a SLURM client for at most QUERY_TIMEOUT_S; None if it did not answer in time (a controller
+    or slurmdbd that is down or hung: scontrol alone retries for about 20 s, sacct longer). Such a
+    command is then left alone for SILENT_FOR_S, so `pretrain status` over many jobs, or a
+    workflow's refresh, costs one timeout, not one per job."""
+    import time
+
+    if time.monotonic() < _silent_until.get(argv[0], 0.0):
+        return None
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=QUERY_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _silent_until[argv[0]] = time.monotonic() + SILENT_FOR_S
+        return None
+    except OSError:
+        return None
+
+
+def _scontrol(job_id: str) -> dict[str, str] | None:
+    """The job's fields; {} if the controller does not know it (purged after MinJobAge), None if
+    the controller did not answer."""
+    out = _query(["scontrol", "show", "job", "-o", job_id])
+    if out is None:
+        return None
     if out.returncode != 0:
-        return {}
+        return {} if "Invalid job id" in out.stderr else None
     return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
 
 
-def _sacct(job_id: str) -> tuple[str, str] | None:
+def _sacct(job_id: str) -> tuple[str, str, str, str] | None:
+    """(state, elapsed, exit code, reason) from accounting, or None (no accounting, no record, no answer)."""
     if shutil.which("sacct") is None:
         return None
-    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,Elapsed"], capture_output=True, text=True, timeout=30)
-    lines = [l for l in out.stdout.splitlines() if l.strip()]
-    if out.returncode != 0 or not lines:
+    out = _query(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,Elapsed,ExitCode,Reason"])
+    lines = [l for l in (out.stdout if out else "").splitlines() if l.strip()]
+    if out is None or out.returncode != 0 or not lines:
         return None
-    state, elapsed = lines[-1].split("|")[:2]
-    return state.split()[0], elapsed
+    state, elapsed, exit_code, reason = (lines[-1].split("|") + ["", "", "", ""])[:4]
+    return state.split()[0], elapsed, exit_code, "" if reason == "None" else reason
 
 
 def _is_job_id(job_id: str) -> bool:
@@ -45,7 +76,9 @@ def _is_job_id(job_id: str) -> bool:
 
 def job_state(job_id: str) -> JobState:
     """The job's state; `job_id` comes from a file in the run dir, so anything but a SLURM job id
-    (digits, "_" for array tasks) is reported, never passed to scontrol/sacct as an argument."""
+    (digits, "_" for array tasks) is reported, never passed to scontrol/sacct as an argument.
+    UNREACHABLE when the controller did not answer and accounting had no record: never UNKNOWN
+    (a job gone), since it may well be running."""
     job_id = str(job_id)
     if not _is_job_id(job_id):
         return JobState(job_id, "INVALID JOB ID", None, "")
@@ -53,10 +86,13 @@ def job_state(job_id: str) -> JobState:
         return JobState(job_id, "UNKNOWN (no SLURM here)", None, "")
     info = _scontrol(job_id)
     if info:
-        return JobState(job_id, info.get("JobState", "UNKNOWN"), int(info.get("Restarts", "0")), info.get("RunTime", ""))
+        return JobState(job_id, info.get("JobState", "UNKNOWN"), int(info.get("Restarts", "0")), info.get("RunTime", ""),
+                        info.get("ExitCode", ""), "" if info.get("Reason") == "None" else info.get("Reason", ""))
     acct = _sacct(job_id)
     if acct:
-        return JobState(job_id, acct[0], None, acct[1])
+        return JobState(job_id, acct[0], None, acct[1], acct[2], acct[3])
+    if info is None:
+        return JobState(job_id, f"{UNREACHABLE} (SLURM did not answer)", None, "")
     return JobState(job_id, "UNKNOWN", None, "")
 
 
@@ -69,7 +105,7 @@ def cancelled(job_id: str) -> bool:
     job_id = str(job_id)
     if not _is_job_id(job_id) or shutil.which("scontrol") is None:
         return False
-    if _scontrol(job_id).get("JobState") == "CANCELLED":
+    if (_scontrol(job_id) or {}).get("JobState") == "CANCELLED":
         return True
     acct = _sacct(job_id)
     return acct is not None and acct[0] == "CANCELLED"
@@ -78,8 +114,8 @@ def cancelled(job_id: str) -> bool:
 def is_live(state: str) -> bool:
     """Whether a job in ``state`` is queued or may still run and write: any state but an end state.
     Not only PENDING or RUNNING: a job STOPPED (SIGSTOP), SIGNALING, in STAGE_OUT or held after a
-    requeue (REQUEUE_HOLD, SPECIAL_EXIT) comes back or is still ending. A job neither scontrol nor
-    sacct knows (UNKNOWN) is long gone."""
+    requeue (REQUEUE_HOLD, SPECIAL_EXIT) comes back or is still ending; so may one SLURM did not
+    answer about (UNREACHABLE). A job neither scontrol nor sacct knows (UNKNOWN) is long gone."""
     return state not in (*FAILED_STATES, "COMPLETED", "REVOKED") and not state.startswith(("UNKNOWN", "INVALID"))
 
 

@@ -2,7 +2,8 @@
 
 It is generic: `argv` may contain the exact arguments ``{nnodes}``, ``{rdzv_endpoint}`` and
 ``{job_id}``, which become the allocation's node count, ``first-node:port`` (port derived from the
-job id, so concurrent jobs don't collide) and the job id. The command itself (e.g. ``pretrain
+job id within ``slurm.rdzv_ports``, so concurrent jobs don't collide: :mod:`slurm.ports`; a port in
+use on the first node ends the job at once with exit 1, naming it) and the job id. The command itself (e.g. ``pretrain
 train``) does the real work; this wrapper only turns its exit code into SLURM actions:
 
 * SIGUSR2 before the time limit / on preemption: submitit calls :meth:`checkpoint`; the command
@@ -28,17 +29,14 @@ import signal
 import subprocess
 import sys
 import time
+from typing import NoReturn
 
 import submitit
 from submitit.core.utils import UncompletedJobError
 
 from common.stop_signals import STOP_SIGNALS
 from slurm.jobs import PEERS_GRACE_S, cancelled
-
-
-def rendezvous_port(job_id: str) -> int:
-    digits = "".join(c for c in str(job_id) if c.isdigit()) or "0"
-    return 20000 + int(digits) % 20000
+from slurm.ports import DEFAULT_RDZV_PORTS, ephemeral_note, port_problem, rendezvous_port
 
 
 def final_exit_note(rc: int | None) -> str:
@@ -69,8 +67,10 @@ def end_other_nodes(message: str, grace_s: float = PEERS_GRACE_S) -> None:
 
 
 class NodeCommand(submitit.helpers.Checkpointable):
-    def __init__(self, argv: list[str], requeue_exit_code: int, max_requeues: int, grace_s: float = 60.0) -> None:
+    def __init__(self, argv: list[str], requeue_exit_code: int, max_requeues: int, grace_s: float = 60.0,
+                 ports: tuple[int, int] = DEFAULT_RDZV_PORTS) -> None:
         self.argv = list(argv)
+        self.ports = (int(ports[0]), int(ports[1]))
         self.requeue_exit_code = requeue_exit_code
         self.max_requeues = max_requeues
         self.grace_s = grace_s
@@ -81,23 +81,44 @@ class NodeCommand(submitit.helpers.Checkpointable):
         state["_proc"] = None  # a running process is not part of what is requeued
         return state
 
+    def rdzv_ports(self) -> tuple[int, int]:
+        # a job pickled by a version without the field (requeued across an upgrade) keeps the default
+        return getattr(self, "ports", DEFAULT_RDZV_PORTS)
+
     def filled_argv(self, job: submitit.JobEnvironment) -> list[str]:
         hosts = job.hostnames if job.num_nodes > 1 else ["127.0.0.1"]
-        values = {"{nnodes}": str(job.num_nodes), "{rdzv_endpoint}": f"{hosts[0]}:{rendezvous_port(job.job_id)}", "{job_id}": str(job.job_id)}
+        endpoint = f"{hosts[0]}:{rendezvous_port(job.job_id, self.rdzv_ports())}"
+        values = {"{nnodes}": str(job.num_nodes), "{rdzv_endpoint}": endpoint, "{job_id}": str(job.job_id)}
         return [values.get(a, a) for a in self.argv]
+
+    def rendezvous_problem(self, job: submitit.JobEnvironment) -> str | None:
+        """On the first node of a multi-node job whose command meets the others at ``{rdzv_endpoint}``:
+        why that port cannot be listened on (in use), or None. Checked before the command starts: torchrun
+        would otherwise retry for two minutes and fail with stack traces that never name the port."""
+        if job.num_nodes <= 1 or job.node != 0 or "{rdzv_endpoint}" not in self.argv:
+            return None
+        port = rendezvous_port(job.job_id, self.rdzv_ports())
+        if (note := ephemeral_note(port)) is not None:
+            print(f"[node_command] warning: {note}", flush=True)
+        return port_problem(port, self.rdzv_ports(), job.hostnames[0])
 
     def __call__(self) -> int:
         job = submitit.JobEnvironment()
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         argv = self.filled_argv(job)
         print(f"[node_command] job {job.job_id} node {job.node}/{job.num_nodes} restart {restarts}: {' '.join(argv)}", flush=True)
+        if (problem := self.rendezvous_problem(job)) is not None:
+            self._fail(job, f"{problem}; {argv[0]} not started: exited with code 1{final_exit_note(1)}")
         self._proc = subprocess.Popen(argv)
         rc = self._wait(None)
         if rc == 0:
             return 0
         if self.stopped(rc):
             self._requeue_self(job, restarts)
-        message = f"{argv[0]} exited with code {rc}{final_exit_note(rc)}"
+        self._fail(job, f"{argv[0]} exited with code {rc}{final_exit_note(rc)}")
+
+    def _fail(self, job: submitit.JobEnvironment, message: str) -> NoReturn:
+        """End this task for good with ``message`` (the job's exit line), ending the other nodes' too."""
         if job.name() == "slurm" and job.num_nodes > 1:
             end_other_nodes(message)
         raise RuntimeError(message)

@@ -33,7 +33,7 @@ echo "[sbatch] job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} on $(hostna
 nodes=${{SLURM_JOB_NUM_NODES:-1}}
 master=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 [ "$nodes" -gt 1 ] || master=127.0.0.1
-port=$(( 20000 + SLURM_JOB_ID % 20000 ))
+port=$(( {port_low} + SLURM_JOB_ID % {port_span} ))   # slurm.rdzv_ports {port_low}-{port_high}
 
 forward() {{
   echo "[sbatch] $1 received at $(date -Is): asking the training step to checkpoint"
@@ -114,6 +114,7 @@ def render_sbatch(
     except ValueError as e:
         raise SlurmError(str(e)) from e
     extra = validation.parse_extra("slurm.extra", cfg.extra)
+    ports = validation.port_range("slurm.rdzv_ports", cfg.rdzv_ports)
     name = validation.job_name(name)
     lines: dict[str, str | None] = {
         "job-name": name,
@@ -148,4 +149,5 @@ def render_sbatch(
         requeue_code=int(requeue_exit_code),
         max_requeues=int(cfg.max_requeues),
         peers_grace=int(PEERS_GRACE_S),
+        port_low=ports[0], port_high=ports[1], port_span=ports[1] - ports[0] + 1,
     )

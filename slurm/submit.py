@@ -85,7 +85,8 @@ def submit_command(
         check_fits(cfg, gpus_per_node)
     executor = make_executor(log_dir, cfg, cluster, name, gpus_per_node, dependency)
     grace = max(5.0, cfg.signal_delay_s - 5.0)
-    job = executor.submit(NodeCommand(argv, requeue_exit_code, cfg.max_requeues, grace_s=grace))
+    ports = validation.port_range("slurm.rdzv_ports", cfg.rdzv_ports)  # checked by make_executor above
+    job = executor.submit(NodeCommand(argv, requeue_exit_code, cfg.max_requeues, grace_s=grace, ports=ports))
     if record_in is not None:
         record_job(record_in, {"job_id": str(job.job_id), "name": name, "cluster": cluster, "log_dir": str(log_dir),
                                "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr), "submitted": time.time()})

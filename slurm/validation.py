@@ -95,6 +95,17 @@ def time_minutes(key: str, value: str) -> int:
     return -(-seconds // 60)
 
 
+def port_range(key: str, value: str) -> tuple[int, int]:
+    """A TCP port range "LOW-HIGH" (or one port) of unprivileged ports: 1024 <= LOW <= HIGH <= 65535."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(value))
+    if not m:
+        raise ValueError(f"{key} must be a port range such as 20000-29999, got {value!r}")
+    low, high = int(m.group(1)), int(m.group(2) or m.group(1))
+    if not 1024 <= low <= high <= 65535:
+        raise ValueError(f"{key} must be LOW-HIGH with 1024 <= LOW <= HIGH <= 65535 (unprivileged ports), got {value!r}")
+    return low, high
+
+
 def check_at_least(key: str, value: int, minimum: int) -> None:
     if value < minimum:
         raise ValueError(f"{key} must be >= {minimum}, got {value}")

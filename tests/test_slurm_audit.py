@@ -1,6 +1,7 @@
 """Launching on SLURM, the cases tests/test_slurm.py leaves out: a rank that dies on one node of
 two, a node that fails before training starts (both routes), max_requeues spent, a 2-node sbatch
-script requeued. Same throw-away cluster (its fixtures are imported), one module at a time on it."""
+script requeued, a busy rendezvous port, a refusal on the second node and what `pretrain status` says
+of it, the cluster's teardown. Same throw-away cluster (its fixtures are imported), one module at a time on it."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.test_slurm import (  # noqa: F401  (fixtures)
-    REPO, cluster, job_id_of, local_losses, logs, losses, pretrain, scontrol_restarts, wait_final, wait_steps, work,
+    REPO, SCRIPTS, cluster, job_id_of, local_losses, logs, losses, pretrain, scontrol_restarts, wait_final, wait_steps, work,
     write_config,
 )
+from tests.test_slurm_ports_and_status import port_held_by_an_outgoing_connection
 
 pytestmark = pytest.mark.slow
 
@@ -195,3 +197,79 @@ def test_two_node_sbatch_script_whose_second_node_fails_at_start_ends_failed(clu
     assert_failed_promptly(job, run_dir, "sbatch")
     out = logs(run_dir)
     assert "task 1: Exited with exit code 1: the other nodes get 10 s to end" in out and "requeueing" not in out, out[-3000:]
+
+
+def test_a_busy_rendezvous_port_fails_the_job_at_once_naming_it(cluster, work):  
+    """Before, torchrun retried the taken port for 2 minutes and failed with stack traces only."""
+    cfg, run_dir = write_config(work, "busy-port")
+    with port_held_by_an_outgoing_connection() as port:
+        t0 = time.time()
+        r = pretrain("submit", str(cfg), "slurm.nodes=2", "train.nproc_per_node=1", f"slurm.rdzv_ports={port}-{port}", "--wait")
+        took = time.time() - t0
+    logs = "".join(p.read_text(errors="replace") for p in (run_dir / "slurm").rglob("*_log.err"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"rendezvous port {port} on n1 is in use" in logs, logs[-3000:]
+    assert took < 60, f"{took:.0f} s"
+
+
+def test_a_refusal_on_the_second_node_is_reported_as_2_and_status_says_why(cluster, work, monkeypatch):  
+    from pipelines.config import load_config
+    from pipelines.launching import submit_job, train_argv, wait_for_training
+    from pipelines.status import status_data, status_text
+    from slurm import jobs
+    from slurm.submit import record_job
+
+    cfg_path, run_dir = write_config(work, "refused-on-node-1")
+    overrides = ["slurm.nodes=2", "train.nproc_per_node=1"]
+    cfg = load_config(str(cfg_path), overrides)
+    refuse = 'if [ "$SLURM_NODEID" = 1 ]; then echo "node 1: bad data" >&2; exit 2; fi; exec "$@"'
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job = submit_job(["bash", "-c", refuse, "bash", *train_argv(str(cfg_path), overrides, cfg)], cfg.slurm, 0, run_dir, "refused")
+    code, outcome = wait_for_training(job, cfg, poll_s=0.5)  # what `pretrain submit --wait` reports
+    assert code == 2, outcome
+    text = status_text(run_dir)
+    assert "bash exited with code 2 (refused" in text and f"{job.job_id}_1_log.err" in text and "reason NonZeroExitCode" in text, text
+
+    # a controller (and slurmdbd) that does not answer: status ends within a bounded time, saying so
+    for other in ("999998", "999999"):
+        record_job(run_dir / "slurm", {"job_id": other, "name": "other", "cluster": "slurm"})
+    monkeypatch.setattr(jobs, "QUERY_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(jobs, "_silent_until", {})
+    daemons = [int((cluster / "run" / f"{d}.pid").read_text()) for d in ("slurmctld", "slurmdbd")]
+    for pid in daemons:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.time()
+        states = [j["state"] for j in status_data(run_dir)["slurm_jobs"]]
+        took = time.time() - t0
+    finally:
+        for pid in daemons:
+            os.kill(pid, signal.SIGCONT)
+    assert states == ["UNREACHABLE (SLURM did not answer)"] * 3, states
+    assert took < 10, f"status took {took:.0f} s with SLURM not answering"
+
+
+def test_stopping_the_test_cluster_leaves_no_step_behind(cluster):  
+    """A step still ending (here: 8 s on SIGTERM, as a checkpointing training) when the controller stopped
+    kept its slurmstepd, which ~60 s later drained n1 of the next test cluster ("Kill task failed").
+    Runs last: it stops the module's cluster."""
+    conf = str(cluster / "etc" / "slurm.conf")
+    script = cluster / "slow.sh"
+    script.write_text("#!/bin/bash\nsrun bash -c 'trap \"sleep 8; exit 3\" TERM; while :; do sleep 0.2; done'\n")
+    job = subprocess.run(["sbatch", "--parsable", "-w", "n1", "-o", str(cluster / "slow-%j.out"), str(script)],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    deadline = time.time() + 30
+    while "RUNNING" not in subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout:
+        assert time.time() < deadline, "the job did not start"
+        time.sleep(0.5)
+    time.sleep(1)
+    subprocess.run(["bash", str(SCRIPTS / "stop.sh")], env={**os.environ, "BASE": str(cluster)}, capture_output=True, timeout=120)
+    left = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and _is_stepd_of(p, conf)]
+    assert not left, f"slurmstepd of the stopped cluster still running: {left}"
+
+
+def _is_stepd_of(proc: Path, conf: str) -> bool:
+    try:
+        return (proc / "comm").read_text().strip() == "slurmstepd" and f"SLURM_CONF={conf}".encode() in (proc / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
