@@ -12,15 +12,24 @@ would race with a waiter that has opened it already.
 A requeued SLURM job can start (on another node) while the processes of its previous incarnation
 are still exiting; it waits up to ``REQUEUE_WAIT_S`` for them to vanish instead of failing.
 Users: :mod:`trainer.runlock` (a run dir's roles) and the data stage (its output directory).
+
+The kernel frees a lock with its holder, but a holder can outlive the process the user started:
+a training's ranks and an eval job run in processes of their own, and when the command that
+started them dies without cleanup (SIGKILL, the OOM killer, a closed terminal) they would go on
+writing into the run dir, unseen, and refuse the user's rerun. :func:`parent_death_signal` ties
+such a child to its parent (Linux ``PR_SET_PDEATHSIG``), so a lock is never held by an orphan.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import json
 import os
 import socket
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -128,3 +137,30 @@ def _read_holder(fd: int) -> dict[str, Any]:
         return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
     except (OSError, ValueError):
         return {}
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def parent_death_signal(signum: int) -> Callable[[], None]:
+    """A ``preexec_fn`` for ``subprocess.Popen``: the child gets ``signum`` when this process dies.
+
+    Choose the signal the child *stops cleanly* on (a training: its stop signal, so it checkpoints;
+    a submitit job controller: SIGINT, its cancel), not SIGKILL, so that no work is lost.
+
+    The kernel sends it when the *thread* that forked the child ends, not the process: tied from
+    another thread, the child would be stopped with that thread. So only a child started from the
+    main thread (which lives as long as the process) is tied; elsewhere, and off Linux, the
+    returned function does nothing and the child lives on as before. A parent that died between
+    the fork and the ``prctl`` sends nothing: the child checks and exits at once instead."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: nothing is loaded after the fork
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+        if os.getppid() != parent:  # reparented already: our parent is gone
+            os._exit(128 + int(signum))
+
+    return preexec

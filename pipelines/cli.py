@@ -6,18 +6,26 @@ dependencies (Ray, torch, MLflow) load only when that stage runs.
 
 from __future__ import annotations
 
-import argparse
-import functools
-import signal
+import os
 import sys
-from pathlib import Path
-from typing import Callable
 
-from common.rundir import RunDir
-from common.stop_signals import STOP_SIGNALS
-from evals.config import EvalConfig
-from pipelines.cli_args import check_launch_args, positive_int, rendezvous_endpoint, run_dir_arg, task_list
-from pipelines.config import ConfigError, PipelineConfig, check_geometry, dump_yaml, load_config, to_dict
+from common.stop_signals import STOP_SIGNALS, hold_stop_signals, ignore_stop_signals, release_stop_signals, replay_held_stop_signals
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0] if sys.argv else "") == "pretrain":
+    # The `pretrain` process: before the imports below and the parser (0.3-1 s), a stop signal is
+    # held for the command's own handler, not left to kill it (common.stop_signals; see main()).
+    hold_stop_signals()
+
+import argparse  # noqa: E402 - after the hold, on purpose
+import functools  # noqa: E402
+import signal  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
+from common.rundir import RunDir  # noqa: E402
+from evals.config import EvalConfig  # noqa: E402
+from pipelines.cli_args import check_launch_args, positive_int, rendezvous_endpoint, run_dir_arg, task_list  # noqa: E402
+from pipelines.config import ConfigError, PipelineConfig, check_geometry, dump_yaml, load_config, to_dict  # noqa: E402
 
 EXIT_CONFIG_ERROR = 2
 Command = Callable[[argparse.Namespace], int]
@@ -57,24 +65,28 @@ def _stopped(received: list[int], command: str, advice: str) -> int:
 def stoppable(command: str, advice: str) -> Callable[[Command], Command]:
     """A command that SIGTERM/SIGUSR2 and Ctrl-C interrupt where they are, unwinding its own
     cleanup (eval jobs cancelled, temporary files removed, locks released): a stop signal is exit 3
-    ("requeue me", with ``advice`` on stderr), Ctrl-C 130. Before and after, stop signals are
-    ignored (:func:`common.stop_signals.ignore_stop_signals`): once the outcome is decided, a late
-    one must not turn it into "killed"."""
+    ("requeue me", with ``advice`` on stderr), Ctrl-C 130, and so is one that came while the
+    process started (held since its first line, replayed here: common.stop_signals). Before, stop
+    signals are held; after, ignored (:func:`common.stop_signals.ignore_stop_signals`): once the
+    outcome is decided, a late one must not turn it into "killed"."""
 
     def wrap(fn: Command) -> Command:
         @functools.wraps(fn)
         def run(args: argparse.Namespace) -> int:
-            from common.stop_signals import ignore_stop_signals
             from pipelines.stopping import stop_signals
 
             received: list[int] = []
-            ignore_stop_signals()  # what they are once the outcome is decided: stop_signals puts this back
+            hold_stop_signals()  # already so in the `pretrain` process; stop_signals puts this back
             try:
                 with stop_signals(received.append):
+                    replay_held_stop_signals()
                     return fn(args)
             except KeyboardInterrupt:
                 return _stopped(received, command, advice)
+            finally:
+                ignore_stop_signals()
 
+        run.stoppable = True  # type: ignore[attr-defined]  # main(): its stop signals stay held for it
         return run
 
     return wrap
@@ -319,6 +331,7 @@ def cmd_evals_watch(args: argparse.Namespace) -> int:
     eval was refused for its data; 1 if some checkpoint's eval failed for good.
     """
     from evals.watch import WatchError, Watcher
+    from slurm.executor import local_jobs_end_with_this_process
     from trainer.checkpoint import MARKER, CheckpointError, latest_committed
     from trainer.runlock import RunLockHeld
 
@@ -333,7 +346,8 @@ def cmd_evals_watch(args: argparse.Namespace) -> int:
                           "pass --config CONFIG (the training's) to watch a run that has not checkpointed yet")
     try:
         cfg = _eval_section(args.config, list(args.overrides), newest)
-        return Watcher(args.run_dir, cfg, executor=args.executor).run(once=args.once)
+        with local_jobs_end_with_this_process():  # it waits for its local jobs: they must not outlive it
+            return Watcher(args.run_dir, cfg, executor=args.executor).run(once=args.once)
     except (WatchError, RunLockHeld, CheckpointError) as e:  # CheckpointError: the newest one's config is unreadable
         print(f"pretrain evals watch: error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -570,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.func is None:  # `pretrain` or `pretrain evals` alone: say what there is to run
         args.help_parser.print_help(sys.stderr)
         return EXIT_CONFIG_ERROR
+    if not getattr(args.func, "stoppable", False):
+        release_stop_signals()  # a quick command (status, submit, ...): killed by a stop signal, as ever
     # Commands that do work (`stoppable`) leave SIGTERM/SIGUSR2 ignored once their outcome is decided, until the
     # process exits (common.stop_signals.ignore_stop_signals); a caller in the same process
     # (main([...])) gets its own handlers back.

@@ -158,9 +158,11 @@ def unevaluated(ctx: StageContext) -> list[str]:
 
 def _run_eval(ctx: StageContext) -> Outcome:
     from evals.watch import Watcher
+    from slurm.executor import local_jobs_end_with_this_process
     from trainer.checkpoint import list_committed
 
-    rc = Watcher(ctx.run_dir, ctx.cfg.eval, executor="local", log=ctx.log).run(once=True)
+    with local_jobs_end_with_this_process():  # a driver killed without cleanup leaves no eval job running
+        rc = Watcher(ctx.run_dir, ctx.cfg.eval, executor="local", log=ctx.log).run(once=True)
     missing = unevaluated(ctx)
     if rc != 0 or missing:
         refused = rc == EXIT_REFUSED  # an eval's data is wrong: fix it first

@@ -16,6 +16,13 @@ front of it, for two reasons:
   me" (3) and "refused" (2); rank 0 writes its code to a file we name, and we return that. After
   a stop signal, a failure is a stop too (3): a worker killed by the signal before its handler
   existed has nothing to lose, the rerun resumes from the newest committed checkpoint.
+* Our own death. torchrun must not outlive us: killed without cleanup (SIGKILL, the OOM killer,
+  the SIGHUP of a closed terminal or a dropped ssh session), we forward nothing, and torchrun
+  and its ranks would train on unseen, holding the run dir's ``train`` lock against the rerun.
+  So torchrun gets SIGTERM when we die (``PR_SET_PDEATHSIG``, :func:`common.locking.parent_death_signal`):
+  it stops its workers with it, and they checkpoint and exit 3 as on any stop (within torchrun's
+  30 s shutdown timeout). torchrun holds SIGHUP blocked: a terminal's hangup reaches our whole
+  process group, and torchrun would pass it on to the workers, which die of it uncheckpointed.
 
 On one node nothing listens beyond loopback: torchrun runs as ``trainer.torchrun_local``
 (its stores bound to 127.0.0.1), with ``--local-addr=127.0.0.1`` (the workers' MASTER_ADDR) and
@@ -34,8 +41,9 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from common.locking import parent_death_signal
 from common.strict import ConfigError
 from trainer import EXIT_FILE_ENV, EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE, under_torchrun
 from trainer.config import TrainJob
@@ -181,6 +189,19 @@ def torchrun_command(config: str, nproc: int, rdzv: list[str], allow_changes: bo
     return cmd, env
 
 
+def torchrun_preexec() -> Callable[[], None]:
+    """torchrun's ``preexec_fn``: SIGUSR1/2 ignored and blocked (:func:`trainer.signals.block_user_signals`),
+    SIGHUP blocked, and SIGTERM when this process dies (see the module docstring, "Our own death")."""
+    tie = parent_death_signal(signal.SIGTERM)
+
+    def preexec() -> None:
+        block_user_signals()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        tie()
+
+    return preexec
+
+
 def launch_torchrun(config: str, nproc: int, rdzv: list[str] | None = None, allow_changes: bool = False) -> int:
     if nproc < 1:  # load_config refuses it already; kept for direct callers
         print(f"pretrain train: train.nproc_per_node must be >= 1, got {nproc}", file=sys.stderr)
@@ -195,7 +216,7 @@ def launch_torchrun(config: str, nproc: int, rdzv: list[str] | None = None, allo
         if forward.stops:
             code, reason = EXIT_REQUEUE, "stopped before torchrun started"
         else:
-            forward.proc = proc = subprocess.Popen(cmd, env=env, preexec_fn=block_user_signals)  # noqa: PLW1509
+            forward.proc = proc = subprocess.Popen(cmd, env=env, preexec_fn=torchrun_preexec())  # noqa: PLW1509
             while (rc := proc.poll()) is None:
                 try:
                     forward.catch_up()

@@ -12,6 +12,10 @@ signals every process of a job step whenever the time limit or a preemption come
   SIGUSR1/SIGUSR2 *blocked* for torchrun and so for the workers it spawns (:func:`block_user_signals`):
   a signal sent then waits, pending, and :meth:`StopFlag.install` receives it as soon as it
   unblocks them. Ignoring them instead, as torchrun itself must, would discard the signal.
+  SIGTERM cannot be blocked that way (torchrun needs it), so ``python -m trainer.train`` *holds*
+  the stop signals from its first line (:func:`common.stop_signals.hold_stop_signals`) and
+  :meth:`StopFlag.install` replays a held one: a worker signalled while importing torch (1-3 s)
+  stops with exit 3 before training, instead of dying of the signal.
 * After the outcome is decided (:meth:`StopFlag.settle`), the signals are ignored: Python puts
   its handlers back to the default action while the interpreter exits, and a SIGUSR2 then would
   kill a worker that has finished, which torchrun reports as a failure.
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import os
 import signal
+
+from common.stop_signals import replay_held_stop_signals
 
 USER_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
@@ -39,7 +45,7 @@ class StopFlag:
         self._signals: list[int] = []
 
     def install(self, include_usr1: bool) -> None:
-        """Record stop signals from now on, including one that arrived, blocked, before this."""
+        """Record stop signals from now on, including one that arrived, blocked or held, before this."""
         # SIGINT too: Ctrl-C in a terminal reaches every rank, and should save, not crash mid-step.
         self._signals = [signal.SIGTERM, signal.SIGUSR2, signal.SIGINT]
         if include_usr1:
@@ -48,6 +54,7 @@ class StopFlag:
         for s in self._signals:
             signal.signal(s, self._handle)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, USER_SIGNALS)  # a pending one is handled here
+        replay_held_stop_signals()  # and one that came while the worker started
 
     def settle(self) -> None:
         """The exit code is decided and written: a stop signal from now on has nothing to stop,

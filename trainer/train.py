@@ -30,6 +30,11 @@ one bit for bit on the same hardware and world size.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a worker: a stop signal during the imports below (torch: 1-3 s) must not kill it
+    from common.stop_signals import hold_stop_signals
+
+    hold_stop_signals()  # StopFlag.install replays it (see common.stop_signals)
+
 import argparse
 import dataclasses
 import os
@@ -643,14 +648,17 @@ def _write_exit_status(env: DistEnv, code: int, reason: str) -> None:
 
 
 class StoppedBeforeTraining(RuntimeError):
-    """A stop signal came while the run was starting (waiting for the run lock): exit 3, nothing
-    to checkpoint; the requeued job starts where the last committed checkpoint is."""
+    """A stop signal came while the run was starting (importing, joining, waiting for the run lock):
+    exit 3, nothing to checkpoint; the requeued job starts where the last committed checkpoint is."""
 
 
 def _take_run_lock(env: DistEnv, run_dir: str, stop: StopFlag) -> RunLock | None:
     """Collective: global rank 0 takes the run dir's ``train`` lock; if another live process holds
     it, every rank raises RefusedError naming the holder (host, pid, SLURM job). A stop signal
-    while waiting for it (up to minutes in a requeued job) raises StoppedBeforeTraining at once."""
+    while waiting for it (up to minutes in a requeued job), or already received on any rank (while
+    the worker started), raises StoppedBeforeTraining at once."""
+    if any_rank(env, stop.is_set):  # nothing to save yet: no step, no lock, just exit 3
+        raise StoppedBeforeTraining("a stop signal came while the workers started, before training")
     lock, outcome = None, None
     if env.is_main:
         try:
