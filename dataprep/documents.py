@@ -148,12 +148,8 @@ def _read_parquet(src: SourceFile, chunk: Chunk, text_column: str, id_column: st
         raise DataError(f"{src.name}: cannot read rows {chunk.row_start}-{chunk.row_end}: {e}") from e
     if text_type is None:
         raise DataError(f"{src.name}: no '{text_column}' column (columns: {', '.join(names)}); set data.text_column")
-    # Read text as raw bytes: invalid UTF-8 becomes a per-row status instead of an Arrow error.
-    if pa.types.is_large_string(text_type) or pa.types.is_large_binary(text_type):
-        as_bytes = pa.large_binary()
-    elif pa.types.is_string(text_type) or pa.types.is_binary(text_type):
-        as_bytes = pa.binary()
-    else:
+    as_bytes = _bytes_type(text_type)
+    if as_bytes is None:
         raise DataError(f"{src.name}: column '{text_column}' has type {text_type}, expected string")
     row = first or 0
     while row < chunk.row_end:
@@ -163,13 +159,46 @@ def _read_parquet(src: SourceFile, chunk: Chunk, text_column: str, id_column: st
             raise DataError(f"{src.name}: cannot read rows {chunk.row_start}-{chunk.row_end}: {e}") from e
         if batch is None:
             raise DataError(f"{src.name}: ended at row {row}, expected {chunk.row_end} rows (changed while reading?)")
-        texts = batch.column(text_column).cast(as_bytes).to_pylist()
+        texts = _raw_values(batch.column(text_column), as_bytes)
         ids = _parquet_ids(batch, id_column)
         for raw, doc_id in zip(texts, ids):
             if chunk.row_start <= row < chunk.row_end:
                 text, status = _decode(raw)
                 yield Row(row, _doc_id(doc_id, src, row), text, status)
             row += 1
+
+
+def _bytes_type(value_type: pa.DataType) -> pa.DataType | None:
+    """The binary type a text column of ``value_type`` is read as; None if its values are not text.
+
+    Text is read as raw bytes so that invalid UTF-8 becomes a per-row status instead of an Arrow
+    error. Every Arrow spelling of text is text: ``string``, ``large_string``, ``string_view``
+    (and their binary twins), and a dictionary of any of them, which is what pandas writes for a
+    ``category`` column; its values are read, never its integer codes, so a file's encoding does
+    not change a single byte of the shards."""
+    if pa.types.is_dictionary(value_type):
+        return _bytes_type(value_type.value_type)
+    if pa.types.is_large_string(value_type) or pa.types.is_large_binary(value_type):
+        return pa.large_binary()
+    if any(is_type(value_type) for is_type in (pa.types.is_string, pa.types.is_binary, pa.types.is_string_view,
+                                               pa.types.is_binary_view)):
+        return pa.binary()
+    return None
+
+
+def _raw_values(column: pa.Array, as_bytes: pa.DataType) -> list[bytes | None]:
+    """The column's values as bytes (None for a null). A dictionary's values are cast, then taken by
+    its indices: Arrow has no cast or take of every dictionary type (``string_view`` values)."""
+    if pa.types.is_dictionary(column.type):
+        return column.dictionary.cast(as_bytes).take(column.indices).to_pylist()
+    return column.cast(as_bytes).to_pylist()
+
+
+def _is_text(value_type: pa.DataType) -> bool:
+    """Whether values of this type are strings (not bytes), dictionary-encoded or not."""
+    if pa.types.is_dictionary(value_type):
+        return _is_text(value_type.value_type)
+    return pa.types.is_string(value_type) or pa.types.is_large_string(value_type) or pa.types.is_string_view(value_type)
 
 
 def _parquet_ids(batch: pa.RecordBatch, id_column: str) -> list:
@@ -179,9 +208,9 @@ def _parquet_ids(batch: pa.RecordBatch, id_column: str) -> list:
     if id_column not in batch.schema.names:
         return [None] * batch.num_rows
     ids = batch.column(id_column)
-    if pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type):
-        as_bytes = pa.binary() if pa.types.is_string(ids.type) else pa.large_binary()
-        return [None if b is None else b.decode("utf-8", errors="replace") for b in ids.cast(as_bytes).to_pylist()]
+    if _is_text(ids.type):
+        raw = _raw_values(ids, _bytes_type(ids.type))
+        return [None if b is None else b.decode("utf-8", errors="replace") for b in raw]
     return ids.to_pylist()
 
 

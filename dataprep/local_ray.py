@@ -11,15 +11,21 @@ A local instance is private to this process in two ways:
   it, the driver would find it gone while it shuts down, and Ray's core worker ends a driver that
   cannot reach its GCS for 60 s with exit 1, which is final, where the stop must give exit 3
   ("requeue me"). So only the driver hears the signal; it stops its work where it is and takes Ray
-  down with :func:`stop_ray`.
+  down with :func:`stop_ray`;
+* none of its processes outlives the driver by more than a moment, even when the driver dies without
+  stopping it (``kill -9``, the OOM killer): :mod:`dataprep.ray_reaper` sweeps up after it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from common.stop_signals import STOP_SIGNALS
@@ -81,9 +87,47 @@ def start_ray(ray_cfg: RayConfig) -> bool:
         return True
     # Progress is shown once, by the driver; datatrove's own bars inside workers are noise.
     with _loopback_node(), _deaf_to_stop_signals(), _handlers_kept():
-        ray.init(num_cpus=ray_cfg.num_cpus or None, runtime_env={"env_vars": {"TQDM_DISABLE": "1"}},
-                 _node_ip_address="127.0.0.1", **kwargs)
+        _start_reaper()
+        try:
+            ray.init(num_cpus=ray_cfg.num_cpus or None, runtime_env={"env_vars": {"TQDM_DISABLE": "1"}},
+                     _node_ip_address="127.0.0.1", **kwargs)
+        except BaseException:
+            _stop_reaper()  # sweeps up what the failed start left running
+            raise
     return True
+
+
+_reaper: subprocess.Popen | None = None  # the sweeper of the local instance this process started
+REAPER_WAIT_S = 10.0  # a sweep takes well under a second; a stuck one must not hold up the driver
+
+
+def _start_reaper() -> None:
+    """Start :mod:`dataprep.ray_reaper` for the local instance about to start (Linux: it reads /proc).
+
+    Started before ``ray.init``, so that a driver killed while Ray starts is swept up after too, and
+    inside :func:`_deaf_to_stop_signals`: it inherits the blocked stop signals. Its stdin is a pipe
+    whose write end only this process holds (Python's descriptors are not inherited, and Ray starts
+    its daemons with ``close_fds``); ``-I -S``: it needs the standard library only."""
+    global _reaper
+    if not os.path.isdir("/proc/self/fd"):
+        return
+    script = Path(__file__).with_name("ray_reaper.py")
+    _reaper = subprocess.Popen([sys.executable, "-I", "-S", str(script), str(os.getpid())], stdin=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL)
+
+
+def _stop_reaper() -> None:
+    """Let the sweeper sweep now (after Ray's own shutdown, it finds nothing or a straggler) and end."""
+    global _reaper
+    reaper, _reaper = _reaper, None
+    if reaper is None:
+        return
+    reaper.stdin.close()
+    try:
+        reaper.wait(timeout=REAPER_WAIT_S)
+    except subprocess.TimeoutExpired:
+        reaper.kill()
+        reaper.wait()
 
 
 JOIN_PROBE_S = 10.0  # how long a HOST:PORT in ray.address gets to accept a connection
@@ -116,12 +160,14 @@ def stop_ray() -> None:
 
     Stop signals stay with the caller's handlers throughout: the main thread holds them back while
     Ray shuts down, and the handlers come back as soon as Ray's core worker is down, before its
-    daemons are stopped (seconds, see :func:`_deaf_to_stop_signals`), not after."""
+    daemons are stopped (seconds, see :func:`_deaf_to_stop_signals`), not after. Then the sweeper
+    (:mod:`dataprep.ray_reaper`) ends whatever of the instance still runs, and itself."""
     import ray
 
     with _deaf_to_stop_signals(), _handlers_kept() as put_back:
         _before_daemons_stop(put_back)
         ray.shutdown()
+        _stop_reaper()
 
 
 def _before_daemons_stop(action: Callable[[], None]) -> None:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -98,3 +101,64 @@ def test_a_jsonl_line_nested_too_deeply_is_refused_naming_file_and_row(tmp_path,
     with pytest.raises(DataError, match=re.escape("deep.jsonl: row 1 (line 2) is not a usable JSON object: nested too deeply")) as e:
         run_data_stage(data_cfg(src, tmp_path / "out", gpt2_ranks, **SMALL), RayConfig())
     assert e.value.exit_code == 2
+
+
+def test_a_text_column_in_any_arrow_text_type_gives_the_plain_string_files_shards(tmp_path, gpt2_ranks, ray_cluster):
+    """Was: a pandas ``category`` column (a dictionary of strings), ``string_view`` and every other
+    dictionary were refused ("has type dictionary<...>, expected string", exit 2) though their values
+    are text. Each gives the plain ``string`` file's shards and removed.jsonl, byte for byte (ids of
+    the same type: pandas writes ``category`` columns in pairs); an integer column is still refused."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"Document {i} is about the river number {i * 7} and its {i} hills." for i in range(30)]
+    texts += ["   ", None, texts[3]]  # empty, null, exact duplicate: the per-row statuses as well
+    ids = [f"d{i}" for i in range(len(texts))]
+
+    def build(name: str, write) -> dict[str, bytes]:
+        src, out = tmp_path / name / "src", tmp_path / name / "out"
+        src.mkdir(parents=True)
+        write(src / "a.parquet")
+        run_data_stage(data_cfg(src, out, gpt2_ranks, **SMALL), RayConfig())
+        return {**shard_bytes(out), "removed.jsonl": (out / "removed.jsonl").read_bytes()}
+
+    def typed(t: pa.DataType):
+        table = pa.table({"id": pa.array(ids).cast(t), "text": pa.array(texts).cast(t)})
+        return lambda path: pq.write_table(table, path, row_group_size=10)
+
+    plain = build("string", typed(pa.string()))
+    assert len(plain) > 1 and b'"empty"' in plain["removed.jsonl"]
+    for t in (pa.large_string(), pa.string_view(), pa.dictionary(pa.int32(), pa.string()), pa.dictionary(pa.int32(), pa.large_string())):
+        assert build(str(t).replace("<", "_").replace(">", "_"), typed(t)) == plain, t
+    frame = pd.DataFrame({"id": pd.Categorical(ids), "text": pd.Categorical(texts)})
+    assert build("pandas_category", lambda path: frame.to_parquet(path, row_group_size=10)) == plain
+    numbers = pa.table({"id": ids, "text": list(range(len(texts)))})
+    with pytest.raises(DataError, match=re.escape("a.parquet: column 'text' has type int64, expected string")) as e:
+        build("int64", lambda path: pq.write_table(numbers, path))
+    assert e.value.exit_code == 2
+
+
+def test_nothing_of_a_local_ray_outlives_its_killed_driver(tmp_path, gpt2_ranks):
+    """``kill -9`` of `pretrain data` alone (the OOM killer, a closed terminal) mid-wave: the GCS and
+    raylet died with it, but ``ray::DashboardAgent`` and ``ray::RuntimeEnvAgent`` (200 MiB, a port,
+    the session dir's files) lived on for 60 s and more, reporting the raylet's death to the dead
+    GCS. Now every process of its session is gone within seconds."""
+    from tests.test_data import session_processes, start_data_run, work_records, write_config
+
+    small_corpus(tmp_path / "src")
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "src", out, gpt2_ranks, 2, **SMALL)
+    proc = start_data_run(cfg, work_records(out, "scan", 1))
+    before = session_processes(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    t0 = time.monotonic()
+    try:
+        assert {"ray::DashboardA", "ray::RuntimeEnv", "raylet"} <= {p.split(" ", 1)[1] for p in before}, before
+        while (left := session_processes(proc.pid)) and time.monotonic() - t0 < 5:
+            time.sleep(0.1)
+        assert not left, f"still running {time.monotonic() - t0:.1f} s after the driver's death: {left}"
+    finally:
+        for pid in [int(p.split(" ", 1)[0]) for p in session_processes(proc.pid)]:
+            os.kill(pid, signal.SIGKILL)  # what this test started: not left for the next ones
