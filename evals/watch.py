@@ -140,8 +140,13 @@ class _ForeignLocalJob:
         self.job_id = job_id
         self._job = LocalJob(folder=folder, job_id=job_id)
 
+    def ran_to_its_end(self) -> bool:
+        """submitit writes the result pickle when the job function returns or raises an Exception
+        (never opened here); a job interrupted (KeyboardInterrupt) or killed leaves none."""
+        return self._job.paths.result_pickle.exists()
+
     def done(self) -> bool:
-        if self._job.paths.result_pickle.exists():
+        if self.ran_to_its_end():
             return True
         try:  # alive, and still a submitit job (not a recycled pid)?
             return b"submitit" not in Path(f"/proc/{int(self.job_id)}/cmdline").read_bytes()
@@ -151,6 +156,23 @@ class _ForeignLocalJob:
     def cancel(self, check: bool = False) -> None:
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(self.job_id), signal.SIGINT)
+
+
+def _died_with_its_watcher(job: Any, status: dict[str, Any]) -> bool:
+    """Whether an attempt without results was cut short by the death of the watcher that started it.
+
+    Every local job is tied to its watcher (:func:`slurm.executor.local_jobs_end_with_this_process`):
+    when the watcher dies without cleanup (SIGKILL, the OOM killer, a closed terminal), the job's
+    controller gets SIGINT and interrupts the job, as Ctrl-C would, and kills it a second later. A
+    job interrupted inside ``run_job`` writes "stopped"; one interrupted earlier (while it starts:
+    unpickling, importing torch, 2-5 s of every job) or killed before it wrote anything leaves no
+    status and no submitit result at all. A job that *fails* leaves both ("failed", and submitit's
+    error result), and one that crashes while its watcher lives is collected by that watcher. So a
+    local job of an earlier watcher (one this process did not start) that ended without a word was
+    stopped, not failed, and does not count: otherwise a few driver kills would use up
+    ``eval.max_retries`` and leave the checkpoint unevaluated for good. SLURM jobs are not tied to
+    their watcher and count as before."""
+    return isinstance(job, _ForeignLocalJob) and not status and not job.ran_to_its_end()
 
 
 @dataclass
@@ -322,6 +344,10 @@ class Watcher:
             elif (status := self._status(e)).get("status") == "stopped":  # cancelled, e.g. by a watcher stopped before it saved
                 e.status, e.attempts = "new", max(0, e.attempts - 1)
                 self.log(f"watch: {name}: job {e.job_id} was stopped before it finished; not counted, evaluating it again")
+            elif _died_with_its_watcher(job, status):
+                e.status, e.attempts = "new", max(0, e.attempts - 1)
+                self.log(f"watch: {name}: job {e.job_id} was cancelled when the watcher that started it died; "
+                         "not counted, evaluating it again")
             else:
                 error, e.refused = self._job_error(e, job, status)
                 e.errors.append(error)

@@ -20,6 +20,7 @@ far), never the workflow object, so they stay plain functions that are easy to r
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import sys
 from collections.abc import Callable
@@ -41,11 +42,13 @@ EXIT_OK, EXIT_FAILURE, EXIT_REFUSED, EXIT_REQUEUE, EXIT_INTERRUPTED = 0, 1, 2, 3
 class WorkflowError(RuntimeError):
     """A stage failed or the workflow cannot proceed; the message says what to do.
 
-    ``code`` is the exit code it means: 1 (a rerun may help) or 2 (refused: fix the config/data)."""
+    ``code`` is the exit code it means: 1 (a rerun may help) or 2 (refused: fix the config/data).
+    ``advice``, when the stage knows better than the exit code alone, is what the user should do."""
 
-    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+    def __init__(self, message: str, code: int = EXIT_FAILURE, advice: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.advice = advice
 
 
 @dataclasses.dataclass
@@ -140,9 +143,55 @@ def _run_train(ctx: StageContext) -> Outcome:
         # checkpointed on a stop signal: Ctrl-C (SIGINT seen here) keeps meaning 130, anything else 3
         return Outcome(EXIT_INTERRUPTED if ctx.stop_signal == signal.SIGINT else EXIT_REQUEUE,
                        why="training checkpointed on a stop signal")
+    if rc == EXIT_REFUSED and (holder := train_lock_holder(ctx.run_dir)) is not None:
+        raise run_dir_in_use(ctx.run_dir, holder)
     if rc != EXIT_OK:
         raise WorkflowError(f"pretrain train exited with {rc}", EXIT_REFUSED if rc == EXIT_REFUSED else EXIT_FAILURE)
     return Outcome(outputs={"final_checkpoint": str(latest_committed(ctx.run_dir))})
+
+
+def train_lock_holder(run_dir: Path) -> dict[str, Any] | None:
+    """Who holds ``run_dir``'s ``train`` lock now (its record: host, pid, job_id, since), or None
+    when it is free. Asked after training was refused: a live holder is why (the trainer waited
+    for it, :data:`trainer.runlock.WAIT_S`, before refusing); a free lock means another cause."""
+    from trainer.runlock import RunLock, RunLockHeld
+
+    lock = RunLock(run_dir, "train", wait_s=0, log=lambda _msg: None)
+    try:
+        lock.acquire()
+    except RunLockHeld:
+        try:
+            info = json.loads(RunDir(run_dir).lock("train").read_text() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        return info if isinstance(info, dict) else {}
+    except OSError:
+        return None
+    lock.release()
+    return None
+
+
+def run_dir_in_use(run_dir: Path, holder: dict[str, Any]) -> WorkflowError:
+    """The train stage's refusal when another live training holds the run dir: nothing is wrong with
+    the config or data, so say who it is and how to end it. Exit 2 all the same, as the trainer
+    itself refuses a held run dir: a rerun (or a SLURM requeue) cannot make that process go away,
+    and a requeued job would only meet it again; the trainer already waits for the holder a while
+    (minutes in a requeued SLURM job, for its previous incarnation) before it refuses."""
+    from trainer.runlock import holder_text
+
+    pid, host, job = holder.get("pid"), holder.get("host"), holder.get("job_id")
+    stop = ""
+    if job:
+        stop = f"scancel {job}"
+    elif pid:
+        stop = f"kill -TERM {pid}" + (f" on host {host}" if host else "")
+    return WorkflowError(
+        f"another training is writing {run_dir}: its train lock is held by {holder_text(holder)}",
+        EXIT_REFUSED,
+        advice="nothing is wrong with the config or data: wait for that training to end, or stop it"
+        + (f" ({stop}: it checkpoints and exits)" if stop else "")
+        + ", then run the same command again to resume from its last checkpoint",
+    )
 
 
 def unevaluated(ctx: StageContext) -> list[str]:

@@ -277,9 +277,9 @@ class Workflow:
         except Exception as e:
             self._end(stage.name, "failed", f"{type(e).__name__}: {e}")
             code = e.code if isinstance(e, WorkflowError) else EXIT_REFUSED if isinstance(e, RunLockHeld) else EXIT_FAILURE
-            advice = "fix the config or data, then run the same command again" if code == EXIT_REFUSED else \
-                "fix the cause and run the same command again to resume"
-            raise WorkflowError(f"stage '{stage.name}' failed: {e}\n{advice}", code) from e
+            advice = getattr(e, "advice", "") or ("fix the config or data, then run the same command again" if code == EXIT_REFUSED
+                                                  else "fix the cause and run the same command again to resume")
+            raise WorkflowError(f"stage '{stage.name}' {'refused' if code == EXIT_REFUSED else 'failed'}: {e}\n{advice}", code) from e
 
     def _log_stopped(self, name: str, outcome: Outcome) -> None:
         if outcome.why.startswith("training checkpointed"):

@@ -19,16 +19,28 @@ signals every process of a job step whenever the time limit or a preemption come
 * After the outcome is decided (:meth:`StopFlag.settle`), the signals are ignored: Python puts
   its handlers back to the default action while the interpreter exits, and a SIGUSR2 then would
   kill a worker that has finished, which torchrun reports as a failure.
+
+A stop must not fail on the way out either. The terminal a run was started from can go away (a
+closed window, a dropped ssh session): its hangup stops `pretrain train` and so, through torchrun,
+the workers, which still write to that terminal, where every write now fails (EIO; EPIPE for a
+pipe whose reader is gone). An exception from a progress line or from "received SIGTERM" would kill
+the rank before it checkpoints; :func:`survive_lost_output` makes such a stream a quiet one instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import signal
+import sys
+from collections.abc import Iterator
+from typing import Any, TextIO
 
 from common.stop_signals import replay_held_stop_signals
 
 USER_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+LOST_OUTPUT = (errno.EIO, errno.EPIPE)  # a write to a terminal that hung up / a pipe nobody reads
 
 
 def block_user_signals() -> None:
@@ -64,9 +76,83 @@ class StopFlag:
 
     def _handle(self, signum: int, frame) -> None:  # noqa: ANN001 - signal API
         if self.signum is None:  # os.write: a print here could interrupt one of the main thread's
-            os.write(2, f"received {signal.Signals(signum).name}: will checkpoint at the next step boundary and exit\n".encode())
+            say = f"received {signal.Signals(signum).name}: will checkpoint at the next step boundary and exit\n"
+            try:
+                os.write(2, say.encode())
+            except OSError as e:  # stderr is a terminal that has gone: the stop goes on without the message
+                if e.errno not in LOST_OUTPUT:
+                    raise
+                silence_fd(2)
         self.signum = signum
 
     @property
     def is_set(self) -> bool:
         return self.signum is not None
+
+
+def silence_fd(fd: int) -> None:
+    """Point ``fd`` (a standard stream whose terminal or reader is gone) at /dev/null, so that what
+    is still buffered for it, and every later write, by Python or by a library, succeeds unseen."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        os.dup2(null, fd)
+    except OSError:
+        pass
+    finally:
+        os.close(null)
+
+
+class SurvivingStream:
+    """``sys.stdout``/``sys.stderr`` of a worker: a write or flush that fails (the terminal hung up,
+    the pipe's reader exited) silences the stream (:func:`silence_fd`) instead of raising."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def _fd(self) -> int | None:
+        try:
+            return self._stream.fileno()
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def _retry_silenced(self, call: Any, *args: Any) -> Any:
+        try:
+            return call(*args)
+        except OSError as e:
+            fd = self._fd()
+            if e.errno not in LOST_OUTPUT or fd is None:
+                raise  # e.g. a full disk under a redirected log: the run's own error handling decides
+            silence_fd(fd)  # then once more: the buffered text goes to /dev/null, not to the next write
+        try:
+            return call(*args)
+        except OSError:
+            return None
+
+    def write(self, text: str) -> int:
+        self._retry_silenced(self._stream.write, text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._retry_silenced(self._stream.flush)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def survive_lost_output() -> Iterator[None]:
+    """For the block, a lost stdout/stderr is silenced rather than fatal (see the module docstring).
+    The originals are put back after: one that was silenced writes to /dev/null from then on, so the
+    interpreter's last flush at exit cannot fail either (which would turn exit 3 into 120)."""
+    saved = sys.stdout, sys.stderr
+    if sys.stdout is not None:
+        sys.stdout = SurvivingStream(sys.stdout)  # type: ignore[assignment]
+    if sys.stderr is not None:
+        sys.stderr = SurvivingStream(sys.stderr)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved

@@ -86,7 +86,7 @@ from trainer.progress import StepTimer, format_duration
 from trainer.provenance import write_run_config
 from trainer.rng import capture_rng, restore_rng, seed_all
 from trainer.runlock import RunLock, RunLockHeld, RunLockStopped
-from trainer.signals import StopFlag
+from trainer.signals import StopFlag, survive_lost_output
 from trainer.state import TrainState
 from trainer.step import TrainStep, build_model, to_device, wrap_model
 from trainer.tracking import NullTracker, TrackingError, start_tracking
@@ -701,7 +701,14 @@ def run_worker(resolved: dict[str, Any], allow_changes: bool = False, where: str
     2 (refused) for what a rerun cannot fix: a config error, a foreign checkpoint or changed
     hyper-parameters, the run dir in use, a corrupt dataset (``ShardError``), a full disk, or a
     run that diverged (``train.max_skipped_steps``). 1 only where a retry may help.
+    A terminal that goes away (and takes stdout/stderr with it) costs its output, never the
+    checkpoint of the stop that follows (:func:`trainer.signals.survive_lost_output`).
     """
+    with survive_lost_output():
+        return _run_worker(resolved, allow_changes, where)
+
+
+def _run_worker(resolved: dict[str, Any], allow_changes: bool, where: str) -> int:
     try:
         cfg = TrainJob.from_resolved(resolved, where)
     except ConfigError as e:
