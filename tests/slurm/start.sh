@@ -108,7 +108,9 @@ SlurmctldPort=6817
 SlurmdPort=6818
 MinJobAge=600
 InactiveLimit=0
-KillWait=5
+# SIGTERM -> SIGKILL delay of scancel and the time limit (SLURM's default is 30 s): 5 s was too short
+# for a training to checkpoint and its batch script to report on a loaded 2-core CI machine
+KillWait=15
 $NODELINES
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
