@@ -75,6 +75,7 @@ class StageContext:
     overrides: list[str]
     log: Callable[[str], None] = print
     stop_signal: int | None = None  # the first stop signal this process got (pipelines.stopping.stop_signals)
+    executor: str = "local"  # where the stages' jobs run: what "evaluated" means depends on it (unevaluated)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,14 +196,17 @@ def run_dir_in_use(run_dir: Path, holder: dict[str, Any]) -> WorkflowError:
 
 
 def unevaluated(ctx: StageContext) -> list[str]:
-    """Committed checkpoints that lack a complete result for some planned eval task."""
+    """Committed checkpoints that lack a complete result for some planned eval task, judged as the
+    eval jobs compute it: with ``--executor slurm`` on the job's node (``eval.dtype: auto`` is bf16
+    there when ``eval.slurm.gpus`` > 0), not on a login node without GPUs (evals.results)."""
     from evals.job import planned_tasks
-    from evals.results import all_complete
+    from evals.results import all_complete, job_device_type
     from trainer.checkpoint import list_committed
 
     tasks = planned_tasks(ctx.cfg.eval)
+    device_type = job_device_type(ctx.cfg.eval, ctx.executor)
     return [c.name for c in list_committed(ctx.run_dir)
-            if not all_complete(c, ctx.cfg.eval, tasks)]  # fmt: skip
+            if not all_complete(c, ctx.cfg.eval, tasks, device_type=device_type)]  # fmt: skip
 
 
 def _run_eval(ctx: StageContext) -> Outcome:

@@ -217,7 +217,7 @@ class Workflow:
     def verify(self, name: str) -> str | None:
         """None if the stage's outputs are there and sound, else why not."""
         stage = next(s for s in STAGES if s.name == name)
-        return stage.verify(self.ctx, self.stages[name].outputs)
+        return stage.verify(dataclasses.replace(self.ctx, executor=self.executor), self.stages[name].outputs)
 
     def _begin(self, stage: Stage, status: str = "running") -> StageState:
         st = self.stages[stage.name]

@@ -27,6 +27,7 @@ XDIST_GROUPS = {
     "test_chaos": "workflow",  # both read `workflow_reference`, one uninterrupted run of the tiny workflow
     "test_workflow": "workflow",
     "test_orphans": "workflow",
+    "test_workflow_followups": "workflow",
 }
 # Handed out in this order (then the rest, in file order): the longest groups first, so that the
 # workers finish together. Measured sequentially on 2 cores: slurm 446 s, workflow 396 s,

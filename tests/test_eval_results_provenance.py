@@ -101,3 +101,23 @@ def test_a_quick_check_is_not_drawn_as_the_checkpoints_result(tmp_path, gpt2_ran
     evaluate_checkpoint(ckpt, cfg, limit=3, log=lambda m: None)
     assert list((tmp_path / "run" / "evals").rglob("checks/*.json"))
     assert not any(k.startswith("eval/") for row in collect(tmp_path / "run") for k in row)
+
+
+def test_a_slurm_workflow_on_a_login_node_without_gpus_counts_the_gpu_jobs_results_as_done(tmp_path, gpt2_ranks):
+    """`pretrain run --executor slurm` checks the eval stage from a login node without GPUs, while the
+    eval jobs ran on GPU nodes (`eval.slurm.gpus: 1`, `eval.dtype: auto`: bf16 there). Their results
+    are the stage's output: judged as this machine would compute them (fp32), every checkpoint would
+    look unevaluated and the stage would never be done. A local workflow still wants its own fp32 result."""
+    from pipelines.config import load_config
+    from pipelines.stages import StageContext, unevaluated
+
+    ckpt, _ = _evaluated(tmp_path)
+    run_dir = ckpt.parent.parent
+    gpu_result = {**read_result(ckpt, "hellaswag"), "device": "cuda:0"}
+    gpu_result["settings"] = {**gpu_result["settings"], "dtype": "bfloat16"}
+    write_json_atomic(result_path(ckpt, "hellaswag"), gpu_result)
+    cfg = load_config(None, [f"run_dir={run_dir}", f"eval.hellaswag_path={tmp_path / 'hs.jsonl'}", "eval.harness_tasks=[]",
+                             "eval.device=auto", "eval.slurm.gpus=1", "eval.batch_size=4"])
+    ctx = StageContext(cfg, run_dir, "run.yaml", [])
+    assert unevaluated(replace(ctx, executor="slurm")) == []
+    assert unevaluated(replace(ctx, executor="local")) == [ckpt.name]  # this CPU computes fp32: not its result
