@@ -14,22 +14,17 @@ are still exiting; it waits up to ``REQUEUE_WAIT_S`` for them to vanish instead 
 Users: :mod:`trainer.runlock` (a run dir's roles) and the data stage (its output directory).
 
 The kernel frees a lock with its holder, but a holder can outlive the process the user started:
-a training's ranks and an eval job run in processes of their own, and when the command that
-started them dies without cleanup (SIGKILL, the OOM killer, a closed terminal) they would go on
-writing into the run dir, unseen, and refuse the user's rerun. :func:`parent_death_signal` ties
-such a child to its parent (Linux ``PR_SET_PDEATHSIG``), so a lock is never held by an orphan.
+:func:`common.parent_death.parent_death_signal` ties such a child to its parent, so a lock is
+never held by an orphan.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import json
 import os
 import socket
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +34,11 @@ REQUEUE_WAIT_S = 300.0  # a requeued SLURM job: the previous incarnation may be 
 
 
 class LockHeld(RuntimeError):
-    """Another live process holds the lock (refuse: exit 2)."""
+    """Another live process holds the lock (refuse: exit 2); ``holder`` is its record (host, pid, job_id, since)."""
+
+    def __init__(self, message: str, holder: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder or {}
 
 
 class LockStopped(RuntimeError):
@@ -89,7 +88,7 @@ class HolderLock:
                 raise LockStopped(f"stopped while waiting for {self.role} of {self.subject}, held by {holder_text(info)}")
             if time.monotonic() >= deadline:
                 os.close(fd)
-                raise LockHeld(f"{self.subject} is in use ({self.role}) by {holder_text(info)}; {self.advice} (lock file {self.path})")
+                raise LockHeld(f"{self.subject} is in use ({self.role}) by {holder_text(info)}; {self.advice} (lock file {self.path})", info)
             if not announced:
                 self.log(f"lock: {self.role} of {self.subject} held by {holder_text(info)}; waiting up to {self.wait_s:.0f} s")
                 announced = True
@@ -138,29 +137,3 @@ def _read_holder(fd: int) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
 
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def parent_death_signal(signum: int) -> Callable[[], None]:
-    """A ``preexec_fn`` for ``subprocess.Popen``: the child gets ``signum`` when this process dies.
-
-    Choose the signal the child *stops cleanly* on (a training: its stop signal, so it checkpoints;
-    a submitit job controller: SIGINT, its cancel), not SIGKILL, so that no work is lost.
-
-    The kernel sends it when the *thread* that forked the child ends, not the process: tied from
-    another thread, the child would be stopped with that thread. So only a child started from the
-    main thread (which lives as long as the process) is tied; elsewhere, and off Linux, the
-    returned function does nothing and the child lives on as before. A parent that died between
-    the fork and the ``prctl`` sends nothing: the child checks and exits at once instead."""
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: nothing is loaded after the fork
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
-        if os.getppid() != parent:  # reparented already: our parent is gone
-            os._exit(128 + int(signum))
-
-    return preexec

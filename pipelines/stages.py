@@ -20,7 +20,6 @@ far), never the workflow object, so they stay plain functions that are easy to r
 from __future__ import annotations
 
 import dataclasses
-import json
 import signal
 import sys
 from collections.abc import Callable
@@ -160,12 +159,8 @@ def train_lock_holder(run_dir: Path) -> dict[str, Any] | None:
     lock = RunLock(run_dir, "train", wait_s=0, log=lambda _msg: None)
     try:
         lock.acquire()
-    except RunLockHeld:
-        try:
-            info = json.loads(RunDir(run_dir).lock("train").read_text() or "{}")
-        except (OSError, ValueError):
-            info = {}
-        return info if isinstance(info, dict) else {}
+    except RunLockHeld as e:
+        return e.holder
     except OSError:
         return None
     lock.release()

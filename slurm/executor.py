@@ -32,7 +32,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from common.locking import parent_death_signal
+from common.parent_death import parent_death_signal
 from slurm import validation
 from slurm.resources import SlurmError
 
@@ -136,7 +136,7 @@ def _tied_local_executor_class() -> type:
     SIGINT is what ``LocalJob.cancel`` sends the controller: it interrupts its tasks (SIGINT, then
     SIGKILL a second later) and exits, so the eval job unwinds as on a Ctrl-C (its attempt is
     recorded as stopped, not failed). The controller is started as ``submitit.local.local.start_controller``
-    starts it (submitit 1.5), plus the ``preexec_fn`` that ties it (:func:`common.locking.parent_death_signal`)."""
+    starts it (submitit 1.5), plus the ``preexec_fn`` that ties it (:func:`common.parent_death.parent_death_signal`)."""
     from submitit.local.local import LocalExecutor, LocalJob
 
     class TiedLocalExecutor(LocalExecutor):

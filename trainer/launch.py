@@ -19,7 +19,7 @@ front of it, for two reasons:
 * Our own death. torchrun must not outlive us: killed without cleanup (SIGKILL, the OOM killer,
   the SIGHUP of a closed terminal or a dropped ssh session), we forward nothing, and torchrun
   and its ranks would train on unseen, holding the run dir's ``train`` lock against the rerun.
-  So torchrun gets SIGTERM when we die (``PR_SET_PDEATHSIG``, :func:`common.locking.parent_death_signal`):
+  So torchrun gets SIGTERM when we die (``PR_SET_PDEATHSIG``, :func:`common.parent_death.parent_death_signal`):
   it stops its workers with it, and they checkpoint and exit 3 as on any stop (within torchrun's
   30 s shutdown timeout). torchrun holds SIGHUP blocked: a terminal's hangup reaches our whole
   process group, and torchrun would pass it on to the workers, which die of it uncheckpointed.
@@ -43,7 +43,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from common.locking import parent_death_signal
+from common.parent_death import parent_death_signal
 from common.strict import ConfigError
 from trainer import EXIT_FILE_ENV, EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE, under_torchrun
 from trainer.config import TrainJob
