@@ -24,6 +24,7 @@ XDIST_GROUPS = {
     "test_data_slurm": "slurm",
     "test_slurm_audit": "slurm",
     "test_workflow_slurm": "slurm",
+    "test_slurm_ports_and_status": "slurm",  # imports test_slurm's `cluster` fixture: the same fixed ports
     "test_chaos": "workflow",  # both read `workflow_reference`, one uninterrupted run of the tiny workflow
     "test_workflow": "workflow",
     "test_orphans": "workflow",
@@ -43,7 +44,14 @@ def xdist_group(nodeid: str) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The long groups first (XDIST_FIRST); file order otherwise. Harmless without xdist."""
+    """The long groups first (XDIST_FIRST); file order otherwise. Harmless without xdist.
+
+    A test module that uses the SLURM test cluster (`cluster`, fixed ports) outside the "slurm"
+    group could start a second cluster beside the first on the other worker: refused here."""
+    strays = sorted({item.nodeid.split("::", 1)[0] for item in items
+                     if "cluster" in getattr(item, "fixturenames", ()) and xdist_group(item.nodeid) != "slurm"})
+    if strays:
+        raise pytest.UsageError(f"{', '.join(strays)} use the SLURM test cluster: add them to XDIST_GROUPS as 'slurm'")
     first = {name: i for i, name in enumerate(XDIST_FIRST)}
     items.sort(key=lambda item: first.get(xdist_group(item.nodeid), len(first)))
 
