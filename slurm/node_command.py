@@ -36,7 +36,7 @@ from submitit.core.utils import UncompletedJobError
 
 from common.stop_signals import STOP_SIGNALS
 from slurm.jobs import PEERS_GRACE_S, cancelled
-from slurm.ports import DEFAULT_RDZV_PORTS, ephemeral_note, port_problem, rendezvous_port
+from slurm.ports import DEFAULT_RDZV_PORTS, check_rendezvous_port, rendezvous_port
 
 
 def final_exit_note(rc: int | None) -> str:
@@ -98,9 +98,8 @@ class NodeCommand(submitit.helpers.Checkpointable):
         if job.num_nodes <= 1 or job.node != 0 or "{rdzv_endpoint}" not in self.argv:
             return None
         port = rendezvous_port(job.job_id, self.rdzv_ports())
-        if (note := ephemeral_note(port)) is not None:
-            print(f"[node_command] warning: {note}", flush=True)
-        return port_problem(port, self.rdzv_ports(), job.hostnames[0])
+        return check_rendezvous_port(port, self.rdzv_ports(), job.hostnames[0],
+                                     lambda note: print(f"[node_command] warning: {note}", flush=True))
 
     def __call__(self) -> int:
         job = submitit.JobEnvironment()

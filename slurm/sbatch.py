@@ -7,6 +7,9 @@ resumes from the newest committed checkpoint), as ``slurm.node_command`` does; n
 or a failure. As there, a node whose command fails for good ends the step on every node (the batch
 shell reads srun's "task N: Exited with exit code C" on srun's stderr, which passes through it),
 so the other nodes do not wait for it until the time limit.
+A multi-node job's first node checks its rendezvous port before starting anything (``python -m
+slurm.ports check``, the check ``slurm.node_command`` runs): a port in use ends the job at once, exit 1,
+naming it, instead of torchrun's two minutes of connection timeouts.
 
 Two readers see the script, so values are quoted for each: ``#SBATCH`` lines are read by sbatch's
 own parser (:func:`slurm.validation.sbatch_quote`), the command line by bash (``shlex.quote``).
@@ -16,6 +19,7 @@ is reduced to SLURM-safe characters, and so is everything in the header comment.
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 
 from slurm import validation
@@ -34,7 +38,7 @@ nodes=${{SLURM_JOB_NUM_NODES:-1}}
 master=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 [ "$nodes" -gt 1 ] || master=127.0.0.1
 port=$(( {port_low} + SLURM_JOB_ID % {port_span} ))   # slurm.rdzv_ports {port_low}-{port_high}
-
+{port_check}
 forward() {{
   echo "[sbatch] $1 received at $(date -Is): asking the training step to checkpoint"
   [ -n "${{step:-}}" ] && kill -s "$1" "$step" 2>/dev/null
@@ -96,6 +100,33 @@ exit "$rc"
 """
 
 
+# The batch shell runs on the job's first node, the rendezvous host: a port in use there would cost
+# torchrun's two 60 s connection timeouts and end in stack traces that never name it. One check for
+# both routes (slurm.ports, as slurm.node_command runs it); exit 1: failed, a new job gets a new port.
+PORT_CHECK = """\
+if [ "$nodes" -gt 1 ]; then
+  problem=$({python} -m slurm.ports check "$port" {port_low}-{port_high} "$master"); checked=$?
+  if [ "$checked" -ne 0 ]; then
+    echo "[sbatch] ${{problem:-the check of rendezvous port $port failed (exit $checked, see above)}}; training not started: exited with code 1 (failed; not requeued: submit again to resume from the last checkpoint)"
+    exit 1
+  fi
+fi
+"""
+
+
+def port_check(argv: list[str], ports: tuple[int, int]) -> str:
+    """The first node's check of its rendezvous port, for a command that meets the other nodes at
+    ``{rdzv_endpoint}`` (else nothing), run by this interpreter: the one `train_argv` puts in the
+    script too, so this project is installed in it on every node."""
+    if "{rdzv_endpoint}" not in argv:
+        return ""
+    try:
+        validation.check_no_control("python interpreter", sys.executable)
+    except ValueError as e:
+        raise SlurmError(str(e)) from e
+    return PORT_CHECK.format(python=shlex.quote(sys.executable), port_low=int(ports[0]), port_high=int(ports[1]))
+
+
 def render_sbatch(
     argv: list[str], cfg: SlurmConfig, log_dir: Path, name: str, requeue_exit_code: int, gpus_per_node: int = 0, chdir: Path | None = None
 ) -> str:
@@ -143,6 +174,7 @@ def render_sbatch(
     shell_values = {"{nnodes}": '"$nodes"', "{rdzv_endpoint}": '"$master:$port"', "{job_id}": '"$SLURM_JOB_ID"'}
     command = " ".join(shell_values.get(a, shlex.quote(a)) for a in argv)
     return TEMPLATE.format(
+        port_check=port_check(argv, ports),
         script_hint=name,  # a sanitised name: nothing in it can end the comment line (the file's own name could)
         sbatch_lines=sbatch_lines,
         command=command,

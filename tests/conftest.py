@@ -24,7 +24,6 @@ XDIST_GROUPS = {
     "test_data_slurm": "slurm",
     "test_slurm_audit": "slurm",
     "test_workflow_slurm": "slurm",
-    "test_slurm_ports_and_status": "slurm",  # imports test_slurm's `cluster` fixture: the same fixed ports
     "test_chaos": "workflow",  # both read `workflow_reference`, one uninterrupted run of the tiny workflow
     "test_workflow": "workflow",
     "test_orphans": "workflow",
