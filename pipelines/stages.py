@@ -42,12 +42,18 @@ class WorkflowError(RuntimeError):
     """A stage failed or the workflow cannot proceed; the message says what to do.
 
     ``code`` is the exit code it means: 1 (a rerun may help) or 2 (refused: fix the config/data).
-    ``advice``, when the stage knows better than the exit code alone, is what the user should do."""
+    ``advice``, when the stage knows better than the exit code alone, is what the user should do.
+    ``exit_line``: the line of the stage's own output that says why it ended (the launcher's
+    "pretrain train: exit 2: refused: ...", an eval job's error), and ``log`` the file that holds it
+    ("" when it went to the terminal only): recorded in workflow.json for `pretrain status`, which
+    a local run has no job log for, unlike a SLURM one."""
 
-    def __init__(self, message: str, code: int = EXIT_FAILURE, advice: str = "") -> None:
+    def __init__(self, message: str, code: int = EXIT_FAILURE, advice: str = "", exit_line: str = "", log: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.advice = advice
+        self.exit_line = exit_line
+        self.log = log
 
 
 @dataclasses.dataclass
@@ -136,9 +142,15 @@ def _run_data(ctx: StageContext) -> Outcome:
 
 def _run_train(ctx: StageContext) -> Outcome:
     from trainer.checkpoint import latest_committed
-    from trainer.launch import train_command
+    from trainer.launch import say_on_stderr, train_command
 
-    rc = train_command(to_dict(ctx.cfg))
+    said: list[str] = []  # the launcher's lines; its last says why training ended (kept for `pretrain status`)
+
+    def say(line: str) -> None:
+        said.append(line)
+        say_on_stderr(line)
+
+    rc = train_command(to_dict(ctx.cfg), say=say)
     if rc == EXIT_REQUEUE:
         # checkpointed on a stop signal: Ctrl-C (SIGINT seen here) keeps meaning 130, anything else 3
         return Outcome(EXIT_INTERRUPTED if ctx.stop_signal == signal.SIGINT else EXIT_REQUEUE,
@@ -146,7 +158,8 @@ def _run_train(ctx: StageContext) -> Outcome:
     if rc == EXIT_REFUSED and (holder := train_lock_holder(ctx.run_dir)) is not None:
         raise run_dir_in_use(ctx.run_dir, holder)
     if rc != EXIT_OK:
-        raise WorkflowError(f"pretrain train exited with {rc}", EXIT_REFUSED if rc == EXIT_REFUSED else EXIT_FAILURE)
+        raise WorkflowError(f"pretrain train exited with {rc}", EXIT_REFUSED if rc == EXIT_REFUSED else EXIT_FAILURE,
+                            exit_line=said[-1] if said else "")
     return Outcome(outputs={"final_checkpoint": str(latest_committed(ctx.run_dir))})
 
 
@@ -210,13 +223,30 @@ def _run_eval(ctx: StageContext) -> Outcome:
     from trainer.checkpoint import list_committed
 
     with local_jobs_end_with_this_process():  # a driver killed without cleanup leaves no eval job running
-        rc = Watcher(ctx.run_dir, ctx.cfg.eval, executor="local", log=ctx.log).run(once=True)
+        watcher = Watcher(ctx.run_dir, ctx.cfg.eval, executor="local", log=ctx.log)  # its executor is built here
+        rc = watcher.run(once=True)
     missing = unevaluated(ctx)
     if rc != 0 or missing:
         refused = rc == EXIT_REFUSED  # an eval's data is wrong: fix it first
+        exit_line, log = _eval_error(watcher)
         raise WorkflowError(f"evals {'refused' if refused else 'failed'} for {', '.join(missing) or 'some checkpoints'} "
-                            f"(see {RunDir(ctx.run_dir).evals})", EXIT_REFUSED if refused else EXIT_FAILURE)
+                            f"(see {RunDir(ctx.run_dir).evals})", EXIT_REFUSED if refused else EXIT_FAILURE,
+                            exit_line=exit_line, log=log)
     return Outcome(outputs={"checkpoints": len(list_committed(ctx.run_dir))})
+
+
+def _eval_error(watcher: Any) -> tuple[str, str]:
+    """(exit line, log) of a failed eval pass: the last error of the first checkpoint that failed
+    for good (a refused one first: that is what the exit code says), as the watcher kept it from its
+    job, and that job's stderr log (submitit's ``<job>_0_log.err``, which holds its traceback) when
+    it is there; a submission that failed has no log of its own."""
+    failed = sorted((not e.refused, name) for name, e in watcher.entries.items() if e.status == "failed" and e.errors)
+    if not failed:
+        return "", ""
+    entry = watcher.entries[failed[0][1]]
+    error = entry.errors[-1]
+    log = RunDir(watcher.run_dir).eval_jobs / f"{entry.job_id}_0_log.err"
+    return error, str(log) if entry.job_id and not error.startswith("submission failed") and log.is_file() else ""
 
 
 def _run_report(ctx: StageContext) -> Outcome:

@@ -6,9 +6,15 @@
 
 * ``run_dir``: absolute path.
 * ``workflow``: ``executor``, ``config_path``, ``overrides``, ``stages`` (per stage: ``status``,
-  ``attempts``, ``job_ids``, ``error``, ``started``, ``ended``; a field of the wrong type is null),
-  ``error`` (SLURM refresh failure, or what of workflow.json is unreadable: with none of it readable,
-  ``executor`` is null).
+  ``attempts``, ``job_ids``, ``error``, ``started``, ``ended``, ``exit_code``, ``log``, ``meaning``;
+  a field of the wrong type is null). For a stage that ended failed or stopped, ``meaning`` is
+  ``refused`` (exit 2: fix the config or data), ``failed`` (a rerun may help) or ``stopped`` (3 or
+  130: resumable), and a local run records why: ``exit_code`` (what `pretrain run` exited with),
+  ``error`` (the line that says why, e.g. the launcher's "pretrain train: exit 2: refused: ..." or
+  an eval job's error) and ``log`` (the file that holds it, e.g. the eval job's stderr; null when
+  it went to the terminal only, as training's does); a SLURM stage's jobs say why under
+  ``slurm_jobs``. The workflow's own ``error``: SLURM refresh failure, or what of workflow.json is
+  unreadable (with none of it readable, ``executor`` is null).
 * ``training``: ``step``, ``max_steps``, ``percent``, ``loss`` (null for a skipped step),
   ``val_loss`` and ``val_step`` (the newest validation), ``tokens``, ``tokens_per_s``, ``mfu``,
   ``last_step_time`` (unix seconds), ``last_step_age_s``, ``eta_s`` (median recent step time ×
@@ -97,7 +103,9 @@ def _results(directory: Path) -> dict[str, dict[str, Any]]:
 
 STAGE_FIELDS: dict[str, Any] = {  # a stage's field -> the type it must have to be shown (else null)
     "status": str, "attempts": int, "job_ids": list, "error": str, "started": (int, float), "ended": (int, float),
+    "exit_code": int, "log": str,  # absent (null) in a run dir of a version that did not record them
 }
+MEANINGS = {"failed": "failed", "interrupted": "stopped"}  # a stage's status -> what its end means (refused: exit 2)
 
 
 def _stage(raw: Any) -> dict[str, Any]:
@@ -109,6 +117,9 @@ def _stage(raw: Any) -> dict[str, Any]:
         out[key] = value if isinstance(value, kind) and not isinstance(value, bool) else None
     if out["job_ids"] is not None and not all(isinstance(j, str) for j in out["job_ids"]):
         out["job_ids"] = None
+    out["log"] = out["log"] or None
+    meaning = MEANINGS.get(out["status"] or "")
+    out["meaning"] = "refused" if meaning == "failed" and out["exit_code"] == 2 else meaning
     return out
 
 
@@ -269,13 +280,24 @@ def _slurm_job(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _why_line(j: dict[str, Any]) -> str | None:
-    """The indented line under a failed job in ``status_text``, or None for any other job."""
+def _why_line(j: dict[str, Any], no_log: str = "?") -> str | None:
+    """The indented line under a failed job (or a local stage that failed or stopped) in
+    ``status_text``, or None for any other: what it means, its exit code, SLURM's reason, the line
+    that says why and the log that holds it (``no_log`` when there is none)."""
     if "log" not in j:
         return None
-    parts = [f"exit code {j['exit_code']}" if j.get("exit_code") else "", f"reason {j['reason']}" if j.get("reason") else "",
-             j.get("exit_line") or "no exit line in its logs"]
-    return f"           {'; '.join(p for p in parts if p)}  (log: {j.get('log') or '?'})"
+    parts = [j.get("meaning") or "", f"exit code {j['exit_code']}" if j.get("exit_code") else "",
+             f"reason {j['reason']}" if j.get("reason") else "", j.get("exit_line") or "no exit line in its logs"]
+    return f"           {'; '.join(p for p in parts if p)}  (log: {j.get('log') or no_log})"
+
+
+def _stage_why(st: dict[str, Any]) -> str | None:
+    """A local stage's why-line (see :func:`_why_line`); None for a stage that did not fail or stop,
+    or whose run dir did not record an exit code (an older version's, or a SLURM stage's)."""
+    if st.get("meaning") is None or st.get("exit_code") is None:
+        return None
+    return _why_line({"meaning": st["meaning"], "exit_code": st["exit_code"], "exit_line": st.get("error"), "log": st.get("log")},
+                     no_log="none kept: it went to the terminal that ran it")
 
 
 def _scores(tasks: dict[str, dict[str, Any]]) -> str:
@@ -292,10 +314,12 @@ def _workflow_lines(wf: dict[str, Any]) -> list[str]:
     lines.append(f"workflow  {wf['executor']} executor, config {wf.get('config_path')} {' '.join(wf.get('overrides', []))}")
     for name, st in wf["stages"].items():
         jobs = f" jobs {','.join(st['job_ids'])}" if st.get("job_ids") else ""
-        extra = f"  {st['error']}" if st.get("error") else ""
+        why = _stage_why(st)
+        extra = f"  {st['error']}" if st.get("error") and why is None else ""
         status = st.get("status") or "?"
         when = _duration(st.get("started"), st.get("ended")) if status != "pending" else ""
         lines.append(f"  {name:<7} {status:<11} attempts {st.get('attempts') or 0} {when:>6}{jobs}{extra}")
+        lines += [why] if why else []
     return lines
 
 

@@ -82,7 +82,9 @@ class StageState:
     ended: float | None = None
     job_ids: list[str] = dataclasses.field(default_factory=list)
     outputs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    error: str = ""
+    error: str = ""  # why it failed or stopped: the most telling line the stage had (its output's exit line)
+    exit_code: int | None = None  # what a local run of it exited with (1 failed, 2 refused, 3/130 stopped)
+    log: str = ""  # the file that holds ``error`` with its context ("": it went to the terminal only)
 
 
 class Workflow:
@@ -115,9 +117,10 @@ class Workflow:
         if raw.get("format") != STATE_FORMAT:
             raise WorkflowError(f"{path}: workflow state format {raw.get('format')} is not supported")
         self.executor = raw.get("executor", "local")
+        known = {f.name for f in dataclasses.fields(StageState)}
         for name, st in raw.get("stages", {}).items():
-            if name in self.stages:
-                self.stages[name] = StageState(**st)
+            if name in self.stages:  # a key a later version added is left out, as a missing one gets its default
+                self.stages[name] = StageState(**{k: v for k, v in st.items() if k in known})
 
     def save(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -224,12 +227,12 @@ class Workflow:
         values = stage.depends_on(self.cfg)
         st.status, st.fingerprint, st.config = status, fingerprint(values), values
         st.attempts += 1
-        st.started, st.ended, st.error = time.time(), None, ""
+        st.started, st.ended, st.error, st.exit_code, st.log = time.time(), None, "", None, ""
         return st
 
-    def _end(self, name: str, status: str, error: str = "") -> None:
+    def _end(self, name: str, status: str, error: str = "", exit_code: int | None = None, log: str = "") -> None:
         st = self.stages[name]
-        st.status, st.ended, st.error = status, time.time(), error
+        st.status, st.ended, st.error, st.exit_code, st.log = status, time.time(), error, exit_code, log
         self.save()
 
     # ---------------------------------------------------------------- local execution
@@ -243,7 +246,7 @@ class Workflow:
             self.save()
             outcome = self._run_stage(stage)
             if not outcome.done:
-                self._end(stage.name, "interrupted", outcome.why)
+                self._end(stage.name, "interrupted", outcome.why, outcome.code)
                 self._log_stopped(stage.name, outcome)
                 return outcome.code
             self.stages[stage.name].outputs = outcome.outputs
@@ -275,8 +278,8 @@ class Workflow:
                 return Outcome(EXIT_INTERRUPTED, why="interrupted by the user")
             return Outcome(EXIT_REQUEUE, why=f"stopped by {signal.Signals(self.stop_signal).name}")
         except Exception as e:
-            self._end(stage.name, "failed", f"{type(e).__name__}: {e}")
             code = e.code if isinstance(e, WorkflowError) else EXIT_REFUSED if isinstance(e, RunLockHeld) else EXIT_FAILURE
+            self._end(stage.name, "failed", getattr(e, "exit_line", "") or f"{type(e).__name__}: {e}", code, getattr(e, "log", ""))
             advice = getattr(e, "advice", "") or ("fix the config or data, then run the same command again" if code == EXIT_REFUSED
                                                   else "fix the cause and run the same command again to resume")
             raise WorkflowError(f"stage '{stage.name}' {'refused' if code == EXIT_REFUSED else 'failed'}: {e}\n{advice}", code) from e

@@ -91,10 +91,16 @@ def rendezvous_args(nnodes: int, endpoint: str, rdzv_id: str) -> list[str]:
     return [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", f"--rdzv_id={rdzv_id or 'pretrain'}"]
 
 
+def say_on_stderr(line: str) -> None:
+    """Where the launcher's own "pretrain train: ..." lines go unless the caller also keeps them."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def train_command(resolved: dict[str, Any], nnodes: int = 1, rdzv_endpoint: str = "", rdzv_id: str = "",
-                  allow_changes: bool = False) -> int:
+                  allow_changes: bool = False, say: Callable[[str], None] = say_on_stderr) -> int:
     """Train with the resolved run config ``resolved`` (plain data; the caller loaded and validated
-    it); returns the process exit code."""
+    it); returns the process exit code. The launcher's lines (the last one: "pretrain train: exit N:
+    why") go to ``say``: the workflow keeps that last one for `pretrain status`."""
     if under_torchrun():
         from trainer.train import run_worker
 
@@ -102,7 +108,7 @@ def train_command(resolved: dict[str, Any], nnodes: int = 1, rdzv_endpoint: str 
     try:
         job = TrainJob.from_resolved(resolved)  # fail fast on config errors, before starting torchrun
     except ConfigError as e:
-        print(f"pretrain train: config error: {e}", file=sys.stderr, flush=True)
+        say(f"pretrain train: config error: {e}")
         return EXIT_REFUSED
     # the workers read the resolved config from a private file of this launch (node-local, removed after)
     fd, config_file = tempfile.mkstemp(prefix="pretrain-config-", suffix=".yaml")
@@ -110,7 +116,7 @@ def train_command(resolved: dict[str, Any], nnodes: int = 1, rdzv_endpoint: str 
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(job.resolved_yaml())
         return launch_torchrun(config_file, job.train.nproc_per_node, rendezvous_args(nnodes, rdzv_endpoint, rdzv_id),
-                               allow_changes=allow_changes)
+                               allow_changes=allow_changes, say=say)
     finally:
         os.unlink(config_file)
 
@@ -202,9 +208,10 @@ def torchrun_preexec() -> Callable[[], None]:
     return preexec
 
 
-def launch_torchrun(config: str, nproc: int, rdzv: list[str] | None = None, allow_changes: bool = False) -> int:
+def launch_torchrun(config: str, nproc: int, rdzv: list[str] | None = None, allow_changes: bool = False,
+                    say: Callable[[str], None] = say_on_stderr) -> int:
     if nproc < 1:  # load_config refuses it already; kept for direct callers
-        print(f"pretrain train: train.nproc_per_node must be >= 1, got {nproc}", file=sys.stderr)
+        say(f"pretrain train: train.nproc_per_node must be >= 1, got {nproc}")
         return EXIT_REFUSED
     fd, exit_file = tempfile.mkstemp(prefix="pretrain-exit-", suffix=".json")
     os.close(fd)
@@ -225,14 +232,14 @@ def launch_torchrun(config: str, nproc: int, rdzv: list[str] | None = None, allo
                     # Ctrl-C: ask the workers to checkpoint and stop (SIGTERM), whether or not the
                     # terminal also signalled torchrun, then wait for them.
                     forward(signal.SIGTERM, None)
-                    print("pretrain train: interrupted; the workers checkpoint and stop", file=sys.stderr, flush=True)
+                    say("pretrain train: interrupted; the workers checkpoint and stop")
             code, reason = _exit_code(exit_file, rc)
             if forward.stops and code not in (EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE):
                 # a worker died of the signal before its handler existed or after its outcome was
                 # written, or torchrun ended on it: nothing committed is lost, the rerun resumes
                 code, reason = EXIT_REQUEUE, f"stopped by {signal.Signals(forward.stops[0]).name} (torchrun exited with {rc})"
         # torchrun reports any non-zero worker exit as a failure with a traceback; this is the real outcome
-        print(f"pretrain train: exit {code}: {_explain(code, reason)}", file=sys.stderr, flush=True)
+        say(f"pretrain train: exit {code}: {_explain(code, reason)}")
         return code
     finally:
         for s, h in previous.items():
