@@ -4,7 +4,8 @@ A FineWeb-Edu file is ~2 GB: a connection dropped near its end must not cost the
 Each attempt appends to the partial file from its current size (an HTTP ``Range: bytes=N-`` request,
 or a seek for ``file://``/``s3://``/``gs://``), and the finished file is checked against what the
 listing or the server says it is (its size, and its sha256 where one is known) before
-:func:`dataprep.sources.download` renames it into place. The rules for a server's answer:
+:func:`dataprep.sources.download` renames it into place. While an attempt runs, ``<name>.part.size``
+notes that size where known, for the driver's progress bar. The rules for a server's answer:
 
 - 206 whose ``Content-Range`` starts at N: append.
 - 200 to a Range request (the server ignored it): truncate and take the whole body from byte 0.
@@ -29,7 +30,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from common.durable import atomic_write_bytes
+
 BLOCK = 1 << 22
+# An HTTP body is read in smaller pieces: each is on disk as it arrives, so the driver's progress bar
+# (and a resume after a cut) sees bytes every second or so even on a slow link, not once per 4 MB.
+HTTP_PIECE = 1 << 18
+SIZE_SUFFIX = ".size"  # beside a partial: the size it will have when complete (for progress bars)
 HTTP_TIMEOUT_S = (30, 120)  # connect, and the longest wait for the next bytes of a body
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE = re.compile(r"bytes (?:(\d+)-\d+|\*)/(\d+|\*)")
@@ -60,8 +67,10 @@ class Partial:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.size_path = path.with_name(path.name + SIZE_SUFFIX)
         self.sha = hashlib.sha256()
         self.n = 0
+        self._announced: int | None = None
         if path.exists():
             with open(path, "rb") as f:
                 while block := f.read(BLOCK):
@@ -81,6 +90,18 @@ class Partial:
         self.sha.update(block)
         self.n += len(block)
 
+    def announce(self, size: int | None) -> None:
+        """Note beside the partial (``<name>.part.size``) the size the finished file will have, once a
+        listing or a server states it: the driver's progress bar reads it for the total and the ETA
+        (an HTTP file's size is known only from its response). Removed by :meth:`forget_size`."""
+        if size is not None and size != self._announced:
+            atomic_write_bytes(self.size_path, str(size).encode())
+            self._announced = size
+
+    def forget_size(self) -> None:
+        self.size_path.unlink(missing_ok=True)
+        self._announced = None
+
     def close(self) -> None:
         """Flush and fsync: what is renamed into place is on disk."""
         if not self._file.closed:
@@ -92,6 +113,7 @@ class Partial:
         if not self._file.closed:
             self._file.close()
         self.path.unlink(missing_ok=True)
+        self.forget_size()
 
 
 def verify(part: Partial, expected: Expected, what: str) -> None:
@@ -135,6 +157,7 @@ def fetch_http(url: str, headers: dict[str, str], part: Partial, expected: Expec
         ask["Range"] = f"bytes={part.n}-"
     with requests.get(url, headers=ask, stream=True, timeout=HTTP_TIMEOUT_S) as r:
         served = expected.filled_from(_served(r, part.n))
+        part.announce(served.size)
         start = _body_start(r, part)
         if start is None:  # the partial already holds the whole file
             return served
@@ -148,7 +171,7 @@ def fetch_http(url: str, headers: dict[str, str], part: Partial, expected: Expec
             return fetch_http(url, headers, part, expected)
         if part.n == 0:
             part.etag = _strong_etag(r)
-        for block in r.raw.stream(BLOCK, decode_content=False):
+        for block in r.raw.stream(HTTP_PIECE, decode_content=False):
             part.write(block)
     return served
 
@@ -214,6 +237,7 @@ def fetch_fsspec(url: str, part: Partial, expected: Expected) -> Expected:
 
     fs, path = fsspec.core.url_to_fs(url)
     served = expected.filled_from(Expected(size=fs.info(path).get("size")))
+    part.announce(served.size)
     if served.size is not None and part.n > served.size:
         part.restart()
     with fs.open(path, "rb") as src:

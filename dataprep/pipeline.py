@@ -17,6 +17,7 @@ the documents' corpus positions, and the manifest holds no timestamps.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -53,6 +54,8 @@ from dataprep.shards import (
     write_shard,
 )
 from dataprep.sources import (
+    CacheMeter,
+    Listed,
     SourceFile,
     describe_local,
     download,
@@ -261,6 +264,58 @@ def _plan_digest(plan: ShardPlan) -> str:
 # driver
 
 
+class _WaveBar:
+    """A wave's progress bar on stderr: its finished tasks (weighted), or, for a download wave given
+    a :class:`CacheMeter`, the bytes received so far with the rate, an ETA once every file's size is
+    known, and the files finished. A 2 GB file takes minutes: counting files only showed ``0/N``
+    all that while, a slow download looking like a hung one. Where the driver cannot see the
+    download cache (a node-local one on a multi-node cluster) it goes back to counting files."""
+
+    def __init__(self, desc: str, unit: str, weights: list[int], meter: CacheMeter | None) -> None:
+        self.desc, self.unit, self.weights, self.done, self.polled = f"data: {desc}", unit, weights, 0, time.monotonic()
+        first = meter.poll() if meter is not None else None
+        self.meter = meter if first is not None else None
+        if first is None:
+            self.bar = self._count_bar(0)
+            return
+        # smoothing=0: the rate is the average since the start (less resumed bytes), so it falls
+        # while nothing arrives; miniters=0: a stalled download is still redrawn every second
+        self.bar = tqdm(total=first[1], initial=first[0], desc=self.desc, unit="B", unit_scale=True, unit_divisor=1024,
+                        smoothing=0, miniters=0, mininterval=1.0, file=sys.stderr, postfix=f"0/{len(weights)} files")
+
+    def _count_bar(self, initial: int) -> tqdm:
+        return tqdm(total=sum(self.weights), initial=initial, desc=self.desc, unit=self.unit, unit_scale=True,
+                    file=sys.stderr, mininterval=1.0)
+
+    def tick(self, force: bool = False) -> None:
+        """The bytes in the cache now: once a turn of the wave loop, at most twice a second unless
+        ``force`` (a rerun's cached files finish by the thousand, and each poll lists the cache dir)."""
+        if self.meter is None or (time.monotonic() - self.polled < 0.5 and not force):
+            return
+        self.polled = time.monotonic()
+        now = self.meter.poll()
+        if now is None:
+            return
+        if now[1] != self.bar.total:
+            self.bar.total = now[1]
+        self.bar.update(now[0] - self.bar.n)  # negative when a partial starts again from byte 0
+
+    def finished(self, i: int, result: Any) -> None:
+        self.done += self.weights[i]
+        if self.meter is None:
+            self.bar.update(self.weights[i])
+        elif self.meter.finished(i, result):
+            self.bar.set_postfix_str(f"{self.done}/{len(self.weights)} files", refresh=False)
+            self.tick()
+        else:  # the driver cannot see what the tasks write: count files
+            self.meter = None
+            self.bar.close()
+            self.bar = self._count_bar(self.done)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 class _Waves:
     """Runs one wave of Ray tasks with a progress bar; turns a task's DataError into ours."""
 
@@ -270,20 +325,24 @@ class _Waves:
         self.ray = ray
         self.seconds: dict[str, float] = {}  # wall time per wave, for the summary and benchmarks
 
-    def run(self, desc: str, fn: Callable, calls: list[tuple], unit: str = "task", weights: list[int] | None = None) -> list:
+    def run(self, desc: str, fn: Callable, calls: list[tuple], unit: str = "task", weights: list[int] | None = None,
+            meter: CacheMeter | None = None) -> list:
+        """Run ``fn`` over ``calls``, one Ray task each; their results in order. ``meter``: a download
+        wave's progress in bytes (see :class:`_WaveBar`)."""
         ray = self.ray
         remote = ray.remote(num_cpus=1, max_retries=0)(fn)
         t0 = time.perf_counter()
         refs = [remote.remote(*args) for args in calls]
         index = {ref: i for i, ref in enumerate(refs)}
         results: list[Any] = [None] * len(refs)
-        weights = weights or [1] * len(refs)
         pending = list(refs)
-        with tqdm(total=sum(weights), desc=f"data: {desc}", unit=unit, unit_scale=True, file=sys.stderr, mininterval=1.0) as bar:
+        bar = _WaveBar(desc, unit, weights or [1] * len(refs), meter)
+        try:
             while pending:
                 # bounded, so that a stop signal is handled within a second, not when a task ends
                 ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
                 if not ready:
+                    bar.tick()
                     continue
                 i = index[ready[0]]
                 try:
@@ -295,7 +354,10 @@ class _Waves:
                     if isinstance(cause, DataError):
                         raise type(cause)(str(cause)) from None  # keeps its kind (exit code)
                     raise
-                bar.update(weights[i])
+                bar.finished(i, results[i])
+            bar.tick(force=True)  # the final count
+        finally:
+            bar.close()
         self.seconds[desc] = time.perf_counter() - t0
         return results
 
@@ -493,7 +555,7 @@ def run_data_stage(cfg: DataConfig, ray_cfg: RayConfig) -> dict[str, Any]:
     return manifest
 
 
-def _build(cfg: DataConfig, ranks_sha256: str, waves: _Waves, listed: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+def _build(cfg: DataConfig, ranks_sha256: str, waves: _Waves, listed: list[Listed] | None = None) -> dict[str, Any]:
     """Every wave of the stage, in order; each wave skips the tasks a previous (killed) run finished."""
     output_dir = Path(cfg.output_dir).expanduser()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -528,7 +590,7 @@ def _build(cfg: DataConfig, ranks_sha256: str, waves: _Waves, listed: list[tuple
     return manifest
 
 
-def _list_sources(cfg: DataConfig) -> list[tuple[str, str]]:
+def _list_sources(cfg: DataConfig) -> list[Listed]:
     """The source files, never the stage's own outputs: with data.output_dir in the source tree, its
     removed.jsonl (and, hidden, its .work) would be inputs of the next run, which then took a
     finished dataset for one of other inputs and discarded a killed run's work."""
@@ -536,13 +598,19 @@ def _list_sources(cfg: DataConfig) -> list[tuple[str, str]]:
     return resolve_sources(cfg.source, cfg.source_config, cfg.cache_dir, cfg.max_files, cfg.download_retries, exclude=own)
 
 
-def _fetch_sources(cfg: DataConfig, waves: _Waves, listed: list[tuple[str, str]] | None) -> list[SourceFile]:
-    """Download remote files into the cache (or checksum local ones): the inputs of the fingerprint."""
+def _fetch_sources(cfg: DataConfig, waves: _Waves, listed: list[Listed] | None) -> list[SourceFile]:
+    """Download remote files into the cache (or checksum local ones): the inputs of the fingerprint.
+    A download's progress is shown in bytes where the driver can read the cache (see :class:`_WaveBar`)."""
     if listed is None:
         listed = _list_sources(cfg)
     remote = is_remote(cfg.source)
-    calls = [(n, loc, remote, cfg.cache_dir, cfg.download_retries) for n, loc in listed]
-    return waves.run("download" if remote else "checksum", task_fetch, calls, unit="file")
+    calls = [(f.name, f.location, remote, cfg.cache_dir, cfg.download_retries) for f in listed]
+    if not remote:
+        return waves.run("checksum", task_fetch, calls, unit="file")
+    cache = Path(cfg.cache_dir).expanduser()
+    with contextlib.suppress(OSError):  # the tasks make it too; one the driver cannot make is not watched
+        cache.mkdir(parents=True, exist_ok=True)
+    return waves.run("download", task_fetch, calls, unit="file", meter=CacheMeter(listed, cache))
 
 
 def _plan_chunks(cfg: DataConfig, sources: list[SourceFile], waves: _Waves) -> tuple[list[Chunk], list[int]]:

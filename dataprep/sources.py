@@ -22,8 +22,9 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-from dataprep.downloads import Expected, Mismatch, Partial, fetch_fsspec, fetch_http, hub_target, verify
+from dataprep.downloads import SIZE_SUFFIX, Expected, Mismatch, Partial, fetch_fsspec, fetch_http, hub_target, verify
 from dataprep.errors import DataError, TransientDataError
 from common.durable import atomic_output, atomic_write_json, file_sha256, publish
 
@@ -43,6 +44,13 @@ class SourceFile:
     bytes: int
     sha256: str
 
+
+class Listed(NamedTuple):
+    """One file a source names, before it is fetched or described."""
+
+    name: str  # its display name (SourceFile.name)
+    location: str  # local path or URL
+    size: int | None = None  # bytes, where the listing says (the Hub's, a filesystem's; not an HTTP index)
 
 
 def is_remote(source: str) -> bool:
@@ -94,8 +102,8 @@ def _check_suffixes(paths: list[str], source: str) -> None:
                         f"file type (supported: {', '.join(SUPPORTED_SUFFIXES)}); narrow the glob or convert the file")
 
 
-def list_local(source: str) -> list[tuple[str, str]]:
-    """(name, path) of the local files a directory or glob names, sorted by name. A directory's
+def list_local(source: str) -> list[Listed]:
+    """The (name, path) of the local files a directory or glob names, sorted by name. A directory's
     files of other types and hidden ones are skipped; a glob or file of another type is an error."""
     expanded = os.path.expanduser(source)
     if os.path.isdir(expanded):
@@ -111,14 +119,14 @@ def list_local(source: str) -> list[tuple[str, str]]:
     else:
         raise DataError(f"data.source: local path {source} does not exist (relative to {os.getcwd()})")
     _check_suffixes(paths, source)
-    files = sorted((os.path.relpath(p, root), p) for p in paths)
+    files = sorted(Listed(os.path.relpath(p, root), p) for p in paths)
     if not files:
         raise DataError(f"data.source: no parquet/jsonl files under {source}")
     return files
 
 
-def list_remote(source: str, config: str) -> list[tuple[str, str]]:
-    """(name, url) of the files a URL, URL glob or HF repo id names, sorted by name."""
+def list_remote(source: str, config: str) -> list[Listed]:
+    """The files a URL, URL glob or HF repo id names, sorted by name, with the sizes the listing gives."""
     import fsspec
 
     url = f"hf://datasets/{source}/{hf_config_glob(config)}" if _looks_like_hf_repo(source) else source
@@ -133,13 +141,13 @@ def list_remote(source: str, config: str) -> list[tuple[str, str]]:
         raise DataError(f"data.source: local path {path} (from {source}) does not exist")  # no retry brings it
     try:
         if any(c in path for c in "*?["):
-            found = fs.glob(path)
+            found = fs.glob(path, detail=True)
             root = path.split("*")[0].rsplit("/", 1)[0]
         elif fs.isdir(path):
-            found = fs.find(path)
+            found = fs.find(path, detail=True)
             root = path.rstrip("/")
         else:
-            found = [path]
+            found = {path: {}}
             root = path.rsplit("/", 1)[0]
     except Exception as e:  # noqa: BLE001 - network/auth errors all mean "cannot list"
         what = f"'{source}' is not a local path, read as a Hugging Face dataset id: " if _looks_like_hf_repo(source) else ""
@@ -150,7 +158,8 @@ def list_remote(source: str, config: str) -> list[tuple[str, str]]:
         if not _has_supported_suffix(p) or _hidden(name):
             continue
         full = p if "://" in p else f"{protocol}://{p.lstrip('/') if protocol != 'file' else p}"
-        files.append((name, full))
+        size = (found[p] or {}).get("size")
+        files.append(Listed(name, full, size if isinstance(size, int) else None))
     if not files:
         raise DataError(f"data.source: no parquet/jsonl files at {url}")
     return files
@@ -174,8 +183,7 @@ def download(
     ``backoff_s * 2**k``; a finished file that does not verify is thrown away and fetched again.
     A lock file serialises processes fetching the same file into the same cache.
     """
-    key = hashlib.sha1(url.encode()).hexdigest()[:16]
-    dest = cache_dir / f"{key}-{Path(name).name}"
+    dest = cache_path(url, name, cache_dir)
     if (done := _cached(url, name, dest)) is not None:
         return done
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -190,13 +198,68 @@ def download(
             _fetch_verified(url, part, Expected(expected_size, expected_sha256 and expected_sha256.lower()), retries, backoff_s)
         except BaseException:
             part.close()  # kept: a rerun resumes it (one that failed to verify is already gone)
+            part.forget_size()
             raise
         part.close()
+        part.forget_size()
         publish(part.path, dest)
         sha = part.sha.hexdigest()
         meta = {"url": url, "bytes": part.n, "sha256": sha, **({"source": stamp} if stamp else {})}
         atomic_write_json(_meta_path(dest), meta)  # under the lock: a waiter reads it
     return SourceFile(name=name, uri=url, path=str(dest), bytes=part.n, sha256=sha)
+
+
+def cache_path(url: str, name: str, cache_dir: Path) -> Path:
+    """Where :func:`download` puts ``url`` in ``cache_dir`` (its partial: the same name + ``.part``)."""
+    return cache_dir / f"{hashlib.sha1(url.encode()).hexdigest()[:16]}-{Path(name).name}"
+
+
+class CacheMeter:
+    """The bytes of a download wave's files in the cache so far, and the total where it is known.
+
+    The driver polls it about once a second while the download tasks run, so that a user fetching a
+    few 2 GB files sees bytes, a rate and an ETA rather than ``0/4 files`` for many minutes. A file
+    counts its ``.part`` while one exists (a resumed one included), else its finished copy; its
+    size is the listing's, else the one its task noted beside the partial (an HTTP Content-Length),
+    else the total is unknown. One directory listing per poll, and a stat only of the files present
+    and not yet finished. It needs the driver to see the cache (a shared filesystem, as every later
+    wave does): :meth:`poll` returns None where it cannot list it and :meth:`finished` False for a
+    finished file it cannot see, and the caller then counts files instead.
+    """
+
+    def __init__(self, files: list[Listed], cache_dir: Path) -> None:
+        self.cache_dir = cache_dir
+        self.names = [cache_path(f.location, f.name, cache_dir).name for f in files]
+        self.sizes: list[int | None] = [f.size for f in files]
+        self.final: dict[int, int] = {}  # file index -> bytes, once its task has returned
+
+    def finished(self, i: int, result: SourceFile) -> bool:
+        """Record file ``i`` as complete; False when the driver cannot see it (a node-local cache)."""
+        self.final[i] = self.sizes[i] = result.bytes
+        return os.path.exists(result.path)
+
+    def poll(self) -> tuple[int, int | None] | None:
+        """(bytes received, total bytes or None), or None when the cache dir cannot be listed."""
+        try:
+            with os.scandir(self.cache_dir) as it:
+                entries = {e.name: e for e in it}
+        except OSError:
+            return None
+        got = 0
+        for i, name in enumerate(self.names):
+            got += self.final[i] if i in self.final else self._received(i, name, entries)
+        return got, None if None in self.sizes else sum(s for s in self.sizes if s is not None)
+
+    def _received(self, i: int, name: str, entries: dict[str, os.DirEntry]) -> int:
+        noted = entries.get(name + ".part" + SIZE_SUFFIX)
+        if self.sizes[i] is None and noted is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.sizes[i] = int(Path(noted.path).read_text())
+        entry = entries.get(name + ".part") or entries.get(name)
+        try:
+            return entry.stat().st_size if entry is not None else 0
+        except OSError:  # renamed into place (or removed) since the listing
+            return 0
 
 
 def _meta_path(dest: Path) -> Path:
@@ -351,17 +414,17 @@ def _local_path(location: str) -> str | None:
     return None if "://" in location else location
 
 
-def _without(files: list[tuple[str, str]], exclude: Iterable[str]) -> list[tuple[str, str]]:
+def _without(files: list[Listed], exclude: Iterable[str]) -> list[Listed]:
     """``files`` less the local files named in ``exclude`` (the stage's own outputs when the output
     dir lies in the source tree: they must not become inputs of the next run)."""
     skip = {os.path.realpath(os.path.expanduser(p)) for p in exclude}
-    return [(n, loc) for n, loc in files if (p := _local_path(loc)) is None or os.path.realpath(p) not in skip]
+    return [f for f in files if (p := _local_path(f.location)) is None or os.path.realpath(p) not in skip]
 
 
 def resolve_sources(source: str, config: str, cache_dir: str, max_files: int, retries: int,
-                    exclude: Iterable[str] = ()) -> list[tuple[str, str]]:
-    """Turn `data.source` into an ordered list of (name, local path-or-url) still to be described,
-    leaving out the local files named in ``exclude``."""
+                    exclude: Iterable[str] = ()) -> list[Listed]:
+    """Turn `data.source` into an ordered list of files (name, local path-or-url, listed size) still to
+    be described, leaving out the local files named in ``exclude``."""
     cache = Path(cache_dir).expanduser()
     if source.startswith(BUILTIN_PREFIX):
         which = source.removeprefix(BUILTIN_PREFIX)
@@ -369,7 +432,7 @@ def resolve_sources(source: str, config: str, cache_dir: str, max_files: int, re
             raise DataError(f"data.source: unknown built-in corpus '{which}' (known: {', '.join(BUILTIN_CORPORA)})")
         tag = f"py{sys.version_info.major}{sys.version_info.minor}"
         path = BUILTIN_CORPORA[which](cache / "builtin" / f"{which}-{tag}.parquet")
-        files = [(f"{which}.parquet", str(path))]
+        files = [Listed(f"{which}.parquet", str(path))]
     elif is_remote(source):
         files = list_remote(source, config)
     else:
