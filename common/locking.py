@@ -13,6 +13,11 @@ A requeued SLURM job can start (on another node) while the processes of its prev
 are still exiting; it waits up to ``REQUEUE_WAIT_S`` for them to vanish instead of failing.
 Users: :mod:`trainer.runlock` (a run dir's roles) and the data stage (its output directory).
 
+Whether a lock is held *now* is asked without taking it (:func:`read_holder`, :func:`holder_alive`:
+`pretrain status`): even a shared ``flock`` probe, held for an instant, would make a writer that does
+not wait (``wait_s=0``) refuse. A holder killed without cleanup (SIGKILL) leaves its record behind
+with its lock freed, so the record alone does not say it runs; its process does.
+
 The kernel frees a lock with its holder, but a holder can outlive the process the user started:
 :func:`common.parent_death.parent_death_signal` ties such a child to its parent, so a lock is
 never held by an orphan.
@@ -137,3 +142,72 @@ def _read_holder(fd: int) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
 
+
+def read_holder(path: Path) -> dict[str, Any]:
+    """The holder record in the lock file at ``path``, read without locking anything (so it cannot
+    disturb the holder, or a writer about to take it): {} when it names no one (never held, let go,
+    or no lock file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    try:
+        info = _read_holder(fd)
+    finally:
+        os.close(fd)
+    return info if isinstance(info, dict) else {}
+
+
+def holder_alive(path: Path, info: dict[str, Any]) -> bool | None:
+    """Whether the holder that ``info`` (:func:`read_holder` of ``path``) names still holds the lock:
+    False when it names no one, or its process on this host is gone (killed without cleanup: the
+    kernel freed the lock, the record stayed); None when it is on another host (a shared filesystem:
+    its pid means nothing here). A pid reused since by another process does not count: the holder
+    has the lock file open, which is checked where this user may look (``/proc/PID/fd``)."""
+    pid = info.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    if info.get("host") != socket.gethostname():
+        return None
+    has_open = _has_open(pid, path)
+    return _pid_running(pid) if has_open is None else has_open
+
+
+def _has_open(pid: int, path: Path) -> bool | None:
+    """Whether process ``pid`` has ``path`` open; None when this cannot be seen (no ``/proc``, or
+    another user's process)."""
+    if not Path("/proc/self/fd").is_dir():
+        return None
+    try:
+        target = path.stat()
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:  # no such process (or lock file)
+        return False
+    except OSError:  # PermissionError: another user's process
+        return None
+    for fd in fds:
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            return True
+    return False
+
+
+def _pid_running(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (a zombie has ended: its files are closed)."""
+    if Path("/proc/self/stat").is_file():
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except FileNotFoundError:
+            return False
+        except (OSError, IndexError):
+            pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

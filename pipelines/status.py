@@ -15,10 +15,19 @@
   it went to the terminal only, as training's does); a SLURM stage's jobs say why under
   ``slurm_jobs``. The workflow's own ``error``: SLURM refresh failure, or what of workflow.json is
   unreadable (with none of it readable, ``executor`` is null).
+  A local workflow's stage also has ``running``: true only while a live `pretrain run` holds the run
+  dir (``RUN_DIR/.locks/workflow.lock``), null when that holder is on another host (a shared
+  filesystem: its pid cannot be checked from here), false otherwise; a SLURM workflow's has none
+  (its jobs' states say). A stage recorded running has ``driver`` (the lock's record: ``host``,
+  ``pid``, ``since``; null when it names no one). One whose `pretrain run` is gone (killed without
+  cleanup: SIGKILL, the OOM killer, a reboot; workflow.json still says running) is shown with
+  ``status`` ``interrupted``, ``meaning`` ``stopped`` (resumable: run the same command again),
+  ``exit_code`` null, ``recorded_status`` ``running`` (what workflow.json says) and ``last_seen``
+  (unix seconds: the newest of its start, the last training step, the last checkpoint).
 * ``training``: ``step``, ``max_steps``, ``percent``, ``loss`` (null for a skipped step),
   ``val_loss`` and ``val_step`` (the newest validation), ``tokens``, ``tokens_per_s``, ``mfu``,
   ``last_step_time`` (unix seconds), ``last_step_age_s``, ``eta_s`` (median recent step time ×
-  steps left; null when done or unknown), ``done``.
+  steps left; null when done or unknown, or when the train stage's `pretrain run` is gone), ``done``.
 * ``last_checkpoint``: ``name``, ``step``, ``committed_time`` (unix seconds), ``age_s``.
 * ``checkpoints``: per committed checkpoint ``name``, ``step``, ``evals`` (per task: ``metrics``,
   ``stderr``, ``n``).
@@ -155,7 +164,8 @@ def _refresh_slurm(run_dir: Path, wf: dict[str, Any]) -> tuple[dict[str, Any], s
         return wf, f"could not refresh SLURM states: {e}"
 
 
-def _workflow(run_dir: Path) -> dict[str, Any] | None:
+def _workflow_record(run_dir: Path) -> dict[str, Any] | None:
+    """workflow.json as shown (a SLURM workflow's stages refreshed from SLURM); None: there is none."""
     wf_path = RunDir(run_dir).workflow_state
     if not wf_path.is_file():
         return None
@@ -176,6 +186,43 @@ def _workflow(run_dir: Path) -> dict[str, Any] | None:
         "stages": {name: _stage(stages[name]) for name in STAGE_NAMES if name in stages},
         "error": error,
     }
+
+
+def _driver(run_dir: Path) -> dict[str, Any]:
+    """The `pretrain run` holding the run dir (``RUN_DIR/.locks/workflow.lock``, held by a local run
+    for all of its stages): ``holder`` (its lock record: host, pid, since; None: the lock names no
+    one) and ``alive`` (see :func:`common.locking.holder_alive`). Read only: no lock is taken."""
+    from common.locking import holder_alive, read_holder
+
+    path = RunDir(run_dir).lock("workflow")
+    info = read_holder(path)
+    holder = {k: info.get(k) for k in ("host", "pid", "since")} if info else None
+    if holder is not None and not (isinstance(holder["since"], (int, float)) and not isinstance(holder["since"], bool)):
+        holder["since"] = None  # a hand-edited record: shown as far as it goes
+    return {"holder": holder, "alive": holder_alive(path, info)}
+
+
+def _workflow(run_dir: Path) -> dict[str, Any] | None:
+    """:func:`_workflow_record`, and for a local workflow whether a stage recorded ``running`` runs:
+    only while a live `pretrain run` holds the run dir. One killed without cleanup (SIGKILL, the OOM
+    killer, a reboot) left its stage ``running`` for ever; it is shown ``interrupted`` instead."""
+    wf = _workflow_record(run_dir)
+    if wf is None or wf["executor"] != "local":
+        return wf
+    if not any(st["status"] == "running" for st in wf["stages"].values()):
+        for st in wf["stages"].values():
+            st["running"] = False
+        return wf
+    driver = _driver(run_dir)
+    if driver["alive"] is False:  # it may have ended since the first read: it records its end before it lets go
+        wf = _workflow_record(run_dir) or wf
+    for st in wf["stages"].values():
+        st["running"] = driver["alive"] if st["status"] == "running" else False
+        if st["status"] == "running":
+            st["driver"] = driver["holder"]
+        if st["status"] == "running" and driver["alive"] is False:
+            st.update(status="interrupted", recorded_status="running", meaning=MEANINGS["interrupted"])
+    return wf
 
 
 def _training(run_dir: Path, max_steps: int | None) -> dict[str, Any] | None:
@@ -237,6 +284,7 @@ def status_data(run_dir: str | Path) -> dict[str, Any]:
         "name": newest["name"], "step": newest["step"], "committed_time": newest["committed_time"],
         "age_s": time.time() - newest["committed_time"] if newest["committed_time"] else None,
     }
+    _gone_stages(data)
     data["latest_evals"] = None
     archive = RunDir(run_dir).evals
     steps = sorted((p for p in archive.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=lambda p: p.name) if archive.is_dir() else []
@@ -260,6 +308,21 @@ def status_data(run_dir: str | Path) -> dict[str, Any]:
     report = RunDir(run_dir).report_png
     data["report"] = str(report) if report.exists() else None
     return data
+
+
+def _gone_stages(data: dict[str, Any]) -> None:
+    """A stage whose `pretrain run` is gone (see :func:`_workflow`) gets ``last_seen``: the last sign
+    of its run (its start, the last training step, the last checkpoint); a training it ran has no
+    ETA (it is not running: the ETA was "while it runs")."""
+    stages = (data["workflow"] or {}).get("stages", {})
+    lc, t = data["last_checkpoint"] or {}, data["training"] or {}
+    for name, st in stages.items():
+        if st.get("running") is not False or st.get("recorded_status") != "running":
+            continue
+        signs = [st.get("started"), (st.get("driver") or {}).get("since"), t.get("last_step_time"), lc.get("committed_time")]
+        st["last_seen"] = max((x for x in signs if isinstance(x, (int, float)) and not isinstance(x, bool)), default=None)
+        if name == "train" and data["training"] is not None:
+            data["training"]["eta_s"] = None
 
 
 def _slurm_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -306,8 +369,26 @@ def _scores(tasks: dict[str, dict[str, Any]]) -> str:
     return "; ".join(format_scores({"task": t, **r}) for t, r in tasks.items())
 
 
-def _workflow_lines(wf: dict[str, Any]) -> list[str]:
-    """The workflow's lines of ``status_text``: an unreadable workflow.json is said to be so."""
+def _liveness_lines(name: str, st: dict[str, Any], lc: dict[str, Any] | None) -> list[str]:
+    """The lines under a local stage recorded running whose `pretrain run` is gone (how to resume),
+    or runs on another host (unknown from here); none for one that runs here."""
+    driver = st.get("driver") or {}
+    if st.get("running") is None and driver.get("host"):
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(driver["since"])) if driver.get("since") else "?"
+        return [f"           running on {driver['host']} (cannot check from here): pid {driver.get('pid', '?')}, since {since}"]
+    if st.get("recorded_status") != "running":
+        return []
+    who = f" (host {driver.get('host', '?')}, pid {driver.get('pid', '?')})" if driver else ""
+    seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["last_seen"])) if st.get("last_seen") else "?"
+    at = f" from the last checkpoint (step {'?' if lc['step'] is None else lc['step']})" if name == "train" and lc else ""
+    return [f"           not running: the `pretrain run` that ran it{who} is gone (killed without cleanup?); "
+            f"last seen {seen} ({_ago(st.get('last_seen')) or '?'})",
+            f"           run the same command again to resume{at}"]
+
+
+def _workflow_lines(wf: dict[str, Any], lc: dict[str, Any] | None = None) -> list[str]:
+    """The workflow's lines of ``status_text``: an unreadable workflow.json is said to be so;
+    ``lc``: the last checkpoint (a killed training resumes from it)."""
     if wf.get("executor") is None:
         return [f"workflow  {wf.get('error')}"]
     lines = [f"({wf['error']})"] if wf.get("error") else []
@@ -317,10 +398,16 @@ def _workflow_lines(wf: dict[str, Any]) -> list[str]:
         why = _stage_why(st)
         extra = f"  {st['error']}" if st.get("error") and why is None else ""
         status = st.get("status") or "?"
-        when = _duration(st.get("started"), st.get("ended")) if status != "pending" else ""
+        when = _duration(st.get("started"), st.get("ended") or st.get("last_seen")) if status != "pending" else ""
         lines.append(f"  {name:<7} {status:<11} attempts {st.get('attempts') or 0} {when:>6}{jobs}{extra}")
-        lines += [why] if why else []
+        lines += ([why] if why else []) + _liveness_lines(name, st, lc)
     return lines
+
+
+def _train_gone(d: dict[str, Any]) -> bool:
+    """Whether the train stage was recorded running by a `pretrain run` that is gone (:func:`_workflow`)."""
+    train = ((d["workflow"] or {}).get("stages") or {}).get("train") or {}
+    return train.get("running") is False and train.get("recorded_status") == "running"
 
 
 def status_text(run_dir: str | Path, data: dict[str, Any] | None = None) -> str:
@@ -329,7 +416,7 @@ def status_text(run_dir: str | Path, data: dict[str, Any] | None = None) -> str:
     d = data or status_data(run_dir)
     lines = [f"run dir   {d['run_dir']}"]
     if d["workflow"]:
-        lines += _workflow_lines(d["workflow"])
+        lines += _workflow_lines(d["workflow"], d["last_checkpoint"])
     t = d["training"]
     if t:
         of = f"/{t['max_steps']} ({t['percent']:.1f}%)" if t.get("max_steps") else ""
@@ -342,6 +429,8 @@ def status_text(run_dir: str | Path, data: dict[str, Any] | None = None) -> str:
         )
         if t.get("done"):
             lines.append("          done (train.max_steps reached)")
+        elif _train_gone(d):
+            lines.append("          not running (its `pretrain run` is gone, see the train stage): no ETA")
         elif t.get("eta_s") is not None:
             lines.append(f"          ETA {format_duration(t['eta_s'])} at the recent step time (while it runs)")
     else:
