@@ -20,8 +20,9 @@ import argparse  # noqa: E402 - after the hold, on purpose
 import functools  # noqa: E402
 import signal  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
+from typing import Callable, NoReturn  # noqa: E402
 
+from common.process_exit import exit_now  # noqa: E402
 from common.rundir import RunDir  # noqa: E402
 from evals.config import EvalConfig  # noqa: E402
 from pipelines.cli_args import check_launch_args, positive_int, rendezvous_endpoint, run_dir_arg, task_list  # noqa: E402
@@ -604,5 +605,11 @@ def main(argv: list[str] | None = None) -> int:
                 signal.signal(s, h)
 
 
+def console_main() -> NoReturn:
+    """The `pretrain` command (and ``python -m pipelines.cli``): :func:`main`, then out without the
+    interpreter's second-long teardown of torch/MLflow/Ray (``common.process_exit``)."""
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

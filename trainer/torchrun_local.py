@@ -24,6 +24,8 @@ import sys
 
 import torch.distributed as dist
 
+from common.process_exit import exit_now
+
 _TCPStore = dist.TCPStore
 
 
@@ -78,7 +80,8 @@ def main() -> None:
         for rank, failure in sorted(e.failures.items()):
             how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit {failure.exitcode}"
             print(f"torchrun: rank {rank} (pid {failure.pid}) ended with {how}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        exit_now(1)
+    exit_now(0)  # the workers are gone: skip the interpreter's teardown (common.process_exit)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from common.durable import atomic_write_json
+from common.process_exit import exit_now
 from common.rundir import RunDir
 from common.strict import ConfigError, flatten, read_yaml_mapping
 from dataprep.shards import ShardError, TokenDataset
@@ -776,4 +777,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())  # the outcome is written and the checkpoint committed: skip the interpreter's teardown
