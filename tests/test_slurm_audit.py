@@ -212,6 +212,33 @@ def test_a_busy_rendezvous_port_fails_the_job_at_once_naming_it(cluster, work):
     assert took < 60, f"{took:.0f} s"
 
 
+def test_a_busy_rendezvous_port_fails_the_sbatch_job_at_once_naming_it(cluster, work):
+    """`pretrain sbatch`, 2 nodes, the job's port taken on its first node. Before, the script started
+    torchrun anyway: 2 minutes of connection timeouts and stack traces that never named the port."""
+    from slurm.jobs import job_state
+    from slurm.joblogs import final_exit
+
+    cfg, run_dir = write_config(work, "sbatch-busy-port")
+    script = work / "busy-port.sbatch"
+    with port_held_by_an_outgoing_connection() as port:  # an ephemeral port: the script warns of that too
+        r = pretrain("sbatch", str(cfg), "slurm.nodes=2", "train.nproc_per_node=1", f"slurm.rdzv_ports={port}-{port}", "-o", str(script))
+        assert r.returncode == 0, r.stderr
+        t0 = time.time()
+        sub = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, cwd=REPO)
+        assert sub.returncode == 0, sub.stderr
+        job = sub.stdout.strip().split(";")[0]
+        state = wait_final(job, timeout=60)
+        took = time.time() - t0
+    log = run_dir / "slurm" / "logs" / f"pretrain-sbatch-busy-port-{job}.out"
+    out = log.read_text(errors="replace")
+    assert state == "FAILED" and job_state(job).exit_code == "1:0", out[-3000:]
+    assert f"rendezvous port {port} on n1 is in use" in out and f"slurm.rdzv_ports (now {port}-{port})" in out, out[-3000:]
+    assert f"warning: rendezvous port {port} lies in this node's ephemeral port range" in out, out[-3000:]
+    exit_line = final_exit(log)  # what `pretrain status` shows for the job
+    assert exit_line is not None and exit_line.code == 1 and f"rendezvous port {port}" in exit_line.line, out[-3000:]
+    assert "torch.distributed" not in out and took < 45, f"{took:.0f} s"
+
+
 def test_a_refusal_on_the_second_node_is_reported_as_2_and_status_says_why(cluster, work, monkeypatch):  
     from pipelines.config import load_config
     from pipelines.launching import submit_job, train_argv, wait_for_training
@@ -273,30 +300,3 @@ def _is_stepd_of(proc: Path, conf: str) -> bool:
         return (proc / "comm").read_text().strip() == "slurmstepd" and f"SLURM_CONF={conf}".encode() in (proc / "environ").read_bytes().split(b"\0")
     except OSError:
         return False
-
-
-def test_a_busy_rendezvous_port_fails_the_sbatch_job_at_once_naming_it(cluster, work):
-    """`pretrain sbatch`, 2 nodes, the job's port taken on its first node. Before, the script started
-    torchrun anyway: 2 minutes of connection timeouts and stack traces that never named the port."""
-    from slurm.jobs import job_state
-    from slurm.joblogs import final_exit
-
-    cfg, run_dir = write_config(work, "sbatch-busy-port")
-    script = work / "busy-port.sbatch"
-    with port_held_by_an_outgoing_connection() as port:  # an ephemeral port: the script warns of that too
-        r = pretrain("sbatch", str(cfg), "slurm.nodes=2", "train.nproc_per_node=1", f"slurm.rdzv_ports={port}-{port}", "-o", str(script))
-        assert r.returncode == 0, r.stderr
-        t0 = time.time()
-        sub = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, cwd=REPO)
-        assert sub.returncode == 0, sub.stderr
-        job = sub.stdout.strip().split(";")[0]
-        state = wait_final(job, timeout=60)
-        took = time.time() - t0
-    log = run_dir / "slurm" / "logs" / f"pretrain-sbatch-busy-port-{job}.out"
-    out = log.read_text(errors="replace")
-    assert state == "FAILED" and job_state(job).exit_code == "1:0", out[-3000:]
-    assert f"rendezvous port {port} on n1 is in use" in out and f"slurm.rdzv_ports (now {port}-{port})" in out, out[-3000:]
-    assert f"warning: rendezvous port {port} lies in this node's ephemeral port range" in out, out[-3000:]
-    exit_line = final_exit(log)  # what `pretrain status` shows for the job
-    assert exit_line is not None and exit_line.code == 1 and f"rendezvous port {port}" in exit_line.line, out[-3000:]
-    assert "torch.distributed" not in out and took < 45, f"{took:.0f} s"
