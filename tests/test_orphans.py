@@ -19,24 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer_helpers import descendants, kill_tree, metric_steps, pretrain_cmd, start
+from tests.trainer_helpers import alive, descendants, kill_tree, metric_steps, pretrain_cmd, start
 from tests.workflow_helpers import final_metrics, write_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 GONE_S = 20.0  # torchrun's ranks finish a step and commit a checkpoint; an eval job unwinds in about a second
-
-
-def alive(pids: list[int]) -> list[int]:
-    """Those of ``pids`` still running (a zombie has ended)."""
-    out = []
-    for pid in pids:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                out.append(pid)
-        except OSError:
-            pass
-    return out
 
 
 def cmdline(pid: int) -> str:

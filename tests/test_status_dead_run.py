@@ -16,27 +16,14 @@ import os
 import signal
 import socket
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.evals_helpers import hellaswag_rows, write_jsonl
 from tests.test_status_local_failures import local_run, shown
-from tests.trainer_helpers import descendants, kill_tree, pretrain_cmd, start
+from tests.trainer_helpers import alive, descendants, kill_tree, pretrain_cmd, start
 
 pytestmark = pytest.mark.slow
-
-
-def _running(pids: list[int]) -> list[int]:
-    """Those of ``pids`` still running (a zombie has ended)."""
-    out = []
-    for pid in pids:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                out.append(pid)
-        except OSError:
-            pass
-    return out
 
 
 def _wait(cond, timeout: float, what: str) -> None:
@@ -65,7 +52,7 @@ def test_status_of_a_killed_local_run_says_it_is_not_running_and_how_to_resume(t
         children = descendants(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
-        _wait(lambda: not _running(children), 30, "the run's children to stop")
+        _wait(lambda: not alive(children), 30, "the run's children to stop")
     finally:
         kill_tree(proc)
     assert json.loads((run_dir / "workflow.json").read_text())["stages"]["train"]["status"] == "running"  # what it left

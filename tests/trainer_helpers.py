@@ -103,6 +103,18 @@ def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Pope
     return subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
 
 
+def alive(pids: list[int]) -> list[int]:
+    """Those of ``pids`` still running (a zombie has ended)."""
+    out = []
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
 def descendants(pid: int) -> list[int]:
     from trainer.launch import child_pids
 
