@@ -61,6 +61,11 @@ def _ago(t: float | None) -> str:
     return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.1f}h ago"
 
 
+def _clock(t: float | None) -> str:
+    """Local date and time of unix time ``t`` ("?" when unknown)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "?"
+
+
 def _duration(a: float | None, b: float | None) -> str:
     return f"{(b or time.time()) - a:.0f}s" if a else ""
 
@@ -374,12 +379,12 @@ def _liveness_lines(name: str, st: dict[str, Any], lc: dict[str, Any] | None) ->
     or runs on another host (unknown from here); none for one that runs here."""
     driver = st.get("driver") or {}
     if st.get("running") is None and driver.get("host"):
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(driver["since"])) if driver.get("since") else "?"
+        since = _clock(driver.get("since"))
         return [f"           running on {driver['host']} (cannot check from here): pid {driver.get('pid', '?')}, since {since}"]
     if st.get("recorded_status") != "running":
         return []
     who = f" (host {driver.get('host', '?')}, pid {driver.get('pid', '?')})" if driver else ""
-    seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["last_seen"])) if st.get("last_seen") else "?"
+    seen = _clock(st.get("last_seen"))
     at = f" from the last checkpoint (step {'?' if lc['step'] is None else lc['step']})" if name == "train" and lc else ""
     return [f"           not running: the `pretrain run` that ran it{who} is gone (killed without cleanup?); "
             f"last seen {seen} ({_ago(st.get('last_seen')) or '?'})",
