@@ -24,7 +24,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.rundir import RunDir
 from common.strict import flatten, to_dict
@@ -34,6 +34,9 @@ from slurm.config import SlurmConfig
 from pipelines.launching import eval_job_request, eval_request_error, submit_job, train_argv, train_gpus
 from slurm.resources import SlurmError, check_fits
 from trainer.config import RESUME_RUNTIME_KEYS
+
+if TYPE_CHECKING:
+    from evals.watch import Watcher
 
 EXIT_OK, EXIT_FAILURE, EXIT_REFUSED, EXIT_REQUEUE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -235,7 +238,7 @@ def _run_eval(ctx: StageContext) -> Outcome:
     return Outcome(outputs={"checkpoints": len(list_committed(ctx.run_dir))})
 
 
-def _eval_error(watcher: Any) -> tuple[str, str]:
+def _eval_error(watcher: Watcher) -> tuple[str, str]:
     """(exit line, log) of a failed eval pass: the last error of the first checkpoint that failed
     for good (a refused one first: that is what the exit code says), as the watcher kept it from its
     job, and that job's stderr log (submitit's ``<job>_0_log.err``, which holds its traceback) when
@@ -243,10 +246,14 @@ def _eval_error(watcher: Any) -> tuple[str, str]:
     failed = sorted((not e.refused, name) for name, e in watcher.entries.items() if e.status == "failed" and e.errors)
     if not failed:
         return "", ""
+    from submitit.core.utils import JobPaths
+
     entry = watcher.entries[failed[0][1]]
     error = entry.errors[-1]
-    log = RunDir(watcher.run_dir).eval_jobs / f"{entry.job_id}_0_log.err"
-    return error, str(log) if entry.job_id and not error.startswith("submission failed") and log.is_file() else ""
+    if not entry.job_id or error.startswith("submission failed"):
+        return error, ""
+    log = JobPaths(RunDir(watcher.run_dir).eval_jobs, job_id=entry.job_id, task_id=0).stderr
+    return error, str(log) if log.is_file() else ""
 
 
 def _run_report(ctx: StageContext) -> Outcome:
