@@ -264,4 +264,5 @@ def test_bench_runs_the_anchor_side_by_side_and_prints_the_ratio(tmp_path):
     assert len(ratio) == 1, out[-3000:]
     fields = dict(f.split("=", 1) for f in ratio[0].split()[1:])
     project, ref = (float(fields[k].replace(",", "")) for k in ("project_tok_s", "anchor_tok_s"))
-    assert float(fields["tok_s_ratio"]) == pytest.approx(project / ref, rel=2e-3)
+    # The ratio is of the two printed figures, printed to 3 decimals (0.147 for 0.14734).
+    assert float(fields["tok_s_ratio"]) == pytest.approx(project / ref, abs=5e-4 + 1e-9)
