@@ -13,7 +13,9 @@ done over a shard directory written directly (what a finished data stage leaves)
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.evals_helpers import hellaswag_rows, write_jsonl
-from tests.trainer_helpers import REPO, make_shard_dir, micro_config
+from tests.trainer_helpers import REPO, kill_tree, make_shard_dir, micro_config, pretrain_cmd, rank_pids, start, wait_for_step
 
 pytestmark = pytest.mark.slow
 
@@ -113,3 +115,28 @@ def test_status_says_why_a_local_eval_and_a_local_training_were_refused(tmp_path
 
     loaded = Workflow(str(cfg2), [], load_config(str(cfg2), ["model.n_layer=3"]), log=lambda m: None)
     assert loaded.stages["train"].status == "failed" and loaded.stages["train"].exit_code is None
+
+
+def test_a_rank_killed_while_training_is_named_by_the_launcher_and_by_status(tmp_path, capsys):
+    """Rank 1 of a local 2-rank training killed without a word (the OOM killer's SIGKILL): rank 0 then
+    fails on the lost connection, which says nothing of the cause. The launcher's last line, which
+    `pretrain status` shows, names the rank that wrote no outcome and the first error any rank
+    wrote. Before, both said only "exit 1: failed; rerun the same command"."""
+    hellaswag = tmp_path / "hellaswag.jsonl"
+    write_jsonl(hellaswag, hellaswag_rows(3, seed=1))
+    cfg, run_dir = local_run(tmp_path, "rankkilled", hellaswag)
+    proc = start(pretrain_cmd("run", str(cfg), "train.max_steps=5000"), tmp_path / "run.log")
+    try:
+        wait_for_step(proc, run_dir, 2)
+        ranks = rank_pids(proc)
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[1], signal.SIGKILL)
+        assert proc.wait(timeout=120) == 1, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        kill_tree(proc)
+    said = [line for line in (tmp_path / "run.log").read_text().splitlines() if line.startswith("pretrain train: exit ")]
+    assert said and said[-1].startswith("pretrain train: exit 1: failed (local rank 1 ended without a word (killed by a signal"), said
+    assert "; first error: rank 0: " in said[-1] and said[-1].endswith("; rerun the same command to resume from the last committed checkpoint"), said
+    text, st = shown(run_dir, "train", capsys)
+    assert (st["status"], st["meaning"], st["exit_code"], st["error"]) == ("failed", "failed", 1, said[-1]), st
+    assert "local rank 1 ended without a word" in text, text

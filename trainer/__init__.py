@@ -48,6 +48,12 @@ EXIT_REQUEUE = 3
 EXIT_FILE_ENV = "PRETRAIN_EXIT_FILE"
 
 
+def rank_exit_file(exit_file: str, local_rank: int) -> str:
+    """Where local rank ``local_rank`` reports its own outcome beside the node's ``exit_file``: a
+    failed run's launcher names the rank that failed first, or one that wrote nothing (killed)."""
+    return f"{exit_file}.rank{local_rank}"
+
+
 def under_torchrun() -> bool:
     """True in a process started by torchrun (or any launcher that sets the same variables)."""
     import os

@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 from common.parent_death import parent_death_signal
 from common.strict import ConfigError
-from trainer import EXIT_FILE_ENV, EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE, under_torchrun
+from trainer import EXIT_FILE_ENV, EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE, rank_exit_file, under_torchrun
 from trainer.config import TrainJob
 from trainer.signals import block_user_signals
 
@@ -234,10 +234,13 @@ def launch_torchrun(config: str, nproc: int, rdzv: list[str] | None = None, allo
                     forward(signal.SIGTERM, None)
                     say("pretrain train: interrupted; the workers checkpoint and stop")
             code, reason = _exit_code(exit_file, rc)
+            ranks = _rank_outcomes(exit_file, nproc)
             if forward.stops and code not in (EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE):
                 # a worker died of the signal before its handler existed or after its outcome was
                 # written, or torchrun ended on it: nothing committed is lost, the rerun resumes
                 code, reason = EXIT_REQUEUE, f"stopped by {signal.Signals(forward.stops[0]).name} (torchrun exited with {rc})"
+            elif code not in (EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE):
+                reason = _first_failure(*ranks) or reason
         # torchrun reports any non-zero worker exit as a failure with a traceback; this is the real outcome
         say(f"pretrain train: exit {code}: {_explain(code, reason)}")
         return code
@@ -251,7 +254,38 @@ def _explain(code: int, reason: str) -> str:
         EXIT_OK: "finished",
         EXIT_REFUSED: f"refused: {reason or 'see the error above'}. Running it again unchanged will not help (committed checkpoints are kept)",
         EXIT_REQUEUE: f"{reason or 'checkpoint committed on a stop signal'}; requeue / rerun the same command to continue",
-    }.get(code, "failed; rerun the same command to resume from the last committed checkpoint")
+    }.get(code, f"failed{f' ({reason})' if reason else ''}; rerun the same command to resume from the last committed checkpoint")
+
+
+def _rank_outcomes(exit_file: str, nproc: int) -> tuple[list[dict[str, Any]], list[int]]:
+    """(what this node's ranks wrote of their own outcome, the local ranks that wrote none); the
+    files are removed. See trainer.train._write_exit_status."""
+    outcomes, silent = [], []
+    for local_rank in range(nproc):
+        path = rank_exit_file(exit_file, local_rank)
+        try:
+            outcome = json.loads(Path(path).read_text())
+            os.unlink(path)
+            outcomes.append({"rank": int(outcome["rank"]), "code": int(outcome["code"]), "time": float(outcome["time"]),
+                             "reason": str(outcome.get("reason", ""))})
+        except (OSError, ValueError, KeyError, TypeError):
+            silent.append(local_rank)
+    return outcomes, silent
+
+
+def _first_failure(outcomes: list[dict[str, Any]], silent: list[int]) -> str:
+    """Why a run failed, rank by rank: the local ranks that wrote no outcome (killed, say by the OOM
+    killer: the others then fail on the lost connection, which says nothing of the cause), then the
+    first error any rank wrote; "" when neither."""
+    parts = []
+    if silent:
+        parts.append(f"local rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} ended without a word "
+                     f"(killed by a signal, e.g. the OOM killer: see `dmesg`; or never started)")
+    failed = sorted((o for o in outcomes if o["code"] not in (EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE) and o["reason"]), key=lambda o: o["time"])
+    if failed:
+        first = (failed[0]["reason"].strip().splitlines() or [""])[0]
+        parts.append(f"first error: rank {failed[0]['rank']}: {first[:300]}")
+    return "; ".join(parts)
 
 
 def _exit_code(exit_file: str, rc: int) -> tuple[int, str]:

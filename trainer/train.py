@@ -51,7 +51,7 @@ from common.process_exit import exit_now
 from common.rundir import RunDir
 from common.strict import ConfigError, flatten, read_yaml_mapping
 from dataprep.shards import ShardError, TokenDataset
-from trainer import EXIT_FAILURE, EXIT_FILE_ENV, EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE, precision
+from trainer import EXIT_FAILURE, EXIT_FILE_ENV, EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE, precision, rank_exit_file
 from trainer.checkpoint import (
     MODEL_FILE,
     OPTIM_FILE,
@@ -640,12 +640,17 @@ class Trainer:
 
 
 def _write_exit_status(env: DistEnv, code: int, reason: str) -> None:
-    # Every node's local rank 0 writes it: its launcher must report the code, and ranks agree
-    # on why they stop, so any node's leader knows it.
+    """Every node's local rank 0 writes the node's outcome: its launcher reports the code, and ranks
+    agree on why they stop, so any node's leader knows it. Every rank also writes its own (with
+    the time): when a run fails, the launcher names the rank whose error came first, and a rank
+    that wrote nothing was killed (the OOM killer, a signal), which no surviving rank can tell."""
     path = os.environ.get(EXIT_FILE_ENV)
-    if not path or env.local_rank != 0:
+    if not path:
         return
-    atomic_write_json(path, {"code": code, "reason": reason})
+    mine = {"code": code, "reason": reason, "rank": env.rank, "local_rank": env.local_rank, "time": time.time()}
+    atomic_write_json(rank_exit_file(path, env.local_rank), mine)
+    if env.local_rank == 0:
+        atomic_write_json(path, {"code": code, "reason": reason})
 
 
 class StoppedBeforeTraining(RuntimeError):
