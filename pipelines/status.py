@@ -13,8 +13,10 @@
   ``error`` (the line that says why, e.g. the launcher's "pretrain train: exit 2: refused: ..." or
   an eval job's error) and ``log`` (the file that holds it, e.g. the eval job's stderr; null when
   it went to the terminal only, as training's does); a SLURM stage's jobs say why under
-  ``slurm_jobs``. The workflow's own ``error``: SLURM refresh failure, or what of workflow.json is
-  unreadable (with none of it readable, ``executor`` is null).
+  ``slurm_jobs``, and a failed one takes ``meaning``, ``exit_code`` and ``log`` from its last job's
+  exit line (``exit_status``), with ``why_job`` naming that job. The workflow's own ``error``: SLURM
+  refresh failure, or what of workflow.json is unreadable (with none of it readable, ``executor``
+  is null).
   A local workflow's stage also has ``running``: true only while a live `pretrain run` holds the run
   dir (``RUN_DIR/.locks/workflow.lock``), null when that holder is on another host (a shared
   filesystem: its pid cannot be checked from here), false otherwise; a SLURM workflow's has none
@@ -26,8 +28,10 @@
   (unix seconds: the newest of its start, the last training step, the last checkpoint).
 * ``training``: ``step``, ``max_steps``, ``percent``, ``loss`` (null for a skipped step),
   ``val_loss`` and ``val_step`` (the newest validation), ``tokens``, ``tokens_per_s``, ``mfu``,
-  ``last_step_time`` (unix seconds), ``last_step_age_s``, ``eta_s`` (median recent step time ×
-  steps left; null when done or unknown, or when the train stage's `pretrain run` is gone), ``done``.
+  ``last_step_time`` (unix seconds), ``last_step_age_s``, ``running`` (a live process holds the run
+  dir's train lock; null when its holder is on another host), ``time_left_s`` (median recent step
+  time × steps left; null when done or unknown), ``eta_s`` (the same, null too when not running:
+  stopped, failed, killed or queued), ``done``.
 * ``last_checkpoint``: ``name``, ``step``, ``committed_time`` (unix seconds), ``age_s``.
 * ``checkpoints``: per committed checkpoint ``name``, ``step``, ``evals`` (per task: ``metrics``,
   ``stderr``, ``n``).
@@ -38,7 +42,8 @@
 * ``slurm_jobs``: ``job_id``, ``name``, ``state``, ``restarts``, ``stdout``; for a job that ended
   failed (FAILED, TIMEOUT, OUT_OF_MEMORY, NODE_FAIL, ...) also why: ``exit_code`` (SLURM's
   ``code:signal``), ``reason`` (SLURM's), ``exit_line`` (the exit line its logs end with, any node's:
-  a refusal on one node is the one shown) and ``log`` (the log that holds it, else the first node's stderr).
+  a refusal on one node is the one shown), ``exit_status`` (that line's code: 2 refused, 1 failed)
+  and ``log`` (the log that holds it, else the first node's stderr).
 * ``report``: path of report.png.
 """
 
@@ -290,6 +295,7 @@ def status_data(run_dir: str | Path) -> dict[str, Any]:
         "age_s": time.time() - newest["committed_time"] if newest["committed_time"] else None,
     }
     _gone_stages(data)
+    _training_liveness(data["training"], run_dir)
     data["latest_evals"] = None
     archive = RunDir(run_dir).evals
     steps = sorted((p for p in archive.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=lambda p: p.name) if archive.is_dir() else []
@@ -305,11 +311,7 @@ def status_data(run_dir: str | Path) -> dict[str, Any]:
         ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith(("sqlite:", "file:")) else \
             f"{uri.rstrip('/')}/#/runs/{run_id}" if uri.startswith("http") else None
         data["mlflow"] = {"run_id": run_id, "uri": uri, "ui": ui}
-    data["slurm_jobs"] = None
-    if (RunDir(run_dir).slurm / JOBS_FILE).is_file():
-        from pipelines.launching import list_jobs
-
-        data["slurm_jobs"] = [_slurm_job(j) for j in list_jobs(run_dir)]
+    data["slurm_jobs"] = _slurm_jobs(run_dir, data["workflow"])
     report = RunDir(run_dir).report_png
     data["report"] = str(report) if report.exists() else None
     return data
@@ -317,8 +319,7 @@ def status_data(run_dir: str | Path) -> dict[str, Any]:
 
 def _gone_stages(data: dict[str, Any]) -> None:
     """A stage whose `pretrain run` is gone (see :func:`_workflow`) gets ``last_seen``: the last sign
-    of its run (its start, the last training step, the last checkpoint); a training it ran has no
-    ETA (it is not running: the ETA was "while it runs")."""
+    of its run (its start, the last training step, the last checkpoint)."""
     stages = (data["workflow"] or {}).get("stages", {})
     lc, t = data["last_checkpoint"] or {}, data["training"] or {}
     for name, st in stages.items():
@@ -326,8 +327,48 @@ def _gone_stages(data: dict[str, Any]) -> None:
             continue
         signs = [st.get("started"), (st.get("driver") or {}).get("since"), t.get("last_step_time"), lc.get("committed_time")]
         st["last_seen"] = max((x for x in signs if isinstance(x, (int, float)) and not isinstance(x, bool)), default=None)
-        if name == "train" and data["training"] is not None:
-            data["training"]["eta_s"] = None
+
+
+def _training_liveness(t: dict[str, Any] | None, run_dir: Path) -> None:
+    """``running``: whether a live process holds the run dir's ``train`` lock (rank 0 of a training,
+    however it was started; None when the holder is on another host). A training that does not run
+    (stopped, failed, killed, queued) has no ETA; ``time_left_s`` keeps the time its steps left
+    would take at the recent step time."""
+    if t is None:
+        return
+    from common.locking import holder_alive, read_holder
+
+    lock = RunDir(run_dir).lock("train")
+    t["running"] = holder_alive(lock, read_holder(lock))
+    t["time_left_s"] = t["eta_s"]
+    if t["running"] is False:
+        t["eta_s"] = None
+
+
+def _slurm_jobs(run_dir: Path, workflow: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """The run's SLURM jobs (None when it submitted none); a SLURM workflow's failed stage takes its
+    meaning and exit code from its last job's own exit line (:func:`_slurm_stage_outcome`)."""
+    if not (RunDir(run_dir).slurm / JOBS_FILE).is_file():
+        return None
+    from pipelines.launching import list_jobs
+
+    jobs = [_slurm_job(j) for j in list_jobs(run_dir)]
+    if workflow and workflow.get("executor") == "slurm":
+        by_id = {str(j["job_id"]): j for j in jobs}
+        for st in workflow.get("stages", {}).values():
+            _slurm_stage_outcome(st, by_id.get((st.get("job_ids") or [""])[-1]))
+    return jobs
+
+
+def _slurm_stage_outcome(st: dict[str, Any], job: dict[str, Any] | None) -> None:
+    """A failed stage's ``meaning`` and ``exit_code`` from its last job's exit line ("... exited with
+    code 2": refused, as everywhere), with ``why_job`` naming that job; SLURM's own state (FAILED)
+    says only that the batch script ended non-zero. A job that wrote no exit line (killed, timed
+    out) leaves the stage "failed"."""
+    if st.get("status") != "failed" or not job or job.get("exit_status") is None:
+        return
+    code = job["exit_status"]
+    st.update(exit_code=code, meaning="refused" if code == 2 else "failed", log=job.get("log"), why_job=str(job["job_id"]))
 
 
 def _slurm_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -344,7 +385,7 @@ def _slurm_job(job: dict[str, Any]) -> dict[str, Any]:
     first_log = job.get("stderr") or job.get("stdout")
     found = final_exit(first_log) if first_log else None
     out.update(exit_code=state.exit_code or None, reason=state.reason or None, exit_line=found.line if found else None,
-               log=str(found.path) if found else first_log)
+               exit_status=found.code if found else None, log=str(found.path) if found else first_log)
     return out
 
 
@@ -360,10 +401,13 @@ def _why_line(j: dict[str, Any], no_log: str = "?") -> str | None:
 
 
 def _stage_why(st: dict[str, Any]) -> str | None:
-    """A local stage's why-line (see :func:`_why_line`); None for a stage that did not fail or stop,
-    or whose run dir did not record an exit code (an older version's, or a SLURM stage's)."""
+    """A stage's why-line (see :func:`_why_line`; a SLURM stage's points at its job's); None for a
+    stage that did not fail or stop, or with no exit code known (an older version's run dir, a SLURM
+    job that wrote no exit line)."""
     if st.get("meaning") is None or st.get("exit_code") is None:
         return None
+    if st.get("why_job"):  # a SLURM stage: its job's lines below say why, and where
+        return f"           {st['meaning']}; exit code {st['exit_code']}: see job {st['why_job']} under slurm jobs"
     return _why_line({"meaning": st["meaning"], "exit_code": st["exit_code"], "exit_line": st.get("error"), "log": st.get("log")},
                      no_log="none kept: it went to the terminal that ran it")
 
@@ -401,7 +445,7 @@ def _workflow_lines(wf: dict[str, Any], lc: dict[str, Any] | None = None) -> lis
     for name, st in wf["stages"].items():
         jobs = f" jobs {','.join(st['job_ids'])}" if st.get("job_ids") else ""
         why = _stage_why(st)
-        extra = f"  {st['error']}" if st.get("error") and why is None else ""
+        extra = f"  {st['error']}" if st.get("error") and (why is None or st.get("why_job")) else ""
         status = st.get("status") or "?"
         when = _duration(st.get("started"), st.get("ended") or st.get("last_seen")) if status != "pending" else ""
         lines.append(f"  {name:<7} {status:<11} attempts {st.get('attempts') or 0} {when:>6}{jobs}{extra}")
@@ -436,6 +480,8 @@ def status_text(run_dir: str | Path, data: dict[str, Any] | None = None) -> str:
             lines.append("          done (train.max_steps reached)")
         elif _train_gone(d):
             lines.append("          not running (its `pretrain run` is gone, see the train stage): no ETA")
+        elif t.get("running") is False and t.get("time_left_s") is not None:
+            lines.append(f"          not running now: {format_duration(t['time_left_s'])} of training left at the recent step time")
         elif t.get("eta_s") is not None:
             lines.append(f"          ETA {format_duration(t['eta_s'])} at the recent step time (while it runs)")
     else:

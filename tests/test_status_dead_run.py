@@ -48,6 +48,10 @@ def test_status_of_a_killed_local_run_says_it_is_not_running_and_how_to_resume(t
         text, st = shown(run_dir, "train", capsys)
         assert (st["status"], st["running"], st["driver"]["pid"]) == ("running", True, proc.pid), st
         assert "not running" not in text, text
+        from pipelines.status import status_data
+
+        training = status_data(run_dir)["training"]  # rank 0 holds the train lock: it runs, with an ETA
+        assert training["running"] is True and training["eta_s"] == training["time_left_s"] > 0, training
         # 2. its driver killed without cleanup (its children stop with it): not running, how to resume
         children = descendants(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
@@ -65,7 +69,7 @@ def test_status_of_a_killed_local_run_says_it_is_not_running_and_how_to_resume(t
     st, step = data["workflow"]["stages"]["train"], data["last_checkpoint"]["step"]
     assert (st["status"], st["meaning"], st["running"], st["recorded_status"]) == ("interrupted", "stopped", False, "running"), st
     assert st["driver"]["pid"] == proc.pid and st["last_seen"] >= data["training"]["last_step_time"], st
-    assert data["training"]["eta_s"] is None and "while it runs" not in text, text
+    assert data["training"]["eta_s"] is None and data["training"]["running"] is False and "while it runs" not in text, text
     assert "  train   interrupted " in text and f"(host {socket.gethostname()}, pid {proc.pid}) is gone" in text, text
     assert f"run the same command again to resume from the last checkpoint (step {step})" in text, text
 

@@ -214,9 +214,12 @@ def test_ctrl_c_during_training_then_rerun_resumes(reference, work, gpt2_ranks):
     # status and report work on a half-finished run
     r = pretrain("status", str(run_dir))
     assert r.returncode == 0 and "  train   interrupted" in r.stdout and "training  step " in r.stdout, r.stdout + r.stderr
-    assert re.search(r"training  step \d+/12 \(\d+\.\d%\)", r.stdout) and "          ETA " in r.stdout, r.stdout
+    assert re.search(r"training  step \d+/12 \(\d+\.\d%\)", r.stdout), r.stdout
+    # stopped: no ETA "while it runs", but how long the rest would take
+    assert re.search(r"not running now: \S+ of training left", r.stdout) and "ETA" not in r.stdout, r.stdout
     t = json.loads(pretrain("status", str(run_dir), "--json").stdout)["training"]
-    assert 3 <= t["step"] < 12 and t["max_steps"] == 12 and not t["done"] and t["eta_s"] > 0, t
+    assert 3 <= t["step"] < 12 and t["max_steps"] == 12 and not t["done"] and t["time_left_s"] > 0, t
+    assert t["running"] is False and t["eta_s"] is None, t
     r = pretrain("report", str(run_dir))
     assert r.returncode == 0 and (run_dir / "report.png").exists(), r.stderr
     r = pretrain("run", str(cfg))

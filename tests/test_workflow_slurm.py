@@ -91,6 +91,12 @@ def test_a_training_refused_on_slurm_ends_its_watcher_and_a_rerun_finishes(clust
     assert sacct_state(jobs["report"]) == "PENDING"  # afterok on a failed watcher: never satisfied
     status = json.loads(pretrain("status", str(run_dir), "--json").stdout)["workflow"]["stages"]
     assert status["train"]["status"] == "failed" and status["eval"]["status"] == "failed", status
+    # refused, as the job's own exit line says (exit 2: fix, not retry), not SLURM's bare FAILED
+    train = status["train"]
+    assert (train["meaning"], train["exit_code"], train["why_job"]) == ("refused", 2, jobs["train"]), train
+    assert train["log"] and "exited with code 2" in Path(train["log"]).read_text(), train
+    text = pretrain("status", str(run_dir)).stdout
+    assert f"refused; exit code 2: see job {jobs['train']} under slurm jobs" in text, text
     rerun_and_finish(cfg, run_dir, jobs, "report")
     print(f"watcher ended {ended_after:.0f} s after training failed")
 
@@ -105,6 +111,8 @@ def test_a_data_job_that_failed_does_not_leave_training_waiting_forever_after_a_
         assert r.returncode == 0, r.stdout + r.stderr
         jobs = stage_jobs(run_dir)
         assert wait_final(jobs["data"], timeout=240) == "FAILED", logs(run_dir)
+    data = json.loads(pretrain("status", str(run_dir), "--json").stdout)["workflow"]["stages"]["data"]
+    assert (data["status"], data["meaning"], data["exit_code"]) == ("failed", "refused", 2), data
     assert sacct_state(jobs["train"]) == "PENDING"
     rerun_and_finish(cfg, run_dir, jobs, "train")
 
