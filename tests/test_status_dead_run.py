@@ -21,7 +21,7 @@ import pytest
 
 from tests.evals_helpers import hellaswag_rows, write_jsonl
 from tests.test_status_local_failures import local_run, shown
-from tests.trainer_helpers import alive, descendants, kill_tree, pretrain_cmd, start
+from tests.trainer_helpers import alive, descendants, kill_tree, metric_steps, pretrain_cmd, start
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +50,7 @@ def test_status_of_a_killed_local_run_says_it_is_not_running_and_how_to_resume(t
         assert "not running" not in text, text
         from pipelines.status import status_data
 
+        _wait(lambda: metric_steps(run_dir) >= 3, 120, "3 steps (an ETA needs two)")
         training = status_data(run_dir)["training"]  # rank 0 holds the train lock: it runs, with an ETA
         assert training["running"] is True and training["eta_s"] == training["time_left_s"] > 0, training
         # 2. its driver killed without cleanup (its children stop with it): not running, how to resume
