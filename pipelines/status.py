@@ -198,13 +198,14 @@ def _workflow_record(run_dir: Path) -> dict[str, Any] | None:
     }
 
 
-def _driver(run_dir: Path) -> dict[str, Any]:
-    """The `pretrain run` holding the run dir (``RUN_DIR/.locks/workflow.lock``, held by a local run
-    for all of its stages): ``holder`` (its lock record: host, pid, since; None: the lock names no
-    one) and ``alive`` (see :func:`common.locking.holder_alive`). Read only: no lock is taken."""
+def _lock_holder(run_dir: Path, role: str) -> dict[str, Any]:
+    """Who holds the run dir's ``role`` lock (``workflow``: a local `pretrain run`, for all of its
+    stages; ``train``: rank 0 of a training): ``holder`` (its lock record: host, pid, since; None:
+    the lock names no one) and ``alive`` (see :func:`common.locking.holder_alive`). Read only: no
+    lock is taken."""
     from common.locking import holder_alive, read_holder
 
-    path = RunDir(run_dir).lock("workflow")
+    path = RunDir(run_dir).lock(role)
     info = read_holder(path)
     holder = {k: info.get(k) for k in ("host", "pid", "since")} if info else None
     if holder is not None and not (isinstance(holder["since"], (int, float)) and not isinstance(holder["since"], bool)):
@@ -223,7 +224,7 @@ def _workflow(run_dir: Path) -> dict[str, Any] | None:
         for st in wf["stages"].values():
             st["running"] = False
         return wf
-    driver = _driver(run_dir)
+    driver = _lock_holder(run_dir, "workflow")
     if driver["alive"] is False:  # it may have ended since the first read: it records its end before it lets go
         wf = _workflow_record(run_dir) or wf
     for st in wf["stages"].values():
@@ -336,10 +337,7 @@ def _training_liveness(t: dict[str, Any] | None, run_dir: Path) -> None:
     would take at the recent step time."""
     if t is None:
         return
-    from common.locking import holder_alive, read_holder
-
-    lock = RunDir(run_dir).lock("train")
-    t["running"] = holder_alive(lock, read_holder(lock))
+    t["running"] = _lock_holder(run_dir, "train")["alive"]
     t["time_left_s"] = t["eta_s"]
     if t["running"] is False:
         t["eta_s"] = None

@@ -50,6 +50,7 @@ from trainer.config import TrainJob
 from trainer.signals import block_user_signals
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1)
+DELIBERATE = (EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE)  # outcomes a rank chose; anything else is a failure
 
 
 def child_pids(pid: int) -> list[int]:
@@ -235,11 +236,11 @@ def launch_torchrun(config: str, nproc: int, rdzv: list[str] | None = None, allo
                     say("pretrain train: interrupted; the workers checkpoint and stop")
             code, reason = _exit_code(exit_file, rc)
             ranks = _rank_outcomes(exit_file, nproc)
-            if forward.stops and code not in (EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE):
+            if forward.stops and code not in DELIBERATE:
                 # a worker died of the signal before its handler existed or after its outcome was
                 # written, or torchrun ended on it: nothing committed is lost, the rerun resumes
                 code, reason = EXIT_REQUEUE, f"stopped by {signal.Signals(forward.stops[0]).name} (torchrun exited with {rc})"
-            elif code not in (EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE):
+            elif code not in DELIBERATE:
                 reason = _first_failure(*ranks) or reason
         # torchrun reports any non-zero worker exit as a failure with a traceback; this is the real outcome
         say(f"pretrain train: exit {code}: {_explain(code, reason)}")
@@ -281,7 +282,7 @@ def _first_failure(outcomes: list[dict[str, Any]], silent: list[int]) -> str:
     if silent:
         parts.append(f"local rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} ended without a word "
                      f"(killed by a signal, e.g. the OOM killer: see `dmesg`; or never started)")
-    failed = sorted((o for o in outcomes if o["code"] not in (EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE) and o["reason"]), key=lambda o: o["time"])
+    failed = sorted((o for o in outcomes if o["code"] not in DELIBERATE and o["reason"]), key=lambda o: o["time"])
     if failed:
         first = (failed[0]["reason"].strip().splitlines() or [""])[0]
         parts.append(f"first error: rank {failed[0]['rank']}: {first[:300]}")
