@@ -15,6 +15,7 @@ see the whole layout at a glance::
       workflow.json                   `pretrain run`'s stages and their outputs
       report.png, report.csv          `pretrain report`
       slurm/jobs.jsonl, slurm/logs/   submitted jobs and their logs
+      errors/train-<time>-rank<R>.txt the traceback of each rank that crashed (trainer.failure_log)
       .locks/<role>.lock              one writer per role (trainer.runlock)
 """
 
@@ -103,6 +104,10 @@ class RunDir:
     @property
     def slurm_logs(self) -> Path:
         return self.slurm / "logs"
+
+    @property
+    def errors(self) -> Path:
+        return self.root / "errors"
 
     @property
     def archive(self) -> Path:

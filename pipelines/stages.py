@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -145,6 +146,7 @@ def _run_data(ctx: StageContext) -> Outcome:
 
 def _run_train(ctx: StageContext) -> Outcome:
     from trainer.checkpoint import latest_committed
+    from trainer.failure_log import first_since
     from trainer.launch import say_on_stderr, train_command
 
     said: list[str] = []  # the launcher's lines; its last says why training ended (kept for `pretrain status`)
@@ -153,6 +155,7 @@ def _run_train(ctx: StageContext) -> Outcome:
         said.append(line)
         say_on_stderr(line)
 
+    started = time.time()
     rc = train_command(to_dict(ctx.cfg), say=say)
     if rc == EXIT_REQUEUE:
         # checkpointed on a stop signal: Ctrl-C (SIGINT seen here) keeps meaning 130, anything else 3
@@ -161,8 +164,9 @@ def _run_train(ctx: StageContext) -> Outcome:
     if rc == EXIT_REFUSED and (holder := train_lock_holder(ctx.run_dir)) is not None:
         raise run_dir_in_use(ctx.run_dir, holder)
     if rc != EXIT_OK:
+        traceback_file = first_since(ctx.run_dir, started)  # a crashed rank's, kept in the run dir
         raise WorkflowError(f"pretrain train exited with {rc}", EXIT_REFUSED if rc == EXIT_REFUSED else EXIT_FAILURE,
-                            exit_line=said[-1] if said else "")
+                            exit_line=said[-1] if said else "", log=str(traceback_file or ""))
     return Outcome(outputs={"final_checkpoint": str(latest_committed(ctx.run_dir))})
 
 

@@ -101,6 +101,7 @@ def test_status_says_why_a_local_eval_and_a_local_training_were_refused(tmp_path
     assert st["error"].startswith("pretrain train: exit 2: refused: refusing to resume") and "model shape differs" in st["error"], st
     assert st["error"] in r.stderr.splitlines()  # the very line the user saw on the terminal
     assert f"refused; exit code 2; {st['error']}  (log: none kept: it went to the terminal that ran it)" in text, text
+    assert not (run_dir2 / "errors").exists()  # a refusal's one line is its whole reason: no traceback kept
 
     # 3. a run dir of a version that recorded neither (nor knows a key added later) stays readable
     wf = json.loads((run_dir2 / "workflow.json").read_text())
@@ -140,3 +141,9 @@ def test_a_rank_killed_while_training_is_named_by_the_launcher_and_by_status(tmp
     text, st = shown(run_dir, "train", capsys)
     assert (st["status"], st["meaning"], st["exit_code"], st["error"]) == ("failed", "failed", 1, said[-1]), st
     assert "local rank 1 ended without a word" in text, text
+    # rank 0's whole traceback is kept in the run dir, named on the line and shown as the stage's log
+    kept = sorted((run_dir / "errors").iterdir())
+    assert [p.name.endswith("-rank0.txt") for p in kept] == [True], kept
+    assert f" (traceback: {kept[0]})" in said[-1] and st["log"] == str(kept[0]) and f"(log: {kept[0]})" in text, (said, st, text)
+    trace = kept[0].read_text()
+    assert "rank: 0 of 2" in trace and "Traceback (most recent call last):" in trace and "trainer/train.py" in trace, trace

@@ -268,7 +268,7 @@ def _rank_outcomes(exit_file: str, nproc: int) -> tuple[list[dict[str, Any]], li
             outcome = json.loads(Path(path).read_text())
             os.unlink(path)
             outcomes.append({"rank": int(outcome["rank"]), "code": int(outcome["code"]), "time": float(outcome["time"]),
-                             "reason": str(outcome.get("reason", ""))})
+                             "reason": str(outcome.get("reason", "")), "traceback_file": outcome.get("traceback_file")})
         except (OSError, ValueError, KeyError, TypeError):
             silent.append(local_rank)
     return outcomes, silent
@@ -285,7 +285,8 @@ def _first_failure(outcomes: list[dict[str, Any]], silent: list[int]) -> str:
     failed = sorted((o for o in outcomes if o["code"] not in DELIBERATE and o["reason"]), key=lambda o: o["time"])
     if failed:
         first = (failed[0]["reason"].strip().splitlines() or [""])[0]
-        parts.append(f"first error: rank {failed[0]['rank']}: {first[:300]}")
+        kept = f" (traceback: {failed[0]['traceback_file']})" if failed[0].get("traceback_file") else ""
+        parts.append(f"first error: rank {failed[0]['rank']}: {first[:300]}{kept}")
     return "; ".join(parts)
 
 

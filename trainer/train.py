@@ -80,6 +80,7 @@ from trainer.dist import (
     shutdown,
     uses_cuda,
 )
+from trainer.failure_log import keep_traceback
 from trainer.metrics import MetricsLog
 from trainer.model import GPTConfig, resolve_config
 from trainer.optim import build_optimizer
@@ -639,15 +640,17 @@ class Trainer:
 # ------------------------------------------------------------------ process entry
 
 
-def _write_exit_status(env: DistEnv, code: int, reason: str) -> None:
+def _write_exit_status(env: DistEnv, code: int, reason: str, traceback_file: str | None = None) -> None:
     """Every node's local rank 0 writes the node's outcome: its launcher reports the code, and ranks
     agree on why they stop, so any node's leader knows it. Every rank also writes its own (with
     the time): when a run fails, the launcher names the rank whose error came first, and a rank
-    that wrote nothing was killed (the OOM killer, a signal), which no surviving rank can tell."""
+    that wrote nothing was killed (the OOM killer, a signal), which no surviving rank can tell.
+    ``traceback_file``: where this rank kept its traceback (:mod:`trainer.failure_log`)."""
     path = os.environ.get(EXIT_FILE_ENV)
     if not path:
         return
-    mine = {"code": code, "reason": reason, "rank": env.rank, "local_rank": env.local_rank, "time": time.time()}
+    mine = {"code": code, "reason": reason, "rank": env.rank, "local_rank": env.local_rank, "time": time.time(),
+            "traceback_file": traceback_file}
     atomic_write_json(rank_exit_file(path, env.local_rank), mine)
     if env.local_rank == 0:
         atomic_write_json(path, {"code": code, "reason": reason})
@@ -724,7 +727,7 @@ def _run_worker(resolved: dict[str, Any], allow_changes: bool, where: str) -> in
     env = _join(cfg, stop)
     if env is None:
         return EXIT_REFUSED
-    code, reason, healthy = EXIT_FAILURE, "", False
+    code, reason, healthy, kept = EXIT_FAILURE, "", False, None
     lock = None
     try:
         lock = _take_run_lock(env, cfg.run_dir, stop)
@@ -746,16 +749,16 @@ def _run_worker(resolved: dict[str, Any], allow_changes: bool, where: str) -> in
         print(f"train: error: {reason}", file=sys.stderr, flush=True)
     except OSError as e:
         if not is_disk_full(e):
-            reason = f"{type(e).__name__}: {e}"
+            reason, kept = f"{type(e).__name__}: {e}", keep_traceback(cfg.run_dir, env.rank, env.world_size, e)
             raise
         # e.g. metrics.jsonl on a full disk: retrying cannot help until space is freed
         code, reason = EXIT_REFUSED, f"disk full: {e}; free space, then run the same command again"
         print(f"train: error: {reason}", file=sys.stderr, flush=True)
     except BaseException as e:
-        reason = f"{type(e).__name__}: {e}"
+        reason, kept = f"{type(e).__name__}: {e}", keep_traceback(cfg.run_dir, env.rank, env.world_size, e)
         raise
     finally:
-        _write_exit_status(env, code, reason)
+        _write_exit_status(env, code, reason, kept)
         stop.settle()
     if healthy:
         # nobody leaves before the checkpoint is committed (torchrun kills the rest once one rank exits)
