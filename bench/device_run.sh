@@ -12,6 +12,9 @@
 #                   fp32 head), bf16 with PyTorch's kernel choice, bf16 with a bf16 head: speed and
 #                   agreement with fp32 (RESULT_DTYPES);
 #   anchor-eager    the side by side without torch.compile;
+#   loss-kernel     the chunked loss with its softmax gradient in one Triton kernel (train.loss_kernel=triton,
+#                   trainer.loss_kernel): side by side with the anchor in eager mode (the eager goal is
+#                   >= 1.0x), then compiled (against the anchor-compile part's figures);
 #   profile-eager   where the eager gap is: one eager step of each (bench/profile_step.py, 1 warm-up + 2
 #                   steps under torch.profiler), their device kernel times compared by category and by
 #                   kernel (OUT_DIR/profile_eager.txt; its category table goes into the summary);
@@ -43,7 +46,7 @@ py=${PYTHON:-python3}
 anchor=${ANCHOR:-.anchors/build_nanogpt_step.py}
 data=${DEVICE_RUN_DATA:-$PWD/.devicecarry/data}
 hellaswag=${DEVICE_RUN_HELLASWAG:-$PWD/.devicecarry/hellaswag_val.jsonl}
-parts=${DEVICE_RUN_PARTS:-anchor-compile,fp8,trainer,eval,eval-dtypes,anchor-eager,profile-eager,chunk-on,sdpa,resume,eval-loop,compile-modes,micro-batch}
+parts=${DEVICE_RUN_PARTS:-anchor-compile,fp8,trainer,eval,eval-dtypes,anchor-eager,loss-kernel,profile-eager,chunk-on,sdpa,resume,eval-loop,compile-modes,micro-batch}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -57,6 +60,7 @@ if [ "${DEVICE_RUN_TINY:-0}" = 1 ]; then
   resume_args=(--steps 6 model.name=micro train.micro_batch_size=2 train.seq_len=32 train.batch_tokens=64)
   anchor_shape=(--batch 2 --seq 32 --batch-tokens 128 --n-layer 2 --n-head 2 --n-embd 64)
   t_big=300; t_small=200
+  kernel_env=(env TRITON_INTERPRET=1)  # no GPU: Triton's interpreter runs the loss kernel on CPU tensors
 else
   shape=(train.nproc_per_node=1)
   micro_batches=(32 128)
@@ -67,6 +71,7 @@ else
   resume_args=(train.device=cuda)
   anchor_shape=(--batch 64 --seq 1024 --batch-tokens 524288)
   t_big=150; t_small=100
+  kernel_env=()
 fi
 compile_flag=$([ "$compile" = on ] && echo true || echo false)
 budget=${DEVICE_RUN_BUDGET_S:-540}
@@ -159,6 +164,18 @@ profile_eager() {  # one eager step of each under torch.profiler, compared kerne
   fi
 }
 
+loss_kernel() {  # train.loss_kernel=triton: eager side by side with the anchor, then compiled
+  local chunked=(train.loss_chunk_tokens=8192 train.loss_kernel=triton)
+  if [ -f "$anchor" ]; then
+    run "loss_kernel=triton side-by-side compile=off" $((2 * t_big)) "${kernel_env[@]}" $py bench/train_step.py configs/gpt2-124m.yaml \
+      "${shape[@]}" "${chunked[@]}" "${csteps[@]}" --anchor "$anchor" --compile-settings off
+  fi
+  if [ "$compile" = on ]; then
+    run "loss_kernel=triton compile=on" "$t_big" "${kernel_env[@]}" $py bench/train_step.py configs/gpt2-124m.yaml "${shape[@]}" \
+      train.compile=true "${chunked[@]}" "${csteps[@]}"
+  fi
+}
+
 IFS=, read -ra order <<< "$parts"
 for part in "${order[@]}"; do
   case $part in
@@ -169,6 +186,7 @@ for part in "${order[@]}"; do
     eval) eval_full ;;
     eval-dtypes) eval_dtypes ;;
     anchor-eager) if [ "$compile" = on ]; then side_by_side off; fi ;;
+    loss-kernel) loss_kernel ;;
     profile-eager) profile_eager ;;
     chunk-on) run "loss-chunk-on compile=$compile" "$t_big" $py bench/train_step.py configs/gpt2-124m.yaml "${shape[@]}" \
                 train.compile="$compile_flag" train.loss_chunk_tokens=8192 "${csteps[@]}" ;;
@@ -190,7 +208,7 @@ for part in "${order[@]}"; do
                    run "micro_batch_size=$b compile=$compile" "$t_big" $py bench/train_step.py configs/gpt2-124m.yaml "${shape[@]}" \
                      train.compile="$compile_flag" train.micro_batch_size="$b" train.loss_chunk_tokens=8192 "${csteps[@]}"
                  done ;;
-    *) echo "=== $part: unknown part (known: anchor-compile fp8 trainer eval eval-dtypes anchor-eager profile-eager chunk-on sdpa resume eval-loop compile-modes micro-batch)" | tee -a "$log" ;;
+    *) echo "=== $part: unknown part (known: anchor-compile fp8 trainer eval eval-dtypes anchor-eager loss-kernel profile-eager chunk-on sdpa resume eval-loop compile-modes micro-batch)" | tee -a "$log" ;;
   esac
 done
 

@@ -136,7 +136,7 @@ class Bench:
         return (
             f"RESULT device={self.device_name()!r} model={self.cfg.model.name} params={self.model.num_params() / 1e6:.1f}M "
             f"B={tc.micro_batch_size} T={tc.seq_len} accum={self.step.grad_accum} dtype={precision.short_name(dtype)} "
-            f"compile={'on' if tc.compile else 'off'} loss_chunk={tc.loss_chunk_tokens} sdpa={tc.sdpa_backend} fp8={'on' if tc.fp8 else 'off'} "
+            f"compile={'on' if tc.compile else 'off'} loss_chunk={tc.loss_chunk_tokens} loss_kernel={tc.loss_kernel} sdpa={tc.sdpa_backend} fp8={'on' if tc.fp8 else 'off'} "
             f"step_s={step_s:.4f} (mean {statistics.mean(times):.4f}, min {min(times):.4f}) tok_s={tok_s:,.0f} mfu={mfu}{mem} loss={loss:.4f}"
         )
 

@@ -13,6 +13,10 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# No GPU here: Triton kernels (train.loss_kernel=triton, tests/test_loss_kernel.py) run on CPU tensors
+# under Triton's interpreter. Triton reads this as it is imported (its own library functions are
+# jitted then), so it is set before any test module imports torch or the trainer.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 # Parallel runs (`pytest -n 2`, the README's test command, with pytest-xdist): the unit handed to a

@@ -26,7 +26,7 @@ can never change (the weights would not load); the data is identified by its man
 * Run-time knobs (free): how the same math is executed or observed — ``nproc_per_node``
   (a world-size change is supported: the data position is kept, per-rank RNG streams are
   reseeded, and the resume is then no longer bitwise), ``device``, ``compile`` (and its
-  ``compile_mode`` / ``compile_fullgraph``), ``sdpa_backend``, ``loss_chunk_tokens``, ``async_ckpt``,
+  ``compile_mode`` / ``compile_fullgraph``), ``sdpa_backend``, ``loss_chunk_tokens``, ``loss_kernel``, ``async_ckpt``,
   checkpoint cadence and retention, validation / sample cadence, ``peak_flops`` and
   ``max_skipped_steps`` (it only decides when to give up).
 """
@@ -60,9 +60,10 @@ DTYPES = ("auto", "bfloat16", "float32")
 RESUME_RUNTIME_KEYS = frozenset({
     "nproc_per_node", "device", "compile", "async_ckpt", "peak_flops", "ckpt_every", "keep_last", "keep_every",
     "sample_every", "sample_tokens", "sample_prompt", "val_every", "val_batches", "max_skipped_steps",
-    "loss_chunk_tokens", "sdpa_backend", "compile_mode", "compile_fullgraph",
+    "loss_chunk_tokens", "loss_kernel", "sdpa_backend", "compile_mode", "compile_fullgraph",
 })  # fmt: skip
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # must match trainer.model.SDPA_BACKENDS
+LOSS_KERNELS = ("torch", "triton")  # how a loss chunk's softmax gradient is formed (trainer.loss_kernel)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -133,6 +134,9 @@ class TrainConfig:
     # Training loss over chunks of this many tokens, never materialising the (B*T x vocab) fp32 logits
     # (trainer.loss); 0 = plain F.cross_entropy over the full logits. Same loss to fp32 rounding.
     loss_chunk_tokens: int = 8192
+    # How each loss chunk's softmax gradient is formed: torch (PyTorch ops) | triton (one fused
+    # kernel writing it over the logits, trainer.loss_kernel; CUDA, needs the triton package).
+    loss_kernel: str = "torch"
     # FP8 (e4m3/e5m2, dynamic per-tensor scales) matmuls in the blocks' linear layers (trainer.fp8);
     # needs compute capability >= 8.9 on CUDA. Changes the math (FP8 rounding): a resume compares it.
     fp8: bool = False
@@ -157,6 +161,9 @@ class TrainConfig:
         _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
         _check(self.sdpa_backend in SDPA_BACKENDS, f"sdpa_backend must be one of {', '.join(SDPA_BACKENDS)}, got '{self.sdpa_backend}'")
         _check(self.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got '{self.compile_mode}'")
+        _check(self.loss_kernel in LOSS_KERNELS, f"loss_kernel must be one of {', '.join(LOSS_KERNELS)}, got '{self.loss_kernel}'")
+        _check(self.loss_kernel == "torch" or self.loss_chunk_tokens > 0,
+               f"loss_kernel '{self.loss_kernel}' is the chunked loss's: set loss_chunk_tokens > 0 (it is 0: the plain loss)")
         _check(self.loss_chunk_tokens >= 0, f"loss_chunk_tokens must be >= 0 (0 = off), got {self.loss_chunk_tokens}")
         for key in ("nproc_per_node", "micro_batch_size", "seq_len", "batch_tokens", "max_steps", "keep_last", "max_skipped_steps"):
             _check(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")

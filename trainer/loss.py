@@ -20,7 +20,9 @@ differ from it by bf16 rounding only, as two bf16 runs with different kernels wo
 Memory traffic per chunk (eager): the compute-dtype logits, one fp32 log-prob buffer turned in
 place into the gradient, and its compute-dtype copy for the two backward matmuls: about 6
 fp32-sized passes where the plain path makes ~10 over the whole (B·T × vocab) and keeps them
-alive until the backward. Under torch.compile, inductor fuses the per-chunk element-wise work.
+alive until the backward. Under torch.compile, inductor fuses the per-chunk element-wise work;
+eager, ``kernel="triton"`` (``train.loss_kernel``) does it in one Triton kernel that writes the
+gradient over the logits in place, with no fp32 buffer (:mod:`trainer.loss_kernel`).
 
 Targets equal to ``ignore_index`` (the model uses -1) contribute neither loss nor gradient, and
 the mean is over the remaining targets, as ``F.cross_entropy(..., ignore_index=-1)``. No host
@@ -59,7 +61,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int, ignore_index: int, compute_dtype: torch.dtype):  # type: ignore[override]
+    def forward(ctx, hidden, weight, targets, chunk: int, ignore_index: int, compute_dtype: torch.dtype,  # type: ignore[override]
+                kernel: str = "torch"):
         n_rows = hidden.shape[0]
         h_all = hidden.to(compute_dtype)
         w = weight.to(compute_dtype)
@@ -72,19 +75,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for s in range(0, n_rows, chunk):
             h = h_all[s : s + chunk]
-            t = safe_targets[s : s + chunk, None]
             keep = valid[s : s + chunk, None]
-            # (n, V) fp32 log-probabilities straight from the compute-dtype logits (log_softmax
-            # upcasts as it reads): the only vocabulary-sized buffers, and only for this chunk
-            logp = F.log_softmax(F.linear(h, w), dim=-1, dtype=torch.float32)
-            row_loss = -logp.gather(1, t)
-            loss_sum += torch.where(keep, row_loss, 0.0).sum()
-            # d(CE)/d logits = softmax - one_hot, built in place in the log-prob buffer; the
+            # d(CE)/d logits = softmax - one_hot, in the compute dtype, and each row's loss; the
             # per-row factor (1 / n_valid, or 0 for an ignored target) is applied to the small
             # (n, C) operands instead of this (n, V) one: the products are the same
-            g = logp.exp_()
-            g.scatter_add_(1, t, torch.full_like(row_loss, -1.0))
-            g = g.to(compute_dtype)
+            g, row_loss = _grad_and_loss(F.linear(h, w), safe_targets[s : s + chunk], kernel)
+            loss_sum += torch.where(keep, row_loss, 0.0).sum()
             scale = keep.to(torch.float32) * inv_count
             grad_hidden[s : s + chunk] = (g @ w).float() * scale
             grad_weight += (g.t() @ (h.float() * scale).to(compute_dtype)).float()
@@ -97,7 +93,23 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = (grad_hidden * grad_loss).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
         gw = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
+
+
+def _grad_and_loss(logits: torch.Tensor, targets: torch.Tensor, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``softmax(logits) − one_hot(targets)`` in the logits' dtype, each row's loss (n, 1) fp32)
+    of one chunk: one fused pass in place (``kernel="triton"``, :mod:`trainer.loss_kernel`), or
+    PyTorch ops through one fp32 (n, V) buffer, the log-probabilities turned into the gradient in place."""
+    if kernel == "triton":
+        from trainer.loss_kernel import softmax_minus_one_hot_
+
+        return logits, softmax_minus_one_hot_(logits, targets)[:, None]
+    t = targets[:, None]
+    logp = F.log_softmax(logits, dim=-1, dtype=torch.float32)  # upcasts as it reads
+    row_loss = -logp.gather(1, t)
+    g = logp.exp_()
+    g.scatter_add_(1, t, torch.full_like(row_loss, -1.0))
+    return g.to(logits.dtype), row_loss
 
 
 def linear_cross_entropy(
@@ -106,12 +118,14 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     chunk: int,
     ignore_index: int = IGNORE_INDEX,
+    kernel: str = "torch",
 ) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, ``chunk`` rows at a time.
 
     ``hidden`` (..., C) and ``targets`` (...) are flattened. The matmul runs in the autocast dtype
     when autocast is on for this device (as ``nn.Linear`` would), else in ``weight``'s dtype.
     Without gradients (``torch.no_grad``, or nothing requires grad) only the loss is computed.
+    ``kernel``: how each chunk's softmax gradient is formed, "torch" or "triton" (:mod:`trainer.loss_kernel`).
     """
     if chunk <= 0:
         raise ValueError(f"chunk must be > 0, got {chunk}")
@@ -124,7 +138,7 @@ def linear_cross_entropy(
         compute_dtype = weight.dtype
     if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
         return _loss_only(h.to(compute_dtype), weight.to(compute_dtype), t, chunk, ignore_index)
-    return ChunkedLinearCrossEntropy.apply(h, weight, t, chunk, ignore_index, compute_dtype)
+    return ChunkedLinearCrossEntropy.apply(h, weight, t, chunk, ignore_index, compute_dtype, kernel)
 
 
 __all__ = ["ChunkedLinearCrossEntropy", "IGNORE_INDEX", "linear_cross_entropy"]

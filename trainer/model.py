@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from trainer.config import PRESET_SHAPES
+from trainer.config import LOSS_KERNELS, PRESET_SHAPES
 from trainer.loss import linear_cross_entropy
 
 GPT2_VOCAB = 50257
@@ -215,12 +215,20 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         # how the same math runs (set_runtime); not part of the weights or GPTConfig
         self.loss_chunk_tokens = 0
+        self.loss_kernel = "torch"
         self.sdpa_backend = "auto"
 
-    def set_runtime(self, loss_chunk_tokens: int | None = None, sdpa_backend: str | None = None) -> "GPT":
+    def set_runtime(self, loss_chunk_tokens: int | None = None, sdpa_backend: str | None = None,
+                    loss_kernel: str | None = None) -> "GPT":
         """Execution choices that leave the math unchanged (to rounding): ``loss_chunk_tokens`` > 0
         computes the training loss ``trainer.loss``-style in chunks of that many tokens (0 = plain
-        ``F.cross_entropy`` over full logits); ``sdpa_backend`` pins the attention kernel."""
+        ``F.cross_entropy`` over full logits), each chunk's softmax gradient by ``loss_kernel``
+        ("torch" ops or one "triton" kernel, ``trainer.loss_kernel``); ``sdpa_backend`` pins the
+        attention kernel."""
+        if loss_kernel is not None:
+            if loss_kernel not in LOSS_KERNELS:
+                raise ValueError(f"loss_kernel must be one of {', '.join(LOSS_KERNELS)}, got '{loss_kernel}'")
+            self.loss_kernel = loss_kernel
         if loss_chunk_tokens is not None:
             if loss_chunk_tokens < 0:
                 raise ValueError(f"loss_chunk_tokens must be >= 0 (0 = off), got {loss_chunk_tokens}")
@@ -281,7 +289,7 @@ class GPT(nn.Module):
         """
         if targets is not None and past is None and self.training and self.loss_chunk_tokens > 0:
             x, _ = self.hidden_states(idx)
-            return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk_tokens)
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk_tokens, kernel=self.loss_kernel)
         logits, loss, _ = self._forward(idx, targets, past)
         return logits, loss
 

@@ -24,6 +24,7 @@ from trainer import precision
 from trainer.config import TrainConfig
 from trainer.dist import DistEnv, all_reduce_sum
 from trainer.fp8 import convert_to_fp8, fp8_problem
+from trainer.loss_kernel import loss_kernel_problem
 from trainer.model import GPT, GPTConfig, sdpa_backend_problem
 from trainer.optim import lr_at, set_lr
 
@@ -38,16 +39,17 @@ class StepResult(NamedTuple):
 
 
 def build_model(gpt_cfg: GPTConfig, tc: TrainConfig, device: torch.device) -> GPT:
-    """The model on ``device`` with the configured runtime choices (loss chunking, SDPA backend)
+    """The model on ``device`` with the configured runtime choices (loss chunking and kernel, SDPA backend)
     and, with ``train.fp8``, FP8 matmuls in its blocks (``trainer.fp8``).
 
     Seeding is the caller's (the trainer seeds identically on every rank first). Raises
-    ValueError when ``train.sdpa_backend`` or ``train.fp8`` cannot run on this device."""
-    problem = sdpa_backend_problem(tc.sdpa_backend, device.type) or (fp8_problem(device) if tc.fp8 else None)
+    ValueError when ``train.sdpa_backend``, ``train.loss_kernel`` or ``train.fp8`` cannot run on this device."""
+    problem = (sdpa_backend_problem(tc.sdpa_backend, device.type) or loss_kernel_problem(tc.loss_kernel, device.type)
+               or (fp8_problem(device) if tc.fp8 else None))
     if problem:
         raise ValueError(problem)
     model = GPT(gpt_cfg).to(device)
-    model.set_runtime(loss_chunk_tokens=tc.loss_chunk_tokens, sdpa_backend=tc.sdpa_backend)
+    model.set_runtime(loss_chunk_tokens=tc.loss_chunk_tokens, sdpa_backend=tc.sdpa_backend, loss_kernel=tc.loss_kernel)
     if tc.fp8:
         convert_to_fp8(model.transformer.h)
     return model

@@ -67,7 +67,7 @@ from trainer.checkpoint import (
     to_cpu,
     verify,
 )
-from trainer.config import TrainJob, changed_hyperparameters
+from trainer.config import TrainConfig, TrainJob, changed_hyperparameters
 from trainer.data import LoaderState, TrainLoader, ValBatches
 from trainer.dist import (
     DistEnv,
@@ -531,7 +531,7 @@ class Trainer:
         env, tc, st = self.env, self.cfg.train, self.state
         log0(env, f"training: world size {env.world_size} on {env.device} ({env.backend or 'no process group'}), "
                   f"grad_accum {self.grad_accum}, {tc.batch_tokens:,} tokens/step, steps {st.step}->{tc.max_steps}, "
-                  f"{precision.short_name(self.dtype)}{', compiled' if tc.compile else ''}")
+                  f"{precision.short_name(self.dtype)}{', compiled' if tc.compile else ''}, {_loss_path(tc)}")
         if st.step >= tc.max_steps:
             log0(env, f"already at step {st.step} >= train.max_steps {tc.max_steps}: nothing to do")
             self.tracker.finish("FINISHED")
@@ -635,6 +635,14 @@ class Trainer:
         if path.exists():
             self.tracker.log_artifact(path)
         self.tracker.finish(status)
+
+
+def _loss_path(tc: TrainConfig) -> str:
+    """How the training loss is computed, for the start line (``train.loss_chunk_tokens``, ``train.loss_kernel``)."""
+    if tc.loss_chunk_tokens <= 0:
+        return "plain loss"
+    kernel = f", {tc.loss_kernel} kernel" if tc.loss_kernel != "torch" else ""
+    return f"loss in chunks of {tc.loss_chunk_tokens:,} tokens{kernel}"
 
 
 # ------------------------------------------------------------------ process entry
