@@ -24,17 +24,15 @@ it as one opaque call instead of tracing into it.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+from typing import Any
 
 import torch
 
 from trainer.config import LOSS_KERNELS
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU wheel of torch does not bring Triton; train.loss_kernel=triton is refused
-    triton = None
+tl: Any = None  # triton.language, imported with the kernel's first use (importing Triton costs ~0.3 s)
 
 MAX_BLOCK = 32768  # columns a program holds at once (Liger-Kernel's choice for its cross-entropy)
 
@@ -43,7 +41,7 @@ def loss_kernel_problem(name: str, device_type: str) -> str | None:
     """Why ``train.loss_kernel=name`` cannot run on ``device_type`` (None when it can)."""
     if name not in LOSS_KERNELS:
         return f"train.loss_kernel must be one of {', '.join(LOSS_KERNELS)}, got '{name}'"
-    if name == "triton" and triton is None:
+    if name == "triton" and importlib.util.find_spec("triton") is None:  # the CPU wheel of torch lacks it
         return "train.loss_kernel 'triton' needs the triton package (CUDA builds of torch bring it): pip install triton"
     if name == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"train.loss_kernel 'triton' runs on CUDA, not {device_type} (set it to 'torch', or TRITON_INTERPRET=1 to emulate)"
@@ -73,12 +71,16 @@ def _softmax_minus_one_hot(logits_ptr, stride, targets_ptr, loss_ptr, n_cols, BL
 
 
 @functools.cache
-def _kernel():
-    """The kernel, compiled by Triton on first use (not at import: ``TRITON_INTERPRET``, read when
-    a function is jitted, may be set by then, and a process that never uses it pays nothing)."""
+def _kernel() -> Any:
+    """The kernel, jitted on first use: a process that never uses it never imports Triton."""
+    global tl
     problem = loss_kernel_problem("triton", "cuda")
     if problem:
         raise RuntimeError(problem)
+    import triton
+    import triton.language
+
+    tl = triton.language  # the kernel's body reads it from this module's globals when Triton compiles it
     return triton.jit(_softmax_minus_one_hot)
 
 
@@ -92,7 +94,7 @@ def softmax_minus_one_hot_(logits: torch.Tensor, targets: torch.Tensor) -> torch
     losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     if n_rows == 0:
         return losses
-    block = min(MAX_BLOCK, triton.next_power_of_2(n_cols))
+    block = min(MAX_BLOCK, 1 << (n_cols - 1).bit_length())  # the next power of 2 (a Triton block's size)
     _kernel()[(n_rows,)](logits, logits.stride(0), targets, losses, n_cols, BLOCK=block,
                          num_warps=32 if block >= 32768 else 16 if block >= 8192 else 8)
     return losses
