@@ -13,8 +13,9 @@
 #                   agreement with fp32 (RESULT_DTYPES);
 #   anchor-eager    the side by side without torch.compile;
 #   loss-kernel     the chunked loss with its softmax gradient in one Triton kernel (train.loss_kernel=triton,
-#                   trainer.loss_kernel): side by side with the anchor in eager mode (the eager goal is
-#                   >= 1.0x), then compiled (against the anchor-compile part's figures);
+#                   trainer.loss_kernel): the loss alone three ways (bench/loss_kernel.py: plain, PyTorch
+#                   ops, kernel; seconds), then the step side by side with the anchor in eager mode (the
+#                   eager goal is >= 1.0x), then compiled (against the anchor-compile part's figures);
 #   profile-eager   where the eager gap is: one eager step of each (bench/profile_step.py, 1 warm-up + 2
 #                   steps under torch.profiler), their device kernel times compared by category and by
 #                   kernel (OUT_DIR/profile_eager.txt; its category table goes into the summary);
@@ -61,6 +62,7 @@ if [ "${DEVICE_RUN_TINY:-0}" = 1 ]; then
   anchor_shape=(--batch 2 --seq 32 --batch-tokens 128 --n-layer 2 --n-head 2 --n-embd 64)
   t_big=300; t_small=200
   kernel_env=(env TRITON_INTERPRET=1)  # no GPU: Triton's interpreter runs the loss kernel on CPU tensors
+  loss_alone=(--rows 256 --vocab 1000 --dim 32 --chunk 96 --iters 2)
 else
   shape=(train.nproc_per_node=1)
   micro_batches=(32 128)
@@ -72,6 +74,7 @@ else
   anchor_shape=(--batch 64 --seq 1024 --batch-tokens 524288)
   t_big=150; t_small=100
   kernel_env=()
+  loss_alone=()  # GPT-2 124M's: 65,536 rows, vocabulary 50,304, width 768, chunks of 8,192
 fi
 compile_flag=$([ "$compile" = on ] && echo true || echo false)
 budget=${DEVICE_RUN_BUDGET_S:-540}
@@ -166,6 +169,7 @@ profile_eager() {  # one eager step of each under torch.profiler, compared kerne
 
 loss_kernel() {  # train.loss_kernel=triton: eager side by side with the anchor, then compiled
   local chunked=(train.loss_chunk_tokens=8192 train.loss_kernel=triton)
+  run "loss alone: plain, chunked, kernel" "$t_small" "${kernel_env[@]}" $py bench/loss_kernel.py "${loss_alone[@]}"
   if [ -f "$anchor" ]; then
     run "loss_kernel=triton side-by-side compile=off" $((2 * t_big)) "${kernel_env[@]}" $py bench/train_step.py configs/gpt2-124m.yaml \
       "${shape[@]}" "${chunked[@]}" "${csteps[@]}" --anchor "$anchor" --compile-settings off

@@ -54,6 +54,9 @@ def test_benchmark_scripts_run(gpt2_ranks):
         "tokenize_memory": ("bench/tokenize_memory.py", "--docs", "200", "--tokenizer-file", gpt2_ranks),
         "train_step": ("bench/train_step.py", "configs/smoke.yaml", "--steps", "1", "--warmup", "0"),
         "hellaswag": ("bench/hellaswag.py", "--model", "micro", "--rows", "8", "--device", "cpu", "--data", "synthetic"),
+        # the Triton kernel under its CPU interpreter (TRITON_INTERPRET=1: tests/conftest.py)
+        "loss_kernel": ("bench/loss_kernel.py", "--rows", "256", "--vocab", "1000", "--dim", "32", "--chunk", "96", "--iters", "2",
+                        "--device", "cpu"),
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(run, *args) for name, args in commands.items()}
@@ -68,6 +71,8 @@ def test_benchmark_scripts_run(gpt2_ranks):
     assert r.returncode == 0 and r.stdout.count("RESULT") == 1, r.stderr[-2000:]
     r = res["hellaswag"]
     assert r.returncode == 0 and "same_predictions=True" in r.stdout, r.stdout + r.stderr[-2000:]
+    r = res["loss_kernel"]
+    assert r.returncode == 0 and r.stdout.count("RESULT way=") == 3 and "kernel_over_chunked=" in r.stdout, r.stdout + r.stderr[-2000:]
     r = res["resume_check"]
     assert r.returncode == 0 and "bitwise-different losses: 0" in r.stdout, r.stdout + r.stderr[-2000:]
 
