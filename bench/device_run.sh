@@ -217,4 +217,4 @@ for part in "${order[@]}"; do
 done
 
 echo "=== summary" | tee -a "$log"
-grep -E "^(  )?(RESULT|RATIO|PROFILE)|^=== .*(exit|SKIPPED)|^([0-9-]+ [0-9:]+ )?step [0-9]+/|max_logprob|differ|identical|same ending|\"(acc|acc_norm|elapsed_s)\"|eval: .*computed" "$log" | tee "$out/device_run.summary"
+grep -E "^(  )?(RESULT|RATIO|PROFILE|GRADS)|^=== .*(exit|SKIPPED)|^([0-9-]+ [0-9:]+ )?step [0-9]+/|max_logprob|differ|identical|same ending|\"(acc|acc_norm|elapsed_s)\"|eval: .*computed" "$log" | tee "$out/device_run.summary"

@@ -11,8 +11,10 @@ On the same hidden states, head weight and targets, in this one process, each ti
   (``train.loss_kernel: torch``);
 * kernel: the same chunks, the gradient formed by the Triton kernel (``train.loss_kernel: triton``).
 
-Prints one ``RESULT`` line per way (ms per call, rows/s, peak memory on CUDA, loss) and a ``RATIO``
-line: rows/s of chunked and kernel over plain, and of kernel over chunked. Why a separate
+Prints one ``RESULT`` line per way (ms per call, rows/s, peak memory on CUDA, loss), a ``RATIO``
+line: rows/s of chunked and kernel over plain, and of kernel over chunked, and a ``GRADS`` line: the
+share of the kernel's gradient elements (hidden states, head weight) equal bit for bit to the
+PyTorch ops' (on a GPU both round to nearest even: 1.0 expected; Triton's CPU interpreter truncates). Why a separate
 benchmark: the kernel changes one part of the step; the whole-step bench (``bench/train_step.py``)
 dilutes that part's change by everything else, and takes a minute per setting on a GPU where this
 takes seconds. Exit 1 when the three losses disagree beyond rounding (1e-3 relative in bf16).
@@ -75,7 +77,12 @@ def _time(fn: Callable, h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, iters
         if i:
             times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else None
-    return {"s": statistics.median(times), "peak_gib": peak, "loss": float(loss.detach())}
+    return {"s": statistics.median(times), "peak_gib": peak, "loss": float(loss.detach()), "grads": (h.grad.clone(), w.grad.clone())}
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> str:
+    """The share of elements equal bit for bit, and the largest difference relative to the tensor's scale."""
+    return f"{(a == b).float().mean().item():.6f} (max diff {((a - b).abs().max() / b.abs().max()).item():.1e})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     rate = {name: args.rows / r["s"] for name, r in got.items()}
     print(f"RATIO chunked_over_plain={rate['chunked'] / rate['plain']:.3f} kernel_over_plain={rate['kernel'] / rate['plain']:.3f} "
           f"kernel_over_chunked={rate['kernel'] / rate['chunked']:.3f}")
+    # same rows, same matmuls: if the kernel's gradient equals the ops' bit for bit, so do these
+    (kh, kw), (ch, cw) = got["kernel"]["grads"], got["chunked"]["grads"]
+    print(f"GRADS kernel_vs_chunked hidden_equal={_same(kh, ch)} weight_equal={_same(kw, cw)}")
     losses = [r["loss"] for r in got.values()]
     spread = (max(losses) - min(losses)) / abs(losses[0])
     if spread > 1e-3:

@@ -73,6 +73,7 @@ def test_benchmark_scripts_run(gpt2_ranks):
     assert r.returncode == 0 and "same_predictions=True" in r.stdout, r.stdout + r.stderr[-2000:]
     r = res["loss_kernel"]
     assert r.returncode == 0 and r.stdout.count("RESULT way=") == 3 and "kernel_over_chunked=" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "GRADS kernel_vs_chunked hidden_equal=" in r.stdout, r.stdout
     r = res["resume_check"]
     assert r.returncode == 0 and "bitwise-different losses: 0" in r.stdout, r.stdout + r.stderr[-2000:]
 
