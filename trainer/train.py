@@ -725,6 +725,11 @@ def run_worker(resolved: dict[str, Any], allow_changes: bool = False, where: str
         return _run_worker(resolved, allow_changes, where)
 
 
+def _crashed(cfg: TrainJob, env: DistEnv, e: BaseException) -> tuple[str, str | None]:
+    """(the reason this rank reports, the file keeping its traceback) for an unexpected error (exit 1)."""
+    return f"{type(e).__name__}: {e}", keep_traceback(cfg.run_dir, env.rank, env.world_size, e)
+
+
 def _run_worker(resolved: dict[str, Any], allow_changes: bool, where: str) -> int:
     try:
         cfg = TrainJob.from_resolved(resolved, where)
@@ -757,13 +762,13 @@ def _run_worker(resolved: dict[str, Any], allow_changes: bool, where: str) -> in
         print(f"train: error: {reason}", file=sys.stderr, flush=True)
     except OSError as e:
         if not is_disk_full(e):
-            reason, kept = f"{type(e).__name__}: {e}", keep_traceback(cfg.run_dir, env.rank, env.world_size, e)
+            reason, kept = _crashed(cfg, env, e)
             raise
         # e.g. metrics.jsonl on a full disk: retrying cannot help until space is freed
         code, reason = EXIT_REFUSED, f"disk full: {e}; free space, then run the same command again"
         print(f"train: error: {reason}", file=sys.stderr, flush=True)
     except BaseException as e:
-        reason, kept = f"{type(e).__name__}: {e}", keep_traceback(cfg.run_dir, env.rank, env.world_size, e)
+        reason, kept = _crashed(cfg, env, e)
         raise
     finally:
         _write_exit_status(env, code, reason, kept)
