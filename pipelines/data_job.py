@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 from pipelines.config import ConfigError, PipelineConfig
 from pipelines.launching import last_exit_code
 from slurm.config import SlurmConfig
+from slurm.jobs import wait_for_end
 from trainer import EXIT_REQUEUE
 
 # Ray's object store takes this share of ray.mem_gb on each node, its task memory the rest.
@@ -73,8 +73,7 @@ def wait_for_data(job, cfg: PipelineConfig, poll_s: float = 2.0) -> tuple[int, s
     """Follow a submitted data job to its end; return (exit code, what happened): see
     :func:`data_job_outcome`. Never from submitit's result pickle (see
     pipelines.launching.wait_for_training)."""
-    while not job.done():
-        time.sleep(poll_s)
+    wait_for_end(job, poll_s)
     return data_job_outcome(job, cfg)
 
 

@@ -13,7 +13,7 @@ from dataprep.shards import ShardError, TokenDataset
 from pipelines.config import ConfigError, PipelineConfig
 from slurm import validation
 from slurm.config import SlurmConfig
-from slurm.jobs import job_state
+from slurm.jobs import job_state, wait_for_end
 from slurm.joblogs import final_exit
 from slurm.sbatch import render_sbatch
 from slurm.submit import recorded_jobs, submit_command
@@ -148,12 +148,9 @@ def wait_for_training(job, cfg: PipelineConfig, poll_s: float = 2.0) -> tuple[in
     also covers a command that failed before the launcher ran, such as a config edited while the
     job was queued), else the launcher's last "pretrain train: exit N" (2: refused, fix the config
     or data; anything else: 1, a rerun may help)."""
-    import time
-
     from trainer.checkpoint import latest_committed, read_meta
 
-    while not job.done():
-        time.sleep(poll_s)
+    wait_for_end(job, poll_s)
     newest = latest_committed(cfg.run_dir)
     if newest is not None and int(read_meta(newest)["step"]) >= cfg.train.max_steps:
         return 0, f"finished: {newest}"

@@ -119,6 +119,29 @@ def is_live(state: str) -> bool:
     return state not in (*FAILED_STATES, "COMPLETED", "REVOKED") and not state.startswith(("UNKNOWN", "INVALID"))
 
 
+def wait_for_end(job, poll_s: float = 2.0) -> None:
+    """Return once a submitted job (submitit's) has ended: a SLURM job once SLURM no longer has it
+    queued, running or completing (:func:`is_live`), asked every ``poll_s``; a local one once its
+    process is done.
+
+    Not through submitit's ``job.done()`` for SLURM: it trusts a task's result file, and a task
+    killed before it wrote one (a multi-node job after a node's failure, see
+    slurm.node_command.end_other_nodes; the OOM killer) leaves it to a shared ``sacct`` watcher
+    that asks at 2, 4, 8, 16, 32, 64 ... s after the newest submission, up to 10 min apart. A
+    failure was then reported up to twice the job's run time late: 128 s for a job that ended
+    after 15 s. A SLURM that does not answer (UNREACHABLE) is waited for, as a live job."""
+    import time
+
+    import submitit
+
+    if not isinstance(job, submitit.SlurmJob):
+        while not job.done():
+            time.sleep(poll_s)
+        return
+    while is_live(job_state(str(job.job_id)).state):
+        time.sleep(poll_s)
+
+
 def never_starts(job_id: str) -> bool:
     """Whether a queued job waits for a dependency that can no longer be met (a job it follows
     failed): SLURM keeps it pending so, for ever, unless it is cancelled."""

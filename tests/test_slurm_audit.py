@@ -66,6 +66,18 @@ def wait_for(what: str, cond, timeout: float = 120) -> None:
         time.sleep(0.5)
 
 
+def accounting(job: str, fields: str) -> str:
+    """The job's line in `sacct` (fields separated by "|"), once its end time is recorded: accounting is
+    written after the job ends."""
+    line = ""
+    for _ in range(60):
+        line = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", fields], capture_output=True, text=True).stdout.strip()
+        if re.search(r"\|\d{4}-\d\d-\d\dT[\d:]+$", line):
+            break
+        time.sleep(0.5)
+    return line
+
+
 def sbatch(script: Path) -> str:
     sub = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, cwd=REPO)
     assert sub.returncode == 0, sub.stderr
@@ -209,7 +221,7 @@ def test_a_busy_rendezvous_port_fails_the_job_at_once_naming_it(cluster, work):
     logs = "".join(p.read_text(errors="replace") for p in (run_dir / "slurm").rglob("*_log.err"))
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"rendezvous port {port} on n1 is in use" in logs, logs[-3000:]
-    assert took < 60, f"{took:.0f} s"
+    assert took < 60, f"{took:.0f} s; the job in accounting (state, start, end): {accounting(job_id_of(r.stdout), 'State,Start,End')}"
 
 
 def test_a_busy_rendezvous_port_fails_the_sbatch_job_at_once_naming_it(cluster, work):
@@ -274,6 +286,30 @@ def test_a_refusal_on_the_second_node_is_reported_as_2_and_status_says_why(clust
             os.kill(pid, signal.SIGCONT)
     assert states == ["UNREACHABLE (SLURM did not answer)"] * 3, states
     assert took < 10, f"status took {took:.0f} s with SLURM not answering"
+
+
+def test_a_task_killed_before_its_result_file_is_reported_when_the_job_ends_not_a_backoff_later(cluster, work):
+    """A task killed before it writes submitit's result file (the OOM killer; every node of a multi-node
+    job after one failed) left `--wait` to submitit's shared sacct watcher, which asks 2, 4, 8, 16, 32,
+    64 ... s after the newest submission: this job ends after about 36 s and was reported at 64 s
+    (the busy-port job above, ended after 15 s, once at 128 s)."""
+    from datetime import datetime
+
+    from pipelines.config import load_config
+    from pipelines.launching import submit_job, wait_for_training
+
+    cfg_path, run_dir = write_config(work, "task-killed")
+    cfg = load_config(str(cfg_path), [])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    oom = "sleep 35; kill -KILL $PPID"  # the task's Python (slurm.node_command), as the OOM killer would
+    job = submit_job(["bash", "-c", oom], cfg.slurm, 0, run_dir, "task-killed")
+    code, outcome = wait_for_training(job, cfg, poll_s=0.5)  # what `pretrain submit --wait` reports
+    returned = time.time()
+    assert code == 1 and "no exit line in its log" in outcome, outcome
+    state, _, ended = accounting(str(job.job_id), "State,End").partition("|")
+    assert state == "FAILED", end
+    late = returned - datetime.fromisoformat(ended).timestamp()  # sacct gives local time, to the second
+    assert late < 6, f"reported {late:.0f} s after the job ended"
 
 
 def test_stopping_the_test_cluster_leaves_no_step_behind(cluster):  
