@@ -47,7 +47,7 @@ from typing import Any, Callable
 from common.rundir import RunDir
 from evals.config import EvalConfig
 from slurm.executor import KINDS, JobResources, build_executor
-from slurm.jobs import FAILED_STATES
+from slurm.jobs import FAILED_STATES, job_ended, job_state
 from slurm.resources import SlurmError, parse_time_minutes
 from evals.job import planned_tasks, run_job
 from evals.results import all_complete, checkpoint_id, format_scores, job_device_type, read_result, write_json_atomic
@@ -94,8 +94,6 @@ def training_job(run_dir: Path) -> str | None:
 def training_job_ended(run_dir: Path) -> str | None:
     """Why no training is coming for ``run_dir`` ("training job 12 FAILED"), or None while its SLURM
     job is queued, running or being requeued, or when none is known (a training started by hand)."""
-    from slurm.jobs import job_state
-
     job_id = training_job(run_dir)
     if job_id is None:
         return None
@@ -319,7 +317,10 @@ class Watcher:
             # a file in the run dir: printable text only (no terminal escapes from a forged one)
             text = " | ".join(str(status["error"]).splitlines())
             return "".join(c if c.isprintable() else "?" for c in text)[:2000], status.get("refused") is True
-        state = "finished" if isinstance(job, _ForeignLocalJob) else getattr(job, "state", "unknown")
+        if isinstance(job, _ForeignLocalJob):
+            state = "finished"
+        else:  # SLURM's own word for a SLURM job (submitit's may lag): FAILED, OUT_OF_MEMORY, TIMEOUT ...
+            state = job_state(str(job.job_id)).state if self.kind == "slurm" else getattr(job, "state", "unknown")
         return f"job {e.job_id} ended ({state}) without complete results; see its logs in {self.dir / 'jobs'}", False
 
     def _collect(self) -> None:
@@ -328,7 +329,7 @@ class Watcher:
         The job's own return value (submitit's result pickle) is never read; see the module docstring.
         """
         for name, job in list(self.jobs.items()):
-            if not job.done():
+            if not job_ended(job):  # not job.done(): it may see a killed SLURM job end minutes late
                 continue
             del self.jobs[name]
             e = self.entries[name]

@@ -119,26 +119,43 @@ def is_live(state: str) -> bool:
     return state not in (*FAILED_STATES, "COMPLETED", "REVOKED") and not state.startswith(("UNKNOWN", "INVALID"))
 
 
-def wait_for_end(job, poll_s: float = 2.0) -> None:
-    """Return once a submitted job (submitit's) has ended: a SLURM job once SLURM no longer has it
-    queued, running or completing (:func:`is_live`), asked every ``poll_s``; a local one once its
-    process is done.
+ASK_EVERY_S = (2.0, 30.0)  # job_ended asks SLURM about a job at most this often: 2 s, growing with its age to 30 s
+_asked: dict[str, tuple[float, float]] = {}  # job id -> (monotonic time first asked, next time it may be asked)
 
-    Not through submitit's ``job.done()`` for SLURM: it trusts a task's result file, and a task
-    killed before it wrote one (a multi-node job after a node's failure, see
-    slurm.node_command.end_other_nodes; the OOM killer) leaves it to a shared ``sacct`` watcher
-    that asks at 2, 4, 8, 16, 32, 64 ... s after the newest submission, up to 10 min apart. A
-    failure was then reported up to twice the job's run time late: 128 s for a job that ended
-    after 15 s. A SLURM that does not answer (UNREACHABLE) is waited for, as a live job."""
+
+def job_ended(job) -> bool:
+    """Whether a submitted job (submitit's) has ended. A local one: its process is done. A SLURM one:
+    submitit's ``job.done()`` (every task's result file, else its own ``sacct`` watcher), or else
+    SLURM's state no longer queued, running or completing (:func:`is_live`), asked at most every 2 s,
+    then 5% of the time since it was first asked about, up to 30 s (:data:`ASK_EVERY_S`): a job that
+    ended is seen within that, and a long wait costs the controller 2 calls a minute.
+
+    ``job.done()`` alone missed ends by minutes: a task killed before it wrote its result file (the
+    OOM killer; every node of a multi-node job after one failed, slurm.node_command.end_other_nodes)
+    left it to submitit's shared watcher, which asks 2, 4, 8 ... 64 s after the newest submission and
+    up to 10 min apart. A job that ended after about 45 s was reported 19 s late. A SLURM that does
+    not answer (UNREACHABLE) counts as live."""
     import time
 
     import submitit
 
-    if not isinstance(job, submitit.SlurmJob):
-        while not job.done():
-            time.sleep(poll_s)
-        return
-    while is_live(job_state(str(job.job_id)).state):
+    done = job.done()
+    if done or not isinstance(job, submitit.SlurmJob):
+        return done
+    job_id, now = str(job.job_id), time.monotonic()
+    first, next_ask = _asked.get(job_id, (now, now))
+    if now < next_ask:
+        return False
+    low, high = ASK_EVERY_S
+    _asked[job_id] = (first, now + min(high, max(low, (now - first) / 20)))
+    return not is_live(job_state(job_id).state)
+
+
+def wait_for_end(job, poll_s: float = 2.0) -> None:
+    """Return once a submitted job has ended (:func:`job_ended`), looking every ``poll_s``."""
+    import time
+
+    while not job_ended(job):
         time.sleep(poll_s)
 
 
