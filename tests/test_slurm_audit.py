@@ -1,7 +1,8 @@
 """Launching on SLURM, the cases tests/test_slurm.py leaves out: a rank that dies on one node of
 two, a node that fails before training starts (both routes), max_requeues spent, a 2-node sbatch
 script requeued, a busy rendezvous port, a refusal on the second node and what `pretrain status` says
-of it, the cluster's teardown. Same throw-away cluster (its fixtures are imported), one module at a time on it."""
+of it, a job and an eval job whose task is killed before its result file (seen when it ends), the
+cluster's teardown. Same throw-away cluster (its fixtures are imported), one module at a time on it."""
 
 from __future__ import annotations
 
@@ -310,6 +311,50 @@ def test_a_task_killed_before_its_result_file_is_reported_when_the_job_ends_not_
     assert state == "FAILED", end
     late = returned - datetime.fromisoformat(ended).timestamp()  # sacct gives local time, to the second
     assert late < 6, f"reported {late:.0f} s after the job ended"
+
+
+def test_an_eval_job_killed_before_its_result_file_is_retried_when_it_ends(cluster, work, local_losses, monkeypatch):
+    """The eval watcher saw an eval job's end through the same `job.done()`: a job killed before it
+    wrote its result file (here after 35 s, as the OOM killer would) was counted failed, and retried,
+    only at submitit's next sacct tick. Its error now names SLURM's state of the job."""
+    import shutil
+    from datetime import datetime
+
+    from evals.watch import Watcher
+    from pipelines.config import load_config
+    from tests.evals_helpers import hellaswag_rows, write_jsonl
+    from trainer.checkpoint import list_committed
+
+    run_dir = work / "eval-killed"
+    shutil.copytree(work / "local", run_dir)  # local_losses trained it
+    *older, newest = list_committed(run_dir)
+    for ckpt in older:  # one checkpoint: one job to kill, one retry
+        shutil.rmtree(ckpt)
+    hs = work / "eval-killed-hellaswag.jsonl"
+    write_jsonl(hs, hellaswag_rows(4, seed=2))
+    cfg_path, _ = write_config(work, "eval-killed")
+    cfg = load_config(str(cfg_path), [f"eval.hellaswag_path={hs}", "eval.data_source=local", "eval.device=cpu", "eval.slurm.gpus=0",
+                                      "eval.slurm.cpus=1", "eval.slurm.time=10:00", "eval.max_retries=1"])
+    killer = work / "eval-killer"
+    killer.mkdir()
+    (killer / "sitecustomize.py").write_text(  # the first Python of the first eval job: 35 s, then SIGKILL
+        "import os, signal, time\n"
+        f"if os.environ.get('SLURM_JOB_ID') and not os.path.exists({str(killer / 'done')!r}):\n"
+        f"    open({str(killer / 'done')!r}, 'w').write(os.environ['SLURM_JOB_ID'])\n"
+        "    time.sleep(35)\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    # SLURM jobs take the submitter's environment
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(killer), os.environ.get("PYTHONPATH", "")) if p))
+    said: list[tuple[float, str]] = []
+    code = Watcher(run_dir, cfg.eval, executor="slurm", log=lambda line: said.append((time.time(), line))).run(once=True)
+    text = "\n".join(line for _, line in said)
+    assert code == 0 and f"watch: {newest.name} evaluated" in text, text
+    killed = (killer / "done").read_text()
+    failed = [(t, line) for t, line in said if "eval failed (attempt 1/2)" in line]
+    assert len(failed) == 1 and f"job {killed} ended (FAILED)" in failed[0][1], text
+    state, _, ended = accounting(killed, "State,End").partition("|")
+    assert state == "FAILED", state
+    late = failed[0][0] - datetime.fromisoformat(ended).timestamp()
+    assert late < 6, f"the watcher saw the killed job {late:.0f} s after it ended"
 
 
 def test_stopping_the_test_cluster_leaves_no_step_behind(cluster):  
