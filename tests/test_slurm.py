@@ -200,12 +200,14 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, work, local_losses,
 
 def test_time_limit_signal_requeues_until_done(cluster, work):
     """slurm.time=1 min with signal_delay_s=15: USR2 arrives before the minute is up (SLURM may send
-    it up to a minute early; measured 18-30 s after each start here), the job checkpoints, is
-    requeued, and finishes on a later run with the losses of an uninterrupted one. 200 steps take
-    about two runs here (0.12 s a step, 8 s to start); a machine fast enough to train them inside
-    the first run gets four times as many (else the test would prove nothing). The stop writes its
-    own checkpoint, so periodic ones are rare (every 50 steps): they would only slow both runs."""
-    for steps in (200, 800):
+    it up to a minute early; measured 18-45 s after a start here: slurmctld checks time limits every
+    30 s), the job checkpoints, is requeued, and finishes on a later run with the losses of an
+    uninterrupted one. 350 steps take two or three runs here (0.12-0.18 s a step, 8 s to start: 50 s
+    or more). With 200, CI once trained them in 43 s inside the first run, and the 4x fallback then
+    took 575 s. A machine fast enough to train them inside the first run gets four times as many
+    (else the test would prove nothing). The stop writes its own checkpoint, so periodic ones are
+    rare (every 50 steps): they would only slow both runs."""
+    for steps in (350, 1400):
         cfg, run_dir = write_config(work, f"timeout-{steps}", max_steps=steps, ckpt_every=50)
         r = pretrain("submit", str(cfg), "slurm.time=1", "slurm.max_requeues=40")
         assert r.returncode == 0, r.stderr
@@ -214,7 +216,7 @@ def test_time_limit_signal_requeues_until_done(cluster, work):
         if scontrol_restarts(job) >= 1:
             break
     else:
-        raise AssertionError("800 steps finished inside one minute: raise `steps` so the time limit is reached")
+        raise AssertionError("1400 steps finished inside one minute: raise `steps` so the time limit is reached")
     assert "this job is timed-out" in logs(run_dir)
     cfg_local, run_local = write_config(work, f"timeout-local-{steps}", max_steps=steps, ckpt_every=50)
     r = pretrain("train", str(cfg_local), timeout=900)
