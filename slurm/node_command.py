@@ -38,6 +38,10 @@ from common.stop_signals import STOP_SIGNALS
 from slurm.jobs import PEERS_GRACE_S, cancelled
 from slurm.ports import DEFAULT_RDZV_PORTS, check_rendezvous_port, rendezvous_port
 
+KILL_TRIES = 3  # scancel attempts by a failed node before it gives up on ending the others
+KILL_TAKES_S = 5.0  # a kill that took ends the asking task within this; still alive after it, try again
+KILL_CALL_TIMEOUT_S = 30.0  # one scancel call
+
 
 def final_exit_note(rc: int | None) -> str:
     """Why an exit code is not requeued, for the job log."""
@@ -56,14 +60,40 @@ def end_other_nodes(message: str, grace_s: float = PEERS_GRACE_S) -> None:
     collective is seen within seconds, and each writes its own exit line), then the step is
     killed with SIGKILL, this task included: a SIGTERM would make them checkpoint and exit "requeue
     me", and a failed job must not come back. A requeue or cancellation meanwhile (another node
-    stopped on a signal) ends this task first, so the kill never reaches a later run of the job."""
+    stopped on a signal) ends this task first, so the kill never reaches a later run of the job.
+
+    The kill ends this task too, so a task still here some seconds after it knows the kill did not
+    take (scancel failed, timed out, or its signal was lost on the way): it tries again, up to
+    ``KILL_TRIES`` times, naming what went wrong in the job log."""
     job_id, step = os.environ.get("SLURM_JOB_ID", ""), os.environ.get("SLURM_STEP_ID", "")
     print(f"[node_command] {message}; the job's other nodes get {grace_s:.0f} s to end, then its step is killed", flush=True)
     print(message, file=sys.stderr, flush=True)  # the job's exit line (pipelines read it), as the error would be
     if not (job_id.isdigit() and step.isdigit()):
         return
     time.sleep(grace_s)
-    subprocess.run(["scancel", "--signal=KILL", f"{job_id}.{step}"], check=False, timeout=60)
+    for attempt in range(1, KILL_TRIES + 1):
+        problem = kill_step(f"{job_id}.{step}")
+        time.sleep(KILL_TAKES_S)
+        print(f"[node_command] kill {attempt} of {KILL_TRIES} of step {job_id}.{step} did not end this task "
+              f"{KILL_TAKES_S:g} s later ({problem or 'scancel said nothing'})", flush=True)
+    print(f"[node_command] gave up killing step {job_id}.{step}: the other nodes may run on until the time limit", flush=True)
+
+
+def kill_step(step: str) -> str | None:
+    """``scancel --signal=KILL`` the step; what went wrong, or None if scancel took the request."""
+    try:
+        done = subprocess.run(["scancel", "--signal=KILL", step], capture_output=True, text=True, timeout=KILL_CALL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"scancel did not answer in {KILL_CALL_TIMEOUT_S:.0f} s"
+    except OSError as e:
+        return f"scancel could not run: {e}"
+    if done.returncode != 0:
+        return f"scancel exited with {done.returncode}: {done.stderr.strip()[-300:]}"
+    return None
+
+
+class NodeFailed(RuntimeError):
+    """This node's command failed for good, and the job's other nodes were told (the job's exit line)."""
 
 
 class NodeCommand(submitit.helpers.Checkpointable):
@@ -103,6 +133,18 @@ class NodeCommand(submitit.helpers.Checkpointable):
 
     def __call__(self) -> int:
         job = submitit.JobEnvironment()
+        try:
+            return self._run(job)
+        except (NodeFailed, UncompletedJobError):
+            raise  # failed and said so (the others ended), or stopped on a signal (not a failure)
+        except Exception as e:
+            # this node could not run the command at all (its program missing here, no memory to
+            # fork): the others would wait for it, as for a command that failed
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.kill()
+            self._fail(job, f"cannot run {self.argv[0]}: {type(e).__name__}: {e}{final_exit_note(1)}")
+
+    def _run(self, job: submitit.JobEnvironment) -> int:
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         argv = self.filled_argv(job)
         print(f"[node_command] job {job.job_id} node {job.node}/{job.num_nodes} restart {restarts}: {' '.join(argv)}", flush=True)
@@ -120,7 +162,7 @@ class NodeCommand(submitit.helpers.Checkpointable):
         """End this task for good with ``message`` (the job's exit line), ending the other nodes' too."""
         if job.name() == "slurm" and job.num_nodes > 1:
             end_other_nodes(message)
-        raise RuntimeError(message)
+        raise NodeFailed(message)
 
     def _wait(self, timeout: float | None) -> int | None:
         # Poll, never block in Popen.wait(): a signal handler (submitit's) may need to wait too,

@@ -1,5 +1,6 @@
 """Launching on SLURM, the cases tests/test_slurm.py leaves out: a rank that dies on one node of
-two, a node that fails before training starts (both routes), max_requeues spent, a 2-node sbatch
+two, a node that fails before training starts (every route, one where its command cannot start at
+all), a failed node whose kill of the step does not take, max_requeues spent, a 2-node sbatch
 script requeued, a busy rendezvous port, a refusal on the second node and what `pretrain status` says
 of it, a job and an eval job whose task is killed before its result file (seen when it ends), the
 cluster's teardown. Same throw-away cluster (its fixtures are imported), one module at a time on it."""
@@ -87,11 +88,31 @@ def sbatch(script: Path) -> str:
 
 def broken_on_second_node(argv: list[str], how: str, folder: Path) -> list[str]:
     """`argv` on node 0; on node 1 it fails: `launcher` before anything starts (a broken node:
-    its Python, its /tmp), `worker` in the training worker right after torchrun's rendezvous."""
+    its Python, its /tmp), `worker` in the training worker right after torchrun's rendezvous,
+    `unstartable` before the command starts at all: its program is on node 0's PATH only (the
+    sitecustomize that `node_site` puts on the job's PYTHONPATH), as on a node that missed a
+    `module load`."""
     folder.mkdir(parents=True, exist_ok=True)
+    if how == "unstartable":
+        (folder / "bin").mkdir(exist_ok=True)
+        (folder / "bin" / "start-training").write_text('#!/bin/bash\nexec "$@"\n')
+        (folder / "bin" / "start-training").chmod(0o755)
+        (folder / "sitecustomize.py").write_text(
+            "import os\nif os.environ.get('SLURM_NODEID') == '0':\n"
+            f"    os.environ['PATH'] = {str(folder / 'bin')!r} + ':' + os.environ['PATH']\n")
+        return ["start-training", *argv]
     (folder / "sitecustomize.py").write_text("import os\nif os.environ.get('RANK'):\n    print('worker dies', flush=True)\n    os._exit(1)\n")
     broken = {"launcher": "echo node 1 is broken; exit 1", "worker": f"export PYTHONPATH={folder}"}[how]
     return ["bash", "-c", f'if [ "$SLURM_NODEID" = 1 ]; then {broken}; fi; exec "$@"', "bash", *argv]
+
+
+def slurm_view(job: str) -> str:
+    """What SLURM says of a job and its steps, and what of it still runs: for a failure message."""
+    show = [subprocess.run(cmd, capture_output=True, text=True).stdout
+            for cmd in (["scontrol", "show", "job", job], ["scontrol", "show", "step", job])]
+    running = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:200].decode(errors="replace")
+               for pid in job_processes(job) if Path(f"/proc/{pid}/cmdline").exists()}
+    return "\n".join([*show, f"processes: {running}"])
 
 
 def test_a_rank_killed_on_one_node_of_two_fails_the_job_promptly(cluster, work):
@@ -118,6 +139,8 @@ def assert_failed_promptly(job: str, run_dir: Path, label: str) -> None:
     t0 = time.time()
     try:
         state = wait_final(job, timeout=90)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{slurm_view(job)}\n{logs(run_dir)}") from None
     finally:
         subprocess.run(["scancel", job])
     assert state == "FAILED", logs(run_dir)
@@ -127,13 +150,14 @@ def assert_failed_promptly(job: str, run_dir: Path, label: str) -> None:
     assert not job_processes(job), f"left behind: {job_processes(job)}"
 
 
-@pytest.mark.parametrize("how", ["launcher", "worker"])
-def test_a_node_that_fails_at_start_ends_the_job_instead_of_leaving_the_others_waiting(cluster, work, how):
-    """Node 1 of 2 fails before training starts (`launcher`: the node cannot even start the
-    command; `worker`: its worker dies right after torchrun's rendezvous). Node 0 went on waiting
-    for it (torchrun's 10-minute join timeout, the process group's 30 minutes), the job RUNNING and
-    holding both nodes up to its time limit. Now the failed node ends the job's step: FAILED within
-    seconds, not requeued, nothing left running, and its exit line names the code."""
+@pytest.mark.parametrize("how", ["launcher", "worker", "unstartable"])
+def test_a_node_that_fails_at_start_ends_the_job_instead_of_leaving_the_others_waiting(cluster, work, how, monkeypatch):
+    """Node 1 of 2 fails before training starts (`launcher`: the node's command fails at once;
+    `worker`: its worker dies right after torchrun's rendezvous; `unstartable`: its command cannot
+    be started at all, not on that node's PATH). Node 0 went on waiting for it (torchrun's 10-minute
+    join timeout, the process group's 30 minutes), the job RUNNING and holding both nodes up to its
+    time limit. Now the failed node ends the job's step: FAILED within seconds, not requeued,
+    nothing left running, and its exit line names the cause."""
     from pipelines.config import load_config
     from pipelines.launching import submit_job, train_argv
 
@@ -141,10 +165,14 @@ def test_a_node_that_fails_at_start_ends_the_job_instead_of_leaving_the_others_w
     overrides = ["slurm.nodes=2", "train.nproc_per_node=1"]
     cfg = load_config(str(cfg_path), overrides)
     argv = broken_on_second_node(train_argv(str(cfg_path), overrides, cfg), how, work / f"site-{how}")
+    if how == "unstartable":
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(work / f"site-{how}"), os.environ.get("PYTHONPATH")])))
     run_dir.mkdir(parents=True, exist_ok=True)
     job = str(submit_job(argv, cfg.slurm, 0, run_dir, f"crash-{how}").job_id)
     assert_failed_promptly(job, run_dir, how)
-    assert "bash exited with code 1 (failed; not requeued" in logs(run_dir)
+    exit_line = {"unstartable": "cannot run start-training: FileNotFoundError: [Errno 2] No such file or directory: "
+                                "'start-training' (failed; not requeued"}.get(how, "bash exited with code 1 (failed; not requeued")
+    assert exit_line in logs(run_dir), logs(run_dir)
     listing = pretrain("jobs", str(run_dir))
     assert f"{job}  FAILED" in listing.stdout, listing.stdout
 
@@ -357,6 +385,22 @@ def test_an_eval_job_killed_before_its_result_file_is_retried_when_it_ends(clust
     assert late < 6, f"the watcher saw the killed job {late:.0f} s after it ended"
 
 
+def test_a_failed_node_whose_kill_did_not_take_asks_again_then_gives_up_saying_why(cluster, monkeypatch, capsys):
+    """The kill of the step ends the failed node's own task too; a task still alive after it knows
+    the kill did not take (here scancel refuses: SLURM knows no such step). It asks again, up to
+    KILL_TRIES times, each time naming scancel's answer in the job log, then gives up: bounded."""
+    from slurm import node_command
+
+    monkeypatch.setattr(node_command, "KILL_TAKES_S", 0.2)
+    monkeypatch.setenv("SLURM_JOB_ID", "987654")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    node_command.end_other_nodes("bash exited with code 1 (failed; not requeued)", grace_s=0)
+    out = capsys.readouterr().out
+    assert out.count("of step 987654.0 did not end this task") == node_command.KILL_TRIES, out
+    assert "(scancel exited with 1: scancel: error: Kill job error on job step id 987654.0: Invalid job id specified)" in out, out
+    assert "gave up killing step 987654.0" in out, out
+
+
 def test_stopping_the_test_cluster_leaves_no_step_behind(cluster):  
     """A step still ending (here: 8 s on SIGTERM, as a checkpointing training) when the controller stopped
     kept its slurmstepd, which ~60 s later drained n1 of the next test cluster ("Kill task failed").
@@ -381,3 +425,4 @@ def _is_stepd_of(proc: Path, conf: str) -> bool:
         return (proc / "comm").read_text().strip() == "slurmstepd" and f"SLURM_CONF={conf}".encode() in (proc / "environ").read_bytes().split(b"\0")
     except OSError:
         return False
+
