@@ -8,6 +8,8 @@ import subprocess
 from dataclasses import dataclass
 
 PEERS_GRACE_S = 10.0  # after one node of a job failed for good, how long the others get to end by themselves
+KILL_TRIES = 3  # then the step is killed: attempts before giving up (scancel failed, its signal lost)
+KILL_TAKES_S = 5.0  # a kill that took ends the step within this; still running after it, try again
 # SLURM's end states but COMPLETED (and REVOKED, a federated sibling's): a job in one runs no more, having failed
 FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 

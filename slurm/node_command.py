@@ -35,11 +35,9 @@ import submitit
 from submitit.core.utils import UncompletedJobError
 
 from common.stop_signals import STOP_SIGNALS
-from slurm.jobs import PEERS_GRACE_S, cancelled
+from slurm.jobs import KILL_TAKES_S, KILL_TRIES, PEERS_GRACE_S, cancelled
 from slurm.ports import DEFAULT_RDZV_PORTS, check_rendezvous_port, rendezvous_port
 
-KILL_TRIES = 3  # scancel attempts by a failed node before it gives up on ending the others
-KILL_TAKES_S = 5.0  # a kill that took ends the asking task within this; still alive after it, try again
 KILL_CALL_TIMEOUT_S = 30.0  # one scancel call
 
 

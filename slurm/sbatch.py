@@ -24,7 +24,7 @@ from pathlib import Path
 
 from slurm import validation
 from slurm.config import SlurmConfig
-from slurm.jobs import PEERS_GRACE_S
+from slurm.jobs import KILL_TAKES_S, KILL_TRIES, PEERS_GRACE_S
 from slurm.resources import SlurmError, parse_time_minutes
 
 TEMPLATE = """\
@@ -51,6 +51,9 @@ trap 'forward TERM' TERM
 # here: the other nodes get {peers_grace} s to end by themselves, then the step is killed on every node
 # (SIGKILL: a SIGTERM would make them checkpoint and exit {requeue_code}, and a failed job must not
 # come back). A stop signal must not end this reader: srun would lose its stderr.
+# sleep without a child process: the reader kills a waiting killer with -9, which a `sleep` would outlive
+nap() {{ read -rt "$1" <> <(:) || :; }}
+
 watch_tasks() {{
   trap '' TERM USR2 INT
   local line killer=""
@@ -60,7 +63,11 @@ watch_tasks() {{
       *": task "*": Exited with exit code "*)
         if [ "$nodes" -gt 1 ] && [ "${{line##* }}" != {requeue_code} ] && [ -z "$killer" ]; then
           echo "[sbatch] $line: the other nodes get {peers_grace} s to end, then the step is killed"
-          (sleep {peers_grace}; scancel --signal=KILL "$SLURM_JOB_ID.0") &
+          (nap {peers_grace}
+           for try in $(seq {kill_tries}); do   # srun over, this reader ends the loop: still here, the kill did not take
+             scancel --signal=KILL "$SLURM_JOB_ID.0"; nap {kill_takes}
+             echo "[sbatch] kill $try of {kill_tries} of step $SLURM_JOB_ID.0 did not end it {kill_takes} s later"
+           done) &
           killer=$!
         fi ;;
     esac
@@ -180,6 +187,6 @@ def render_sbatch(
         command=command,
         requeue_code=int(requeue_exit_code),
         max_requeues=int(cfg.max_requeues),
-        peers_grace=int(PEERS_GRACE_S),
+        peers_grace=int(PEERS_GRACE_S), kill_tries=KILL_TRIES, kill_takes=int(KILL_TAKES_S),
         port_low=ports[0], port_high=ports[1], port_span=ports[1] - ports[0] + 1,
     )
