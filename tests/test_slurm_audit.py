@@ -89,8 +89,8 @@ def sbatch(script: Path) -> str:
 def broken_on_second_node(argv: list[str], how: str, folder: Path) -> list[str]:
     """`argv` on node 0; on node 1 it fails: `launcher` before anything starts (a broken node:
     its Python, its /tmp), `worker` in the training worker right after torchrun's rendezvous,
-    `unstartable` before the command starts at all: its program is on node 0's PATH only (the
-    sitecustomize that `node_site` puts on the job's PYTHONPATH), as on a node that missed a
+    `unstartable` before the command starts at all: its program is on node 0's PATH only (a
+    sitecustomize the test puts on the job's PYTHONPATH), as on a node that missed a
     `module load`."""
     folder.mkdir(parents=True, exist_ok=True)
     if how == "unstartable":
@@ -425,4 +425,3 @@ def _is_stepd_of(proc: Path, conf: str) -> bool:
         return (proc / "comm").read_text().strip() == "slurmstepd" and f"SLURM_CONF={conf}".encode() in (proc / "environ").read_bytes().split(b"\0")
     except OSError:
         return False
-
