@@ -141,16 +141,22 @@ def job_ended(job) -> bool:
 
     import submitit
 
-    done = job.done()
-    if done or not isinstance(job, submitit.SlurmJob):
-        return done
-    job_id, now = str(job.job_id), time.monotonic()
+    job_id = str(job.job_id)
+    if job.done():
+        _asked.pop(job_id, None)  # ended: a long-lived watcher keeps no entry for it
+        return True
+    if not isinstance(job, submitit.SlurmJob):
+        return False
+    now = time.monotonic()
     first, next_ask = _asked.get(job_id, (now, now))
     if now < next_ask:
         return False
     low, high = ASK_EVERY_S
     _asked[job_id] = (first, now + min(high, max(low, (now - first) / 20)))
-    return not is_live(job_state(job_id).state)
+    if is_live(job_state(job_id).state):
+        return False
+    del _asked[job_id]
+    return True
 
 
 def wait_for_end(job, poll_s: float = 2.0) -> None:

@@ -110,8 +110,12 @@ def slurm_view(job: str) -> str:
     """What SLURM says of a job and its steps, and what of it still runs: for a failure message."""
     show = [subprocess.run(cmd, capture_output=True, text=True).stdout
             for cmd in (["scontrol", "show", "job", job], ["scontrol", "show", "step", job])]
-    running = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:200].decode(errors="replace")
-               for pid in job_processes(job) if Path(f"/proc/{pid}/cmdline").exists()}
+    running = {}
+    for pid in job_processes(job):
+        try:  # it may end while we look: a failure message must not raise a failure of its own
+            running[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:200].decode(errors="replace")
+        except OSError:
+            pass
     return "\n".join([*show, f"processes: {running}"])
 
 
