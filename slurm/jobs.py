@@ -141,12 +141,13 @@ def job_ended(job) -> bool:
 
     import submitit
 
+    done = job.done()
+    if not isinstance(job, submitit.SlurmJob):
+        return done
     job_id = str(job.job_id)
-    if job.done():
+    if done:
         _asked.pop(job_id, None)  # ended: a long-lived watcher keeps no entry for it
         return True
-    if not isinstance(job, submitit.SlurmJob):
-        return False
     now = time.monotonic()
     first, next_ask = _asked.get(job_id, (now, now))
     if now < next_ask:
