@@ -27,7 +27,10 @@
 #   compile-modes   the project bench compiled with train.compile_mode=max-autotune-no-cudagraphs and
 #                   =reduce-overhead (CUDA graphs), against the anchor-compile part's figures;
 #   micro-batch     the project bench compiled at train.micro_batch_size=32 and =128 (chunked loss on,
-#                   which is what frees the memory for 128), same 524,288 tokens/step.
+#                   which is what frees the memory for 128), same 524,288 tokens/step;
+#   deterministic   train.deterministic=true (trainer.determinism): the compiled resume check without and
+#                   with it (does it make a compiled resume bitwise?), then its cost, the project bench
+#                   compiled with it (against the anchor-compile part's figures).
 # Usage (repo root, on the GPU machine; .anchors/ = a copy of ../shared/anchors/, git-ignored):
 #   bash bench/device_run.sh [OUT_DIR]
 # Env: ANCHOR=path of build_nanogpt_step.py (default .anchors/build_nanogpt_step.py);
@@ -47,7 +50,7 @@ py=${PYTHON:-python3}
 anchor=${ANCHOR:-.anchors/build_nanogpt_step.py}
 data=${DEVICE_RUN_DATA:-$PWD/.devicecarry/data}
 hellaswag=${DEVICE_RUN_HELLASWAG:-$PWD/.devicecarry/hellaswag_val.jsonl}
-parts=${DEVICE_RUN_PARTS:-anchor-compile,fp8,trainer,eval,eval-dtypes,anchor-eager,loss-kernel,profile-eager,chunk-on,sdpa,resume,eval-loop,compile-modes,micro-batch}
+parts=${DEVICE_RUN_PARTS:-anchor-compile,fp8,trainer,eval,eval-dtypes,anchor-eager,loss-kernel,profile-eager,chunk-on,sdpa,resume,eval-loop,compile-modes,micro-batch,deterministic}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -212,7 +215,13 @@ for part in "${order[@]}"; do
                    run "micro_batch_size=$b compile=$compile" "$t_big" $py bench/train_step.py configs/gpt2-124m.yaml "${shape[@]}" \
                      train.compile="$compile_flag" train.micro_batch_size="$b" train.loss_chunk_tokens=8192 "${csteps[@]}"
                  done ;;
-    *) echo "=== $part: unknown part (known: anchor-compile fp8 trainer eval eval-dtypes anchor-eager loss-kernel profile-eager chunk-on sdpa resume eval-loop compile-modes micro-batch)" | tee -a "$log" ;;
+    deterministic) for d in false true; do
+                     run "resume check compile=$compile deterministic=$d" "$t_big" $py bench/resume_check.py "${resume_args[@]}" \
+                       train.compile="$compile_flag" train.deterministic="$d"
+                   done
+                   run "deterministic compile=$compile" "$t_big" $py bench/train_step.py configs/gpt2-124m.yaml "${shape[@]}" \
+                     train.compile="$compile_flag" train.deterministic=true "${csteps[@]}" ;;
+    *) echo "=== $part: unknown part (known: anchor-compile fp8 trainer eval eval-dtypes anchor-eager loss-kernel profile-eager chunk-on sdpa resume eval-loop compile-modes micro-batch deterministic)" | tee -a "$log" ;;
   esac
 done
 

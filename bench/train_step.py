@@ -48,6 +48,7 @@ import torch  # noqa: E402
 
 from pipelines.config import ConfigError, PipelineConfig, load_config  # noqa: E402
 from trainer import precision  # noqa: E402
+from trainer.determinism import make_deterministic  # noqa: E402
 from trainer.dist import DistEnv  # noqa: E402
 from trainer.model import GPT, resolve_config  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
@@ -93,6 +94,8 @@ class Bench:
         device = bench_device(tc.device)
         env = DistEnv(0, 0, 1, device, None)
         precision.configure_matmul(device)
+        if tc.deterministic:  # as the trainer does: its cost is part of what is timed
+            make_deterministic()
         torch.manual_seed(tc.seed)
         model = build_model(gpt_cfg, tc, device)
         optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, device.type)
@@ -137,6 +140,7 @@ class Bench:
             f"RESULT device={self.device_name()!r} model={self.cfg.model.name} params={self.model.num_params() / 1e6:.1f}M "
             f"B={tc.micro_batch_size} T={tc.seq_len} accum={self.step.grad_accum} dtype={precision.short_name(dtype)} "
             f"compile={'on' if tc.compile else 'off'} loss_chunk={tc.loss_chunk_tokens} loss_kernel={tc.loss_kernel} sdpa={tc.sdpa_backend} fp8={'on' if tc.fp8 else 'off'} "
+            f"deterministic={'on' if tc.deterministic else 'off'} "
             f"step_s={step_s:.4f} (mean {statistics.mean(times):.4f}, min {min(times):.4f}) tok_s={tok_s:,.0f} mfu={mfu}{mem} loss={loss:.4f}"
         )
 

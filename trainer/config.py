@@ -26,7 +26,7 @@ can never change (the weights would not load); the data is identified by its man
 * Run-time knobs (free): how the same math is executed or observed — ``nproc_per_node``
   (a world-size change is supported: the data position is kept, per-rank RNG streams are
   reseeded, and the resume is then no longer bitwise), ``device``, ``compile`` (and its
-  ``compile_mode`` / ``compile_fullgraph``), ``sdpa_backend``, ``loss_chunk_tokens``, ``loss_kernel``, ``async_ckpt``,
+  ``compile_mode`` / ``compile_fullgraph``), ``deterministic``, ``sdpa_backend``, ``loss_chunk_tokens``, ``loss_kernel``, ``async_ckpt``,
   checkpoint cadence and retention, validation / sample cadence, ``peak_flops`` and
   ``max_skipped_steps`` (it only decides when to give up).
 """
@@ -60,7 +60,7 @@ DTYPES = ("auto", "bfloat16", "float32")
 RESUME_RUNTIME_KEYS = frozenset({
     "nproc_per_node", "device", "compile", "async_ckpt", "peak_flops", "ckpt_every", "keep_last", "keep_every",
     "sample_every", "sample_tokens", "sample_prompt", "val_every", "val_batches", "max_skipped_steps",
-    "loss_chunk_tokens", "loss_kernel", "sdpa_backend", "compile_mode", "compile_fullgraph",
+    "loss_chunk_tokens", "loss_kernel", "sdpa_backend", "compile_mode", "compile_fullgraph", "deterministic",
 })  # fmt: skip
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # must match trainer.model.SDPA_BACKENDS
 LOSS_KERNELS = ("torch", "triton")  # how a loss chunk's softmax gradient is formed (trainer.loss_kernel)
@@ -130,6 +130,9 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     compile_fullgraph: bool = False  # torch.compile(fullgraph=True): fail loudly on a graph break instead of splitting
+    # Deterministic kernels, eager and compiled (trainer.determinism): what a compiled run needs to
+    # resume bit for bit on a GPU (eager runs already do). Its GPU cost is not measured yet: off.
+    deterministic: bool = False
     sdpa_backend: str = "auto"  # attention kernel: auto (PyTorch picks) | flash | cudnn | efficient | math
     # Training loss over chunks of this many tokens, never materialising the (B*T x vocab) fp32 logits
     # (trainer.loss); 0 = plain F.cross_entropy over the full logits. Same loss to fp32 rounding.
@@ -164,6 +167,8 @@ class TrainConfig:
         _check(self.loss_kernel in LOSS_KERNELS, f"loss_kernel must be one of {', '.join(LOSS_KERNELS)}, got '{self.loss_kernel}'")
         _check(self.loss_kernel == "torch" or self.loss_chunk_tokens > 0,
                f"loss_kernel '{self.loss_kernel}' is the chunked loss's: set loss_chunk_tokens > 0 (it is 0: the plain loss)")
+        _check(not (self.deterministic and self.sdpa_backend == "cudnn"),
+               "sdpa_backend 'cudnn' has no deterministic backward: with deterministic: true use auto, flash, efficient or math")
         _check(self.loss_chunk_tokens >= 0, f"loss_chunk_tokens must be >= 0 (0 = off), got {self.loss_chunk_tokens}")
         for key in ("nproc_per_node", "micro_batch_size", "seq_len", "batch_tokens", "max_steps", "keep_last", "max_skipped_steps"):
             _check(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")

@@ -69,6 +69,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import TrainConfig, TrainJob, changed_hyperparameters
 from trainer.data import LoaderState, TrainLoader, ValBatches
+from trainer.determinism import make_deterministic
 from trainer.dist import (
     DistEnv,
     all_gather_object,
@@ -223,6 +224,9 @@ class Trainer:
         """The model (identical init on every rank) and AdamW; then per-rank RNG streams."""
         env, tc = self.env, self.cfg.train
         precision.configure_matmul(env.device)
+        if tc.deterministic:  # before the first matmul and before torch.compile traces the model
+            make_deterministic()
+            log0(env, f"deterministic kernels (train.deterministic): {torch.are_deterministic_algorithms_enabled()}")
         # identical init on every rank (DDP would broadcast rank 0's anyway); then per-rank RNG streams
         seed_all(tc.seed)
         try:

@@ -1,0 +1,106 @@
+"""`train.deterministic`: the kernels a compiled run needs to resume bit for bit (trainer.determinism).
+
+What a GPU would show (a compiled resume equal to the uninterrupted run) cannot be seen here; what
+can: the code inductor generates for the model's training step, which adds the embeddings'
+gradients with atomic adds (their order, and so the rounding, changes from run to run on a GPU)
+unless the mode is on; and a training run in that mode (strict: an op with no deterministic
+implementation would raise) that gives the default run's losses bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.trainer_helpers import make_shard_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+# One compiled forward and backward of a small GPT-2 (the trainer's model, the real vocabulary), and
+# what the code inductor generated for it contains.
+COMPILED_STEP = """
+import json, sys
+import torch
+from torch._inductor.utils import run_and_get_code
+from trainer.determinism import make_deterministic
+from trainer.model import GPT, GPTConfig
+
+if sys.argv[1] == "on":
+    make_deterministic()
+torch.manual_seed(0)
+model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+step = torch.compile(model)
+x = torch.randint(0, 50257, (4, 16))
+y = torch.randint(0, 50257, (4, 16))
+
+def train_step():
+    _, loss = step(x, y)
+    loss.backward()
+
+_, code = run_and_get_code(train_step)
+text = "\\n".join(code)
+print(json.dumps({"atomic_add": "atomic_add" in text, "index_put": "aten.index_put" in text}))
+"""
+
+
+@pytest.mark.slow
+def test_the_compiled_step_adds_embedding_gradients_without_atomics_only_in_deterministic_mode():
+    # both at once: each spends most of its time in one Python thread, compiling
+    procs = {mode: subprocess.Popen([sys.executable, "-c", COMPILED_STEP, mode], cwd=REPO, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for mode in ("off", "on")}
+    found = {}
+    for mode, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        found[mode] = json.loads(out.strip().splitlines()[-1])
+    assert found["off"] == {"atomic_add": True, "index_put": False}
+    assert found["on"] == {"atomic_add": False, "index_put": True}
+
+
+RUN_CONFIG = """\
+run_dir: {run_dir}
+data: {{output_dir: {data_dir}}}
+model: {{name: micro}}
+train: {{nproc_per_node: 2, device: cpu, micro_batch_size: 4, seq_len: 32, batch_tokens: 256, max_steps: 6,
+        warmup_steps: 2, lr: 3.0e-3, min_lr: 3.0e-4, val_every: 3, val_batches: 2, sample_every: 6, sample_tokens: 4,
+        ckpt_every: 3, keep_last: 2, deterministic: {deterministic}}}
+tracking: {{uri: none}}
+"""
+
+
+def _train(tmp: Path, data: Path, deterministic: bool) -> list[dict]:
+    """A 6-step run through `pretrain train` (validation, a sample and checkpoints included) on 2 gloo
+    ranks, one thread each (torchrun's default), as every exact-resume test: a single process with 2
+    intra-op threads here varied in a loss's last bits from run to run, with or without this mode."""
+    name = f"det-{str(deterministic).lower()}"
+    config = tmp / f"{name}.yaml"
+    config.write_text(RUN_CONFIG.format(run_dir=tmp / name, data_dir=data, deterministic=str(deterministic).lower()))
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", str(config)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    said = "deterministic kernels (train.deterministic): True" in proc.stdout + proc.stderr
+    assert said == deterministic, proc.stdout[-2000:]
+    return [json.loads(line) for line in (tmp / name / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_deterministic_run_trains_with_the_default_runs_losses_bit_for_bit(tmp_path):
+    data = make_shard_dir(tmp_path / "data", seed=5)
+    default, deterministic = _train(tmp_path, data, False), _train(tmp_path, data, True)
+    losses = lambda records, key: [(r["step"], r[key]) for r in records if key in r]  # noqa: E731
+    assert [s for s, _ in losses(deterministic, "loss")] == list(range(1, 7))
+    for key in ("loss", "grad_norm", "val_loss"):
+        assert losses(deterministic, key) == losses(default, key), key
+    assert default[-1]["loss"] < default[0]["loss"], "the run must learn, or equal losses prove little"
+
+
+def test_cudnn_attention_is_refused_in_deterministic_mode():
+    """PyTorch has no deterministic backward for cuDNN attention: a config error, not a crash at step 1."""
+    from pipelines.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="sdpa_backend 'cudnn' has no deterministic backward"):
+        load_config(str(REPO / "configs" / "smoke.yaml"), ["train.deterministic=true", "train.sdpa_backend=cudnn"])
+    assert load_config(str(REPO / "configs" / "smoke.yaml"), ["train.deterministic=true"]).train.deterministic
