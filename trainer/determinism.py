@@ -1,7 +1,7 @@
 """Repeatable arithmetic for a compiled run that must resume bit for bit (``train.deterministic``).
 
-Eager training already repeats itself bit for bit: on CPU (the tests) and on one H100 (0 of 40
-losses differed after a stop and resume, twice). Under ``torch.compile`` on the H100 it did not (33
+Eager training already repeats itself bit for bit: on CPU with one thread per rank (the tests'
+2-rank runs) and on one H100 (0 of 40 losses differed after a stop and resume, twice). Under ``torch.compile`` on the H100 it did not (33
 of 40 steps differed, by up to 8e-5), and inductor's own code names two ways a compiled step can
 differ from one process to the next:
 
