@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import NoReturn
 
 import submitit
@@ -39,6 +40,7 @@ from slurm.jobs import KILL_TAKES_S, KILL_TRIES, PEERS_GRACE_S, cancelled
 from slurm.ports import DEFAULT_RDZV_PORTS, check_rendezvous_port, rendezvous_port
 
 KILL_CALL_TIMEOUT_S = 30.0  # one scancel call
+PEER_CHECK_S = 1.0  # how often a node looks for another node's "failed for good" marker
 
 
 def final_exit_note(rc: int | None) -> str:
@@ -88,6 +90,22 @@ def kill_step(step: str) -> str | None:
     if done.returncode != 0:
         return f"scancel exited with {done.returncode}: {done.stderr.strip()[-300:]}"
     return None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # ended while we read
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        found.append(child := todo.pop(0))
+        todo.extend(children.get(child, []))
+    return found
 
 
 class NodeFailed(RuntimeError):
@@ -149,7 +167,7 @@ class NodeCommand(submitit.helpers.Checkpointable):
         if (problem := self.rendezvous_problem(job)) is not None:
             self._fail(job, f"{problem}; {argv[0]} not started: exited with code 1{final_exit_note(1)}")
         self._proc = subprocess.Popen(argv)
-        rc = self._wait(None)
+        rc = self._wait(None, peers_failed=self.failed_marker(job))
         if rc == 0:
             return 0
         if self.stopped(rc):
@@ -158,20 +176,65 @@ class NodeCommand(submitit.helpers.Checkpointable):
 
     def _fail(self, job: submitit.JobEnvironment, message: str) -> NoReturn:
         """End this task for good with ``message`` (the job's exit line), ending the other nodes' too."""
-        if job.name() == "slurm" and job.num_nodes > 1:
+        if (marker := self.failed_marker(job)) is not None:
+            try:  # the other nodes' second way to learn it (see failed_marker)
+                marker.write_text(f"node {job.node}: {message}\n")
+            except OSError as e:
+                print(f"[node_command] could not write {marker}: {e}", flush=True)
             end_other_nodes(message)
         raise NodeFailed(message)
 
-    def _wait(self, timeout: float | None) -> int | None:
+    @staticmethod
+    def failed_marker(job: submitit.JobEnvironment) -> Path | None:
+        """Where a node of a multi-node SLURM job says it failed for good, in submitit's job folder
+        (every node sees it); None for a single node or a local job.
+
+        The failed node also kills the job's step, but that kill once reached only its own node: the
+        other node's slurmd logged the message cut off ("Zero Bytes were transmitted or received"),
+        and the failed node, killed, could not ask again. So every node also looks for this file
+        while its command runs, and ends its command if it is still running ``PEERS_GRACE_S`` +
+        ``KILL_TAKES_S`` after the file appeared (the kill should have ended it). Named by the run of the job
+        (SLURM_RESTART_COUNT): a requeued run never reads an earlier run's."""
+        if job.name() != "slurm" or job.num_nodes <= 1:
+            return None
+        return Path(job.paths.folder) / f"{job.job_id}_run{os.environ.get('SLURM_RESTART_COUNT', '0')}_failed_node"
+
+    def _wait(self, timeout: float | None, peers_failed: Path | None = None) -> int | None:
         # Poll, never block in Popen.wait(): a signal handler (submitit's) may need to wait too,
         # and Popen.wait holds a lock while it blocks.
         deadline = None if timeout is None else time.monotonic() + timeout
+        next_check, seen_at = time.monotonic() + PEER_CHECK_S, None
         assert self._proc is not None
         while (rc := self._proc.poll()) is None:
             if deadline is not None and time.monotonic() > deadline:
                 return None
+            if peers_failed is not None and time.monotonic() >= next_check:
+                next_check = time.monotonic() + PEER_CHECK_S
+                if seen_at is None and peers_failed.exists():
+                    seen_at = time.monotonic()
+                # the failed node's kill ends this node first (its exit line is the job's); this is for a lost one
+                if seen_at is not None and time.monotonic() - seen_at >= PEERS_GRACE_S + KILL_TAKES_S:
+                    self._end_for_peer(peers_failed)
             time.sleep(0.2)
         return rc
+
+    def _end_for_peer(self, marker: Path) -> NoReturn:
+        """Another node failed for good: kill this node's command (SIGKILL: no checkpoint, no
+        "requeue me") and fail; SLURM ends the step once every node's task has ended."""
+        assert self._proc is not None
+        for pid in [*descendants(self._proc.pid), self._proc.pid]:  # torchrun's workers sit in sessions of their own
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self._proc.wait()
+        try:
+            said = marker.read_text().strip()
+        except OSError:
+            said = "(its marker could not be read)"
+        message = f"another node of the job failed for good, {said}; this node's command was killed"
+        print(f"[node_command] {message}", flush=True)
+        raise NodeFailed(message)
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
         """Called by submitit on the requeue signal: let the command save, then come back as we are.

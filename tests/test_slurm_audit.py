@@ -405,6 +405,42 @@ def test_a_failed_node_whose_kill_did_not_take_asks_again_then_gives_up_saying_w
     assert "gave up killing step 987654.0" in out, out
 
 
+def test_a_node_whose_kill_was_lost_ends_its_command_when_another_node_says_it_failed(cluster, work, monkeypatch):
+    """The failed node's kill of the step once reached only its own node (the other slurmd logged
+    the message cut off) and the job stayed RUNNING. Every node also watches submitit's job folder
+    for the failed node's marker: node 0 of a 2-node job, running a command with children of its
+    own, still running once the kill should have taken (PEERS_GRACE_S + KILL_TAKES_S after the
+    marker), kills them all and fails, naming the other node's exit line."""
+    import threading
+
+    from slurm import node_command
+
+    folder = work / "peer-marker"
+    folder.mkdir()
+    env = {"SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_FOLDER": str(folder), "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "2",
+           "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_RESTART_COUNT": "0"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    marker = folder / "4242_run0_failed_node"
+    threading.Timer(2.0, lambda: marker.write_text("node 1: bash exited with code 1 (failed; not requeued)\n")).start()
+    command = node_command.NodeCommand(["bash", "-c", "sleep 120 & sleep 120 & wait"], 3, 1)
+    t0 = time.time()
+    with pytest.raises(node_command.NodeFailed, match=r"another node of the job failed for good, node 1: bash exited with code 1"):
+        command()
+    waited = time.time() - t0 - 2.0
+    assert node_command.PEERS_GRACE_S + node_command.KILL_TAKES_S <= waited < node_command.PEERS_GRACE_S + node_command.KILL_TAKES_S + 5, waited
+    time.sleep(0.5)
+    left = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes() == b"sleep\x00120\x00":
+                left.append(cmdline.parent.name)
+        except OSError:
+            pass  # ended while we looked
+    assert not left, f"the command's children outlived it: {left}"
+
+
 def test_stopping_the_test_cluster_leaves_no_step_behind(cluster):  
     """A step still ending (here: 8 s on SIGTERM, as a checkpointing training) when the controller stopped
     kept its slurmstepd, which ~60 s later drained n1 of the next test cluster ("Kill task failed").
