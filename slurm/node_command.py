@@ -35,6 +35,7 @@ from typing import NoReturn
 import submitit
 from submitit.core.utils import UncompletedJobError
 
+from common.processes import descendants
 from common.stop_signals import STOP_SIGNALS
 from slurm.jobs import KILL_TAKES_S, KILL_TRIES, PEERS_GRACE_S, cancelled
 from slurm.ports import DEFAULT_RDZV_PORTS, check_rendezvous_port, rendezvous_port
@@ -90,22 +91,6 @@ def kill_step(step: str) -> str | None:
     if done.returncode != 0:
         return f"scancel exited with {done.returncode}: {done.stderr.strip()[-300:]}"
     return None
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (Linux /proc), children first."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue  # ended while we read
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, todo = [], list(children.get(pid, []))
-    while todo:
-        found.append(child := todo.pop(0))
-        todo.extend(children.get(child, []))
-    return found
 
 
 class NodeFailed(RuntimeError):

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common.parent_death import parent_death_signal
+from common.processes import child_pids
 from common.strict import ConfigError
 from trainer import EXIT_FILE_ENV, EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE, rank_exit_file, under_torchrun
 from trainer.config import TrainJob
@@ -51,18 +52,6 @@ from trainer.signals import block_user_signals
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1)
 DELIBERATE = (EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE)  # outcomes a rank chose; anything else is a failure
-
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid`` (Linux /proc; empty where unavailable)."""
-    out: list[int] = []
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            text = (task / "children").read_text().split()
-            out.extend(int(x) for x in text)
-    except OSError:
-        pass
-    return out
 
 
 LOCAL_ENDPOINT = "127.0.0.1:0"  # a free port on loopback; the store listens there only (trainer.torchrun_local)
