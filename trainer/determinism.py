@@ -1,7 +1,8 @@
 """Repeatable arithmetic for a compiled run that must resume bit for bit (``train.deterministic``).
 
-Eager training already repeats itself bit for bit: on CPU with one thread per rank (the tests'
-2-rank runs) and on one H100 (0 of 40 losses differed after a stop and resume, twice). Under ``torch.compile`` on the H100 it did not (33
+Eager training already repeats itself bit for bit: on CPU (once MKL's vector math is set up on one
+thread, :func:`reproducible_cpu_math`, which every training process calls) and on one H100 (0 of 40
+losses differed after a stop and resume, twice). Under ``torch.compile`` on the H100 it did not (33
 of 40 steps differed, by up to 8e-5), and inductor's own code names two ways a compiled step can
 differ from one process to the next:
 
@@ -31,6 +32,30 @@ import torch
 
 # one of the two settings cuBLAS documents as deterministic (workspaces per stream: 8 of 4 MiB)
 CUBLAS_WORKSPACE = ":4096:8"
+
+
+def reproducible_cpu_math() -> None:
+    """Make this process's CPU math give the same bits from one run to the next.
+
+    PyTorch's CPU build computes elementwise functions such as ``exp`` (the chunked loss's softmax)
+    with MKL's vector math library (VML). VML's first call in a process, made from several threads at
+    once, sometimes gave other bits than every later call: 2 to 5 of 8 processes, never once VML had
+    been called on one thread first, never with one thread. A 1-rank CPU run with 2 intra-op threads
+    therefore differed in its last bits from one run to the next (step 8's gradient norm
+    1.0390753746, 1.0390754938 or 1.0390750170: 3 distinct results in 4 runs), and its resume was
+    not exact. Ranks with one thread each (torchrun's default for several ranks, and every
+    multi-rank test) were not affected. Called here once, on one thread, before any other op: 8 runs
+    of 30 steps on 2 threads then gave the same bits.
+
+    (MKL's strict reproducible mode, ``MKL_CBWR=AUTO,STRICT``, is not needed for this: it makes a
+    matmul's bits independent of the thread count, but other reductions still depend on it, so a
+    run on 1 and on 2 threads differs either way.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.ones(4096).exp_()  # VML's one-time set-up, on one thread
+    finally:
+        torch.set_num_threads(threads)
 
 
 def make_deterministic() -> None:

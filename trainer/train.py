@@ -69,7 +69,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import TrainConfig, TrainJob, changed_hyperparameters
 from trainer.data import LoaderState, TrainLoader, ValBatches
-from trainer.determinism import make_deterministic
+from trainer.determinism import make_deterministic, reproducible_cpu_math
 from trainer.dist import (
     DistEnv,
     all_gather_object,
@@ -735,6 +735,7 @@ def _crashed(cfg: TrainJob, env: DistEnv, e: BaseException) -> tuple[str, str | 
 
 
 def _run_worker(resolved: dict[str, Any], allow_changes: bool, where: str) -> int:
+    reproducible_cpu_math()  # before this process's first CPU op
     try:
         cfg = TrainJob.from_resolved(resolved, where)
     except ConfigError as e:
