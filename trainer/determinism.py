@@ -44,8 +44,8 @@ def reproducible_cpu_math() -> None:
     therefore differed in its last bits from one run to the next (4 runs of 8 steps: 3 distinct
     histories; step 8's gradient norm 1.0390753746 or 1.0390754938), and its resume was not exact.
     Ranks with one thread each (torchrun's default for several ranks, and every multi-rank test)
-    were not affected. Called here once, on one thread, before any other op: 8 runs of 30 steps
-    and 16 of 8 steps on 2 threads then gave the same bits.
+    were not affected. Called here once, on one thread, before any other op: 8 runs of 30 steps on
+    2 threads then gave the same bits.
 
     (MKL's strict reproducible mode, ``MKL_CBWR=AUTO,STRICT``, is not needed for this: it makes a
     matmul's bits independent of the thread count, but other reductions still depend on it, so a
