@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,19 +65,24 @@ def eval_results(run_dir: Path) -> list[str]:
 def test_a_sigkilled_run_leaves_no_process_behind_and_the_rerun_finishes_as_uninterrupted(workflow_reference, workflow_work, gpt2_ranks):
     cfg, run_dir = write_config(workflow_work, "orphans", gpt2_ranks, data_name="reference")
     log = workflow_work / "orphans.log"
+    scratch = Path(tempfile.mkdtemp(prefix="orphans-tmp-"))  # the temp dir of every run below (short: Ray's sockets)
+    env = {"TMPDIR": str(scratch)}
     procs = []
     try:
         # 1. Killed while training: torchrun and both ranks stop by the stop signal, checkpointing where they were.
-        procs.append(proc := start(pretrain_cmd("run", str(cfg)), log))
+        procs.append(proc := start(pretrain_cmd("run", str(cfg)), log, env))
         started = kill_driver_when(proc, lambda: metric_steps(run_dir) >= 2, "training step 2")
         assert len(started) >= 3, [cmdline(p) for p in started]  # torchrun and its two ranks
         took = wait_gone(started, "training")
         text = log.read_text(errors="replace")
         assert "stopped by signal after step" in text and "checkpoint committed, exit 3" in text, text[-3000:]
         print(f"training gone {took:.1f} s after the kill")
+        # the killed launcher's private files (resolved config, exit outcomes) are left: no `finally` ran
+        left = list(scratch.glob("pretrain-launch-*/config.yaml"))
+        assert len(left) == 1, list(scratch.iterdir())
 
         # 2. Killed while an eval job runs: the job is cancelled and writes nothing more into the run dir.
-        procs.append(proc := start(pretrain_cmd("run", str(cfg)), log))
+        procs.append(proc := start(pretrain_cmd("run", str(cfg)), log, env))
         eval_job = lambda: any("submitit.core._submit" in cmdline(p) for p in descendants(proc.pid))  # noqa: E731
         started = kill_driver_when(proc, eval_job, "an eval job")
         results = eval_results(run_dir)
@@ -88,8 +95,12 @@ def test_a_sigkilled_run_leaves_no_process_behind_and_the_rerun_finishes_as_unin
             kill_tree(p)
 
     # 3. The same command again: no lock to wait for, and the uninterrupted run's results.
-    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **env})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # the next launch removed what the killed ones left, and its own: nothing piles up in the temp dir
+    assert not list(scratch.glob("pretrain-launch-*")), list(scratch.iterdir())
+    shutil.rmtree(scratch, ignore_errors=True)
     assert "held by" not in r.stdout + r.stderr  # nothing of the killed runs held the run dir
     got, want = final_metrics(run_dir), final_metrics(workflow_reference)
     assert got["losses"] == want["losses"]

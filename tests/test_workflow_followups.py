@@ -128,7 +128,7 @@ def test_training_whose_terminal_is_closed_checkpoints_and_exits_3(tmp_path):
         print(f"ranks gone {time.time() - t0:.1f} s after the terminal closed")
     finally:
         kill_tree(proc)
-    outcome = [json.loads(p.read_text()) for p in tmp.glob("pretrain-exit-*.json")]
+    outcome = [json.loads(p.read_text()) for p in tmp.glob("pretrain-launch-*/exit.json")]  # the launcher died of the hangup
     assert [o["code"] for o in outcome] == [3], outcome
     committed = list_committed(run_dir)
     assert committed and int(read_meta(committed[-1])["step"]) == metric_steps(run_dir) >= 3

@@ -37,7 +37,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -45,6 +44,7 @@ from typing import Any, Callable
 
 from common.parent_death import parent_death_signal
 from common.processes import child_pids
+from common.scratch import owned_scratch_dir
 from common.strict import ConfigError
 from trainer import EXIT_FILE_ENV, EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE, rank_exit_file, under_torchrun
 from trainer.config import TrainJob
@@ -54,6 +54,7 @@ FORWARDED = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1)
 DELIBERATE = (EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE)  # outcomes a rank chose; anything else is a failure
 
 
+SCRATCH_PREFIX = "pretrain-launch-"  # in the temp dir: <prefix><launcher pid>-XXXX/{config.yaml,exit.json,...}
 LOCAL_ENDPOINT = "127.0.0.1:0"  # a free port on loopback; the store listens there only (trainer.torchrun_local)
 
 
@@ -100,15 +101,13 @@ def train_command(resolved: dict[str, Any], nnodes: int = 1, rdzv_endpoint: str 
     except ConfigError as e:
         say(f"pretrain train: config error: {e}")
         return EXIT_REFUSED
-    # the workers read the resolved config from a private file of this launch (node-local, removed after)
-    fd, config_file = tempfile.mkstemp(prefix="pretrain-config-", suffix=".yaml")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(job.resolved_yaml())
-        return launch_torchrun(config_file, job.train.nproc_per_node, rendezvous_args(nnodes, rdzv_endpoint, rdzv_id),
-                               allow_changes=allow_changes, say=say)
-    finally:
-        os.unlink(config_file)
+    # The workers read the resolved config from, and write their outcomes to, a private directory of
+    # this launch (node-local, removed after; swept by the next launch if this one is SIGKILLed).
+    with owned_scratch_dir(SCRATCH_PREFIX) as scratch:
+        config_file = scratch / "config.yaml"
+        config_file.write_text(job.resolved_yaml(), encoding="utf-8")
+        return launch_torchrun(str(config_file), job.train.nproc_per_node, rendezvous_args(nnodes, rdzv_endpoint, rdzv_id),
+                               allow_changes=allow_changes, say=say, exit_file=str(scratch / "exit.json"))
 
 
 def visible_gpus() -> int | None:
@@ -198,14 +197,14 @@ def torchrun_preexec() -> Callable[[], None]:
     return preexec
 
 
-def launch_torchrun(config: str, nproc: int, rdzv: list[str] | None = None, allow_changes: bool = False,
-                    say: Callable[[str], None] = say_on_stderr) -> int:
-    if nproc < 1:  # load_config refuses it already; kept for direct callers
+def launch_torchrun(config: str, nproc: int, rdzv: list[str] | None, allow_changes: bool,
+                    say: Callable[[str], None], exit_file: str) -> int:
+    """Run torchrun on ``config`` and supervise it (see the module docstring); ``exit_file`` is a path
+    that does not exist yet, in a directory of this launch: rank 0 writes its outcome there, and
+    every local rank its own beside it."""
+    if nproc < 1:  # load_config refuses it already
         say(f"pretrain train: train.nproc_per_node must be >= 1, got {nproc}")
         return EXIT_REFUSED
-    fd, exit_file = tempfile.mkstemp(prefix="pretrain-exit-", suffix=".json")
-    os.close(fd)
-    os.unlink(exit_file)
     cmd, env = torchrun_command(config, nproc, local_rendezvous_args() if rdzv is None else rdzv, allow_changes, exit_file)
     forward = _StopForwarder()
     previous = {s: signal.signal(s, forward) for s in FORWARDED}
