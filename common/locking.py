@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from common.processes import pid_running
+
 WAIT_S = 10.0  # a local rerun racing the exit of the previous attempt's processes
 REQUEUE_WAIT_S = 300.0  # a requeued SLURM job: the previous incarnation may be in SLURM's KillWait
 
@@ -170,7 +172,7 @@ def holder_alive(path: Path, info: dict[str, Any]) -> bool | None:
     if info.get("host") != socket.gethostname():
         return None
     has_open = _has_open(pid, path)
-    return _pid_running(pid) if has_open is None else has_open
+    return pid_running(pid) if has_open is None else has_open
 
 
 def _has_open(pid: int, path: Path) -> bool | None:
@@ -193,21 +195,3 @@ def _has_open(pid: int, path: Path) -> bool | None:
         if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
             return True
     return False
-
-
-def _pid_running(pid: int) -> bool:
-    """Whether a process ``pid`` runs on this host (a zombie has ended: its files are closed)."""
-    if Path("/proc/self/stat").is_file():
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-        except FileNotFoundError:
-            return False
-        except (OSError, IndexError):
-            pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -1,4 +1,5 @@
-"""A process's children and descendants, read from Linux /proc (empty where it is unavailable).
+"""A process's children and descendants, and whether a process still runs, read from Linux /proc
+(children: empty where it is unavailable).
 
 The trainer's launcher forwards stop signals to torchrun's workers by them, and a SLURM node's
 command is killed with all of them: torchrun starts its workers in sessions of their own, so a
@@ -7,6 +8,7 @@ process group does not reach them.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -30,3 +32,21 @@ def descendants(pid: int) -> list[int]:
         found.append(child := todo.pop(0))
         todo.extend(child_pids(child))
     return found
+
+
+def pid_running(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (a zombie has ended: its files are closed)."""
+    if Path("/proc/self/stat").is_file():
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except FileNotFoundError:
+            return False
+        except (OSError, IndexError):
+            pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -54,7 +54,7 @@ FORWARDED = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1)
 DELIBERATE = (EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE)  # outcomes a rank chose; anything else is a failure
 
 
-SCRATCH_PREFIX = "pretrain-launch-"  # in the temp dir: <prefix><launcher pid>-XXXX/{config.yaml,exit.json,...}
+SCRATCH_PREFIX = "pretrain-launch-"  # in the temp dir: <prefix><host>-<launcher pid>-XXXX/{config.yaml,exit.json,...}
 LOCAL_ENDPOINT = "127.0.0.1:0"  # a free port on loopback; the store listens there only (trainer.torchrun_local)
 
 
