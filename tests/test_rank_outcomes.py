@@ -76,3 +76,10 @@ def test_an_unwritable_run_dir_costs_the_traceback_not_the_outcome(tmp_path):
     blocker = tmp_path / "run"
     blocker.write_text("a file where the run dir should be")
     assert keep_traceback(blocker, 0, 1, RuntimeError("boom")) is None  # says so on stderr, raises nothing
+
+
+def test_a_launch_dir_swept_away_while_a_rank_ends_costs_the_note_not_the_ranks_exit(tmp_path, monkeypatch, capsys):
+    """The launcher was SIGKILLed and the next launch removed its directory (common.scratch) while
+    this rank was still checkpointing: writing the outcome fails, and the rank still ends as it chose."""
+    _end(monkeypatch, str(tmp_path / "swept" / "exit.json"), 0, EXIT_REQUEUE, "stopped by signal; checkpoint committed")
+    assert "exit status 3 not written for the launcher" in capsys.readouterr().err

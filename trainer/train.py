@@ -657,15 +657,22 @@ def _write_exit_status(env: DistEnv, code: int, reason: str, traceback_file: str
     agree on why they stop, so any node's leader knows it. Every rank also writes its own (with
     the time): when a run fails, the launcher names the rank whose error came first, and a rank
     that wrote nothing was killed (the OOM killer, a signal), which no surviving rank can tell.
-    ``traceback_file``: where this rank kept its traceback (:mod:`trainer.failure_log`)."""
+    ``traceback_file``: where this rank kept its traceback (:mod:`trainer.failure_log`).
+
+    Best effort: the launcher's directory is gone when the launcher was SIGKILLed and the next
+    launch swept it up (``common.scratch``) while this rank was still checkpointing; nobody is left
+    to read the file then, and the rank must still end as it chose."""
     path = os.environ.get(EXIT_FILE_ENV)
     if not path:
         return
     mine = {"code": code, "reason": reason, "rank": env.rank, "local_rank": env.local_rank, "time": time.time(),
             "traceback_file": traceback_file}
-    atomic_write_json(rank_exit_file(path, env.local_rank), mine)
-    if env.local_rank == 0:
-        atomic_write_json(path, {"code": code, "reason": reason})
+    try:
+        atomic_write_json(rank_exit_file(path, env.local_rank), mine)
+        if env.local_rank == 0:
+            atomic_write_json(path, {"code": code, "reason": reason})
+    except OSError as e:
+        print(f"train: rank {env.rank}: exit status {code} not written for the launcher ({e})", file=sys.stderr, flush=True)
 
 
 class StoppedBeforeTraining(RuntimeError):
