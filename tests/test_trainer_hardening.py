@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,6 +30,7 @@ from tests.trainer_helpers import (
     losses,
     listening_sockets,
     make_shard_dir,
+    metric_steps,
     micro_config,
     pretrain_cmd,
     rank_pids,
@@ -36,7 +38,7 @@ from tests.trainer_helpers import (
     train,
     wait_for_step,
 )
-from trainer import EXIT_OK, EXIT_REFUSED
+from trainer import EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE
 from trainer.checkpoint import (
     MARKER,
     MODEL_FILE,
@@ -99,6 +101,7 @@ def same_tensors(a: dict, b: dict) -> bool:
     ("train.min_lr=1", "train.min_lr must be in [0, lr="),
     ("train.keep_last=0", "train.keep_last must be >= 1"),
     ("train.max_skipped_steps=0", "train.max_skipped_steps must be >= 1"),
+    ("train.stop_timeout_s=0", "train.stop_timeout_s must be >= 1"),
     ("train.lr=nan", "train.lr must be a finite number"),
     ("model.name=gpt5", "model.n_layer is not set and name 'gpt5' is not a preset"),
     ("model.dropout=1", "model.dropout must be in [0, 1)"),
@@ -139,7 +142,8 @@ def test_model_presets_known_to_the_config_are_the_models_presets():
 def test_hyperparameters_are_compared_and_runtime_knobs_are_not():
     base = to_dict(load_config("configs/smoke.yaml"))
     knobs = to_dict(load_config("configs/smoke.yaml", ["train.ckpt_every=7", "train.nproc_per_node=1", "train.compile=true",
-                                                       "train.val_every=3", "train.max_skipped_steps=9", "eval.limit=5"]))
+                                                       "train.val_every=3", "train.max_skipped_steps=9", "eval.limit=5",
+                                                       "train.stop_timeout_s=60"]))
     assert changed_hyperparameters(base, knobs) == []
     math = to_dict(load_config("configs/smoke.yaml", ["train.lr=0.0123", "train.max_steps=999", "model.dropout=0.1", "train.seed=7"]))
     assert changed_hyperparameters(base, math) == [
@@ -259,6 +263,41 @@ def contended(workdir, data_dir) -> SimpleNamespace:
         kill_tree(a)
     return SimpleNamespace(run_dir=run_dir, config=config, log=log, log_b=log_b, rc_a=rc_a, rc_b=rc_b, ranks=ranks, tree=tree,
                            sockets=sockets, metrics_before=metrics_before, metrics_after_b=metrics_after_b)
+
+
+def test_ranks_slower_than_torchruns_30_s_to_checkpoint_on_a_stop_are_not_killed(workdir, data_dir):
+    """SLURM sends its stop signal to every process of the job, torchrun included, and torchrun then
+    SIGKILLed ranks that had not exited after its own 30 s: a large model's stop checkpoint, cut
+    short. Here the ranks are held (SIGSTOP, as a slow filesystem would) for 33 s after the signal
+    reached the launcher, torchrun and both ranks: they must then commit the stop checkpoint (old
+    code: SIGKILLed at 30 s, no checkpoint, the rerun would start over) within train.stop_timeout_s."""
+    run_dir = workdir / "slow-stop"
+    config = workdir / "slow-stop.yaml"
+    config.write_text(micro_config(run_dir, data_dir, train={"max_steps": 200, "ckpt_every": 100}))
+    proc = start(pretrain_cmd("train", str(config)), workdir / "slow-stop.log")
+    try:
+        wait_for_step(proc, run_dir, 3)
+        ranks = list(rank_pids(proc).values())
+        torchrun = [p for p in descendants(proc.pid) if p not in ranks]
+        assert len(ranks) == 2 and len(torchrun) == 1, (ranks, torchrun)
+        for pid in ranks:
+            os.kill(pid, signal.SIGSTOP)
+        for pid in [proc.pid, *torchrun, *ranks]:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(33)
+        killed = []
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                killed.append(pid)
+        assert not killed, f"torchrun SIGKILLed ranks {killed} while they were still to checkpoint"
+        assert proc.wait(timeout=120) == EXIT_REQUEUE
+    finally:
+        kill_tree(proc)
+    log = (workdir / "slow-stop.log").read_text()
+    assert "checkpoint committed" in log.splitlines()[-1], log[-2000:]
+    assert committed_steps(run_dir) == [metric_steps(run_dir)], log[-2000:]  # the step it stopped at
 
 
 def test_a_second_training_on_the_same_run_dir_is_refused_naming_the_holder(contended):

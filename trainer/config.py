@@ -27,8 +27,8 @@ can never change (the weights would not load); the data is identified by its man
   (a world-size change is supported: the data position is kept, per-rank RNG streams are
   reseeded, and the resume is then no longer bitwise), ``device``, ``compile`` (and its
   ``compile_mode`` / ``compile_fullgraph``), ``deterministic``, ``sdpa_backend``, ``loss_chunk_tokens``, ``loss_kernel``, ``async_ckpt``,
-  checkpoint cadence and retention, validation / sample cadence, ``peak_flops`` and
-  ``max_skipped_steps`` (it only decides when to give up).
+  checkpoint cadence and retention, validation / sample cadence, ``peak_flops``,
+  ``max_skipped_steps`` (it only decides when to give up) and ``stop_timeout_s``.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ RESUME_RUNTIME_KEYS = frozenset({
     "nproc_per_node", "device", "compile", "async_ckpt", "peak_flops", "ckpt_every", "keep_last", "keep_every",
     "sample_every", "sample_tokens", "sample_prompt", "val_every", "val_batches", "max_skipped_steps",
     "loss_chunk_tokens", "loss_kernel", "sdpa_backend", "compile_mode", "compile_fullgraph", "deterministic",
+    "stop_timeout_s",
 })  # fmt: skip
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # must match trainer.model.SDPA_BACKENDS
 LOSS_KERNELS = ("torch", "triton")  # how a loss chunk's softmax gradient is formed (trainer.loss_kernel)
@@ -156,6 +157,11 @@ class TrainConfig:
     # A step whose loss or gradient norm is NaN/inf on any rank is skipped on every rank (no
     # update); after this many in a row the run checkpoints and stops with exit 2.
     max_skipped_steps: int = 5
+    # After a stop signal reaches torchrun itself (SLURM signals every process of a job step; a
+    # launcher killed with SIGKILL sends it SIGTERM), how long torchrun lets the ranks finish their
+    # step and commit the stop checkpoint before it SIGKILLs them. torchrun's own 30 s cut a large
+    # model's checkpoint short; the scheduler's KillWait / GraceTime still bounds a job on SLURM.
+    stop_timeout_s: int = 600
 
     def validate(self) -> None:
         """Hardware-free checks of this section alone; the batch geometry and ``seq_len`` against the
@@ -170,7 +176,8 @@ class TrainConfig:
         _check(not (self.deterministic and self.sdpa_backend == "cudnn"),
                "sdpa_backend 'cudnn' has no deterministic backward: with deterministic: true use auto, flash, efficient or math")
         _check(self.loss_chunk_tokens >= 0, f"loss_chunk_tokens must be >= 0 (0 = off), got {self.loss_chunk_tokens}")
-        for key in ("nproc_per_node", "micro_batch_size", "seq_len", "batch_tokens", "max_steps", "keep_last", "max_skipped_steps"):
+        for key in ("nproc_per_node", "micro_batch_size", "seq_len", "batch_tokens", "max_steps", "keep_last", "max_skipped_steps",
+                    "stop_timeout_s"):
             _check(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("seed", "warmup_steps", "val_every", "val_batches", "sample_every", "sample_tokens", "ckpt_every", "keep_every"):
             _check(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")

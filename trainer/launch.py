@@ -7,7 +7,8 @@ itself) and train in-process. Otherwise we run
 front of it, for two reasons:
 
 * Signals. torchrun starts each worker in its own session, reacts to SIGTERM by terminating
-  them (SIGKILL after 30 s) and would die of SIGUSR1/2 (so it is started with those ignored and
+  them (SIGKILL after ``train.stop_timeout_s``, set through ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``:
+  its own 30 s would cut a large model's stop checkpoint short) and would die of SIGUSR1/2 (so it is started with those ignored and
   blocked, which its workers inherit: see ``trainer.signals``). We forward SIGTERM/SIGUSR2/SIGUSR1
   straight to the worker processes, which agree on a step, checkpoint and exit with 3; torchrun
   is left alone and simply sees its workers finish. A stop that comes before the workers exist
@@ -20,8 +21,8 @@ front of it, for two reasons:
   the SIGHUP of a closed terminal or a dropped ssh session), we forward nothing, and torchrun
   and its ranks would train on unseen, holding the run dir's ``train`` lock against the rerun.
   So torchrun gets SIGTERM when we die (``PR_SET_PDEATHSIG``, :func:`common.parent_death.parent_death_signal`):
-  it stops its workers with it, and they checkpoint and exit 3 as on any stop (within torchrun's
-  30 s shutdown timeout). torchrun holds SIGHUP blocked: a terminal's hangup reaches our whole
+  it stops its workers with it, and they checkpoint and exit 3 as on any stop (within
+  ``train.stop_timeout_s``). torchrun holds SIGHUP blocked: a terminal's hangup reaches our whole
   process group, and torchrun would pass it on to the workers, which die of it uncheckpointed.
 
 On one node nothing listens beyond loopback: torchrun runs as ``trainer.torchrun_local``
@@ -55,6 +56,8 @@ DELIBERATE = (EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE)  # outcomes a rank chose; any
 
 
 SCRATCH_PREFIX = "pretrain-launch-"  # in the temp dir: <prefix><host>-<launcher pid>-XXXX/{config.yaml,exit.json,...}
+# torchrun's wait for its workers after a stop signal, before SIGKILL (torch.distributed.launcher.api)
+SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 LOCAL_ENDPOINT = "127.0.0.1:0"  # a free port on loopback; the store listens there only (trainer.torchrun_local)
 
 
@@ -107,7 +110,8 @@ def train_command(resolved: dict[str, Any], nnodes: int = 1, rdzv_endpoint: str 
         config_file = scratch / "config.yaml"
         config_file.write_text(job.resolved_yaml(), encoding="utf-8")
         return launch_torchrun(str(config_file), job.train.nproc_per_node, rendezvous_args(nnodes, rdzv_endpoint, rdzv_id),
-                               allow_changes=allow_changes, say=say, exit_file=str(scratch / "exit.json"))
+                               allow_changes=allow_changes, say=say, exit_file=str(scratch / "exit.json"),
+                               stop_timeout_s=job.train.stop_timeout_s)
 
 
 def visible_gpus() -> int | None:
@@ -172,11 +176,16 @@ class _StopForwarder:
         return workers
 
 
-def torchrun_command(config: str, nproc: int, rdzv: list[str], allow_changes: bool, exit_file: str) -> tuple[list[str], dict[str, str]]:
-    """torchrun's command line and environment: loopback-only on one node (``trainer.torchrun_local``)."""
+def torchrun_command(config: str, nproc: int, rdzv: list[str], allow_changes: bool, exit_file: str,
+                     stop_timeout_s: int) -> tuple[list[str], dict[str, str]]:
+    """torchrun's command line and environment: loopback-only on one node (``trainer.torchrun_local``).
+
+    ``stop_timeout_s`` goes through the environment, not ``--shutdown-timeout``: torch versions
+    without that flag (older than the tested one) would refuse the whole command line."""
     local = f"--rdzv-endpoint={LOCAL_ENDPOINT}" in rdzv
     env = loopback_env(dict(os.environ)) if local else dict(os.environ)
     env[EXIT_FILE_ENV] = exit_file
+    env[SHUTDOWN_TIMEOUT_ENV] = str(stop_timeout_s)
     cmd = [
         sys.executable, "-m", "trainer.torchrun_local" if local else "torch.distributed.run", *rdzv, f"--nproc_per_node={nproc}",
         "-m", "trainer.train", *(["--allow-changes"] if allow_changes else []), config,
@@ -198,14 +207,15 @@ def torchrun_preexec() -> Callable[[], None]:
 
 
 def launch_torchrun(config: str, nproc: int, rdzv: list[str] | None, allow_changes: bool,
-                    say: Callable[[str], None], exit_file: str) -> int:
+                    say: Callable[[str], None], exit_file: str, stop_timeout_s: int) -> int:
     """Run torchrun on ``config`` and supervise it (see the module docstring); ``exit_file`` is a path
     that does not exist yet, in a directory of this launch: rank 0 writes its outcome there, and
     every local rank its own beside it."""
     if nproc < 1:  # load_config refuses it already
         say(f"pretrain train: train.nproc_per_node must be >= 1, got {nproc}")
         return EXIT_REFUSED
-    cmd, env = torchrun_command(config, nproc, local_rendezvous_args() if rdzv is None else rdzv, allow_changes, exit_file)
+    cmd, env = torchrun_command(config, nproc, local_rendezvous_args() if rdzv is None else rdzv, allow_changes, exit_file,
+                                stop_timeout_s)
     forward = _StopForwarder()
     previous = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
