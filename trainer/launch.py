@@ -105,13 +105,13 @@ def train_command(resolved: dict[str, Any], nnodes: int = 1, rdzv_endpoint: str 
         say(f"pretrain train: config error: {e}")
         return EXIT_REFUSED
     # The workers read the resolved config from, and write their outcomes to, a private directory of
-    # this launch (node-local, removed after; swept by the next launch if this one is SIGKILLed).
+    # this launch, where torchrun keeps its own files too (node-local, removed after; swept by the
+    # next launch if this one is SIGKILLed).
     with owned_scratch_dir(SCRATCH_PREFIX) as scratch:
         config_file = scratch / "config.yaml"
         config_file.write_text(job.resolved_yaml(), encoding="utf-8")
         return launch_torchrun(str(config_file), job.train.nproc_per_node, rendezvous_args(nnodes, rdzv_endpoint, rdzv_id),
-                               allow_changes=allow_changes, say=say, exit_file=str(scratch / "exit.json"),
-                               stop_timeout_s=job.train.stop_timeout_s)
+                               allow_changes=allow_changes, say=say, scratch=scratch, stop_timeout_s=job.train.stop_timeout_s)
 
 
 def visible_gpus() -> int | None:
@@ -176,19 +176,26 @@ class _StopForwarder:
         return workers
 
 
-def torchrun_command(config: str, nproc: int, rdzv: list[str], allow_changes: bool, exit_file: str,
+def exit_file_in(scratch: Path) -> str:
+    """Where rank 0 writes its outcome (every local rank its own beside it): in the launch's directory."""
+    return str(scratch / "exit.json")
+
+
+def torchrun_command(config: str, nproc: int, rdzv: list[str], allow_changes: bool, scratch: Path,
                      stop_timeout_s: int) -> tuple[list[str], dict[str, str]]:
     """torchrun's command line and environment: loopback-only on one node (``trainer.torchrun_local``).
 
+    torchrun's log dir (``--log-dir``; its default is a new ``torchelastic_*`` directory in the
+    temp dir, never removed: 1,362 had piled up here) is in the launch's ``scratch`` directory.
     ``stop_timeout_s`` goes through the environment, not ``--shutdown-timeout``: torch versions
     without that flag (older than the tested one) would refuse the whole command line."""
     local = f"--rdzv-endpoint={LOCAL_ENDPOINT}" in rdzv
     env = loopback_env(dict(os.environ)) if local else dict(os.environ)
-    env[EXIT_FILE_ENV] = exit_file
+    env[EXIT_FILE_ENV] = exit_file_in(scratch)
     env[SHUTDOWN_TIMEOUT_ENV] = str(stop_timeout_s)
     cmd = [
         sys.executable, "-m", "trainer.torchrun_local" if local else "torch.distributed.run", *rdzv, f"--nproc_per_node={nproc}",
-        "-m", "trainer.train", *(["--allow-changes"] if allow_changes else []), config,
+        f"--log-dir={scratch / 'torchrun'}", "-m", "trainer.train", *(["--allow-changes"] if allow_changes else []), config,
     ]
     return cmd, env
 
@@ -207,14 +214,14 @@ def torchrun_preexec() -> Callable[[], None]:
 
 
 def launch_torchrun(config: str, nproc: int, rdzv: list[str] | None, allow_changes: bool,
-                    say: Callable[[str], None], exit_file: str, stop_timeout_s: int) -> int:
-    """Run torchrun on ``config`` and supervise it (see the module docstring); ``exit_file`` is a path
-    that does not exist yet, in a directory of this launch: rank 0 writes its outcome there, and
-    every local rank its own beside it."""
+                    say: Callable[[str], None], scratch: Path, stop_timeout_s: int) -> int:
+    """Run torchrun on ``config`` and supervise it (see the module docstring); ``scratch`` is this
+    launch's own directory, for the ranks' outcomes and torchrun's files."""
     if nproc < 1:  # load_config refuses it already
         say(f"pretrain train: train.nproc_per_node must be >= 1, got {nproc}")
         return EXIT_REFUSED
-    cmd, env = torchrun_command(config, nproc, local_rendezvous_args() if rdzv is None else rdzv, allow_changes, exit_file,
+    exit_file = exit_file_in(scratch)
+    cmd, env = torchrun_command(config, nproc, local_rendezvous_args() if rdzv is None else rdzv, allow_changes, scratch,
                                 stop_timeout_s)
     forward = _StopForwarder()
     previous = {s: signal.signal(s, forward) for s in FORWARDED}
