@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,8 +314,11 @@ def offline_tasks_without_data(tasks: list[str], data_source: str, hellaswag_pat
     return [t for t in tasks if t not in LOCAL_TASKS and not (t == "hellaswag" and hellaswag_path)]
 
 
-def harness_include_dir(tasks: list[str], data_source: str = "auto", hellaswag_path: str = "") -> tuple[Path | None, dict[str, str]]:
-    """Write local task YAMLs when offline; returns (include dir or None, task -> data source).
+def harness_include_dir(tasks: list[str], data_source: str = "auto", hellaswag_path: str = "", *,
+                        into: Path) -> tuple[Path | None, dict[str, str]]:
+    """Write local task YAMLs into the directory ``into`` (made if missing) when offline; returns
+    (``into`` or None, task -> data source). The caller owns ``into`` (the eval job: a temp dir of its own that
+    is swept up even after a SIGKILL, ``common.scratch``).
 
     Online, tasks use the harness's own (hub) configs and the dir is None. Offline, every task must
     have a local copy, else a clear error (better than a hub timeout deep inside lm-eval).
@@ -328,7 +330,8 @@ def harness_include_dir(tasks: list[str], data_source: str = "auto", hellaswag_p
     if missing:  # a config to change (the task, or eval.data_source): refused, never retried
         raise BadEvalData(f"offline and no local data for harness task '{missing[0]}' (local copies exist for: {', '.join(sorted(LOCAL_TASKS))})")
     olmo = None
-    tmp = Path(tempfile.mkdtemp(prefix="pretrain-lm-eval-tasks-"))
+    tmp = Path(into)
+    tmp.mkdir(parents=True, exist_ok=True)
     for task in tasks:
         if task == "hellaswag" and hellaswag_path:
             data = Path(hellaswag_path).expanduser().resolve()

@@ -17,7 +17,6 @@ refused before anything is read or written (:class:`trainer.checkpoint.Checkpoin
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import sys
 import time
@@ -150,17 +149,16 @@ def _ours_hellaswag(model, enc, cfg: EvalConfig, limit: int, device) -> dict[str
 def _harness(model, enc, cfg: EvalConfig, tasks: list[str], limit: int, device) -> dict[str, Any]:
     import lm_eval
 
+    from common.scratch import owned_scratch_dir
     from evals.data import harness_include_dir
     from evals.harness import PretrainGPTLM, run_harness, task_metrics
 
     names = [t[len(HARNESS_PREFIX) :] for t in tasks]
-    include, sources = harness_include_dir(names, cfg.data_source, cfg.hellaswag_path)
-    try:  # the task dir is removed whatever fails, the adapter's construction included
+    # the task dir is removed whatever fails (the adapter's construction included), by the next job if this one is SIGKILLed
+    with owned_scratch_dir("pretrain-lm-eval-tasks-") as scratch:
+        include, sources = harness_include_dir(names, cfg.data_source, cfg.hellaswag_path, into=scratch)
         lm = PretrainGPTLM(model=model, tokenizer=enc, device=str(device), batch_size=cfg.batch_size, dtype=cfg.dtype)
         res = run_harness(lm, names, limit=limit, num_fewshot=cfg.harness_num_fewshot, include_path=include)
-    finally:
-        if include is not None:
-            shutil.rmtree(include, ignore_errors=True)
     out = {}
     for name, task in zip(names, tasks):
         metrics, stderr, n = task_metrics(res, name)

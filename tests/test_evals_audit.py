@@ -105,7 +105,7 @@ def test_a_hellaswag_path_of_the_wrong_kind_is_refused_not_retried(tmp_path):
             data.read_hellaswag_file(path)
     # lm-eval's hellaswag reads the same setting
     with pytest.raises(data.BadEvalData):
-        data.harness_include_dir(["hellaswag"], data_source="local", hellaswag_path=str(files["txt"]))
+        data.harness_include_dir(["hellaswag"], data_source="local", hellaswag_path=str(files["txt"]), into=tmp_path / "tasks")
     # and `pretrain run` says so before it prepares data and trains
     problems = plan_problems(EvalConfig(hellaswag_path=str(files["txt"])))
     assert any("expected a .jsonl file" in p for p in problems), problems

