@@ -2,7 +2,8 @@
 
 The trainer's launcher hands its torchrun workers the resolved config and collects their exit
 outcomes through files that must not live in the run dir (they are node-local and private to one
-launch). A ``finally`` removes them, but SIGKILL (the OOM killer, a SLURM node whose step is
+launch; torchrun's own files go there too), and an eval job writes lm-eval's task files for its
+offline data. A ``finally`` removes them, but SIGKILL (the OOM killer, a SLURM node whose step is
 killed) skips every ``finally``, and such files used to pile up in ``/tmp`` for good. So the
 directory is named after the process that owns it (``<prefix><host>-<pid>-XXXX``): whoever opens
 the next one on that host removes those whose owner is gone. (The host is in the name because

@@ -8,8 +8,8 @@ front of it, for two reasons:
 
 * Signals. torchrun starts each worker in its own session, reacts to SIGTERM by terminating
   them (SIGKILL after ``train.stop_timeout_s``, set through ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``:
-  its own 30 s would cut a large model's stop checkpoint short) and would die of SIGUSR1/2 (so it is started with those ignored and
-  blocked, which its workers inherit: see ``trainer.signals``). We forward SIGTERM/SIGUSR2/SIGUSR1
+  its own 30 s would cut a large model's stop checkpoint short) and would die of SIGUSR1/2 (so
+  it is started with those ignored and blocked, which its workers inherit: see ``trainer.signals``). We forward SIGTERM/SIGUSR2/SIGUSR1
   straight to the worker processes, which agree on a step, checkpoint and exit with 3; torchrun
   is left alone and simply sees its workers finish. A stop that comes before the workers exist
   reaches them as they start; one before torchrun starts means it never does (exit 3).
