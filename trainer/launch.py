@@ -187,8 +187,9 @@ def torchrun_command(config: str, nproc: int, rdzv: list[str], allow_changes: bo
 
     torchrun's log dir (``--log-dir``; its default is a new ``torchelastic_*`` directory in the
     temp dir, never removed: 1,362 had piled up here) is in the launch's ``scratch`` directory.
-    ``stop_timeout_s`` goes through the environment, not ``--shutdown-timeout``: torch versions
-    without that flag (older than the tested one) would refuse the whole command line."""
+    ``stop_timeout_s`` goes through the environment, not ``--shutdown-timeout``: both came with
+    pytorch#172596 (March 2026), and a torch before it refuses the unknown flag but ignores the
+    variable (it then keeps its 30 s; ``torch>=2.4`` is what ``pyproject.toml`` allows)."""
     local = f"--rdzv-endpoint={LOCAL_ENDPOINT}" in rdzv
     env = loopback_env(dict(os.environ)) if local else dict(os.environ)
     env[EXIT_FILE_ENV] = exit_file_in(scratch)
