@@ -33,6 +33,7 @@ endpoint SLURM's first node provides, on the interface it resolves to.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -41,7 +42,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from common.parent_death import parent_death_signal
 from common.processes import child_pids
@@ -106,12 +107,17 @@ def train_command(resolved: dict[str, Any], nnodes: int = 1, rdzv_endpoint: str 
         return EXIT_REFUSED
     # The workers read the resolved config from, and write their outcomes to, a private directory of
     # this launch, where torchrun keeps its own files too (node-local, removed after; swept by the
-    # next launch if this one is SIGKILLed).
-    with owned_scratch_dir(SCRATCH_PREFIX) as scratch:
+    # next launch if this one is SIGKILLed). Our stop handler, which only records and forwards, is
+    # in place before the directory is made and until it is removed: the caller's handler raises
+    # (pipelines.stopping), and an exception raised inside shutil.rmtree closed a descriptor twice
+    # there (EBADF: exit 1 instead of 3; once, in CI, the process died of SIGSEGV).
+    forward = _StopForwarder()
+    with forward.installed(), owned_scratch_dir(SCRATCH_PREFIX) as scratch:
         config_file = scratch / "config.yaml"
         config_file.write_text(job.resolved_yaml(), encoding="utf-8")
         return launch_torchrun(str(config_file), job.train.nproc_per_node, rendezvous_args(nnodes, rdzv_endpoint, rdzv_id),
-                               allow_changes=allow_changes, say=say, scratch=scratch, stop_timeout_s=job.train.stop_timeout_s)
+                               allow_changes=allow_changes, say=say, scratch=scratch, stop_timeout_s=job.train.stop_timeout_s,
+                               forward=forward)
 
 
 def visible_gpus() -> int | None:
@@ -140,9 +146,10 @@ def device_problem(device: str, nproc_per_node: int, gpus: int) -> str | None:
 
 
 class _StopForwarder:
-    """The launcher's SIGTERM/SIGUSR2/SIGUSR1 handler, from before torchrun starts until it has
-    exited: each signal goes to the workers (torchrun's children); one that comes before they
-    exist reaches them as they appear (:meth:`catch_up`), and the first one is remembered."""
+    """The launcher's SIGTERM/SIGUSR2/SIGUSR1 handler, from before the launch's directory is made
+    (so before torchrun starts) until it is removed (after torchrun has exited): each signal goes to
+    the workers (torchrun's children); one that comes before they exist reaches them as they appear
+    (:meth:`catch_up`), and the first one is remembered. It never raises."""
 
     def __init__(self) -> None:
         self.stops: list[int] = []  # the stop signals received, first first
@@ -158,6 +165,16 @@ class _StopForwarder:
             self.proc.send_signal(signum)  # torchrun will terminate the workers itself
         # os.write, not print: a handler that prints while the main thread prints raises "reentrant call"
         os.write(2, f"pretrain train: forwarded {signal.Signals(signum).name} to workers {workers}\n".encode())
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """This object as the handler of FORWARDED while the block runs; the previous handlers after."""
+        previous = {s: signal.signal(s, self) for s in FORWARDED}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
     def catch_up(self) -> None:
         """Workers that started after the signal get it too: they hold it until their handler exists."""
@@ -215,45 +232,40 @@ def torchrun_preexec() -> Callable[[], None]:
 
 
 def launch_torchrun(config: str, nproc: int, rdzv: list[str] | None, allow_changes: bool,
-                    say: Callable[[str], None], scratch: Path, stop_timeout_s: int) -> int:
+                    say: Callable[[str], None], scratch: Path, stop_timeout_s: int, forward: _StopForwarder) -> int:
     """Run torchrun on ``config`` and supervise it (see the module docstring); ``scratch`` is this
-    launch's own directory, for the ranks' outcomes and torchrun's files."""
+    launch's own directory, for the ranks' outcomes and torchrun's files; ``forward`` is the stop
+    handler the caller installed (:meth:`_StopForwarder.installed`)."""
     if nproc < 1:  # load_config refuses it already
         say(f"pretrain train: train.nproc_per_node must be >= 1, got {nproc}")
         return EXIT_REFUSED
     exit_file = exit_file_in(scratch)
     cmd, env = torchrun_command(config, nproc, local_rendezvous_args() if rdzv is None else rdzv, allow_changes, scratch,
                                 stop_timeout_s)
-    forward = _StopForwarder()
-    previous = {s: signal.signal(s, forward) for s in FORWARDED}
-    try:
-        if forward.stops:
-            code, reason = EXIT_REQUEUE, "stopped before torchrun started"
-        else:
-            forward.proc = proc = subprocess.Popen(cmd, env=env, preexec_fn=torchrun_preexec())  # noqa: PLW1509
-            while (rc := proc.poll()) is None:
-                try:
-                    forward.catch_up()
-                    time.sleep(0.2)
-                except KeyboardInterrupt:
-                    # Ctrl-C: ask the workers to checkpoint and stop (SIGTERM), whether or not the
-                    # terminal also signalled torchrun, then wait for them.
-                    forward(signal.SIGTERM, None)
-                    say("pretrain train: interrupted; the workers checkpoint and stop")
-            code, reason = _exit_code(exit_file, rc)
-            ranks = _rank_outcomes(exit_file, nproc)
-            if forward.stops and code not in DELIBERATE:
-                # a worker died of the signal before its handler existed or after its outcome was
-                # written, or torchrun ended on it: nothing committed is lost, the rerun resumes
-                code, reason = EXIT_REQUEUE, f"stopped by {signal.Signals(forward.stops[0]).name} (torchrun exited with {rc})"
-            elif code not in DELIBERATE:
-                reason = _first_failure(*ranks) or reason
-        # torchrun reports any non-zero worker exit as a failure with a traceback; this is the real outcome
-        say(f"pretrain train: exit {code}: {_explain(code, reason)}")
-        return code
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    if forward.stops:
+        code, reason = EXIT_REQUEUE, "stopped before torchrun started"
+    else:
+        forward.proc = proc = subprocess.Popen(cmd, env=env, preexec_fn=torchrun_preexec())  # noqa: PLW1509
+        while (rc := proc.poll()) is None:
+            try:
+                forward.catch_up()
+                time.sleep(0.2)
+            except KeyboardInterrupt:
+                # Ctrl-C: ask the workers to checkpoint and stop (SIGTERM), whether or not the
+                # terminal also signalled torchrun, then wait for them.
+                forward(signal.SIGTERM, None)
+                say("pretrain train: interrupted; the workers checkpoint and stop")
+        code, reason = _exit_code(exit_file, rc)
+        ranks = _rank_outcomes(exit_file, nproc)
+        if forward.stops and code not in DELIBERATE:
+            # a worker died of the signal before its handler existed or after its outcome was
+            # written, or torchrun ended on it: nothing committed is lost, the rerun resumes
+            code, reason = EXIT_REQUEUE, f"stopped by {signal.Signals(forward.stops[0]).name} (torchrun exited with {rc})"
+        elif code not in DELIBERATE:
+            reason = _first_failure(*ranks) or reason
+    # torchrun reports any non-zero worker exit as a failure with a traceback; this is the real outcome
+    say(f"pretrain train: exit {code}: {_explain(code, reason)}")
+    return code
 
 
 def _explain(code: int, reason: str) -> str:
