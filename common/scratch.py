@@ -25,7 +25,7 @@ from typing import Iterator
 from common.processes import pid_running
 
 
-def _owner_prefix(prefix: str) -> str:
+def owner_prefix(prefix: str) -> str:
     """``<prefix><host>-``: the host name with anything but letters, digits, '.' and '-' dropped."""
     return f"{prefix}{re.sub(r'[^A-Za-z0-9.-]', '', socket.gethostname()) or 'host'}-"
 
@@ -35,7 +35,7 @@ def sweep_orphans(prefix: str, parent: Path | None = None) -> list[Path]:
     process is gone; returns what was removed. Errors are ignored: a sweep must never stop a launch."""
     parent = Path(parent or tempfile.gettempdir())
     # the whole name, mkdtemp's 8-character suffix included: host "node" must not read "node-12-345-…" as PID 12
-    pattern = re.compile(re.escape(_owner_prefix(prefix)) + r"(\d+)-[a-z0-9_]{8}")
+    pattern = re.compile(re.escape(owner_prefix(prefix)) + r"(\d+)-[a-z0-9_]{8}")
     removed = []
     try:
         candidates = list(parent.glob(f"{prefix}*"))
@@ -60,7 +60,7 @@ def owned_scratch_dir(prefix: str, parent: Path | None = None) -> Iterator[Path]
     """A new mode-0700 directory ``<prefix><host>-<this pid>-XXXX`` in ``parent`` (the temp dir), removed on
     exit; the directories of earlier owners that were killed are removed first (:func:`sweep_orphans`)."""
     sweep_orphans(prefix, parent)
-    path = Path(tempfile.mkdtemp(prefix=f"{_owner_prefix(prefix)}{os.getpid()}-", dir=parent))
+    path = Path(tempfile.mkdtemp(prefix=f"{owner_prefix(prefix)}{os.getpid()}-", dir=parent))
     try:
         yield path
     finally:

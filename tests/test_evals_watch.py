@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from common.scratch import owner_prefix
 from evals.config import EvalConfig
 from evals.results import archive_path, read_result, result_path
 from evals.watch import Watcher, training_finished
@@ -120,7 +120,7 @@ def test_watcher_evaluates_each_checkpoint_exactly_once_into_the_training_mlflow
     # Its task dir (in the temp dir) is removed after it, and so is one an eval job killed with
     # SIGKILL left: they used to pile up in /tmp
     tmp = tmp_path / "tmp"
-    killed = tmp / f"pretrain-lm-eval-tasks-{socket.gethostname()}-{dead_pid()}-abcd1234"
+    killed = tmp / f"{owner_prefix('pretrain-lm-eval-tasks-')}{dead_pid()}-abcd1234"
     killed.mkdir(parents=True)
     (killed / "hellaswag.yaml").write_text("task: hellaswag\n")
     rc, out = run_cli("eval", "--tasks", "hellaswag,lm_eval/hellaswag", str(run / "checkpoints" / STEPS[1]), log=log,

@@ -4,13 +4,12 @@ launch was killed without cleanup (tests/test_orphans.py shows it on a SIGKILLed
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
-from common.scratch import owned_scratch_dir, sweep_orphans
+from common.scratch import owned_scratch_dir, owner_prefix, sweep_orphans
 
-HOST = socket.gethostname()
+HOST = owner_prefix("").rstrip("-")  # this host's name as the directories carry it
 
 
 def dead_pid() -> int:
