@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from evals.results import archive_path, read_result, result_path
 from evals.watch import Watcher, training_finished
 from tests.evals_helpers import hellaswag_rows, mlflow_server, run_cli, train_tiny_run, write_jsonl
 from tests.signal_helpers import run_signalled
+from tests.trainer_helpers import dead_pid
 from trainer.checkpoint import MARKER, MODEL_FILE, list_committed, read_meta, verify
 
 pytestmark = pytest.mark.slow
@@ -51,12 +50,6 @@ def _snapshot(root: Path) -> dict[str, bytes]:
         for p in sorted(root.rglob("*.json"))
         if "evals" in p.parts and "jobs" not in p.parts and p.name != "watch.json"
     }
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 def _copy_run(run_dir: Path, dest: Path) -> Path:

@@ -4,18 +4,11 @@ launch was killed without cleanup (tests/test_orphans.py shows it on a SIGKILLed
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 from common.scratch import owned_scratch_dir, owner_prefix, sweep_orphans
+from tests.trainer_helpers import dead_pid
 
 HOST = owner_prefix("").rstrip("-")  # this host's name as the directories carry it
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 def test_the_next_owner_removes_only_the_directories_of_processes_that_are_gone(tmp_path):

@@ -103,6 +103,13 @@ def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Pope
     return subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
 
 
+def dead_pid() -> int:
+    """The PID of a process that has just ended (reaped): nothing runs under it."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def alive(pids: list[int]) -> list[int]:
     """Those of ``pids`` still running (a zombie has ended)."""
     out = []
