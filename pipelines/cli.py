@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import sys
 
+from common.startup import pause_collector, resume_collector
 from common.stop_signals import STOP_SIGNALS, hold_stop_signals, ignore_stop_signals, release_stop_signals, replay_held_stop_signals
 
 if __name__ == "__main__" or os.path.basename(sys.argv[0] if sys.argv else "") == "pretrain":
     # The `pretrain` process: before the imports below and the parser (0.3-1 s), a stop signal is
     # held for the command's own handler, not left to kill it (common.stop_signals; see main()).
     hold_stop_signals()
+    pause_collector()  # the imports run faster without it; main() says until when (common.startup)
 
 import argparse  # noqa: E402 - after the hold, on purpose
 import functools  # noqa: E402
@@ -587,6 +589,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     if not getattr(args.func, "stoppable", False):
         release_stop_signals()  # a quick command (status, submit, ...): killed by a stop signal, as ever
+    if getattr(args.func, "stoppable", False) or getattr(args, "wait", False):
+        # a command that works or waits for minutes or days: its garbage cycles get collected. A
+        # quick one ends within seconds, its imports (MLflow, Ray) all the faster with the collector off.
+        resume_collector()
     # Commands that do work (`stoppable`) leave SIGTERM/SIGUSR2 ignored once their outcome is decided, until the
     # process exits (common.stop_signals.ignore_stop_signals); a caller in the same process
     # (main([...])) gets its own handlers back.

@@ -18,13 +18,19 @@ really listens during a 2-rank run, so a torch upgrade that bypasses it fails lo
 
 from __future__ import annotations
 
-import ipaddress
-import socket
-import sys
+if __name__ == "__main__":  # torchrun's imports (torch: ~1 s of CPU) with the collector paused: common.startup
+    from common.startup import pause_collector
 
-import torch.distributed as dist
+    pause_collector()
 
-from common.process_exit import exit_now
+import ipaddress  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
+
+from common.process_exit import exit_now  # noqa: E402
+from common.startup import resume_collector  # noqa: E402
 
 _TCPStore = dist.TCPStore
 
@@ -74,6 +80,7 @@ def main() -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    resume_collector()
     try:
         run(parse_args(sys.argv[1:]))
     except ChildFailedError as e:

@@ -31,9 +31,11 @@ one bit for bit on the same hardware and world size.
 from __future__ import annotations
 
 if __name__ == "__main__":  # a worker: a stop signal during the imports below (torch: 1-3 s) must not kill it
+    from common.startup import pause_collector
     from common.stop_signals import hold_stop_signals
 
     hold_stop_signals()  # StopFlag.install replays it (see common.stop_signals)
+    pause_collector()  # for the imports and set-up; Trainer.fit resumes it (common.startup)
 
 import argparse
 import dataclasses
@@ -49,6 +51,7 @@ import torch
 from common.durable import atomic_write_json
 from common.process_exit import exit_now
 from common.rundir import RunDir
+from common.startup import resume_collector
 from common.strict import ConfigError, flatten, read_yaml_mapping
 from dataprep.shards import ShardError, TokenDataset
 from trainer import EXIT_FAILURE, EXIT_FILE_ENV, EXIT_OK, EXIT_REFUSED, EXIT_REQUEUE, precision, rank_exit_file
@@ -533,6 +536,7 @@ class Trainer:
 
     def fit(self) -> int:
         env, tc, st = self.env, self.cfg.train, self.state
+        resume_collector()  # set-up done (torch._dynamo was imported with the optimizer): common.startup
         log0(env, f"training: world size {env.world_size} on {env.device} ({env.backend or 'no process group'}), "
                   f"grad_accum {self.grad_accum}, {tc.batch_tokens:,} tokens/step, steps {st.step}->{tc.max_steps}, "
                   f"{precision.short_name(self.dtype)}{', compiled' if tc.compile else ''}, {_loss_path(tc)}")
