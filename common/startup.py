@@ -13,6 +13,8 @@ program, never when imported into someone else's process); :func:`resume_collect
 of its set-up freezes what exists (``gc.freeze``: those objects move to a generation the
 collector never walks again, which also keeps later collections short) and turns the collector
 back on for the work itself, so garbage cycles made while training are collected as ever.
+The cycles left over by the imports themselves (about 10,000 of a rank's 700,000 objects) are
+frozen with the rest, a fixed few MB: collecting them first would cost a full pass (0.5 s).
 """
 
 from __future__ import annotations
