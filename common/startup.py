@@ -1,8 +1,8 @@
 """A process's start-up with Python's cyclic garbage collector paused.
 
 Why: the imports an entry point makes before its real work (torch: ~1.1 s of CPU; torch._dynamo,
-which ``torch.optim`` imports when an optimizer is built: ~0.9 s; MLflow: ~1.2 s) create about a
-million objects that live until the process exits. While they are being created, the collector
+which ``torch.optim`` imports when an optimizer is built: ~0.9 s; MLflow: ~1.2 s) create some
+700,000 objects that live until the process exits. While they are being created, the collector
 keeps walking all of them: it adds about a third. Measured here (one core, CPU seconds):
 ``import torch, torch._dynamo`` 2.5-3.1 with the collector on, 2.0-2.2 paused; ``import mlflow``
 1.87 and 1.24. Every training rank, torchrun agent and ``pretrain`` process pays this at each
