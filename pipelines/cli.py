@@ -587,9 +587,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.func is None:  # `pretrain` or `pretrain evals` alone: say what there is to run
         args.help_parser.print_help(sys.stderr)
         return EXIT_CONFIG_ERROR
-    if not getattr(args.func, "stoppable", False):
+    stoppable = getattr(args.func, "stoppable", False)
+    if not stoppable:
         release_stop_signals()  # a quick command (status, submit, ...): killed by a stop signal, as ever
-    if getattr(args.func, "stoppable", False) or getattr(args, "wait", False):
+    if stoppable or getattr(args, "wait", False):
         # a command that works or waits for minutes or days: its garbage cycles get collected. A
         # quick one ends within seconds, its imports (MLflow, Ray) all the faster with the collector off.
         resume_collector()
