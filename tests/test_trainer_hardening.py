@@ -431,12 +431,12 @@ def test_a_corrupt_shard_stops_training_with_exit_2(workdir, data_dir):
 
 
 def test_disk_full_exits_2_keeps_the_checkpoint_and_a_rerun_after_freeing_space_finishes(workdir, data_dir, small_fs):
-    run_dir = small_fs(100)  # a checkpoint of the micro model is ~39 MB: two fit, three do not
+    run_dir = small_fs(50)  # a checkpoint of the micro model is ~20 MB: two fit, three do not
     config = workdir / "diskfull.yaml"
     config.write_text(micro_config(run_dir, data_dir, train=TRAIN))
     log = workdir / "diskfull.log"
     ballast = run_dir / "ballast.bin"
-    ballast.write_bytes(b"\0" * (45 << 20))  # someone else's data: leaves room for one checkpoint
+    ballast.write_bytes(b"\0" * (22 << 20))  # someone else's data: leaves room for one checkpoint
     args = ["train.keep_last=2"]
     rc = train(config, log, *args)
     text = log.read_text()

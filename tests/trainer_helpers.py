@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 MICRO_TRAIN = {
     "nproc_per_node": 2,  # two gloo ranks
     "device": "cpu",
-    "micro_batch_size": 4,
+    "micro_batch_size": 2,
     "seq_len": 32,
-    "batch_tokens": 512,  # 2 ranks x 4 x 32 x grad_accum 2
+    "batch_tokens": 256,  # 2 ranks x 2 x 32 x grad_accum 2
     "max_steps": 16,
     "warmup_steps": 3,
     "lr": 3.0e-3,

@@ -50,7 +50,7 @@ PRESET_SHAPES: dict[str, tuple[int, int, int, int]] = {
     "gpt2-large": (36, 20, 1280, 1024),
     "gpt2-xl": (48, 25, 1600, 1024),
     "tiny": (4, 4, 128, 128),
-    "micro": (2, 2, 64, 64),
+    "micro": (2, 2, 32, 64),
 }
 MODEL_PRESETS = tuple(PRESET_SHAPES)
 DEVICES = ("auto", "cpu", "cuda")
