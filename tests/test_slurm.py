@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "slurm"
 MAX_STEPS, CKPT_EVERY = 24, 3
-TRAIN = {"batch_tokens": 256,  # 2 ranks x 4 x 32, no grad accumulation
+TRAIN = {"batch_tokens": 128,  # 2 ranks x 2 x 32, no grad accumulation
          "val_every": 10, "val_batches": 2, "keep_last": 3}
 SLURM = {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": 2, "time": "10:00", "signal_delay_s": 15, "max_requeues": 3}
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
@@ -198,27 +198,63 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, work, local_losses,
     assert losses(run_dir) == local_losses
 
 
-def test_time_limit_signal_requeues_until_done(cluster, work):
-    """slurm.time=1 min with signal_delay_s=15: USR2 arrives before the minute is up (SLURM may send
-    it up to a minute early; measured 18-45 s after a start here: slurmctld checks time limits every
-    30 s), the job checkpoints, is requeued, and finishes on a later run with the losses of an
-    uninterrupted one. 350 steps take two or three runs here (0.12-0.18 s a step, 8 s to start: 50 s
-    or more). With 200, CI once trained them in 43 s inside the first run, and the 4x fallback then
-    took 575 s. A machine fast enough to train them inside the first run gets four times as many
-    (else the test would prove nothing). The stop writes its own checkpoint, so periodic ones are
-    rare (every 50 steps): they would only slow both runs."""
-    for steps in (350, 1400):
-        cfg, run_dir = write_config(work, f"timeout-{steps}", max_steps=steps, ckpt_every=50)
+def one_rank_config(work: Path, name: str, max_steps: int) -> tuple[Path, Path]:
+    """The time-limit test's run: one rank (the job's wall time, not its world size, is under test)."""
+    run_dir = work / name
+    cfg = work / f"{name}.yaml"
+    train = {**TRAIN, "nproc_per_node": 1, "batch_tokens": 64, "max_steps": max_steps, "ckpt_every": 50}
+    cfg.write_text(micro_config(run_dir, work / "data", train=train, extra={"slurm": SLURM}))
+    return cfg, run_dir
+
+
+def seconds_per_step(work: Path) -> float:
+    """A step of `one_rank_config`'s run here and now, measured on a 60-step local run (its last 40)."""
+    cfg, run_dir = one_rank_config(work, "timeout-calibration", 60)
+    r = pretrain("train", str(cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    times = [rec["time"] for rec in read_metrics(run_dir / "metrics.jsonl")]
+    return (times[-1] - times[-41]) / 40
+
+
+def wait_requeued(job_id: str, timeout: float = 300) -> bool:
+    """True once the job was requeued (SLURM counts its restarts); False if it ended without one."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if scontrol_restarts(job_id) >= 1:
+            return True
+        if sacct_state(job_id) in FINAL:
+            return scontrol_restarts(job_id) >= 1
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} neither requeued nor ended after {timeout}s (state {sacct_state(job_id)})")
+
+
+def test_time_limit_signal_requeues_until_done(cluster, work, monkeypatch):
+    """slurm.time=1 min with signal_delay_s=15: USR2 arrives before the minute is up (slurmctld
+    checks time limits every 30 s and sends it once fewer than 15 + 30 s are left: 15-45 s after a
+    start), the job checkpoints, is requeued, and finishes on a later run with the losses of an
+    uninterrupted one. The run needs more training than fits before the signal, so its step count
+    comes from a step measured here and now: 60 s worth of steps. Once the time limit has requeued
+    the job, its limit is raised to 10 minutes, so that it finishes in its second run instead of
+    being stopped every 15-45 s (each stop and start costs ~15 s more). One rank on one thread (the
+    SLURM job inherits OMP_NUM_THREADS): the wall time, not the world size, is under test, and the
+    local reference then gives the same losses. Should the job still finish inside its first run
+    (no requeue: the test would prove nothing), it runs again with four times the steps. The stop
+    writes its own checkpoint, so periodic ones are rare (every 50 steps): they would only slow both runs."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    steps = max(200, round(60 / seconds_per_step(work)))
+    for steps in (steps, 4 * steps):
+        cfg, run_dir = one_rank_config(work, f"timeout-{steps}", steps)
         r = pretrain("submit", str(cfg), "slurm.time=1", "slurm.max_requeues=40")
         assert r.returncode == 0, r.stderr
         job = job_id_of(r.stdout)
-        assert wait_final(job, timeout=1500) == "COMPLETED", logs(run_dir)
-        if scontrol_restarts(job) >= 1:
+        if wait_requeued(job):
+            subprocess.run(["scontrol", "update", f"jobid={job}", "timelimit=10"], check=True, capture_output=True)
             break
     else:
-        raise AssertionError("1400 steps finished inside one minute: raise `steps` so the time limit is reached")
+        raise AssertionError(f"{steps} steps finished inside one minute: raise `steps` so the time limit is reached")
+    assert wait_final(job, timeout=900) == "COMPLETED", logs(run_dir)
     assert "this job is timed-out" in logs(run_dir)
-    cfg_local, run_local = write_config(work, f"timeout-local-{steps}", max_steps=steps, ckpt_every=50)
+    cfg_local, run_local = one_rank_config(work, f"timeout-local-{steps}", steps)
     r = pretrain("train", str(cfg_local), timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     assert losses(run_dir) == losses(run_local)
