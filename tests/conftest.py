@@ -33,13 +33,13 @@ XDIST_GROUPS = {
     "test_orphans": "workflow",
     "test_workflow_followups": "workflow",
 }
-# Handed out in this order (then the rest, in file order, each under 45 s): the longest groups
+# Handed out in this order (then the rest, in file order, each under 35 s): the longest groups
 # first, so that the workers finish together instead of one waiting for the other's last long
-# group. Measured in a CI run (`-n 2`, seconds): slurm 1255, workflow 431, readme 264, evals_watch
-# 204, data 187, trainer_resume 179, trainer_hardening 143, resume_edges 141, tracking_outage 129,
-# tracking_audit 79, determinism 74.
-XDIST_FIRST = ("slurm", "workflow", "test_readme_commands", "test_evals_watch", "test_data", "test_trainer_resume",
-               "test_trainer_hardening", "test_resume_edges", "test_tracking_outage", "test_tracking_audit", "test_determinism")
+# group. Measured in a CI run (`-n 2`, seconds): slurm 1061, workflow 347, readme 222, data 159,
+# trainer_resume 145, evals_watch 128, trainer_hardening 116, tracking_outage 96, resume_edges 85,
+# tracking_audit 62, determinism 43.
+XDIST_FIRST = ("slurm", "workflow", "test_readme_commands", "test_data", "test_trainer_resume", "test_evals_watch",
+               "test_trainer_hardening", "test_tracking_outage", "test_resume_edges", "test_tracking_audit", "test_determinism")
 
 
 def xdist_group(nodeid: str) -> str:
