@@ -241,14 +241,15 @@ def test_time_limit_signal_requeues_until_done(cluster, work, monkeypatch):
     (no requeue: the test would prove nothing), it runs again with four times the steps. The stop
     writes its own checkpoint, so periodic ones are rare (every 50 steps): they would only slow both runs."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    steps = max(200, round(60 / seconds_per_step(work)))
-    for steps in (steps, 4 * steps):
+    planned = max(200, round(60 / seconds_per_step(work)))
+    for steps in (planned, 4 * planned):
         cfg, run_dir = one_rank_config(work, f"timeout-{steps}", steps)
         r = pretrain("submit", str(cfg), "slurm.time=1", "slurm.max_requeues=40")
         assert r.returncode == 0, r.stderr
         job = job_id_of(r.stdout)
         if wait_requeued(job):
-            subprocess.run(["scontrol", "update", f"jobid={job}", "timelimit=10"], check=True, capture_output=True)
+            r = subprocess.run(["scontrol", "update", f"jobid={job}", "timelimit=10"], capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
             break
     else:
         raise AssertionError(f"{steps} steps finished inside one minute: raise `steps` so the time limit is reached")
