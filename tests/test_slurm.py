@@ -84,15 +84,17 @@ def work(tmp_path_factory) -> Path:
     return d
 
 
-def slurm_config(run_dir: Path | str, data_dir: Path, max_steps: int = MAX_STEPS, ckpt_every: int = CKPT_EVERY) -> str:
-    return micro_config(run_dir, data_dir, train={**TRAIN, "max_steps": max_steps, "ckpt_every": ckpt_every},
+def slurm_config(run_dir: Path | str, data_dir: Path, max_steps: int = MAX_STEPS, ckpt_every: int = CKPT_EVERY,
+                 train: dict | None = None) -> str:
+    return micro_config(run_dir, data_dir, train={**TRAIN, "max_steps": max_steps, "ckpt_every": ckpt_every, **(train or {})},
                         extra={"slurm": SLURM})
 
 
-def write_config(work: Path, name: str, max_steps: int = MAX_STEPS, ckpt_every: int = CKPT_EVERY) -> tuple[Path, Path]:
+def write_config(work: Path, name: str, max_steps: int = MAX_STEPS, ckpt_every: int = CKPT_EVERY,
+                 train: dict | None = None) -> tuple[Path, Path]:
     run_dir = work / name
     cfg = work / f"{name}.yaml"
-    cfg.write_text(slurm_config(run_dir, work / "data", max_steps, ckpt_every))
+    cfg.write_text(slurm_config(run_dir, work / "data", max_steps, ckpt_every, train))
     return cfg, run_dir
 
 
@@ -198,18 +200,13 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, work, local_losses,
     assert losses(run_dir) == local_losses
 
 
-def one_rank_config(work: Path, name: str, max_steps: int) -> tuple[Path, Path]:
-    """The time-limit test's run: one rank (the job's wall time, not its world size, is under test)."""
-    run_dir = work / name
-    cfg = work / f"{name}.yaml"
-    train = {**TRAIN, "nproc_per_node": 1, "batch_tokens": 64, "max_steps": max_steps, "ckpt_every": 50}
-    cfg.write_text(micro_config(run_dir, work / "data", train=train, extra={"slurm": SLURM}))
-    return cfg, run_dir
+# The time-limit test's run: one rank (the job's wall time, not its world size, is under test)
+ONE_RANK = {"nproc_per_node": 1, "batch_tokens": 64}
 
 
 def seconds_per_step(work: Path) -> float:
-    """A step of `one_rank_config`'s run here and now, measured on a 60-step local run (its last 40)."""
-    cfg, run_dir = one_rank_config(work, "timeout-calibration", 60)
+    """A step of the ONE_RANK run here and now, measured on a 60-step local run (its last 40)."""
+    cfg, run_dir = write_config(work, "timeout-calibration", 60, ckpt_every=50, train=ONE_RANK)
     r = pretrain("train", str(cfg))
     assert r.returncode == 0, r.stderr[-2000:]
     times = [rec["time"] for rec in read_metrics(run_dir / "metrics.jsonl")]
@@ -243,7 +240,7 @@ def test_time_limit_signal_requeues_until_done(cluster, work, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     planned = max(200, round(60 / seconds_per_step(work)))
     for steps in (planned, 4 * planned):
-        cfg, run_dir = one_rank_config(work, f"timeout-{steps}", steps)
+        cfg, run_dir = write_config(work, f"timeout-{steps}", steps, ckpt_every=50, train=ONE_RANK)
         r = pretrain("submit", str(cfg), "slurm.time=1", "slurm.max_requeues=40")
         assert r.returncode == 0, r.stderr
         job = job_id_of(r.stdout)
@@ -255,7 +252,7 @@ def test_time_limit_signal_requeues_until_done(cluster, work, monkeypatch):
         raise AssertionError(f"{steps} steps finished inside one minute: raise `steps` so the time limit is reached")
     assert wait_final(job, timeout=900) == "COMPLETED", logs(run_dir)
     assert "this job is timed-out" in logs(run_dir)
-    cfg_local, run_local = one_rank_config(work, f"timeout-local-{steps}", steps)
+    cfg_local, run_local = write_config(work, f"timeout-local-{steps}", steps, ckpt_every=50, train=ONE_RANK)
     r = pretrain("train", str(cfg_local), timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     assert losses(run_dir) == losses(run_local)
